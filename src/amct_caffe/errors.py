@@ -1,0 +1,45 @@
+"""The exception hierarchy of amct-caffe.
+
+Every error the toolkit raises on bad input is an :class:`AmctError`. Messages name the file and the layer
+involved and say what to do about it, so a user can act on the one line the command-line tool prints.
+"""
+
+from __future__ import annotations
+
+
+class AmctError(Exception):
+    """Base class of every error amct-caffe raises on bad input or an unsupported model."""
+
+
+class ModelFormatError(AmctError):
+    """A prototxt, caffemodel or solver file cannot be parsed or is inconsistent."""
+
+
+class WeightShapeError(ModelFormatError):
+    """A caffemodel blob does not have the shape the prototxt asks for."""
+
+
+class UnsupportedLayerError(AmctError):
+    """A layer type or a layer option that the engine or a pass does not support."""
+
+
+class ConfigError(AmctError):
+    """A quantization config (JSON or simplified .cfg) or an API argument is invalid."""
+
+
+class RecordError(AmctError):
+    """A scale/offset record file is missing, malformed or inconsistent with the model."""
+
+
+class RuntimeEngineError(AmctError):
+    """The engine cannot run a net as asked (missing input, wrong input shape, device unavailable)."""
+
+
+def where(file: str | None = None, layer: str | None = None) -> str:
+    """Format the 'in file X, layer Y' part that every message carries."""
+    parts = []
+    if file:
+        parts.append(f"file '{file}'")
+    if layer:
+        parts.append(f"layer '{layer}'")
+    return ", ".join(parts)

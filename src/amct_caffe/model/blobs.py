@@ -1,0 +1,94 @@
+"""BlobProto <-> numpy, for every storage field Caffe and AMCT use.
+
+Caffe stores float blobs in ``data`` (or ``double_data``) with the shape in ``shape`` (or the legacy
+num/channels/height/width fields of old caffemodels). AMCT deploy models add ``int8_data`` (raw bytes),
+``int32_data`` and ``uint64_data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from amct_caffe.proto import caffe_pb2
+
+
+def blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
+    """The blob's shape: ``shape.dim`` if present, else the legacy 4-D (num, channels, height, width)."""
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim)
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    return (len(blob.data),) if len(blob.data) else (0,)
+
+
+def has_legacy_shape(blob: caffe_pb2.BlobProto) -> bool:
+    return not blob.HasField("shape") and any(
+        blob.HasField(f) for f in ("num", "channels", "height", "width")
+    )
+
+
+def shape_matches(blob: caffe_pb2.BlobProto, target: Sequence[int]) -> bool:
+    """Caffe's ``Blob::ShapeEquals``: a legacy 4-D blob matches a target of <= 4 axes padded with 1s."""
+    target = tuple(int(t) for t in target)
+    if has_legacy_shape(blob):
+        if len(target) > 4:
+            return False
+        padded = (1,) * (4 - len(target)) + target
+        return padded == blob_shape(blob)
+    return blob_shape(blob) == target
+
+
+def storage_kind(blob: caffe_pb2.BlobProto) -> str:
+    """Which field holds the values, in ATC's precedence: double, int8, int32, uint64, float."""
+    if len(blob.double_data):
+        return "double"
+    if len(blob.int8_data):
+        return "int8"
+    if len(blob.int32_data):
+        return "int32"
+    if len(blob.uint64_data):
+        return "uint64"
+    return "float"
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto, shape: Sequence[int] | None = None) -> np.ndarray:
+    """The blob's values as a numpy array of its storage dtype, reshaped to ``shape`` or its own shape."""
+    kind = storage_kind(blob)
+    if kind == "double":
+        arr = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    elif kind == "int8":
+        arr = np.frombuffer(blob.int8_data, dtype=np.int8).copy()
+    elif kind == "int32":
+        arr = np.asarray(blob.int32_data, dtype=np.int32)
+    elif kind == "uint64":
+        arr = np.asarray(blob.uint64_data, dtype=np.uint64)
+    else:
+        arr = np.asarray(blob.data, dtype=np.float32)
+    return arr.reshape(tuple(shape) if shape is not None else blob_shape(blob))
+
+
+def array_to_blob(
+    array: np.ndarray, blob: caffe_pb2.BlobProto | None = None, kind: str = "float"
+) -> caffe_pb2.BlobProto:
+    """Store ``array`` in ``blob`` (a new one if None) with ``shape`` set, in the field ``kind`` names.
+
+    ``kind`` is ``"float"`` (``data``), ``"int8"`` (``int8_data`` bytes), ``"int32"`` or ``"uint64"``.
+    """
+    blob = caffe_pb2.BlobProto() if blob is None else blob
+    blob.Clear()
+    array = np.asarray(array)
+    blob.shape.dim.extend(int(d) for d in array.shape)
+    flat = array.reshape(-1)
+    if kind == "float":
+        blob.data.extend(flat.astype(np.float32, copy=False).tolist())
+    elif kind == "int8":
+        blob.int8_data = flat.astype(np.int8, copy=False).tobytes()
+    elif kind == "int32":
+        blob.int32_data.extend(flat.astype(np.int32, copy=False).tolist())
+    elif kind == "uint64":
+        blob.uint64_data.extend(flat.astype(np.uint64, copy=False).tolist())
+    else:
+        raise ValueError(f"unknown blob storage kind {kind!r}")
+    return blob

@@ -1,0 +1,231 @@
+"""Reading and writing Caffe files: text prototxt, binary caffemodel, and atomic output.
+
+Both readers upgrade old formats the way Caffe's ``UpgradeNetAsNeeded`` does (V1 ``layers {}`` to V2
+``layer {}``, deprecated ``input:`` fields to an ``Input`` layer), so the rest of the package only ever sees
+V2 nets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+
+from amct_caffe.errors import ModelFormatError
+from amct_caffe.log import get_logger
+from amct_caffe.proto import caffe_pb2
+
+LOGGER = get_logger("model.io")
+
+#: Largest caffemodel we read (Caffe's own kProtoReadBytesLimit is 2 GiB). Override with
+#: AMCT_CAFFEMODEL_LIMIT_MB for bigger models.
+DEFAULT_CAFFEMODEL_LIMIT = 2 * 1024**3
+
+_LAYER_START = re.compile(r"^\s*(layers?)\s*\{")
+_NAME_FIELD = re.compile(r'^\s*name\s*:\s*"([^"]*)"')
+
+
+def _caffemodel_limit() -> int:
+    mb = os.environ.get("AMCT_CAFFEMODEL_LIMIT_MB")
+    return int(mb) * 1024**2 if mb else DEFAULT_CAFFEMODEL_LIMIT
+
+
+def _layer_at_line(text: str, line_no: int) -> str | None:
+    """Name of the layer block that encloses 1-based ``line_no`` of a prototxt, if it can be told."""
+    lines = text.splitlines()
+    start = None
+    for i in range(min(line_no, len(lines)) - 1, -1, -1):
+        if _LAYER_START.match(lines[i]):
+            start = i
+            break
+    if start is None:
+        return None
+    for line in lines[start:]:
+        m = _NAME_FIELD.match(line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def parse_prototxt_text(text: str, message: pb_message.Message, path: str) -> None:
+    """Merge prototxt ``text`` into ``message``; a parse error names the file, line and enclosing layer."""
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError as exc:
+        line = getattr(exc, "GetLine", lambda: None)()
+        layer = _layer_at_line(text, line) if line else None
+        where = f" in layer '{layer}'" if layer else ""
+        hint = ""
+        if "has no field named" in str(exc) or "no field named" in str(exc):
+            hint = (
+                " The field is not part of the Caffe format amct-caffe knows (BVLC Caffe, Caffe-SSD and AMCT"
+                " extensions); remove it or check its spelling."
+            )
+        raise ModelFormatError(f"Cannot parse prototxt '{path}'{where}: {exc}.{hint}") from exc
+
+
+def load_prototxt(path: str | os.PathLike[str], *, upgrade: bool = True) -> caffe_pb2.NetParameter:
+    """Read a text prototxt into a ``NetParameter``, upgraded to the V2 format.
+
+    Args:
+        path: the .prototxt file.
+        upgrade: upgrade V1 layers and deprecated input fields (as Caffe does when it loads a net).
+
+    Returns:
+        The parsed (and upgraded) ``caffe_pb2.NetParameter``.
+
+    Raises:
+        ModelFormatError: the file is missing or does not parse as a Caffe net.
+    """
+    path = str(path)
+    text = _read_text(path)
+    net = caffe_pb2.NetParameter()
+    parse_prototxt_text(text, net, path)
+    if upgrade:
+        from amct_caffe.model.upgrade import upgrade_net
+
+        upgrade_net(net, path)
+    return net
+
+
+def load_caffemodel(path: str | os.PathLike[str], *, upgrade: bool = True) -> caffe_pb2.NetParameter:
+    """Read a binary caffemodel into a ``NetParameter``, upgraded to the V2 format.
+
+    Args:
+        path: the .caffemodel file (binary protobuf). A text file is accepted too, as Caffe's tools do.
+        upgrade: upgrade V1 layers (old binary snapshots store ``layers`` = field 2).
+
+    Returns:
+        The parsed ``caffe_pb2.NetParameter`` with its blobs.
+
+    Raises:
+        ModelFormatError: the file is missing, larger than the read limit, or not a caffemodel.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"Caffemodel '{path}' does not exist; check the weights file path.")
+    size = os.path.getsize(path)
+    limit = _caffemodel_limit()
+    if size > limit:
+        raise ModelFormatError(
+            f"Caffemodel '{path}' is {size} bytes, above the read limit of {limit} bytes; "
+            "set AMCT_CAFFEMODEL_LIMIT_MB to a larger value if the file is trusted."
+        )
+    data = Path(path).read_bytes()
+    net = caffe_pb2.NetParameter()
+    try:
+        net.ParseFromString(data)
+    except pb_message.DecodeError as exc:
+        net = _parse_text_caffemodel(data, path, exc)
+    if upgrade:
+        from amct_caffe.model.upgrade import upgrade_net
+
+        upgrade_net(net, path)
+    return net
+
+
+def _parse_text_caffemodel(data: bytes, path: str, binary_error: Exception) -> caffe_pb2.NetParameter:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelFormatError(
+            f"Caffemodel '{path}' is not a valid binary NetParameter ({binary_error}); "
+            "is it a caffemodel written by Caffe?"
+        ) from binary_error
+    net = caffe_pb2.NetParameter()
+    parse_prototxt_text(text, net, path)
+    return net
+
+
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"Prototxt '{path}' does not exist; check the model file path.")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFormatError(
+            f"Prototxt '{path}' is not UTF-8 text; a binary caffemodel was perhaps given as the model file."
+        ) from exc
+
+
+def prototxt_text(message: pb_message.Message) -> str:
+    """The text form Caffe writes (field order of the schema, floats in shortest round-trip form)."""
+    return text_format.MessageToString(message, float_format=".9g")
+
+
+def save_prototxt(net: pb_message.Message, path: str | os.PathLike[str]) -> None:
+    """Write ``net`` as a text prototxt, atomically (a temporary file renamed into place)."""
+    atomic_write(path, prototxt_text(net).encode("utf-8"))
+
+
+def save_caffemodel(net: caffe_pb2.NetParameter, path: str | os.PathLike[str]) -> None:
+    """Write ``net`` as a binary caffemodel, atomically (a temporary file renamed into place)."""
+    atomic_write(path, net.SerializeToString())
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
+
+    Missing parent folders are created. On any error the temporary file is removed and an existing file at
+    ``path`` is untouched.
+    """
+    with AtomicFiles() as files:
+        files.write(path, data)
+
+
+class AtomicFiles:
+    """Write several output files all-or-nothing.
+
+    Use as a context manager: ``write`` stages each file in a temporary file beside its target; leaving the
+    block without an error renames them all into place, an error removes them all and leaves every existing
+    target untouched.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[str, str]] = []
+
+    def write(self, path: str | os.PathLike[str], data: bytes) -> None:
+        target = os.path.abspath(str(path))
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            _remove_quietly([tmp])
+            raise
+        self._staged.append((tmp, target))
+
+    def commit(self) -> None:
+        for tmp, target in self._staged:
+            os.replace(tmp, target)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        _remove_quietly(tmp for tmp, _ in self._staged)
+        self._staged.clear()
+
+    def __enter__(self) -> AtomicFiles:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def _remove_quietly(paths: Iterable[str]) -> None:
+    for p in paths:
+        try:
+            os.remove(p)
+        except OSError:
+            pass

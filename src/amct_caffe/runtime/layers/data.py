@@ -1,0 +1,84 @@
+"""Layers that produce blobs from outside the net: Input (fed from Python) and DummyData."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from amct_caffe.proto import caffe_pb2
+from amct_caffe.runtime.fillers import fill
+from amct_caffe.runtime.layers.base import Layer, Tensor, register
+
+
+def _shapes(param_shapes: Sequence[caffe_pb2.BlobShape], count: int, layer: Layer) -> list[tuple[int, ...]]:
+    # Caffe: one shape for all tops, or one per top.
+    if len(param_shapes) not in (1, count):
+        raise layer.error(f"gives {len(param_shapes)} shapes for {count} tops; give 1 or one per top.")
+    shapes = [tuple(int(d) for d in s.dim) for s in param_shapes]
+    return shapes * count if len(shapes) == 1 else shapes
+
+
+@register("Input")
+class Input(Layer):
+    """Holds the net's input blobs; their values are set from Python (``net.blobs[name].data[...] = x``).
+
+    The buffers live on the CPU so that numpy views of them stay writable in every mode; they are moved to
+    the compute device at forward.
+    """
+
+    exact_bottoms = 0
+    min_tops = 1
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
+        shapes = _shapes(self.param.input_param.shape, len(self.param.top), self)
+        self.buffers: dict[str, Tensor] = {
+            top: torch.zeros(shape, dtype=torch.float32) for top, shape in zip(self.param.top, shapes)
+        }
+
+    def set_input(self, name: str, value: Tensor) -> None:
+        self.buffers[name] = value.detach().to("cpu", torch.float32)
+
+    def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
+        return [self.buffers[top].to(self.device) for top in self.param.top]
+
+
+@register("DummyData")
+class DummyData(Layer):
+    """Fills its tops with a filler on every forward (constant fillers once, as Caffe refills only others)."""
+
+    exact_bottoms = 0
+    min_tops = 1
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
+        p = self.param.dummy_data_param
+        count = len(self.param.top)
+        if p.shape:
+            shapes = _shapes(p.shape, count, self)
+        else:
+            # legacy num/channels/height/width lists, one value or one per top
+            def pick(values: Sequence[int], i: int) -> int:
+                return int(values[0] if len(values) == 1 else values[i])
+
+            if not all(len(v) in (1, count) for v in (p.num, p.channels, p.height, p.width)):
+                raise self.error("needs shape, or num/channels/height/width with 1 or one value per top.")
+            shapes = [
+                (pick(p.num, i), pick(p.channels, i), pick(p.height, i), pick(p.width, i)) for i in range(count)
+            ]
+        fillers = list(p.data_filler)
+        if len(fillers) not in (0, 1, count):
+            raise self.error(f"gives {len(fillers)} data_filler for {count} tops; give 0, 1 or one per top.")
+        if not fillers:
+            fillers = [caffe_pb2.FillerParameter(type="constant", value=0.0)]
+        self.fillers = fillers * count if len(fillers) == 1 else fillers
+        self.values = [
+            fill(torch.empty(shape, dtype=torch.float32), f).to(self.device)
+            for shape, f in zip(shapes, self.fillers)
+        ]
+
+    def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
+        for i, f in enumerate(self.fillers):
+            if (f.type or "constant") != "constant":
+                refill = torch.empty(self.values[i].shape, dtype=torch.float32)
+                self.values[i] = fill(refill, f).to(self.device)
+        return list(self.values)

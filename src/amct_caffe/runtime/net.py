@@ -1,0 +1,305 @@
+"""The engine's net: builds layers from a NetParameter and runs them in Caffe's order on torch tensors.
+
+Semantics follow Caffe's ``Net``: layers run in file order; a top with the name of a bottom is computed in
+place (the name then refers to the new value); blobs are created in order of first appearance; the net's
+outputs are the blobs no later layer consumes (sorted by name, as Caffe keeps them in a ``std::set``);
+``param { name }`` shares a blob between layers; weights are copied from a caffemodel by layer name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from amct_caffe.errors import ModelFormatError, RuntimeEngineError, WeightShapeError
+from amct_caffe.log import get_logger
+from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
+from amct_caffe.model.io import load_caffemodel, load_prototxt
+from amct_caffe.model.phase import filter_net
+from amct_caffe.proto import caffe_pb2
+from amct_caffe.runtime.device import current_device
+from amct_caffe.runtime.layers.base import TEST, Layer, layer_class
+
+LOGGER = get_logger("runtime.net")
+
+Tensor = torch.Tensor
+
+
+class Net:
+    """A Caffe net in the engine.
+
+    Args:
+        model: a prototxt path or a ``NetParameter`` (V2; a path is upgraded on load).
+        phase: ``caffe_pb2.TRAIN`` or ``caffe_pb2.TEST``.
+        weights: optional caffemodel path or ``NetParameter`` whose blobs are copied in by layer name.
+        device: torch device; default: the global mode (:mod:`amct_caffe.runtime.device`).
+        level, stages: the NetState used for include/exclude rules.
+
+    Raises:
+        ModelFormatError: the net is malformed (unknown bottom, bad layer parameters).
+        UnsupportedLayerError: a layer type the engine does not implement.
+        WeightShapeError: a caffemodel blob's shape differs from the layer's.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | caffe_pb2.NetParameter,
+        phase: int = TEST,
+        *,
+        weights: str | os.PathLike[str] | caffe_pb2.NetParameter | None = None,
+        device: torch.device | str | None = None,
+        level: int = 0,
+        stages: Iterable[str] = (),
+    ) -> None:
+        if isinstance(model, caffe_pb2.NetParameter):
+            self.path = ""
+            source = model
+        else:
+            self.path = str(model)
+            source = load_prototxt(self.path)
+        self.phase = phase
+        self.device = torch.device(device) if device is not None else current_device()
+        self.param = filter_net(source, phase, level, list(stages), self.path)
+        for lp in self.param.layer:
+            # Caffe stamps the net's phase into every layer parameter (it shows in saved caffemodels).
+            if not lp.HasField("phase"):
+                lp.phase = phase
+        self.engine_layers: list[Layer] = []
+        self.layer_names: list[str] = []
+        self.bottom_names: list[list[str]] = []
+        self.top_names: list[list[str]] = []
+        self.blob_names: list[str] = []
+        self.loss_weights: dict[tuple[int, int], float] = {}
+        self._data: dict[str, Tensor] = {}
+        self._build()
+        self.inputs: list[str] = self._input_blobs()
+        self.outputs: list[str] = self._output_blobs()
+        self.reshape()
+        self._share_params()
+        if weights is not None:
+            self.copy_from(weights)
+
+    # -- construction --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        available: set[str] = set()
+        seen_names: set[str] = set()
+        for index, lp in enumerate(self.param.layer):
+            if not lp.name:
+                lp.name = f"{lp.type}_{index}"
+            if lp.name in seen_names:
+                raise ModelFormatError(
+                    f"Net '{self.path or self.param.name}' has two layers named '{lp.name}'; "
+                    "layer names must be unique (Caffe matches weights by name)."
+                )
+            seen_names.add(lp.name)
+            for i, bottom in enumerate(lp.bottom):
+                if bottom not in available:
+                    raise ModelFormatError(
+                        f"Layer '{lp.name}' in '{self.path or self.param.name}' reads bottom {i} '{bottom}', "
+                        "which no earlier layer produces; check the layer order and blob names."
+                    )
+            cls = layer_class(lp.type, lp.name, self.path)
+            layer = cls(lp, self.phase, self.device)
+            self.engine_layers.append(layer)
+            self.layer_names.append(lp.name)
+            self.bottom_names.append(list(lp.bottom))
+            self.top_names.append(list(lp.top))
+            for t_index, top in enumerate(lp.top):
+                if top not in available:
+                    self.blob_names.append(top)
+                    available.add(top)
+                weight = self._loss_weight(layer, lp, t_index)
+                if weight:
+                    self.loss_weights[(index, t_index)] = weight
+
+    @staticmethod
+    def _loss_weight(layer: Layer, lp: caffe_pb2.LayerParameter, t_index: int) -> float:
+        if t_index < len(lp.loss_weight):
+            return float(lp.loss_weight[t_index])
+        return 1.0 if layer.loss_layer and t_index == 0 else 0.0
+
+    def _input_blobs(self) -> list[str]:
+        return [top for layer, tops in zip(self.engine_layers, self.top_names) if layer.type_name == "Input"
+                for top in tops]
+
+    def _output_blobs(self) -> list[str]:
+        available: set[str] = set()
+        for bottoms, tops in zip(self.bottom_names, self.top_names):
+            available.difference_update(bottoms)
+            available.update(tops)
+        return sorted(available)
+
+    def reshape(self) -> None:
+        """(Re)compute every blob's shape from the input shapes; the first call also creates the layer blobs.
+
+        Like Caffe's ``Net::Reshape``; it runs the layers once on the current input values (zeros at
+        construction), which also validates the net.
+        """
+        set_up = getattr(self, "_set_up", False)
+        data: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for layer, bottoms, tops in zip(self.engine_layers, self.bottom_names, self.top_names):
+                inputs = [data[b] for b in bottoms]
+                if not set_up:
+                    layer.setup(inputs)
+                outs = layer.forward(inputs)
+                self._check_top_count(layer, tops, outs)
+                for name, value in zip(tops, outs):
+                    data[name] = value
+        self._data = data
+        self._set_up = True
+
+    @staticmethod
+    def _check_top_count(layer: Layer, tops: Sequence[str], outs: Sequence[Tensor]) -> None:
+        if len(outs) < len(tops):
+            raise layer.error(f"produces {len(outs)} top(s) but the prototxt names {len(tops)}.")
+
+    def _share_params(self) -> None:
+        owners: dict[str, tuple[int, int]] = {}
+        for li, layer in enumerate(self.engine_layers):
+            for pi, spec in enumerate(layer.param.param):
+                if not spec.name or pi >= len(layer.blobs):
+                    continue
+                if spec.name not in owners:
+                    owners[spec.name] = (li, pi)
+                    continue
+                oli, opi = owners[spec.name]
+                owner = self.engine_layers[oli].blobs[opi]
+                mine = layer.blobs[pi]
+                strict = spec.share_mode != caffe_pb2.ParamSpec.PERMISSIVE
+                if (strict and owner.shape != mine.shape) or owner.numel() != mine.numel():
+                    raise ModelFormatError(
+                        f"Layer '{layer.name}' shares param '{spec.name}' with layer "
+                        f"'{self.engine_layers[oli].name}' but their shapes differ: {tuple(mine.shape)} vs "
+                        f"{tuple(owner.shape)}."
+                    )
+                layer.blobs[pi] = owner if owner.shape == mine.shape else owner.view(mine.shape)
+
+    # -- running ---------------------------------------------------------------------------------------
+    def layer_index(self, name: str) -> int:
+        try:
+            return self.layer_names.index(name)
+        except ValueError:
+            raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
+
+    def run(self, start: int = 0, end: int | None = None) -> None:
+        """Run layers ``start`` .. ``end`` (inclusive) on the current blob values (Caffe's ForwardFromTo)."""
+        end = len(self.engine_layers) - 1 if end is None else end
+        data = self._data
+        grad = torch.is_grad_enabled() and self.phase != TEST
+        context = torch.enable_grad() if grad else torch.no_grad()
+        with context:
+            for i in range(start, end + 1):
+                layer = self.engine_layers[i]
+                outs = layer.forward([data[b] for b in self.bottom_names[i]])
+                for name, value in zip(self.top_names[i], outs):
+                    data[name] = value
+
+    def loss(self) -> Tensor:
+        """The weighted sum of the loss tops from the last run (Caffe's net loss)."""
+        total = torch.zeros((), device=self.device)
+        for (li, ti), weight in self.loss_weights.items():
+            total = total + weight * self._data[self.top_names[li][ti]].sum()
+        return total
+
+    def tensor(self, name: str) -> Tensor:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
+
+    def set_tensor(self, name: str, value: Tensor) -> None:
+        if name in self.inputs:
+            self.input_layer(name).set_input(name, value)
+        self._data[name] = value
+
+    def input_layer(self, blob: str) -> Layer:
+        for layer, tops in zip(self.engine_layers, self.top_names):
+            if layer.type_name == "Input" and blob in tops:
+                return layer
+        raise RuntimeEngineError(f"'{blob}' is not an input blob of net '{self.path or self.param.name}'.")
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def copy_from(self, weights: str | os.PathLike[str] | caffe_pb2.NetParameter) -> None:
+        """Copy blobs from a caffemodel into the layers of the same name (Caffe's CopyTrainedLayersFrom).
+
+        Layers of the caffemodel that the net lacks are ignored; layers of the net absent from the
+        caffemodel keep their filler values. Both are logged.
+
+        Raises:
+            WeightShapeError: a layer's blob count or a blob's shape differs from the net's.
+        """
+        path = "" if isinstance(weights, caffe_pb2.NetParameter) else str(weights)
+        source = weights if isinstance(weights, caffe_pb2.NetParameter) else load_caffemodel(path)
+        by_name = {layer.name: layer for layer in self.engine_layers}
+        copied: set[str] = set()
+        for src in source.layer:
+            target = by_name.get(src.name)
+            if target is None:
+                LOGGER.debug("Ignoring source layer %s (not in the net)", src.name)
+                continue
+            if not src.blobs:
+                continue
+            if len(src.blobs) != len(target.blobs):
+                raise WeightShapeError(
+                    f"Layer '{src.name}': the caffemodel '{path}' holds {len(src.blobs)} blob(s) but the "
+                    f"net's layer has {len(target.blobs)}; the prototxt and the caffemodel do not belong "
+                    "together (check bias_term and the layer type)."
+                )
+            for i, blob in enumerate(src.blobs):
+                self._copy_blob(target, i, blob, path)
+            copied.add(src.name)
+        for layer in self.engine_layers:
+            if layer.blobs and layer.name not in copied:
+                LOGGER.info("Layer '%s' not found in the caffemodel; it keeps its filler values.", layer.name)
+
+    @staticmethod
+    def _copy_blob(layer: Layer, index: int, blob: caffe_pb2.BlobProto, path: str) -> None:
+        target = layer.blobs[index]
+        shape = tuple(target.shape)
+        if not shape_matches(blob, shape):
+            raise WeightShapeError(
+                f"Cannot copy blob {index} of layer '{layer.name}' from '{path}': shape mismatch. "
+                f"Caffemodel shape {blob_shape(blob)}, net shape {shape}. Use the prototxt the caffemodel "
+                "was trained with."
+            )
+        kind = storage_kind(blob)
+        if kind != "float" and kind != "double" and not getattr(layer, "accepts_integer_blobs", False):
+            raise WeightShapeError(
+                f"Blob {index} of layer '{layer.name}' in '{path}' is stored as {kind} (a deploy model); "
+                "run it with the integer emulation of the deploy model instead."
+            )
+        values = torch.from_numpy(blob_to_array(blob, shape))
+        with torch.no_grad():
+            if values.dtype == target.dtype:
+                target.copy_(values)
+            else:
+                layer.blobs[index] = values.to(target.device)
+
+    def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
+        """The net with its layer parameters and current blobs, as Caffe's ``Net::ToProto``."""
+        # Caffe writes only the net's name and its layers (each with its phase-stamped parameter).
+        out = caffe_pb2.NetParameter(name=self.param.name)
+        for src, layer in zip(self.param.layer, self.engine_layers):
+            lp = out.layer.add()
+            lp.CopyFrom(src)
+            del lp.blobs[:]
+            for blob in layer.blobs:
+                array = blob.detach().cpu().numpy()
+                proto = array_to_blob(array, lp.blobs.add())
+                if write_diff and blob.grad is not None:
+                    proto.diff.extend(blob.grad.detach().cpu().numpy().reshape(-1).tolist())
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the net's weights as a binary caffemodel, atomically."""
+        from amct_caffe.model.io import save_caffemodel
+
+        save_caffemodel(self.to_proto(), path)
+
+    def blob_arrays(self) -> dict[str, np.ndarray]:
+        """Every blob's current value as numpy (a copy), in blob order."""
+        return {name: self._data[name].detach().cpu().numpy().copy() for name in self.blob_names}

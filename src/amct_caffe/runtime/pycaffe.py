@@ -1,0 +1,291 @@
+"""A pycaffe-style facade over the engine: ``caffe.Net``, ``net.blobs``, ``net.params``, ``net.forward()``.
+
+It follows pycaffe's behaviour where scripts depend on it: ``blob.data`` is a numpy array that shares memory
+with the engine's tensor on the CPU (so writing into an input blob before ``forward`` feeds the net, and
+writing into a parameter changes the weights); ``forward`` returns the output blobs' arrays; ``params`` lists
+only layers with blobs; ``outputs`` are the blobs no layer consumes.
+In GPU mode, arrays of intermediate blobs and parameters are host copies; input blobs stay writable because
+their buffers live on the host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from amct_caffe.errors import RuntimeEngineError
+from amct_caffe.proto import caffe_pb2
+from amct_caffe.runtime.layers.base import Layer
+from amct_caffe.runtime.net import Net as EngineNet
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    t = tensor.detach()
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+class Blob:
+    """One activation blob of a net (pycaffe's ``Blob``)."""
+
+    def __init__(self, net: EngineNet, name: str) -> None:
+        self._net = net
+        self._name = name
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._name in self._net.inputs:
+            return self._net.input_layer(self._name).buffers[self._name].numpy()
+        return _as_numpy(self._net.tensor(self._name))
+
+    @property
+    def diff(self) -> np.ndarray:
+        grad = getattr(self._net, "blob_grads", {}).get(self._name)
+        return _as_numpy(grad) if grad is not None else np.zeros(self.shape, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._net.tensor(self._name).shape)
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def _legacy(self, axis: int) -> int:
+        shape = self.shape
+        return shape[axis] if len(shape) > axis else 1
+
+    @property
+    def num(self) -> int:
+        return self._legacy(0)
+
+    @property
+    def channels(self) -> int:
+        return self._legacy(1)
+
+    @property
+    def height(self) -> int:
+        return self._legacy(2)
+
+    @property
+    def width(self) -> int:
+        return self._legacy(3)
+
+    def reshape(self, *shape: int) -> None:
+        """Give the blob a new shape (values become zeros); call ``net.reshape()`` to propagate it."""
+        value = torch.zeros(tuple(int(s) for s in shape), dtype=torch.float32)
+        self._net.set_tensor(self._name, value.to(self._net.device) if self._name not in self._net.inputs
+                             else value)
+
+
+class ParamBlob:
+    """One learnable blob of a layer; ``data`` writes go straight into the weights on the CPU."""
+
+    def __init__(self, layer: Layer, index: int) -> None:
+        self._layer = layer
+        self._index = index
+
+    @property
+    def data(self) -> np.ndarray:
+        return _as_numpy(self._layer.blobs[self._index])
+
+    @property
+    def diff(self) -> np.ndarray:
+        grad = self._layer.blobs[self._index].grad
+        return _as_numpy(grad) if grad is not None else np.zeros(self.shape, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._layer.blobs[self._index].shape)
+
+    @property
+    def count(self) -> int:
+        return int(self._layer.blobs[self._index].numel())
+
+    @property
+    def num(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] if len(self.shape) > 1 else 1
+
+    def reshape(self, *shape: int) -> None:
+        self._layer.blobs[self._index] = torch.zeros(shape, dtype=torch.float32, device=self._layer.device)
+
+
+class LayerView:
+    """What pycaffe's ``net.layers[i]`` offers: ``type`` and ``blobs``."""
+
+    def __init__(self, layer: Layer) -> None:
+        self._layer = layer
+
+    @property
+    def type(self) -> str:
+        return self._layer.type_name
+
+    @property
+    def name(self) -> str:
+        return self._layer.name
+
+    @property
+    def blobs(self) -> list[ParamBlob]:
+        return [ParamBlob(self._layer, i) for i in range(len(self._layer.blobs))]
+
+
+class Net(EngineNet):
+    """pycaffe's ``caffe.Net``.
+
+    Accepted forms (as pycaffe)::
+
+        Net(prototxt, phase)
+        Net(prototxt, caffemodel, phase)
+        Net(prototxt, phase, weights=caffemodel, level=0, stages=[...])
+    """
+
+    def __init__(self, network_file: Any, *args: Any, **kwargs: Any) -> None:
+        weights = kwargs.pop("weights", None)
+        level = kwargs.pop("level", 0)
+        stages = kwargs.pop("stages", None) or ()
+        if kwargs:
+            raise TypeError(f"Net() got unexpected keyword arguments {sorted(kwargs)}")
+        if len(args) == 1:
+            phase = args[0]
+        elif len(args) == 2:
+            weights, phase = args
+        else:
+            raise TypeError("Net(prototxt, phase) or Net(prototxt, weights, phase) expected")
+        if phase not in (TRAIN, TEST):
+            raise TypeError(f"phase must be caffe.TRAIN or caffe.TEST, got {phase!r}")
+        if isinstance(network_file, bytes):
+            network_file = network_file.decode()
+        super().__init__(network_file, phase, weights=weights, level=level, stages=stages)
+
+    # -- pycaffe properties ---------------------------------------------------------------------------
+    @property
+    def blobs(self) -> OrderedDict[str, Blob]:
+        return OrderedDict((name, Blob(self, name)) for name in self.blob_names)
+
+    @property
+    def params(self) -> OrderedDict[str, list[ParamBlob]]:
+        return OrderedDict(
+            (layer.name, [ParamBlob(layer, i) for i in range(len(layer.blobs))])
+            for layer in self.engine_layers
+            if layer.blobs
+        )
+
+    @property
+    def layer_dict(self) -> OrderedDict[str, LayerView]:
+        return OrderedDict((layer.name, LayerView(layer)) for layer in self.engine_layers)
+
+    @property
+    def _layer_names(self) -> list[str]:
+        return list(self.layer_names)
+
+    @property
+    def blob_loss_weights(self) -> OrderedDict[str, float]:
+        weights = OrderedDict((name, 0.0) for name in self.blob_names)
+        for (li, ti), w in self.loss_weights.items():
+            weights[self.top_names[li][ti]] = w
+        return weights
+
+    @property
+    def layers(self) -> list[LayerView]:
+        """pycaffe's list of layers (``type`` and ``blobs``); the engine's own are ``engine_layers``."""
+        return [LayerView(layer) for layer in self.engine_layers]
+
+    # -- running ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        blobs: Iterable[str] | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        **kwargs: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Run the net forward (pycaffe's ``Net.forward``).
+
+        Args:
+            blobs: extra blob names to return.
+            start, end: layer names to start at / end at (inclusive).
+            kwargs: input arrays by input blob name, copied into the input blobs first.
+
+        Returns:
+            ``{blob name: array}`` for the net's outputs (or ``end``'s tops) plus ``blobs``.
+        """
+        if kwargs:
+            if set(kwargs) != set(self.inputs):
+                raise RuntimeEngineError(
+                    f"Input blob arguments {sorted(kwargs)} do not match the net's inputs {self.inputs}."
+                )
+            for name, value in kwargs.items():
+                self._feed(name, np.asarray(value))
+        start_ind = self.layer_index(start) if start is not None else 0
+        end_ind = self.layer_index(end) if end is not None else len(self.engine_layers) - 1
+        if start is None:
+            self._refresh_inputs()
+        self.run(start_ind, end_ind)
+        names = list(self.top_names[end_ind]) if end is not None else list(self.outputs)
+        names += [b for b in (blobs or []) if b not in names]
+        return {name: Blob(self, name).data for name in names}
+
+    def _feed(self, name: str, value: np.ndarray) -> None:
+        target = Blob(self, name).data
+        if value.shape[:1] != target.shape[:1]:
+            raise RuntimeEngineError(
+                f"Input '{name}' has batch size {value.shape[0] if value.ndim else 1} but the net's blob has "
+                f"shape {target.shape}; reshape the blob first (net.blobs['{name}'].reshape(...); net.reshape())."
+            )
+        try:
+            target[...] = value
+        except ValueError as exc:
+            raise RuntimeEngineError(
+                f"Input '{name}' of shape {value.shape} does not fit the net's blob of shape {target.shape}; "
+                f"reshape the blob first (net.blobs['{name}'].reshape(...); net.reshape())."
+            ) from exc
+
+    def _refresh_inputs(self) -> None:
+        # Input buffers may have been replaced by Blob.reshape; make the data map point at them.
+        for name in self.inputs:
+            self._data[name] = self.input_layer(name).buffers[name].to(self.device)
+
+    def forward_all(self, blobs: Sequence[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the net over inputs of any batch count, in batches of the input blob's size (pycaffe)."""
+        outputs: dict[str, list[np.ndarray]] = {}
+        batch = Blob(self, self.inputs[0]).shape[0]
+        total = len(next(iter(kwargs.values())))
+        for start in range(0, total, batch):
+            chunk = {k: v[start:start + batch] for k, v in kwargs.items()}
+            count = len(next(iter(chunk.values())))
+            if count < batch:
+                chunk = {k: np.concatenate([v, np.zeros((batch - count,) + v.shape[1:], v.dtype)])
+                         for k, v in chunk.items()}
+            result = self.forward(blobs=blobs, **chunk)
+            for k, v in result.items():
+                outputs.setdefault(k, []).append(np.array(v[:count]))
+        return {k: np.concatenate(v) for k, v in outputs.items()}
+
+    def share_with(self, other: EngineNet) -> None:
+        """Use ``other``'s learnable blobs in the layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        theirs = {layer.name: layer for layer in other.engine_layers}
+        for layer in self.engine_layers:
+            src = theirs.get(layer.name)
+            if src is not None and src.blobs:
+                layer.blobs = src.blobs
+
+    def copy_from(self, weights: str | os.PathLike[str] | caffe_pb2.NetParameter) -> None:  # noqa: D401
+        """Copy weights from a caffemodel by layer name (pycaffe's ``copy_from``)."""
+        super().copy_from(weights)
+
+
+def layer_type_list() -> list[str]:
+    """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``)."""
+    from amct_caffe.runtime.layers.base import supported_types
+
+    return supported_types()
