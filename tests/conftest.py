@@ -26,3 +26,17 @@ def reference_caffe() -> str:
     if py is None:
         pytest.skip("reference Caffe not installed (set AMCT_REF_CAFFE_PYTHON or run .ci/run)")
     return py
+
+
+@pytest.fixture
+def amct_log(caplog):
+    """caplog that also sees the amct_caffe logger (it does not propagate to the root logger)."""
+    import logging
+
+    from amct_caffe.log import get_logger
+
+    logger = get_logger()
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG, logger="amct_caffe")
+    yield caplog
+    logger.removeHandler(caplog.handler)
