@@ -154,8 +154,9 @@ def _read_text(path: str) -> str:
 
 
 def prototxt_text(message: pb_message.Message) -> str:
-    """The text form Caffe writes (field order of the schema, floats in shortest round-trip form)."""
-    return text_format.MessageToString(message, float_format=".9g")
+    """The text form Caffe writes: fields in schema order; float32 values in their shortest exact form
+    (protobuf's default, which round-trips every float32)."""
+    return text_format.MessageToString(message)
 
 
 def save_prototxt(net: pb_message.Message, path: str | os.PathLike[str]) -> None:
