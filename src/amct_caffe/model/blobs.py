@@ -15,18 +15,17 @@ from amct_caffe.proto import caffe_pb2
 
 
 def blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
-    """The blob's shape: ``shape.dim`` if present, else the legacy 4-D (num, channels, height, width)."""
-    if blob.HasField("shape"):
-        return tuple(int(d) for d in blob.shape.dim)
-    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+    """The blob's shape: the legacy 4-D (num, channels, height, width) if any of those is set, else
+    ``shape.dim`` — which may be empty: Caffe writes a 0-axis blob (one value, e.g. Normalize's shared
+    scale) with neither, and reads it back as shape ``()``, as Caffe's ``Blob::FromProto`` does."""
+    if has_legacy_shape(blob):
         return (blob.num, blob.channels, blob.height, blob.width)
-    return (len(blob.data),) if len(blob.data) else (0,)
+    return tuple(int(d) for d in blob.shape.dim)
 
 
 def has_legacy_shape(blob: caffe_pb2.BlobProto) -> bool:
-    return not blob.HasField("shape") and any(
-        blob.HasField(f) for f in ("num", "channels", "height", "width")
-    )
+    """True when the blob uses the old num/channels/height/width fields (Caffe checks those first)."""
+    return any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
 
 
 def shape_matches(blob: caffe_pb2.BlobProto, target: Sequence[int]) -> bool:
