@@ -56,7 +56,7 @@ def postprocess(text: str, src: str) -> str:
     if "_runtime_version" in text:
         raise RuntimeError(f"{src}: protoc output changed shape; could not remove the runtime version check")
     if text.count(_DEFAULT_POOL) != 1:
-        raise RuntimeError(f"{src}: protoc output changed shape; could not switch to a private descriptor pool")
+        raise RuntimeError(f"{src}: protoc output changed shape; cannot switch to a private descriptor pool")
     text = text.replace(_DEFAULT_POOL, _PRIVATE_POOL)
     return HEADER.format(src=src) + text
 

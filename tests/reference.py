@@ -21,7 +21,8 @@ WORKER = Path(__file__).with_name("_reference_worker.py")
 
 def reference_python() -> str | None:
     """Path of the reference venv's python: $AMCT_REF_CAFFE_PYTHON, else .cache/ref-caffe in the repo."""
-    candidates = [os.environ.get("AMCT_REF_CAFFE_PYTHON"), str(REPO / ".cache" / "ref-caffe" / "bin" / "python")]
+    default = REPO / ".cache" / "ref-caffe" / "bin" / "python"
+    candidates = [os.environ.get("AMCT_REF_CAFFE_PYTHON"), str(default)]
     for c in candidates:
         if c and os.path.isfile(c):
             return c
@@ -70,7 +71,8 @@ def run_reference(
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             raise ReferenceError(
-                f"reference Caffe failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+                f"reference Caffe failed (exit {proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
             )
         out = np.load(tmp_path / "out.npz")
         blobs = {k[len("blob:"):]: out[k] for k in out.files if k.startswith("blob:")}
@@ -78,7 +80,8 @@ def run_reference(
         return {"blobs": blobs, "params": params}
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray, name: str, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+def assert_close(ours: np.ndarray, ref: np.ndarray, name: str, rtol: float = 1e-4,
+                 atol: float = 1e-5) -> None:
     """The cross-check tolerance of the foundation issue: 1e-4 relative with a 1e-5 absolute floor."""
     assert ours.shape == ref.shape, f"{name}: shape {ours.shape} vs reference {ref.shape}"
     np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol, err_msg=name)

@@ -719,7 +719,7 @@ def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:
 
 
 def test_loads_beside_a_real_pycaffe(reference_caffe):
-    """Our schema lives in a private descriptor pool, so a real pycaffe can be imported in the same process."""
+    """Our schema lives in a private descriptor pool: a real pycaffe can be imported beside it."""
     src = Path(__file__).resolve().parents[1] / "src"
     code = (
         "import sys; import caffe; from caffe.proto import caffe_pb2 as ref\n"

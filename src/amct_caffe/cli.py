@@ -30,7 +30,9 @@ def _parse_inputs(specs: Sequence[str]) -> dict[str, np.ndarray]:
         try:
             inputs[name] = np.load(path).astype(np.float32)
         except OSError as exc:
-            raise AmctError(f"--input '{spec}': cannot read '{path}' ({exc}); give an existing .npy file") from exc
+            raise AmctError(
+                f"--input '{spec}': cannot read '{path}' ({exc}); give an existing .npy file"
+            ) from exc
     return inputs
 
 

@@ -55,7 +55,7 @@ class Graph:
         return self._by_name[name]
 
     def producer(self, layer_name: str, bottom_index: int = 0) -> caffe_pb2.LayerParameter | None:
-        """The layer whose output ``layer_name`` reads as bottom ``bottom_index`` (None: a net input field)."""
+        """The layer whose output ``layer_name`` reads as bottom ``bottom_index`` (None: no producer)."""
         idx = self._bottom_producer[self.index(layer_name)][bottom_index]
         return None if idx is None else self.net.layer[idx]
 
@@ -85,7 +85,7 @@ class Graph:
         return any(top in layer.bottom for top in layer.top)
 
     def in_place_chain(self, layer_name: str, top_index: int = 0) -> list[caffe_pb2.LayerParameter]:
-        """The in-place layers that follow ``layer_name`` on its top, in order (e.g. BatchNorm, Scale, ReLU)."""
+        """The in-place layers that follow ``layer_name`` on its top, in order (e.g. BatchNorm, ReLU)."""
         chain = []
         current, index = layer_name, top_index
         blob = self.layer(layer_name).top[top_index]

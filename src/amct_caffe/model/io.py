@@ -7,6 +7,7 @@ V2 nets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -226,7 +227,5 @@ class AtomicFiles:
 
 def _remove_quietly(paths: Iterable[str]) -> None:
     for p in paths:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(p)
-        except OSError:
-            pass

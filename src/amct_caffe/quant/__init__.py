@@ -1,4 +1,6 @@
-"""Quantization numerics and algorithms as pure functions on tensors (no graphs, no torch modules; only the config reads protobuf text).
+"""Quantization numerics and algorithms as pure functions on tensors.
+
+No graphs and no torch modules here; only the config module reads protobuf text.
 
 * :mod:`amct_caffe.quant.numerics` -- rounding, INT8 quantize/dequantize, activation factors from clip
   bounds, scale sanitising, bias quantization and ``deq_scale`` packing (spec §1.4, §7.3, §8.1, §8.3).

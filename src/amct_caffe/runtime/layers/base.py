@@ -73,7 +73,7 @@ class Layer:
         return ModelFormatError(f"Layer '{self.name}' (type {self.type_name}): {message}")
 
     def new_blob(self, shape: Sequence[int], filler: caffe_pb2.FillerParameter | None = None) -> Tensor:
-        """A float32 blob of ``shape`` on this layer's device, filled by ``filler`` (Caffe default: constant 0)."""
+        """A float32 blob of ``shape`` on this layer's device, filled by ``filler`` (default: constant 0)."""
         from amct_caffe.runtime.fillers import fill
 
         blob = torch.empty(tuple(int(s) for s in shape), dtype=torch.float32)

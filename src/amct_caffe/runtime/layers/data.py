@@ -63,7 +63,8 @@ class DummyData(Layer):
             if not all(len(v) in (1, count) for v in (p.num, p.channels, p.height, p.width)):
                 raise self.error("needs shape, or num/channels/height/width with 1 or one value per top.")
             shapes = [
-                (pick(p.num, i), pick(p.channels, i), pick(p.height, i), pick(p.width, i)) for i in range(count)
+                (pick(p.num, i), pick(p.channels, i), pick(p.height, i), pick(p.width, i))
+                for i in range(count)
             ]
         fillers = list(p.data_filler)
         if len(fillers) not in (0, 1, count):
