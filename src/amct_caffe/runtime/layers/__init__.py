@@ -10,6 +10,8 @@ _MODULES = (
     "structure",
     "loss",
     "ssd",
+    "data_sources",
+    "quant",
 )
 
 for _name in _MODULES:
