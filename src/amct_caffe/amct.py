@@ -12,7 +12,7 @@ from typing import Any
 from amct_caffe.errors import ConfigError
 from amct_caffe.workflows import qat as _qat
 
-__all__ = ["create_quant_retrain_config"]
+__all__ = ["create_quant_retrain_config", "create_quant_retrain_model"]
 
 
 def _check_path(api: str, name: str, value: Any, optional: bool = False) -> None:
@@ -74,3 +74,62 @@ def create_quant_retrain_config(
     _check_path(api, "weights_file", weights_file)
     _check_path(api, "config_defination", config_defination, optional=True)
     _qat.create_quant_retrain_config(config_file, model_file, weights_file, config_defination)
+
+
+def create_quant_retrain_model(
+    model_file: str,
+    weights_file: str,
+    config_file: str,
+    modified_model_file: str,
+    modified_weights_file: str,
+    scale_offset_record_file: str,
+) -> None:
+    """Build the quantization-aware training (retrain) model of a float model.
+
+    First every Convolution/Deconvolution + BatchNorm (+ Scale) is folded into the convolution (QAT
+    trains the folded convolution). Then, for every layer the config enables, retrain layers are
+    inserted: one ``ActivationQAT`` per quantized input (``<first layer>_act_retrain``, shared by every
+    enabled layer reading that input; ULQ fake quantization with learnable clip bounds) and one
+    ``WeightQAT`` per layer with weights (``<layer>_wts_retrain``; ARQ fake quantization of a float shadow
+    weight, which the layer uses through parameter sharing). The whole prototxt is kept (TRAIN and TEST
+    layers, data, loss, accuracy), so the modified model is trained with an ordinary solver
+    (``net: modified_model_file``, a TEST phase with ``test_initialization: false``), starting from
+    ``modified_weights_file``.
+
+    Args:
+        model_file: the original float model (training prototxt, both phases).
+        weights_file: its trained float weights (.caffemodel).
+        config_file: the QAT JSON config from ``create_quant_retrain_config`` (possibly edited).
+        modified_model_file: path of the retrain prototxt to write.
+        modified_weights_file: path of the retrain caffemodel to write (folded weights, fake-quantized and
+            shadow weights, configured clip bounds; clip bounds that are not configured are initialised by
+            IFMR on the retrain model's first forward).
+        scale_offset_record_file: path of the scale/offset record file; it is created with the input shape
+            (channels, height, width) of every quantized layer and its path is written into the retrain
+            layers. ``save_quant_retrain_model`` uses it (and ``config_file``) when given ``None``.
+
+    Returns:
+        None. Outputs: ``modified_model_file``, ``modified_weights_file``, ``scale_offset_record_file``,
+        written all-or-nothing (existing files are replaced).
+
+    Raises:
+        ConfigError: an argument has the wrong type or two outputs coincide; the config is invalid for this
+            model or enables no layer; the model already holds AMCT layers; the wiring of a quantized layer
+            differs between the TRAIN and TEST phases. The message names the file, the layer and the fix.
+        ModelFormatError: the prototxt or caffemodel is missing, malformed, or they do not belong together.
+        On any error no output file is written and existing ones are left untouched.
+    """
+    api = "create_quant_retrain_model"
+    for name, value in (
+        ("model_file", model_file),
+        ("weights_file", weights_file),
+        ("config_file", config_file),
+        ("modified_model_file", modified_model_file),
+        ("modified_weights_file", modified_weights_file),
+        ("scale_offset_record_file", scale_offset_record_file),
+    ):
+        _check_path(api, name, value)
+    _qat.create_quant_retrain_model(
+        model_file, weights_file, config_file, modified_model_file, modified_weights_file,
+        scale_offset_record_file,
+    )

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from amct_caffe.errors import ConfigError
+from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
-from amct_caffe.model.io import atomic_write, load_caffemodel, load_prototxt
+from amct_caffe.model.io import AtomicFiles, atomic_write, load_caffemodel, load_prototxt, prototxt_text
 from amct_caffe.model.phase import TEST, filter_net
-from amct_caffe.passes.quantizable import describe_layers
+from amct_caffe.model.weights import weights_from_net, weights_to_net
+from amct_caffe.passes.fuse_bn import fuse_bn
+from amct_caffe.passes.quantizable import check_not_quantized, describe_layers
+from amct_caffe.passes.retrain import ActivationGroup, insert_retrain_layers
+from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.config import (
     QAT_LAYER_TYPES,
     ModelLayer,
     default_config,
     dumps_json,
     load_cfg_config,
+    load_json_config,
 )
+from amct_caffe.quant.record import LayerRecord, record_text
 
 LOGGER = get_logger("qat")
 
@@ -78,3 +87,242 @@ def create_quant_retrain_config(
         "quantizable types stay float (their reasons are logged at DEBUG level).",
         config_file, len(config), enabled, len(left_float),
     )
+
+
+# -- create_quant_retrain_model --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetrainPaths:
+    """The files the last successful ``create_quant_retrain_model`` of this process used (absolute paths).
+
+    ``save_quant_retrain_model`` falls back on them for its ``None`` arguments (DECISIONS.md §3 row 3b).
+    """
+
+    record_file: str
+    config_file: str
+
+
+_LAST_RETRAIN: RetrainPaths | None = None
+
+
+def last_retrain_paths() -> RetrainPaths | None:
+    """The record and config paths of this process's last successful ``create_quant_retrain_model``; None
+    when it has not run (successfully) yet."""
+    return _LAST_RETRAIN
+
+
+def create_quant_retrain_model(
+    model_file: str | os.PathLike[str],
+    weights_file: str | os.PathLike[str],
+    config_file: str | os.PathLike[str],
+    modified_model_file: str | os.PathLike[str],
+    modified_weights_file: str | os.PathLike[str],
+    scale_offset_record_file: str | os.PathLike[str],
+) -> list[ActivationGroup]:
+    """Write the retrain (QAT) model of a float model (see ``amct_caffe.amct.create_quant_retrain_model``).
+
+    Steps: read the full prototxt (both phases) and the caffemodel; validate the JSON config against the
+    model's TEST-phase view; fold Convolution/Deconvolution + BatchNorm (+ Scale)
+    (``passes.fuse_bn``); insert the retrain layers for the enabled layers (``passes.retrain``); infer the
+    input shape of every quantized layer by building the TEST-phase retrain net in the engine; write the
+    prototxt, the caffemodel and the record file (the shapes) all-or-nothing.
+
+    Returns:
+        The activation retrain groups inserted (one per quantized input value).
+
+    Raises:
+        ConfigError: bad config or arguments, nothing enabled, a model already prepared for quantization,
+            or wiring the retrain layers cannot follow (see ``passes.retrain``).
+        ModelFormatError: the prototxt or caffemodel is missing, malformed or inconsistent.
+    """
+    global _LAST_RETRAIN
+    model_file, weights_file, config_file = (os.fspath(p) for p in (model_file, weights_file, config_file))
+    outputs = [os.fspath(p) for p in (modified_model_file, modified_weights_file, scale_offset_record_file)]
+    _check_outputs(outputs, [model_file, weights_file, config_file])
+    record_path = os.path.abspath(outputs[2])
+
+    net = load_prototxt(model_file)
+    check_not_quantized(Graph(_unique_layer_names(net)[0], path=model_file))
+    layers = describe_layers(Graph(filter_net(net, TEST, path=model_file), path=model_file))
+    config = load_json_config(config_file, layers, model_file)
+    enabled = [name for name, layer in config.items() if layer.retrain_enable]
+    if not enabled:
+        raise ConfigError(
+            f"QAT config '{config_file}' enables no layer (every retrain_enable is false), so there is "
+            "nothing to retrain; set retrain_enable to true for the layers to quantize."
+        )
+    _check_unique_targets(net, enabled, model_file)
+    caffemodel = load_caffemodel(weights_file)
+    weights = weights_from_net(caffemodel, weights_file)
+
+    unique_net, original_names = _unique_layer_names(net)
+    graph = Graph(unique_net, path=model_file)
+    fuse_bn(graph, weights)
+    groups = insert_retrain_layers(graph, weights, config, record_path, config_file=config_file,
+                                   weights_file=weights_file)
+    retrain_net = graph.to_net_parameter()
+    for layer in retrain_net.layer:
+        layer.name = original_names.get(layer.name, layer.name)
+    retrain_weights = weights_to_net(weights, retrain_net, like=caffemodel)
+
+    order = [name for group in groups for name in group.consumers]
+    shapes = _input_shapes(retrain_net, groups, model_file)
+    records = {name: LayerRecord() for name in order}
+    for name, (channels, height, width) in shapes.items():
+        records[name] = LayerRecord(channels=channels, height=height, width=width)
+
+    with AtomicFiles() as files:
+        files.write(outputs[0], prototxt_text(retrain_net).encode("utf-8"))
+        files.write(outputs[1], retrain_weights.SerializeToString())
+        files.write(outputs[2], record_text(records, order).encode("utf-8"))
+    _LAST_RETRAIN = RetrainPaths(record_path, os.path.abspath(config_file))
+    LOGGER.info(
+        "Create quant retrain model success: '%s' and '%s' with %d quantized layer(s) (%d activation retrain "
+        "layer(s)); record file '%s'.",
+        outputs[0], outputs[1], len(order), len(groups), outputs[2],
+    )
+    return groups
+
+
+def _check_outputs(outputs: Sequence[str], inputs: Sequence[str]) -> None:
+    """The three outputs must be distinct files that are none of the inputs (nor existing folders)."""
+    names = ("modified_model_file", "modified_weights_file", "scale_offset_record_file")
+    seen: dict[str, str] = {}
+    for name, path in zip(names, outputs):
+        target = os.path.abspath(path)
+        if os.path.isdir(target):
+            raise ConfigError(f"create_quant_retrain_model: {name} '{path}' is a folder; give a file path.")
+        if target in seen:
+            raise ConfigError(f"create_quant_retrain_model: {name} and {seen[target]} are the same file "
+                              f"'{path}'; give each output its own path.")
+        if target in {os.path.abspath(p) for p in inputs}:
+            raise ConfigError(f"create_quant_retrain_model: {name} '{path}' is one of the input files; write "
+                              "the retrain model to new files.")
+        seen[target] = name
+
+
+def _unique_layer_names(net: caffe_pb2.NetParameter) -> tuple[caffe_pb2.NetParameter, dict[str, str]]:
+    """A copy of ``net`` whose layer names are unique, and the map back to the original names.
+
+    Training prototxts often name the TRAIN and the TEST data layer alike (Caffe only needs names to be
+    unique within one phase); the graph needs one name per layer, so every layer of a repeated name is
+    renamed ``<name>#<k>`` while the passes run and gets its name back afterwards. Renaming them all (not
+    only the later ones) keeps the weights, which are looked up by name, away from the passes: a fold into
+    one of two same-named convolutions would change the weights Caffe loads into both.
+    """
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    counts: dict[str, int] = {}
+    for layer in out.layer:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    taken = set(counts)
+    original: dict[str, str] = {}
+    for layer in out.layer:
+        if counts[layer.name] == 1:
+            continue
+        k = 0
+        while f"{layer.name}#{k}" in taken:
+            k += 1
+        new = f"{layer.name}#{k}"
+        taken.add(new)
+        original[new] = layer.name
+        layer.name = new
+    return out, original
+
+
+def _check_unique_targets(net: caffe_pb2.NetParameter, enabled: Sequence[str], model_file: str) -> None:
+    counts: dict[str, int] = {}
+    for layer in net.layer:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    for name in enabled:
+        if counts.get(name, 0) > 1:
+            raise ConfigError(
+                f"Layer '{name}' of model '{model_file}' is defined {counts[name]} times (one definition per "
+                "phase); QAT inserts one set of retrain layers for both phases, so give the layer a single "
+                "definition without phase rules, or set retrain_enable to false for it."
+            )
+
+
+#: Data-layer parameters whose ``batch_size`` sets the batch of their tops.
+_BATCH_SIZE_PARAMS = ("data_param", "image_data_param", "memory_data_param", "hdf5_data_param",
+                      "window_data_param")
+
+
+def _batch_one(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """A copy of ``net`` whose input and data layers produce batches of 1 (shapes past axis 0 unchanged)."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    for layer in out.layer:
+        if layer.type == "Input":
+            for shape in layer.input_param.shape:
+                if shape.dim:
+                    shape.dim[0] = 1
+        elif layer.type == "DummyData":
+            p = layer.dummy_data_param
+            for shape in p.shape:
+                if shape.dim:
+                    shape.dim[0] = 1
+            if len(p.num):
+                p.num[:] = [1] * len(p.num)
+        for field in _BATCH_SIZE_PARAMS:
+            if layer.HasField(field) and getattr(layer, field).HasField("batch_size"):
+                getattr(layer, field).batch_size = 1
+    return out
+
+
+def _legacy_chw(shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """(channels, height, width) as Caffe's ``Blob::channels()/height()/width()`` give them: axes 1, 2, 3,
+    each 1 when the blob has fewer axes (``LegacyShape``); None for blobs of more than 4 axes."""
+    if len(shape) > 4:
+        return None
+    dims = list(shape) + [1] * (4 - len(shape))
+    return int(dims[1]), int(dims[2]), int(dims[3])
+
+
+def _input_shapes(
+    net: caffe_pb2.NetParameter, groups: Sequence[ActivationGroup], model_file: str
+) -> Mapping[str, tuple[int, int, int]]:
+    """The input (channels, height, width) of every quantized layer, from the TEST-phase retrain net.
+
+    The net is built in the engine (its shape pass runs it once on zeros) with batch 1 when the net allows
+    it, else with its own batch; meanwhile the ``ActivationQAT`` layers have fixed clips and point to a
+    scratch record file, so that building the net neither runs IFMR nor writes anything the user sees. If
+    the net cannot be built (e.g. data layers whose sources are missing), a WARNING is logged and no shapes
+    are returned (``save_quant_retrain_model`` infers them again).
+    """
+    from amct_caffe.runtime.net import Net
+
+    with tempfile.TemporaryDirectory(prefix="amct_retrain_shapes_") as scratch:
+        probe = caffe_pb2.NetParameter()
+        probe.CopyFrom(net)
+        for layer in probe.layer:
+            if layer.type == "ActivationQAT":
+                # Fixed clips: no IFMR initialisation on the placeholder values of the shape pass.
+                p = layer.retrain_data_quant_param
+                p.record_file_path = os.path.join(scratch, "record.txt")
+                p.ifmr_init, p.clip_max, p.clip_min = False, 1.0, -1.0
+        engine = None
+        problem: Exception | None = None
+        for candidate in (_batch_one(probe), probe):
+            try:
+                engine = Net(candidate, caffe_pb2.TEST)
+                break
+            except (AmctError, RuntimeError, OSError, ValueError) as exc:
+                problem = exc
+        if engine is None:
+            LOGGER.warning(
+                "Cannot build the TEST phase of the retrain model of '%s' to find the input shapes of the "
+                "quantized layers (%s); the record file gets no shapes (save_quant_retrain_model infers "
+                "them).",
+                model_file, problem,
+            )
+            return {}
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for group in groups:
+            chw = _legacy_chw(tuple(engine.tensor(group.name).shape))
+            if chw is None:
+                LOGGER.debug("Layer(s) %s: the input has more than 4 axes; no shape recorded.",
+                             group.consumers)
+                continue
+            for name in group.consumers:
+                shapes[name] = chw
+    return shapes
