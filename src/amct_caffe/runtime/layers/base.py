@@ -50,6 +50,10 @@ class Layer:
         self.phase = phase
         self.device = device
         self.blobs: list[Tensor] = []
+        #: True while the net runs a shape pass (construction, ``net.reshape()``) on placeholder values:
+        #: layers with side effects (BatchNorm statistics, Dropout masks, IFMR initialisation, record
+        #: writes) skip them then.
+        self.reshaping = False
         self._check_counts()
 
     # -- overridables ----------------------------------------------------------------------------
@@ -58,6 +62,9 @@ class Layer:
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
+
+    def blobs_loaded(self) -> None:
+        """Called by the net after it copied this layer's blobs from a caffemodel; default: nothing."""
 
     def blob_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of ``self.blobs`` as Caffe reports them."""

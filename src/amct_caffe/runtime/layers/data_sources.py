@@ -4,8 +4,7 @@ Every layer here has no bottoms and produces a new batch on each forward, in TRA
 shape pass (construction, ``net.reshape()``) runs ``forward`` with ``layer.reshaping = True``: the layers
 then return zeros of the current top shapes and do not move their cursor, so building or reshaping a net
 consumes no data and the first real forward gives the first batch, as in Caffe (whose ``Net::Init`` and
-``Reshape`` never run Forward). The forward that directly follows ``setup`` is taken as the construction
-shape pass even without the flag. The top shapes are those of the last batch produced, or the ones set up
+``Reshape`` never run Forward). The top shapes are those of the last batch produced, or the ones set up
 from the first record (Caffe sizes the tops from the first datum/image/file in ``DataLayerSetUp``).
 
 Caffe reads batches on a prefetch thread; the order of the batches it delivers is the order of the
@@ -98,24 +97,16 @@ class _DataSource(Layer):
     min_tops = 1
 
     _top_shapes: list[tuple[int, ...]]
-    #: True from ``setup`` until the first forward. The net runs ``setup`` and then ``forward`` on every
-    #: layer while it is constructed, so that forward is the construction shape pass even if the net
-    #: does not set ``reshaping`` for it.
-    _setup_pass: bool = False
 
     def next_batch(self) -> list[np.ndarray]:
         """The next batch, one float32 array per top, advancing the cursor."""
         raise NotImplementedError
 
-    def _shape_pass(self) -> bool:
-        setup_pass, self._setup_pass = self._setup_pass, False
-        return bool(self.reshaping) or setup_pass
-
     def _placeholders(self) -> list[Tensor]:
         return [torch.zeros(shape, dtype=torch.float32, device=self.device) for shape in self._top_shapes]
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
-        if self._shape_pass():
+        if self.reshaping:
             return self._placeholders()
         arrays = self.next_batch()
         self._top_shapes = [tuple(a.shape) for a in arrays]
@@ -180,7 +171,6 @@ class MemoryData(_DataSource):
         self._pos = 0
         self.has_new_data = False
         self._top_shapes = [(self.batch_size, self.channels, self.height, self.width), (self.batch_size,)]
-        self._setup_pass = True
 
     def set_input_arrays(self, data: Any, labels: Any) -> None:
         """Feed (N, C, H, W) float32 data and N float32 labels (pycaffe's ``net.set_input_arrays``)."""
@@ -255,7 +245,7 @@ class MemoryData(_DataSource):
         self.has_new_data = True
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
-        if self._shape_pass():
+        if self.reshaping:
             return self._placeholders()
         if self._data is None or self._labels is None:
             raise RuntimeEngineError(
@@ -315,7 +305,6 @@ class HDF5Data(_DataSource):
         self.current_row = 0
         self.offset = 0
         self._top_shapes = [(self.batch_size, *shape) for shape in self._row_shapes or []]
-        self._setup_pass = True
 
     def _load(self, index: int) -> None:
         """Caffe's ``LoadHDF5FileData``: read every top's dataset of one file."""
@@ -444,7 +433,6 @@ class ImageData(_DataSource):
         self.transformer = self._transformer()
         shape = self.transformer.infer_shape(self._read(self.lines_id).shape)
         self._top_shapes = [(self.batch_size, *shape), (self.batch_size,)]
-        self._setup_pass = True
 
     @staticmethod
     def _parse(text: str) -> list[tuple[str, int]]:
@@ -548,7 +536,6 @@ class Data(_DataSource):
         self._top_shapes = [(self.batch_size, *shape)]
         if self.output_labels:
             self._top_shapes.append((self.batch_size,))
-        self._setup_pass = True
 
     def _datum(self) -> caffe_pb2.Datum:
         datum = caffe_pb2.Datum()
