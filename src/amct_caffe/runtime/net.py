@@ -22,6 +22,7 @@ from amct_caffe.model.phase import filter_net
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.runtime.device import current_device
 from amct_caffe.runtime.layers.base import TEST, Layer, layer_class
+from amct_caffe.runtime.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 
 LOGGER = get_logger("runtime.net")
 
@@ -69,8 +70,8 @@ class Net:
                 lp.phase = phase
         self.engine_layers: list[Layer] = []
         self.layer_names: list[str] = []
-        self.bottom_names: list[list[str]] = []
-        self.top_names: list[list[str]] = []
+        self.layer_bottoms: list[list[str]] = []
+        self.layer_tops: list[list[str]] = []
         self.blob_names: list[str] = []
         self.loss_weights: dict[tuple[int, int], float] = {}
         self._data: dict[str, Tensor] = {}
@@ -105,8 +106,8 @@ class Net:
             layer = cls(lp, self.phase, self.device)
             self.engine_layers.append(layer)
             self.layer_names.append(lp.name)
-            self.bottom_names.append(list(lp.bottom))
-            self.top_names.append(list(lp.top))
+            self.layer_bottoms.append(list(lp.bottom))
+            self.layer_tops.append(list(lp.top))
             for t_index, top in enumerate(lp.top):
                 if top not in available:
                     self.blob_names.append(top)
@@ -122,12 +123,12 @@ class Net:
         return 1.0 if layer.loss_layer and t_index == 0 else 0.0
 
     def _input_blobs(self) -> list[str]:
-        return [top for layer, tops in zip(self.engine_layers, self.top_names) if layer.type_name == "Input"
+        return [top for layer, tops in zip(self.engine_layers, self.layer_tops) if layer.type_name == "Input"
                 for top in tops]
 
     def _output_blobs(self) -> list[str]:
         available: set[str] = set()
-        for bottoms, tops in zip(self.bottom_names, self.top_names):
+        for bottoms, tops in zip(self.layer_bottoms, self.layer_tops):
             available.difference_update(bottoms)
             available.update(tops)
         return sorted(available)
@@ -140,15 +141,21 @@ class Net:
         """
         set_up = getattr(self, "_set_up", False)
         data: dict[str, Tensor] = {}
-        with torch.no_grad():
-            for layer, bottoms, tops in zip(self.engine_layers, self.bottom_names, self.top_names):
-                inputs = [data[b] for b in bottoms]
-                if not set_up:
-                    layer.setup(inputs)
-                outs = layer.forward(inputs)
-                self._check_top_count(layer, tops, outs)
-                for name, value in zip(tops, outs):
-                    data[name] = value
+        try:
+            with torch.no_grad():
+                for layer, bottoms, tops in zip(self.engine_layers, self.layer_bottoms, self.layer_tops):
+                    # placeholder values: layers skip their side effects (statistics, data cursors, IFMR)
+                    layer.reshaping = True
+                    inputs = [data[b] for b in bottoms]
+                    if not set_up:
+                        layer.setup(inputs)
+                    outs = layer.forward(inputs)
+                    self._check_top_count(layer, tops, outs)
+                    for name, value in zip(tops, outs):
+                        data[name] = value
+        finally:
+            for layer in self.engine_layers:
+                layer.reshaping = False
         self._data = data
         self._set_up = True
 
@@ -185,31 +192,54 @@ class Net:
         except ValueError:
             raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
 
+    #: TEST phase: run through the optimised plan of :mod:`amct_caffe.runtime.optimize` (BatchNorm/Scale
+    #: folding, fused in-place ReLU, packed channels-last convolutions). Every blob keeps the value the
+    #: layer-by-layer forward gives, up to float rounding; set False on a net (or the class) to run the
+    #: layers exactly as written.
+    optimize: bool = True
+
     def run(self, start: int = 0, end: int | None = None) -> None:
         """Run layers ``start`` .. ``end`` (inclusive) on the current blob values (Caffe's ForwardFromTo)."""
         end = len(self.engine_layers) - 1 if end is None else end
         data = self._data
+        if self.phase == TEST and self.optimize:
+            with torch.no_grad():
+                self.inference_plan().run(data, start, end)
+            return
         grad = torch.is_grad_enabled() and self.phase != TEST
         context = torch.enable_grad() if grad else torch.no_grad()
         with context:
             for i in range(start, end + 1):
                 layer = self.engine_layers[i]
-                outs = layer.forward([data[b] for b in self.bottom_names[i]])
-                for name, value in zip(self.top_names[i], outs):
+                outs = layer.forward([data[b] for b in self.layer_bottoms[i]])
+                for name, value in zip(self.layer_tops[i], outs):
                     data[name] = value
 
     def loss(self) -> Tensor:
         """The weighted sum of the loss tops from the last run (Caffe's net loss)."""
         total = torch.zeros((), device=self.device)
         for (li, ti), weight in self.loss_weights.items():
-            total = total + weight * self._data[self.top_names[li][ti]].sum()
+            total = total + weight * self._data[self.layer_tops[li][ti]].sum()
         return total
+
+    def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
+        """The optimised TEST-phase plan, built on first use, when the layer list changed, or with new
+        ``options`` (which later calls keep)."""
+        plan = getattr(self, "_plan", None)
+        if options is not None or plan is None or plan.signature != tuple(map(id, self.engine_layers)):
+            plan = self._plan = build_plan(self, options or (plan.options if plan is not None else None))
+        return plan
 
     def tensor(self, name: str) -> Tensor:
         try:
-            return self._data[name]
+            value = self._data[name]
         except KeyError:
             raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
+        if value.dim() == 4 and not value.is_contiguous() and \
+                value.is_contiguous(memory_format=torch.channels_last):
+            # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW
+            value = contiguous_blob(self._data, name)
+        return value
 
     def set_tensor(self, name: str, value: Tensor) -> None:
         if name in self.inputs:
@@ -217,7 +247,7 @@ class Net:
         self._data[name] = value
 
     def input_layer(self, blob: str) -> Layer:
-        for layer, tops in zip(self.engine_layers, self.top_names):
+        for layer, tops in zip(self.engine_layers, self.layer_tops):
             if layer.type_name == "Input" and blob in tops:
                 return layer
         raise RuntimeEngineError(f"'{blob}' is not an input blob of net '{self.path or self.param.name}'.")
@@ -251,6 +281,7 @@ class Net:
                 )
             for i, blob in enumerate(src.blobs):
                 self._copy_blob(target, i, blob, path)
+            target.blobs_loaded()
             copied.add(src.name)
         for layer in self.engine_layers:
             if layer.blobs and layer.name not in copied:
