@@ -489,7 +489,7 @@ def test_lmdb_rand_skip(tmp_path: Path) -> None:
 def test_lmdb_single_top_and_crop(tmp_path: Path) -> None:
     records = write_lmdb(tmp_path / "db")
     net = make_net(data_net(tmp_path / "db", "batch_size: 3", "transform_param { crop_size: 1 }", tops=""))
-    assert net.top_names[0] == ["data"]
+    assert net.layer_tops[0] == ["data"]
     (d,) = forward(net, "data")
     # crop 1 of 2x2 in TEST: offset (2-1)//2 = 0 -> pixel (0, 0)
     np.testing.assert_array_equal(d, [r[0][:, :1, :1] for r in records])

@@ -38,6 +38,8 @@ def test_blobs_inputs_outputs_in_caffe_order():
     assert [layer.type for layer in net.layers] == ["Input", "InnerProduct", "ReLU", "InnerProduct",
                                                     "InnerProduct"]
     assert net.params["ip1"][0].data.shape == (4, 3)
+    assert net.top_names["relu1"] == ["ip1"] and net.bottom_names["ip2"] == ["ip1"]
+    assert list(net.top_names) == ["data", "ip1", "relu1", "ip2", "ip3"]
     assert net.blobs["ip1"].data.shape == (2, 4)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from amct_caffe.errors import ConfigError
 from amct_caffe.workflows import qat as _qat
 
-__all__ = ["create_quant_retrain_config", "create_quant_retrain_model"]
+__all__ = ["create_quant_retrain_config", "create_quant_retrain_model", "set_cpu_mode", "set_gpu_mode"]
 
 
 def _check_path(api: str, name: str, value: Any, optional: bool = False) -> None:
@@ -133,3 +133,25 @@ def create_quant_retrain_model(
         model_file, weights_file, config_file, modified_model_file, modified_weights_file,
         scale_offset_record_file,
     )
+
+
+def set_cpu_mode() -> None:
+    """AMCT's ``set_cpu_mode()``: compute on the CPU (the default), including the weight quantization.
+
+    Sets the engine's global mode (as ``caffe.set_mode_cpu()``); nets built afterwards run on the CPU.
+    """
+    from amct_caffe.runtime import device
+
+    device.set_mode_cpu()
+
+
+def set_gpu_mode() -> None:
+    """AMCT's ``set_gpu_mode()``: compute on a CUDA GPU (the card is chosen by ``caffe.set_device(id)`` or
+    ``CUDA_VISIBLE_DEVICES``, as in AMCT). Sets the engine's global mode (as ``caffe.set_mode_gpu()``).
+
+    Raises:
+        RuntimeEngineError: torch sees no CUDA device.
+    """
+    from amct_caffe.runtime import device
+
+    device.set_mode_gpu()

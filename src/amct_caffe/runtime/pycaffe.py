@@ -6,6 +6,12 @@ writing into a parameter changes the weights); ``forward`` returns the output bl
 only layers with blobs; ``outputs`` are the blobs no layer consumes.
 In GPU mode, arrays of intermediate blobs and parameters are host copies; input blobs stay writable because
 their buffers live on the host.
+
+Training: ``caffe.SGDSolver(path)`` (and ``NesterovSolver``, ``AdaGradSolver``, ``RMSPropSolver``,
+``AdaDeltaSolver``, ``AdamSolver``) and ``caffe.get_solver(path)`` wrap :mod:`amct_caffe.runtime.solver`
+with facade nets; a TRAIN-phase ``Net`` makes its trained blobs (own ``lr_mult != 0``) require grad at
+construction, as Caffe's ``Net::Init`` decides which parameters get diffs, so ``net.backward()`` after
+``net.forward()`` fills ``net.params[name][i].diff``.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import torch
 
 from amct_caffe.errors import RuntimeEngineError
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.runtime import solver as _solver
 from amct_caffe.runtime.layers.base import Layer
 from amct_caffe.runtime.net import Net as EngineNet
+from amct_caffe.runtime.optimize import note_param_array
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -94,7 +102,11 @@ class ParamBlob:
 
     @property
     def data(self) -> np.ndarray:
-        return _as_numpy(self._layer.blobs[self._index])
+        tensor = self._layer.blobs[self._index]
+        array = _as_numpy(tensor)
+        # numpy writes bump no torch version counter: tell the optimised forward to refold from this blob
+        note_param_array(tensor, array)
+        return array
 
     @property
     def diff(self) -> np.ndarray:
@@ -167,6 +179,9 @@ class Net(EngineNet):
         if isinstance(network_file, bytes):
             network_file = network_file.decode()
         super().__init__(network_file, phase, weights=weights, level=level, stages=stages)
+        if phase == TRAIN:
+            # Caffe's Net::Init decides which blobs get gradients (own lr_mult != 0), so backward() works
+            _solver.enable_param_grads(self)
 
     # -- pycaffe properties ---------------------------------------------------------------------------
     @property
@@ -193,8 +208,18 @@ class Net(EngineNet):
     def blob_loss_weights(self) -> OrderedDict[str, float]:
         weights = OrderedDict((name, 0.0) for name in self.blob_names)
         for (li, ti), w in self.loss_weights.items():
-            weights[self.top_names[li][ti]] = w
+            weights[self.layer_tops[li][ti]] = w
         return weights
+
+    @property
+    def top_names(self) -> OrderedDict[str, list[str]]:
+        """pycaffe's ``{layer name: its top blob names}``."""
+        return OrderedDict(zip(self.layer_names, (list(t) for t in self.layer_tops)))
+
+    @property
+    def bottom_names(self) -> OrderedDict[str, list[str]]:
+        """pycaffe's ``{layer name: its bottom blob names}``."""
+        return OrderedDict(zip(self.layer_names, (list(b) for b in self.layer_bottoms)))
 
     @property
     def layers(self) -> list[LayerView]:
@@ -231,7 +256,7 @@ class Net(EngineNet):
         if start is None:
             self._refresh_inputs()
         self.run(start_ind, end_ind)
-        names = list(self.top_names[end_ind]) if end is not None else list(self.outputs)
+        names = list(self.layer_tops[end_ind]) if end is not None else list(self.outputs)
         names += [b for b in (blobs or []) if b not in names]
         return {name: Blob(self, name).data for name in names}
 
@@ -240,7 +265,8 @@ class Net(EngineNet):
         if value.shape[:1] != target.shape[:1]:
             raise RuntimeEngineError(
                 f"Input '{name}' has batch size {value.shape[0] if value.ndim else 1} but the net's blob has "
-                f"shape {target.shape}; reshape the blob first (net.blobs['{name}'].reshape(...); net.reshape())."
+                f"shape {target.shape}; reshape the blob first (net.blobs['{name}'].reshape(...); "
+                "net.reshape())."
             )
         try:
             target[...] = value
@@ -271,13 +297,73 @@ class Net(EngineNet):
                 outputs.setdefault(k, []).append(np.array(v[:count]))
         return {k: np.concatenate(v) for k, v in outputs.items()}
 
+    def backward(
+        self,
+        diffs: Sequence[str] | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        **kwargs: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Back-propagate the last forward into the parameters' gradients (pycaffe's ``Net.backward``).
+
+        Minimal: the whole net only (``start``/``end`` are not supported). The loss tops start with their
+        ``loss_weight`` as Caffe seeds them; ``kwargs`` give the gradients of output blobs instead
+        (pycaffe's top diffs). Gradients accumulate into ``net.params[name][i].diff`` over calls until the
+        parameters' ``.grad`` is cleared, as Caffe's diffs do until ``ClearParamDiffs``. Only a TRAIN-phase
+        net forwarded with gradients enabled has a graph to go back through. Blob diffs are not kept:
+        the returned arrays (input blobs and ``diffs``) are zeros.
+        """
+        if start is not None or end is not None:
+            raise RuntimeEngineError("Net.backward(start=..., end=...) is not supported by the amct-caffe "
+                                     "engine; call backward() for the whole net.")
+        if kwargs and set(kwargs) != set(self.outputs):
+            raise RuntimeEngineError(f"Top diff arguments {sorted(kwargs)} do not match the net's outputs "
+                                     f"{self.outputs}.")
+        seeds: dict[str, Any] = {}
+        for (li, ti), weight in self.loss_weights.items():
+            seeds[self.layer_tops[li][ti]] = weight
+        seeds.update(kwargs)
+        tensors, grads = [], []
+        for name, seed in seeds.items():
+            value = self._data.get(name)
+            if value is None or not value.requires_grad:
+                continue
+            if isinstance(seed, float | int):
+                grad = torch.full_like(value, float(seed))
+            else:
+                grad = torch.as_tensor(np.asarray(seed, dtype=np.float32)).to(value.device)
+                grad = grad.reshape(value.shape)
+            tensors.append(value)
+            grads.append(grad)
+        if tensors:
+            try:
+                torch.autograd.backward(tensors, grads)
+            except RuntimeError as exc:
+                raise RuntimeEngineError(
+                    f"Net.backward() failed ({exc}); run net.forward() before each backward()."
+                ) from exc
+        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
+        return {name: Blob(self, name).diff for name in names}
+
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """Feed a MemoryData first layer (pycaffe's ``net.set_input_arrays``): ``data`` float32
+        (N, C, H, W), ``labels`` float32 with N values, N a multiple of the batch size; the layer keeps the
+        arrays (no copy) and serves ``batch_size`` rows per forward."""
+        first = self.engine_layers[0] if self.engine_layers else None
+        if first is None or first.type_name != "MemoryData":
+            raise RuntimeEngineError(
+                "set_input_arrays may only be called if the first layer is a MemoryDataLayer (the net's "
+                f"first layer is {first.type_name if first is not None else 'missing'})."
+            )
+        labels = np.asarray(labels)
+        if labels.ndim == 1:
+            labels = np.ascontiguousarray(labels[:, np.newaxis, np.newaxis, np.newaxis])
+        first.set_input_arrays(data, labels)  # type: ignore[attr-defined]
+
     def share_with(self, other: EngineNet) -> None:
-        """Use ``other``'s learnable blobs in the layers of the same name (Caffe's ShareTrainedLayersWith)."""
-        theirs = {layer.name: layer for layer in other.engine_layers}
-        for layer in self.engine_layers:
-            src = theirs.get(layer.name)
-            if src is not None and src.blobs:
-                layer.blobs = src.blobs
+        """Use ``other``'s learnable blob tensors in the layers of the same name (Caffe's
+        ShareTrainedLayersWith; the blob counts and shapes must match)."""
+        _solver.share_trained_layers(self, other)
 
     def copy_from(self, weights: str | os.PathLike[str] | caffe_pb2.NetParameter) -> None:  # noqa: D401
         """Copy weights from a caffemodel by layer name (pycaffe's ``copy_from``)."""
@@ -289,3 +375,58 @@ def layer_type_list() -> list[str]:
     from amct_caffe.runtime.layers.base import supported_types
 
     return supported_types()
+
+
+# -- solvers ------------------------------------------------------------------------------------------------
+class _FacadeNets:
+    """Mixin: the solver's nets are pycaffe facade ``Net`` objects (``solver.net.blobs``, ``.params``...)."""
+
+    def make_net(self, source: str | caffe_pb2.NetParameter, phase: int, level: int,
+                 stages: Sequence[str]) -> EngineNet:
+        return Net(source, phase, level=level, stages=list(stages))
+
+
+class SGDSolver(_FacadeNets, _solver.SGDSolver):
+    """pycaffe's ``caffe.SGDSolver(solver_file)``: SGD updates whatever ``type`` the file names, as pycaffe's
+    solver classes do (``caffe.get_solver`` follows the file's type).
+
+    ``solver.net`` and ``solver.test_nets`` are facade :class:`Net` objects (``solver.net.copy_from``,
+    ``.blobs``, ``.params``); ``solver.iter``, ``step(n)``, ``solve(resume_file=None)``, ``snapshot()``,
+    ``restore(path)`` behave as in pycaffe. The update rules are in :mod:`amct_caffe.runtime.solver`.
+    """
+
+
+class NesterovSolver(_FacadeNets, _solver.NesterovSolver):
+    """pycaffe's ``caffe.NesterovSolver(solver_file)`` (Nesterov updates; see :class:`SGDSolver`)."""
+
+
+class AdaGradSolver(_FacadeNets, _solver.AdaGradSolver):
+    """pycaffe's ``caffe.AdaGradSolver(solver_file)`` (AdaGrad updates; see :class:`SGDSolver`)."""
+
+
+class RMSPropSolver(_FacadeNets, _solver.RMSPropSolver):
+    """pycaffe's ``caffe.RMSPropSolver(solver_file)`` (RMSProp updates; see :class:`SGDSolver`)."""
+
+
+class AdaDeltaSolver(_FacadeNets, _solver.AdaDeltaSolver):
+    """pycaffe's ``caffe.AdaDeltaSolver(solver_file)`` (AdaDelta updates; see :class:`SGDSolver`)."""
+
+
+class AdamSolver(_FacadeNets, _solver.AdamSolver):
+    """pycaffe's ``caffe.AdamSolver(solver_file)`` (Adam updates; see :class:`SGDSolver`)."""
+
+
+_FACADE_SOLVERS: dict[str, type[_solver.Solver]] = {
+    cls.type_name: cls
+    for cls in (SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver, AdaDeltaSolver, AdamSolver)
+}
+
+
+def get_solver(solver_file: str | os.PathLike[str] | caffe_pb2.SolverParameter) -> _solver.Solver:
+    """pycaffe's ``caffe.get_solver``: a solver of the type the file names (``type`` or ``solver_type``)."""
+    if isinstance(solver_file, caffe_pb2.SolverParameter):
+        param, where = solver_file, "Solver"
+    else:
+        param, where = _solver.read_solver_param(solver_file), f"Solver '{os.fspath(solver_file)}'"
+    cls = _solver.solver_class(_solver.solver_type_name(param), where, _FACADE_SOLVERS)
+    return cls(solver_file)
