@@ -76,6 +76,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_run(ns)
 
 
+def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
+    """Rewrite a fake-quant prototxt's Quant/DeQuant/AntiQuant layers into Caffe Python layers
+    (amct_caffe.pycaffe_layers), so that a stock pycaffe built with Python layers runs it with the
+    unchanged fake-quant caffemodel; that Caffe's Python needs amct_caffe importable (numpy only)."""
+    from amct_caffe.workflows.pycaffe_rewrite import rewrite_fake_quant_for_pycaffe
+
+    counts = rewrite_fake_quant_for_pycaffe(args.model_in, args.model_out)
+    done = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    print(f"rewrote {done} layer(s) into {args.model_out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amct-caffe", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -91,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the demo on the bundled model", description=cmd_demo.__doc__)
     demo.set_defaults(func=cmd_demo)
+
+    rewrite = sub.add_parser(
+        "pycaffe-rewrite",
+        help="make a fake-quant model runnable in a stock pycaffe (Python layers)",
+        description=cmd_pycaffe_rewrite.__doc__,
+    )
+    rewrite.add_argument("model_in", metavar="MODEL_IN", help="the *_fake_quant_model.prototxt")
+    rewrite.add_argument("model_out", metavar="MODEL_OUT", help="the rewritten .prototxt to write")
+    rewrite.set_defaults(func=cmd_pycaffe_rewrite)
     return parser
 
 
