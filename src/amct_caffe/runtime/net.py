@@ -26,6 +26,10 @@ from amct_caffe.runtime.optimize import InferenceOptions, InferencePlan, build_p
 
 LOGGER = get_logger("runtime.net")
 
+#: The BlobProto field each blob dtype is saved in (a deploy net's integer blobs keep their storage).
+#: ``uint64_data`` words live in int64 tensors, bit for bit: torch < 2.3 has no uint64 dtype.
+_STORAGE_KIND = {np.dtype(np.int8): "int8", np.dtype(np.int32): "int32", np.dtype(np.int64): "uint64"}
+
 Tensor = torch.Tensor
 
 
@@ -264,6 +268,10 @@ class Net:
         """
         path = "" if isinstance(weights, caffe_pb2.NetParameter) else str(weights)
         source = weights if isinstance(weights, caffe_pb2.NetParameter) else load_caffemodel(path)
+        # A deploy caffemodel (int8/int32/uint64 blobs) first swaps in the integer emulation's layers.
+        from amct_caffe.runtime.integer import prepare_integer_layers
+
+        prepare_integer_layers(self, source, path)
         by_name = {layer.name: layer for layer in self.engine_layers}
         copied: set[str] = set()
         for src in source.layer:
@@ -303,7 +311,10 @@ class Net:
                 f"Blob {index} of layer '{layer.name}' in '{path}' is stored as {kind} (a deploy model); "
                 "run it with the integer emulation of the deploy model instead."
             )
-        values = torch.from_numpy(blob_to_array(blob, shape))
+        array = blob_to_array(blob, shape)
+        if array.dtype == np.uint64:
+            array = array.view(np.int64)  # same bits; torch < 2.3 has no uint64 (see _STORAGE_KIND)
+        values = torch.from_numpy(array)
         with torch.no_grad():
             if values.dtype == target.dtype:
                 target.copy_(values)
@@ -320,7 +331,10 @@ class Net:
             del lp.blobs[:]
             for blob in layer.blobs:
                 array = blob.detach().cpu().numpy()
-                proto = array_to_blob(array, lp.blobs.add())
+                kind = _STORAGE_KIND.get(array.dtype, "float")
+                if kind == "uint64":
+                    array = array.view(np.uint64)
+                proto = array_to_blob(array, lp.blobs.add(), kind=kind)
                 if write_diff and blob.grad is not None:
                     proto.diff.extend(blob.grad.detach().cpu().numpy().reshape(-1).tolist())
         return out

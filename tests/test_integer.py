@@ -1,0 +1,647 @@
+"""Integer emulation of the deploy model (runtime/integer.py) and fake-quant vs deploy agreement (compare.py).
+
+The deploy/fake-quant model pairs are written here by hand in the binding format of
+/work/notes/qat_design.md ("Save (issue 4) decisions"): one prototxt for both; the deploy caffemodel holds
+the quantized weights in ``int8_data``, the biases in ``int32_data`` and one ``uint64_data`` DeQuant blob
+(zero-extended float32 bits of deq_scale); the fake-quant caffemodel holds ``w_hat = q_w * s_w``, the
+bias ``b_q * deq_scale`` and the DeQuant blobs ``[deq_scale, 0, 0]``. The expected deploy values come from
+a numpy reference written below in np.int64 arithmetic (codes, padding with the real zero, exact sums,
+Caffe's AVE pooling windows), never from the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+
+from amct_caffe import caffe
+from amct_caffe.errors import ModelFormatError, WeightShapeError
+from amct_caffe.model.blobs import array_to_blob
+from amct_caffe.model.io import load_caffemodel, save_caffemodel
+from amct_caffe.proto import caffe_pb2
+from amct_caffe.runtime.compare import compare_models, format_agreement
+from amct_caffe.runtime.integer import (
+    IntegerConvolution,
+    IntegerDeQuant,
+    IntegerQuant,
+    integer_blob_scales,
+    load_deploy_net,
+    set_quant_formula,
+)
+from amct_caffe.runtime.net import Net
+
+FLT_EPS = 2.0**-23
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy references (independent of the engine)
+# ---------------------------------------------------------------------------------------------------
+def away(v: np.ndarray) -> np.ndarray:
+    """C round(): half away from zero, element-wise (exact for float inputs)."""
+    v = np.asarray(v)
+    t = np.trunc(v)
+    return np.where(np.abs(v - t) >= 0.5, t + np.sign(v), t)
+
+
+def ref_quant_ascend(x: np.ndarray, scale: np.float32, o: int) -> np.ndarray:
+    """AscendQuant: sat8(round(x*scale + offset)) in float32 (product, then sum, then half-away)."""
+    u = (x.astype(np.float32) * np.float32(scale)).astype(np.float32)
+    v = (u + np.float32(o)).astype(np.float32)
+    return np.clip(away(v), -128, 127).astype(np.int64)
+
+
+def ref_quant_caffe(x: np.ndarray, scale: np.float32, o: int) -> np.ndarray:
+    """The fake Quant layer: clamp(round_away(x / s_d) + o_d) with s_d = 1/(double)scale."""
+    sd = 1.0 / float(scale)
+    return np.clip(away(x.astype(np.float64) / sd) + o, -128, 127).astype(np.int64)
+
+
+def ref_conv(q: np.ndarray, o: int, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int,
+             group: int = 1) -> np.ndarray:
+    """INT64 convolution of the centred codes (q - o), zero-padded (= the code o), plus the INT32 bias."""
+    xc = q.astype(np.int64) - o
+    xc = np.pad(xc, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, c, h, wd = xc.shape
+    co, cig, kh, kw = w.shape
+    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
+    out = np.zeros((n, co, oh, ow), np.int64)
+    cog = co // group
+    for g in range(group):
+        xg = xc[:, g * cig:(g + 1) * cig]
+        wg = w[g * cog:(g + 1) * cog].astype(np.int64)
+        for ky in range(kh):
+            for kx in range(kw):
+                patch = xg[:, :, ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride]
+                out[:, g * cog:(g + 1) * cog] += np.einsum("nchw,oc->nohw", patch, wg[:, :, ky, kx])
+    if b is not None:
+        out += b.astype(np.int64)[None, :, None, None]
+    return out
+
+
+def ref_deconv(q: np.ndarray, o: int, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int,
+               group: int = 1) -> np.ndarray:
+    """INT64 transposed convolution: scatter (q - o) * w, crop ``pad`` on each side, plus the bias."""
+    xc = q.astype(np.int64) - o
+    n, c, h, wd = xc.shape
+    ci, cog, kh, kw = w.shape
+    full = np.zeros((n, cog * group, (h - 1) * stride + kh, (wd - 1) * stride + kw), np.int64)
+    cig = ci // group
+    for g in range(group):
+        xg = xc[:, g * cig:(g + 1) * cig]
+        wg = w[g * cig:(g + 1) * cig].astype(np.int64)
+        for ky in range(kh):
+            for kx in range(kw):
+                full[:, g * cog:(g + 1) * cog, ky:ky + stride * (h - 1) + 1:stride,
+                     kx:kx + stride * (wd - 1) + 1:stride] += np.einsum("nchw,co->nohw", xg, wg[:, :, ky, kx])
+    out = full[:, :, pad:full.shape[2] - pad, pad:full.shape[3] - pad]
+    if b is not None:
+        out = out + b.astype(np.int64)[None, :, None, None]
+    return out
+
+
+def ref_ave_pool(q: np.ndarray, o: int, k: int, s: int, p: int) -> np.ndarray:
+    """Caffe AVE pooling of the centred codes: window sums (int64) / Caffe's pool_size, as float32."""
+    xc = q.astype(np.int64) - o
+    n, c, h, w = xc.shape
+    oh = int(math.ceil((h + 2 * p - k) / s)) + 1
+    ow = int(math.ceil((w + 2 * p - k) / s)) + 1
+    if p:
+        oh -= (oh - 1) * s >= h + p
+        ow -= (ow - 1) * s >= w + p
+    out = np.zeros((n, c, oh, ow), np.float64)
+    for y in range(oh):
+        for x in range(ow):
+            hs, ws = y * s - p, x * s - p
+            he, we = min(hs + k, h + p), min(ws + k, w + p)
+            size = (he - hs) * (we - ws)
+            hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, h), min(we, w)
+            out[:, :, y, x] = xc[:, :, hs:he, ws:we].sum(axis=(2, 3)) / size
+    return out.astype(np.float32)
+
+
+def ref_dequant(acc: np.ndarray, deq: np.ndarray) -> np.ndarray:
+    d = deq.astype(np.float64)
+    view = d.reshape(()) if d.size == 1 else d.reshape([1, -1] + [1] * (acc.ndim - 2))
+    return (acc.astype(np.float64) * view).astype(np.float32)
+
+
+def ref_arq(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """ARQ (spec §8.2): per-channel (axis) or per-tensor scale from the largest-magnitude element."""
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
+    scales = []
+    for r in rows:
+        m = r.max() if abs(r.max()) > abs(r.min()) else r.min()
+        s = np.float32(m / np.float32(127)) if m > 0 else np.float32(m / np.float32(-128))
+        scales.append(np.float32(1.0) if s < FLT_EPS else s)
+    s_w = np.array(scales, np.float32)
+    view = [1] * w.ndim
+    if axis is not None:
+        view[axis] = -1
+    q = np.clip(away(w / s_w.reshape(view)), -128, 127).astype(np.int8)
+    return q, s_w
+
+
+# ---------------------------------------------------------------------------------------------------
+# a deploy / fake-quant pair, written by hand
+# ---------------------------------------------------------------------------------------------------
+def quant_param(s_d: float, o_d: int, consumers: str) -> str:
+    scale = np.float32(1.0 / s_d)
+    byte = "\\%03o" % (o_d & 0xFF)
+    return (f'quant_param {{ scale: {float(scale)!r} offset: "{byte}" with_offset: true '
+            f'object_layer: "{consumers}" }}')
+
+
+PAIR = """
+name: "tiny_deploy"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "conv1_quant_layer" type: "Quant" bottom: "data" top: "conv1_quant_layer" Q1 }
+layer { name: "conv1" type: "Convolution" bottom: "conv1_quant_layer" top: "conv1_dequant_layer_in"
+        convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "conv1_dequant_layer" type: "DeQuant" bottom: "conv1_dequant_layer_in" top: "conv1"
+        dequant_param { channel_wise: true layer_type: "Convolution" object_layer: "conv1" } }
+layer { name: "conv2" type: "Convolution" bottom: "conv1_quant_layer" top: "conv2_dequant_layer_in"
+        convolution_param { num_output: 4 kernel_size: 2 pad: 1 bias_term: false } }
+layer { name: "conv2_dequant_layer" type: "DeQuant" bottom: "conv2_dequant_layer_in" top: "conv2"
+        dequant_param { channel_wise: true layer_type: "Convolution" object_layer: "conv2" } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool_quant_layer" type: "Quant" bottom: "conv1" top: "pool_quant_layer" QP }
+layer { name: "pool" type: "Pooling" bottom: "pool_quant_layer" top: "pool_dequant_layer_in"
+        pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "pool_dequant_layer" type: "DeQuant" bottom: "pool_dequant_layer_in" top: "pool"
+        dequant_param { channel_wise: false layer_type: "Pooling" object_layer: "pool" } }
+layer { name: "fc_quant_layer" type: "Quant" bottom: "pool" top: "fc_quant_layer" QF }
+layer { name: "fc" type: "InnerProduct" bottom: "fc_quant_layer" top: "fc_dequant_layer_in"
+        inner_product_param { num_output: 5 } }
+layer { name: "fc_dequant_layer" type: "DeQuant" bottom: "fc_dequant_layer_in" top: "fc"
+        dequant_param { channel_wise: false layer_type: "InnerProduct" object_layer: "fc" } }
+layer { name: "deconv_quant_layer" type: "Quant" bottom: "conv2" top: "deconv_quant_layer" QD }
+layer { name: "deconv" type: "Deconvolution" bottom: "deconv_quant_layer" top: "deconv_dequant_layer_in"
+        convolution_param { num_output: 6 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "deconv_dequant_layer" type: "DeQuant" bottom: "deconv_dequant_layer_in" top: "deconv"
+        dequant_param { channel_wise: true layer_type: "Deconvolution" object_layer: "deconv" } }
+"""
+
+#: (s_d, o_d) of each Quant: non-zero offsets everywhere (o_d = -128 would be a ReLU output's usual value)
+FACTORS = {
+    "conv1_quant_layer": (0.0213, -14),
+    "pool_quant_layer": (0.0117, -100),
+    "fc_quant_layer": (0.0061, -90),
+    "deconv_quant_layer": (0.0174, 9),
+}
+
+
+def pair_text() -> str:
+    text = PAIR
+    for key, name, consumers in (("Q1", "conv1_quant_layer", "conv1-conv2"),
+                                 ("QP", "pool_quant_layer", "pool"), ("QF", "fc_quant_layer", "fc"),
+                                 ("QD", "deconv_quant_layer", "deconv")):
+        s_d, o_d = FACTORS[name]
+        text = text.replace(f" {key} ", " " + quant_param(s_d, o_d, consumers) + " ")
+    return text
+
+
+def netparam(text: str) -> caffe_pb2.NetParameter:
+    return text_format.Merge(text, caffe_pb2.NetParameter())
+
+
+class Pair:
+    """Float weights -> ARQ codes, INT32 biases and deq_scales, and the two caffemodels."""
+
+    # layer: (weight shape, bias?, ARQ axis (None: per tensor), input Quant)
+    LAYERS = {
+        "conv1": ((4, 3, 3, 3), True, 0, "conv1_quant_layer"),
+        "conv2": ((4, 3, 2, 2), False, 0, "conv1_quant_layer"),
+        "fc": ((5, 4 * 3 * 3), True, None, "fc_quant_layer"),
+        "deconv": ((4, 6, 3, 3), True, 1, "deconv_quant_layer"),
+    }
+
+    def __init__(self, tmp: Path, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.text = pair_text()
+        self.q: dict[str, np.ndarray] = {}
+        self.b: dict[str, np.ndarray | None] = {}
+        self.deq: dict[str, np.ndarray] = {}
+        deploy, fake = caffe_pb2.NetParameter(name="tiny_deploy"), caffe_pb2.NetParameter(name="tiny_deploy")
+        for name, (shape, has_bias, axis, quant) in self.LAYERS.items():
+            w = (rng.standard_normal(shape) * 0.3).astype(np.float32)
+            q, s_w = ref_arq(w, axis)
+            s_d = np.float32(FACTORS[quant][0])
+            deq = (np.float64(s_d) * s_w.astype(np.float64)).astype(np.float32)
+            self.q[name], self.deq[name] = q, deq
+            w_hat = (q.astype(np.float32) * s_w.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+                     if axis is not None else q.astype(np.float32) * s_w[0]).astype(np.float32)
+            bq = None
+            d_layer, f_layer = deploy.layer.add(name=name), fake.layer.add(name=name)
+            array_to_blob(q, d_layer.blobs.add(), kind="int8")
+            array_to_blob(w_hat, f_layer.blobs.add())
+            if has_bias:
+                n_out = shape[axis] if axis is not None else shape[0]
+                b = (rng.standard_normal(n_out) * 0.5).astype(np.float32)
+                bq = away(b.astype(np.float64) / (np.float64(s_d) * s_w.astype(np.float64))).astype(np.int32)
+                array_to_blob(bq, d_layer.blobs.add(), kind="int32")
+                b_hat = (bq.astype(np.float64) * (deq.astype(np.float64) if deq.size > 1 else deq[0])).astype(
+                    np.float32)
+                array_to_blob(b_hat, f_layer.blobs.add())
+            self.b[name] = bq
+            self._dequant(deploy, fake, name, deq)
+        s_pool = np.float32(FACTORS["pool_quant_layer"][0])
+        self.deq["pool"] = np.array([s_pool], np.float32)
+        self._dequant(deploy, fake, "pool", self.deq["pool"])
+        self.deploy_path, self.fake_path = tmp / "tiny_deploy.caffemodel", tmp / "tiny_fake.caffemodel"
+        self.proto_path = tmp / "tiny_model.prototxt"
+        self.proto_path.write_text(self.text)
+        save_caffemodel(deploy, self.deploy_path)
+        save_caffemodel(fake, self.fake_path)
+
+    @staticmethod
+    def _dequant(deploy: caffe_pb2.NetParameter, fake: caffe_pb2.NetParameter, name: str,
+                 deq: np.ndarray) -> None:
+        packed = deq.astype(np.float32).view(np.uint32).astype(np.uint64)  # spec §7.3, by hand
+        array_to_blob(packed, deploy.layer.add(name=f"{name}_dequant_layer").blobs.add(), kind="uint64")
+        f_layer = fake.layer.add(name=f"{name}_dequant_layer")
+        for values in (deq, np.zeros_like(deq), np.zeros_like(deq)):
+            array_to_blob(values.astype(np.float32), f_layer.blobs.add())
+
+    def reference(self, x: np.ndarray, quant=ref_quant_ascend) -> dict[str, np.ndarray]:
+        """Every blob of the deploy net, computed in numpy (int64 sums)."""
+        def qp(name: str) -> tuple[np.float32, int]:
+            s_d, o_d = FACTORS[name]
+            return np.float32(1.0 / s_d), o_d
+
+        out: dict[str, np.ndarray] = {}
+        s1, o1 = qp("conv1_quant_layer")
+        out["conv1_quant_layer"] = q1 = quant(x, s1, o1)
+        out["conv1_dequant_layer_in"] = acc1 = ref_conv(q1, o1, self.q["conv1"], self.b["conv1"], 2, 1)
+        out["conv2_dequant_layer_in"] = acc2 = ref_conv(q1, o1, self.q["conv2"], None, 1, 1)
+        out["conv1"] = y1 = np.maximum(ref_dequant(acc1, self.deq["conv1"]), 0)
+        out["conv2"] = y2 = ref_dequant(acc2, self.deq["conv2"])
+        sp, op = qp("pool_quant_layer")
+        out["pool_quant_layer"] = qpool = quant(y1, sp, op)
+        out["pool_dequant_layer_in"] = avg = ref_ave_pool(qpool, op, 3, 2, 1)
+        out["pool"] = yp = ref_dequant(avg, self.deq["pool"])
+        sf, of = qp("fc_quant_layer")
+        out["fc_quant_layer"] = qf = quant(yp, sf, of)
+        accf = (qf.reshape(len(qf), -1) - of) @ self.q["fc"].astype(np.int64).T
+        accf = accf + self.b["fc"].astype(np.int64)
+        out["fc_dequant_layer_in"] = accf
+        out["fc"] = ref_dequant(accf, self.deq["fc"])
+        sd_, od = qp("deconv_quant_layer")
+        out["deconv_quant_layer"] = qd = quant(y2, sd_, od)
+        out["deconv_dequant_layer_in"] = accd = ref_deconv(qd, od, self.q["deconv"], self.b["deconv"], 2, 1)
+        out["deconv"] = ref_dequant(accd, self.deq["deconv"])
+        return out
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Pair:
+    return Pair(tmp_path)
+
+
+def data(seed: int = 1, shape=(2, 3, 9, 9)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * 0.9 + 0.3).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# integer emulation vs the numpy integer reference
+# ---------------------------------------------------------------------------------------------------
+def test_pycaffe_net_runs_deploy_model_exactly(pair: Pair):
+    net = caffe.Net(str(pair.proto_path), str(pair.deploy_path), caffe.TEST)
+    kinds = {layer.name: type(layer) for layer in net.engine_layers}
+    assert kinds["conv1_quant_layer"] is IntegerQuant and kinds["conv1"] is IntegerConvolution
+    assert kinds["fc_dequant_layer"] is IntegerDeQuant
+    assert [layer.type for layer in net.layers][1:4] == ["Quant", "Convolution", "DeQuant"]
+    assert net.params["conv1"][0].data.dtype == np.int8 and net.params["conv1"][1].data.dtype == np.int32
+    x = data()
+    out = net.forward(data=x)
+    expected = pair.reference(x)
+    assert set(out) == {"fc", "deconv"}
+    for name, value in expected.items():
+        got = net.blobs[name].data
+        if name.endswith("_quant_layer"):
+            assert got.dtype == np.int8, name
+        elif name.endswith("_dequant_layer_in") and name != "pool_dequant_layer_in":
+            assert got.dtype == np.int32, name
+        np.testing.assert_array_equal(got, value, err_msg=name)
+    # the codes really use the offset and the padding sees the real zero (not the code 0)
+    assert (expected["conv1_quant_layer"] != 0).mean() > 0.9
+    # folding -o_d * sum(q_w) into the bias while padding the *code* 0 is wrong exactly at the borders
+    q1, o1 = expected["conv1_quant_layer"], FACTORS["conv1_quant_layer"][1]
+    naive = ref_conv(q1, 0, pair.q["conv1"], pair.b["conv1"], 2, 1) - o1 * pair.q["conv1"].astype(
+        np.int64).sum(axis=(1, 2, 3))[None, :, None, None]
+    acc = expected["conv1_dequant_layer_in"]
+    inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # windows within the 9x9 image
+    np.testing.assert_array_equal(naive[inside], acc[inside])
+    assert (naive[:, :, 0, :] != acc[:, :, 0, :]).all() and (naive[:, :, :, -1] != acc[:, :, :, -1]).all()
+
+
+def test_exact_accumulation_beyond_float32(tmp_path: Path):
+    """Extreme codes: |acc| > 2**24, where float32 sums would round; the emulation is exact."""
+    c, k = 64, 3
+    text = f"""
+    layer {{ name: "data" type: "Input" top: "data"
+            input_param {{ shape {{ dim: 1 dim: {c} dim: 4 dim: 4 }} }} }}
+    layer {{ name: "q" type: "Quant" bottom: "data" top: "q" {quant_param(1.0, 127, "conv")} }}
+    layer {{ name: "conv" type: "Convolution" bottom: "q" top: "acc"
+            convolution_param {{ num_output: 2 kernel_size: {k} bias_term: true }} }}
+    layer {{ name: "dq" type: "DeQuant" bottom: "acc" top: "y" dequant_param {{ channel_wise: true }} }}
+    """
+    rng = np.random.default_rng(3)
+    w = rng.choice(np.array([-128, 127, -127], np.int8), size=(2, c, k, k))
+    w[0] = -128
+    bias = np.array([2**31 - 1 - 10_000_000, -5], np.int32)
+    deq = np.array([2.0**-20, 3.0], np.float32)
+    model = caffe_pb2.NetParameter()
+    lay = model.layer.add(name="conv")
+    array_to_blob(w, lay.blobs.add(), kind="int8")
+    array_to_blob(bias, lay.blobs.add(), kind="int32")
+    packed = deq.view(np.uint32).astype(np.uint64)
+    array_to_blob(packed, model.layer.add(name="dq").blobs.add(), kind="uint64")
+    net = Net(netparam(text), caffe.TEST, weights=model)
+    x = np.full((1, c, 4, 4), -1000.0, np.float32)  # saturates to -128: centred code -255
+    x[0, :, 1, 2] = rng.standard_normal(c) * 30
+    net.set_tensor("data", torch.from_numpy(x))
+    net.run()
+    q = ref_quant_ascend(x, np.float32(1.0), 127)
+    acc = ref_conv(q, 127, w, None, 1, 0) + bias.astype(np.int64)[None, :, None, None]
+    assert np.abs(acc).max() > 2**24
+    wrapped = (acc + 2**31) % 2**32 - 2**31  # channel 0 overflows INT32: a 32-bit adder wraps
+    assert (acc[0, 0] > 2**31 - 1).any()
+    np.testing.assert_array_equal(net.tensor("acc").numpy(), wrapped)
+    np.testing.assert_array_equal(net.tensor("y").numpy(), ref_dequant(wrapped, deq))
+
+
+def test_copy_from_again_keeps_integer_layers(pair: Pair):
+    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path))
+    layers = list(net.engine_layers)
+    net.copy_from(str(pair.deploy_path))
+    assert all(a is b for a, b in zip(layers, net.engine_layers))
+    x = data(2)
+    net.set_tensor("data", torch.from_numpy(x))
+    net.run()
+    np.testing.assert_array_equal(net.tensor("deconv").numpy(), pair.reference(x)["deconv"])
+
+
+def test_inner_product_axis_and_transpose():
+    """InnerProduct from axis 2 with a transposed [K, N] INT8 weight; the bias is on the last axis."""
+    text = f"""
+    layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 3 dim: 4 }} }} }}
+    layer {{ name: "q" type: "Quant" bottom: "data" top: "q" {quant_param(0.05, 3, "ip")} }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "q" top: "acc"
+            inner_product_param {{ num_output: 5 axis: 2 transpose: true }} }}
+    layer {{ name: "dq" type: "DeQuant" bottom: "acc" top: "y" }}
+    """
+    rng = np.random.default_rng(4)
+    w = rng.integers(-128, 128, (4, 5)).astype(np.int8)
+    b = rng.integers(-1000, 1000, 5).astype(np.int32)
+    model = caffe_pb2.NetParameter()
+    lay = model.layer.add(name="ip")
+    array_to_blob(w, lay.blobs.add(), kind="int8")
+    array_to_blob(b, lay.blobs.add(), kind="int32")
+    array_to_blob(np.array([0.5], np.float32).view(np.uint32).astype(np.uint64),
+                  model.layer.add(name="dq").blobs.add(), kind="uint64")
+    net = Net(netparam(text), caffe.TEST, weights=model)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    net.set_tensor("data", torch.from_numpy(x))
+    net.run()
+    acc = (ref_quant_ascend(x, np.float32(1 / 0.05), 3) - 3) @ w.astype(np.int64) + b
+    np.testing.assert_array_equal(net.tensor("acc").numpy(), acc)
+    np.testing.assert_array_equal(net.tensor("y").numpy(), (acc * 0.5).astype(np.float32))
+
+
+def test_quant_formulas_differ_where_documented(pair: Pair):
+    """AscendQuant (x*scale + offset in float32, then round) vs the fake Quant layer (x / s_d in double)."""
+    s_d, o_d = FACTORS["conv1_quant_layer"]
+    scale = np.float32(1.0 / s_d)
+    x = np.zeros((2, 3, 9, 9), np.float32)
+    # (i) the float32 product rounds onto a .5 tie the exact quotient does not reach:
+    #     fl32(x * scale) = -74.5 while x / s_d = -74.4999963...
+    x[0, 0, 0, 0] = np.array([3217759718], np.uint32).view(np.float32)[0]
+    # (ii) a tie: fl32(x * scale) = 0.5 exactly, x / s_d = 0.50000002: ascend rounds -13.5 to -14,
+    #      caffe rounds 0.50000002 to 1 and adds -14
+    x[0, 0, 0, 1] = np.nextafter(np.float32(0.5) / scale, np.float32(1))
+    assert float(np.float32(x[0, 0, 0, 1] * scale)) == 0.5 and float(x[0, 0, 0, 1]) * float(scale) > 0.5
+    x[1] = data(5)[0]
+    ascend, caffe_codes = ref_quant_ascend(x, scale, o_d), ref_quant_caffe(x, scale, o_d)
+    assert (ascend[0, 0, 0, 0], caffe_codes[0, 0, 0, 0]) == (-89, -88)
+    assert (ascend[0, 0, 0, 1], caffe_codes[0, 0, 0, 1]) == (-14, -13)
+    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path), quant_formula="ascend")
+    net.set_tensor("data", torch.from_numpy(x))
+    net.run()
+    np.testing.assert_array_equal(net.tensor("conv1_quant_layer").numpy(), ascend)
+    set_quant_formula(net, "caffe")
+    net.run()
+    np.testing.assert_array_equal(net.tensor("conv1_quant_layer").numpy(), caffe_codes)
+    expected = pair.reference(x, quant=ref_quant_caffe)
+    np.testing.assert_array_equal(net.tensor("fc").numpy(), expected["fc"])
+    # the fake-quant model's Quant layer is the "caffe" formula
+    fake = Net(str(pair.proto_path), caffe.TEST, weights=str(pair.fake_path))
+    fake.set_tensor("data", torch.from_numpy(x))
+    fake.run()
+    got = fake.tensor("conv1_quant_layer").numpy().astype(np.float64)
+    np.testing.assert_allclose(got, (caffe_codes - o_d) * (1.0 / float(scale)), rtol=1e-6, atol=1e-7)
+
+
+def test_blob_scales_describe_codes_and_accumulators(pair: Pair):
+    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path))
+    scales = integer_blob_scales(net)
+    assert scales["conv1_quant_layer"].kind == "codes"
+    assert scales["conv1_quant_layer"].offset == -14
+    assert scales["conv1_dequant_layer_in"].kind == "accumulator"
+    np.testing.assert_array_equal(scales["deconv_dequant_layer_in"].scale,
+                                  pair.deq["deconv"].astype(np.float64))
+    assert scales["deconv_dequant_layer_in"].scale.shape == (6,)
+    assert "conv1" not in scales and "data" not in scales
+
+
+# ---------------------------------------------------------------------------------------------------
+# fake-quant vs deploy agreement
+# ---------------------------------------------------------------------------------------------------
+def check_agreement(rows, quantized_blobs: set[str]) -> None:
+    by_name = {r.blob: r for r in rows}
+    assert quantized_blobs <= set(by_name), sorted(quantized_blobs - set(by_name))
+    for name in quantized_blobs:
+        r = by_name[name]
+        assert r.max_lsb is not None and r.max_lsb <= 1.0, (name, r)
+    outputs = [r for r in rows if r.is_output]
+    assert outputs
+    for r in outputs:
+        assert r.rel_err <= 1e-3 and r.cosine > 0.9999, r
+
+
+def test_compare_fake_and_deploy_agree(pair: Pair):
+    rows = compare_models(str(pair.proto_path), str(pair.fake_path), str(pair.proto_path),
+                          str(pair.deploy_path), {"data": data(7)})
+    by_name = {r.blob: r for r in rows}
+    assert list(by_name)[0] == "data" and by_name["data"].max_abs_diff == 0.0
+    assert {r.blob for r in rows if r.is_output} == {"fc", "deconv"}
+    # steps: conv1's output feeds pool_quant_layer (after the in-place ReLU) -> its s_d; conv2's feeds
+    # deconv_quant_layer; fc and deconv end the net -> their deq_scale (per channel for deconv)
+    assert by_name["conv1"].step == pytest.approx(1.0 / float(np.float32(1.0 / 0.0117)))
+    assert by_name["conv1_dequant_layer_in"].step == by_name["conv1"].step
+    assert by_name["fc"].step == pytest.approx(float(pair.deq["fc"][0]))
+    assert by_name["deconv"].step == pytest.approx(float(pair.deq["deconv"].min()))
+    assert by_name["conv1_quant_layer"].kind == "codes" and by_name["conv1_quant_layer"].max_abs_diff < 1e-6
+    check_agreement(rows, {"conv1", "conv2", "pool", "fc", "deconv", "conv1_dequant_layer_in",
+                           "fc_dequant_layer_in", "pool_quant_layer", "fc_quant_layer"})
+    assert "fc_dequant_layer_in" in format_agreement(rows)
+
+
+def test_compare_shows_a_flipped_code(pair: Pair):
+    """Where the two Quant formulas disagree, the report shows whole steps of difference."""
+    x = data(7)
+    # a tie (fl32(x * scale) = 0.5): ascend and caffe differ (see the test above)
+    x[0, 0, 4, 4] = np.nextafter(np.float32(0.5) / np.float32(1.0 / 0.0213), np.float32(1))
+    x[1, 2, 0, 0] = np.array([3217759718], np.uint32).view(np.float32)[0]  # float32 product rounding
+    rows = {r.blob: r for r in compare_models(str(pair.proto_path), str(pair.fake_path),
+                                              str(pair.proto_path), str(pair.deploy_path), {"data": x},
+                                              quant_formula="ascend")}
+    assert rows["conv1_quant_layer"].max_lsb == pytest.approx(1.0)
+    assert rows["conv1_quant_layer"].flips == 2 and rows["conv1"].flips is None
+    assert rows["conv1_dequant_layer_in"].max_abs_diff > 1e-4  # a flipped input code moves sums by q_w
+    rows = {r.blob: r for r in compare_models(str(pair.proto_path), str(pair.fake_path),
+                                              str(pair.proto_path), str(pair.deploy_path), {"data": x},
+                                              quant_formula="caffe")}
+    assert rows["conv1_quant_layer"].max_lsb < 1e-3 and rows["conv1_quant_layer"].flips == 0
+    check_agreement(list(rows.values()), {"conv1", "conv2", "pool", "fc", "deconv"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+FLOAT_ONLY = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 } }
+"""
+
+
+def test_int8_blobs_in_a_float_context_are_refused(pair: Pair):
+    # the original float model (no Quant/DeQuant): the INT8 weights have nowhere to go
+    with pytest.raises(WeightShapeError, match=r"layer 'conv1'.*not part of a Quant"):
+        Net(netparam(FLOAT_ONLY), caffe.TEST, weights=str(pair.deploy_path))
+    # training a deploy model: the integer emulation is inference only
+    with pytest.raises(WeightShapeError, match="TEST phase"):
+        caffe.Net(str(pair.proto_path), str(pair.deploy_path), caffe.TRAIN)
+    # a float (fake-quant) caffemodel is not a deploy model
+    with pytest.raises(ModelFormatError, match="not a deploy caffemodel"):
+        load_deploy_net(str(pair.proto_path), str(pair.fake_path))
+    # a float bias where the deploy format needs int32_data
+    model = caffe_pb2.NetParameter()
+    model.CopyFrom(caffe_pb2.NetParameter.FromString(pair.deploy_path.read_bytes()))
+    conv1 = next(lp for lp in model.layer if lp.name == "conv1")
+    array_to_blob(np.zeros(4, np.float32), conv1.blobs[1])
+    with pytest.raises(WeightShapeError, match=r"conv1.*int8_data, bias in int32_data"):
+        Net(str(pair.proto_path), caffe.TEST, weights=model)
+
+
+def test_float_layer_reading_codes_is_refused(pair: Pair):
+    text = pair.text + """
+    layer { name: "peek" type: "ReLU" bottom: "fc_quant_layer" top: "peek" }
+    """
+    with pytest.raises(WeightShapeError, match=r"'peek'.*reads the INT8 codes"):
+        Net(netparam(text), caffe.TEST, weights=str(pair.deploy_path))
+
+
+def test_fake_model_unaffected(pair: Pair):
+    """The same prototxt with the fake-quant caffemodel runs the float layers (no integer emulation)."""
+    net = Net(str(pair.proto_path), caffe.TEST, weights=str(pair.fake_path))
+    assert not any(isinstance(layer, IntegerQuant) for layer in net.engine_layers)
+    assert len(net.engine_layers[net.layer_names.index("fc_dequant_layer")].blobs) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# end to end: retrain model -> forwards -> save 'Both' -> agreement
+# ---------------------------------------------------------------------------------------------------
+E2E_MODEL = """
+name: "e2e"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 10 dim: 10 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 stride: 2
+                            weight_filler { type: "gaussian" std: 0.3 }
+                            bias_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
+        inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.2 } } }
+"""
+
+
+def test_end_to_end_retrain_save_compare(tmp_path: Path):
+    amct = pytest.importorskip("amct_caffe.amct")
+    if not hasattr(amct, "save_quant_retrain_model"):
+        pytest.skip("save_quant_retrain_model is not implemented yet")
+    try:
+        import amct_caffe.workflows.save  # noqa: F401
+    except ImportError:
+        pytest.skip("workflows/save.py is not implemented yet")
+    from amct_caffe.runtime.fillers import set_random_seed
+
+    set_random_seed(11)
+    model = tmp_path / "model.prototxt"
+    model.write_text(E2E_MODEL)
+    weights = tmp_path / "model.caffemodel"
+    Net(str(model), caffe.TEST).save(str(weights))
+    config = tmp_path / "config.json"
+    amct.create_quant_retrain_config(str(config), str(model), str(weights))
+    r_model, r_weights = tmp_path / "retrain.prototxt", tmp_path / "retrain.caffemodel"
+    amct.create_quant_retrain_model(str(model), str(weights), str(config), str(r_model), str(r_weights),
+                                    str(tmp_path / "record.txt"))
+    net = caffe.Net(str(r_model), str(r_weights), caffe.TEST)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        net.forward(data=(rng.standard_normal((4, 3, 10, 10)) * 0.8).astype(np.float32))
+    trained = tmp_path / "trained.caffemodel"
+    net.save(str(trained))
+    prefix = tmp_path / "out" / "e2e"
+    amct.save_quant_retrain_model(str(r_model), str(trained), "Both", str(prefix))
+    fake_m, fake_w = f"{prefix}_fake_quant_model.prototxt", f"{prefix}_fake_quant_weights.caffemodel"
+    dep_m, dep_w = f"{prefix}_deploy_model.prototxt", f"{prefix}_deploy_weights.caffemodel"
+    x = (rng.standard_normal((4, 3, 10, 10)) * 0.8).astype(np.float32)
+    # the fake layer's Quant formula (the default): only float-vs-integer arithmetic differs
+    rows = compare_models(fake_m, fake_w, dep_m, dep_w, {"data": x})
+    quantized = {r.blob for r in rows if r.kind == "accumulator"}
+    assert {"conv1_dequant_layer_in", "pool1_dequant_layer_in", "fc_dequant_layer_in"} <= quantized
+    check_agreement(rows, quantized | {"conv1", "pool1", "fc"})
+    assert all(r.flips == 0 for r in rows if r.kind == "codes")
+    # AscendQuant's literal formula: codes may flip, but only at rounding ties
+    rows = compare_models(fake_m, fake_w, dep_m, dep_w, {"data": x}, quant_formula="ascend")
+    for r in rows:
+        if r.kind == "codes":
+            assert r.max_lsb <= 1.0 + 1e-6 and r.flips <= 0.01 * np.prod(r.shape), r
+    assert all(r.cosine > 0.999 for r in rows if r.is_output)
+    deploy = load_deploy_net(dep_m, dep_w, quant_formula="ascend")
+    kinds = {type(layer) for layer in deploy.engine_layers}
+    assert kinds >= {IntegerQuant, IntegerConvolution, IntegerDeQuant}
+    deploy.set_tensor("data", torch.from_numpy(x))
+    deploy.run()
+    for layer in deploy.engine_layers:
+        if isinstance(layer, IntegerQuant):
+            xin = deploy.tensor(layer.param.bottom[0]).numpy()
+            got = deploy.tensor(layer.param.top[0]).numpy()
+            scale = np.float32(layer.param.quant_param.scale)
+            np.testing.assert_array_equal(got, ref_quant_ascend(xin, scale, layer.offset_d))
+            differ = got != ref_quant_caffe(xin, scale, layer.offset_d)
+            t = xin.astype(np.float64)[differ] * float(scale)
+            assert (np.abs(np.abs(t - np.trunc(t)) - 0.5) < 1e-5).all(), layer.name  # ties only
+
+
+def test_deploy_net_saves_integer_blobs_in_their_fields(pair: Pair, tmp_path):
+    """net.save() on a deploy net keeps int8/int32/uint64 storage (a float `data` copy would corrupt it)."""
+    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path))
+    out = tmp_path / "resaved.caffemodel"
+    net.save(str(out))
+    saved = {layer.name: layer for layer in load_caffemodel(out).layer}
+    original = {layer.name: layer for layer in load_caffemodel(pair.deploy_path).layer}
+    for name, layer in original.items():
+        for ours, theirs in zip(saved[name].blobs, layer.blobs):
+            assert ours.int8_data == theirs.int8_data, name
+            assert list(ours.int32_data) == list(theirs.int32_data), name
+            assert list(ours.uint64_data) == list(theirs.uint64_data), name
+            assert list(ours.data) == list(theirs.data), name
