@@ -11,8 +11,15 @@ from typing import Any
 
 from amct_caffe.errors import ConfigError
 from amct_caffe.workflows import qat as _qat
+from amct_caffe.workflows import save as _save
 
-__all__ = ["create_quant_retrain_config", "create_quant_retrain_model", "set_cpu_mode", "set_gpu_mode"]
+__all__ = [
+    "create_quant_retrain_config",
+    "create_quant_retrain_model",
+    "save_quant_retrain_model",
+    "set_cpu_mode",
+    "set_gpu_mode",
+]
 
 
 def _check_path(api: str, name: str, value: Any, optional: bool = False) -> None:
@@ -155,3 +162,73 @@ def set_gpu_mode() -> None:
     from amct_caffe.runtime import device
 
     device.set_mode_gpu()
+
+
+def save_quant_retrain_model(
+    retrained_model_file: str,
+    retrained_weights_file: str,
+    save_type: str,
+    save_path: str,
+    scale_offset_record_file: str | None = None,
+    config_file: str | None = None,
+) -> None:
+    """Save a retrained (QAT) model as a fake-quant model for Caffe and/or a deploy model for ATC.
+
+    Every factor is recomputed from the retrained weights: the activation scale and offset of each
+    ``ActivationQAT`` from its learned clip bounds (``scale_d = (clip_max - clip_min) / 255``,
+    ``offset_d = -round(clip_min / scale_d) - 128``), the weight scales of each ``WeightQAT`` by ARQ of its
+    float shadow weight (per output channel or per tensor). The retrain layers are removed from the
+    TEST-phase view of the net, a BatchNorm (+ Scale) still following a convolution is folded into it, and
+    for every quantized layer ``L`` (Convolution, Deconvolution, InnerProduct, AVE Pooling) a ``Quant``
+    (``<first layer>_quant_layer``, one per quantized input, shared by the layers reading it) and a
+    ``DeQuant`` (``<L>_dequant_layer``, writing ``L``'s original top) are inserted. Data, loss and accuracy
+    layers of the TEST phase stay as written.
+
+    * Fake-quant model (runs in Caffe / ``amct_caffe.caffe``): float32 weights ``int8 code * scale_w``,
+      bias ``round(b / (scale_d * scale_w)) * scale_d * scale_w``, DeQuant blobs ``[deq_scale, 0, 0]``.
+    * Deploy model (for ATC): weights in ``int8_data``, bias in ``int32_data``, DeQuant ``deq_scale``
+      packed in ``uint64_data`` (the float32 bits of ``scale_d * scale_w``).
+
+    Args:
+        retrained_model_file: the retrain prototxt written by ``create_quant_retrain_model``.
+        retrained_weights_file: the trained caffemodel (e.g. the solver's snapshot); it must come from a net
+            that ran forward at least once, so that IFMR-initialised clip bounds exist.
+        save_type: ``'Fakequant'``, ``'Deploy'`` or ``'Both'`` (exactly so spelled).
+        save_path: folder plus file-name prefix, e.g. ``./result/model``; missing folders are created.
+        scale_offset_record_file: the record file to (re)write with the factors of the saved models
+            (``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``channels/height/width``). None: the path
+            given to ``create_quant_retrain_model`` earlier in this process, else
+            ``<save_path>_scale_offset_record.txt``.
+        config_file: the QAT JSON config; it selects which retrained layers are saved quantized (a layer it
+            disables is saved in float). None: every layer with retrain layers is quantized.
+
+    Returns:
+        None. Outputs: ``<save_path>_fake_quant_model.prototxt`` and
+        ``<save_path>_fake_quant_weights.caffemodel`` ('Fakequant', 'Both'),
+        ``<save_path>_deploy_model.prototxt`` and ``<save_path>_deploy_weights.caffemodel`` ('Deploy',
+        'Both'), and the record file, all written together: on any error none is written and existing files
+        are left untouched.
+
+    Raises:
+        ConfigError: an argument has the wrong type or value (e.g. ``save_type``); the config enables a layer
+            that has no retrain layers or leaves no layer quantized; a clip range gives an unusable scale; a
+            quantized bias does not fit INT32 (``BiasOverflowError``: set ``retrain_enable`` false for that
+            layer in the config and pass it as ``config_file``).
+        ModelFormatError: a file is missing or malformed; the model is not a retrain model; the retrain
+            layers or their blobs are not what ``create_quant_retrain_model`` writes.
+        RecordError: an activation retrain layer has no clip values in the caffemodel (run the retrain model
+            forward/train before saving).
+    """
+    api = "save_quant_retrain_model"
+    if not isinstance(save_type, str):
+        raise ConfigError(f"{api}: argument 'save_type' must be 'Fakequant', 'Deploy' or 'Both', got "
+                          f"{save_type!r}.")
+    _check_path(api, "retrained_model_file", retrained_model_file)
+    _check_path(api, "retrained_weights_file", retrained_weights_file)
+    _check_path(api, "save_path", save_path)
+    _check_path(api, "scale_offset_record_file", scale_offset_record_file, optional=True)
+    _check_path(api, "config_file", config_file, optional=True)
+    _save.save_quant_retrain_model(
+        retrained_model_file, retrained_weights_file, save_type, save_path, scale_offset_record_file,
+        config_file,
+    )

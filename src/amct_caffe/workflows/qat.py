@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from amct_caffe.errors import AmctError, ConfigError
+from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, atomic_write, load_caffemodel, load_prototxt, prototxt_text
@@ -242,42 +242,6 @@ def _check_unique_targets(net: caffe_pb2.NetParameter, enabled: Sequence[str], m
             )
 
 
-#: Data-layer parameters whose ``batch_size`` sets the batch of their tops.
-_BATCH_SIZE_PARAMS = ("data_param", "image_data_param", "memory_data_param", "hdf5_data_param",
-                      "window_data_param")
-
-
-def _batch_one(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
-    """A copy of ``net`` whose input and data layers produce batches of 1 (shapes past axis 0 unchanged)."""
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    for layer in out.layer:
-        if layer.type == "Input":
-            for shape in layer.input_param.shape:
-                if shape.dim:
-                    shape.dim[0] = 1
-        elif layer.type == "DummyData":
-            p = layer.dummy_data_param
-            for shape in p.shape:
-                if shape.dim:
-                    shape.dim[0] = 1
-            if len(p.num):
-                p.num[:] = [1] * len(p.num)
-        for field in _BATCH_SIZE_PARAMS:
-            if layer.HasField(field) and getattr(layer, field).HasField("batch_size"):
-                getattr(layer, field).batch_size = 1
-    return out
-
-
-def _legacy_chw(shape: Sequence[int]) -> tuple[int, int, int] | None:
-    """(channels, height, width) as Caffe's ``Blob::channels()/height()/width()`` give them: axes 1, 2, 3,
-    each 1 when the blob has fewer axes (``LegacyShape``); None for blobs of more than 4 axes."""
-    if len(shape) > 4:
-        return None
-    dims = list(shape) + [1] * (4 - len(shape))
-    return int(dims[1]), int(dims[2]), int(dims[3])
-
-
 def _input_shapes(
     net: caffe_pb2.NetParameter, groups: Sequence[ActivationGroup], model_file: str
 ) -> Mapping[str, tuple[int, int, int]]:
@@ -289,7 +253,7 @@ def _input_shapes(
     the net cannot be built (e.g. data layers whose sources are missing), a WARNING is logged and no shapes
     are returned (``save_quant_retrain_model`` infers them again).
     """
-    from amct_caffe.runtime.net import Net
+    from amct_caffe.runtime.shapes import legacy_chw, shape_net
 
     with tempfile.TemporaryDirectory(prefix="amct_retrain_shapes_") as scratch:
         probe = caffe_pb2.NetParameter()
@@ -300,14 +264,7 @@ def _input_shapes(
                 p = layer.retrain_data_quant_param
                 p.record_file_path = os.path.join(scratch, "record.txt")
                 p.ifmr_init, p.clip_max, p.clip_min = False, 1.0, -1.0
-        engine = None
-        problem: Exception | None = None
-        for candidate in (_batch_one(probe), probe):
-            try:
-                engine = Net(candidate, caffe_pb2.TEST)
-                break
-            except (AmctError, RuntimeError, OSError, ValueError) as exc:
-                problem = exc
+        engine, problem = shape_net(probe, caffe_pb2.TEST)
         if engine is None:
             LOGGER.warning(
                 "Cannot build the TEST phase of the retrain model of '%s' to find the input shapes of the "
@@ -318,7 +275,7 @@ def _input_shapes(
             return {}
         shapes: dict[str, tuple[int, int, int]] = {}
         for group in groups:
-            chw = _legacy_chw(tuple(engine.tensor(group.name).shape))
+            chw = legacy_chw(tuple(engine.tensor(group.name).shape))
             if chw is None:
                 LOGGER.debug("Layer(s) %s: the input has more than 4 axes; no shape recorded.",
                              group.consumers)
