@@ -164,7 +164,10 @@ def _clips(weights: Weights, act: caffe_pb2.LayerParameter, where: str) -> tuple
     cmax = float(result.clip_max.reshape(-1)[0])
     cmin = float(result.clip_min.reshape(-1)[0])
     stored = (float(blobs[0].reshape(-1)[0]), float(blobs[1].reshape(-1)[0]))
-    if (cmax, cmin) != stored and not all(np.isnan(v) for v in stored):
+    # With fixed_min the solver's last update leaves a tiny clip_min (e.g. 1e-8) that ClipCheck restores and
+    # fixed_min zeroes anyway: only a changed clip_max is worth a warning then.
+    changed = cmax != stored[0] or (not p.fixed_min and cmin != stored[1])
+    if changed and not all(np.isnan(v) for v in stored):
         LOGGER.warning(
             "Layer '%s' of %s: the stored clips (clip_max %.9g, clip_min %.9g) fail AMCT's ClipCheck "
             "(clip_max > clip_min, clip_max >= 0, clip_min <= 0); using clip_max %.9g, clip_min %.9g as the "
