@@ -19,8 +19,9 @@ from google.protobuf import text_format
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer, layer_class
+from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer
 from amct_caffe.runtime.net import Net
+from tests.layer_util import make_layer
 from tests.reference import assert_close, run_reference
 
 CPU = torch.device("cpu")
@@ -29,18 +30,6 @@ CPU = torch.device("cpu")
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def make_layer(text: str, *bottoms: np.ndarray, phase: int = TEST) -> Layer:
-    """A set-up layer from a LayerParameter's text; bottoms b0.., top t0."""
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(text, lp)
-    lp.name = lp.name or "L"
-    if not lp.bottom:
-        lp.bottom.extend(f"b{i}" for i in range(len(bottoms)))
-    if not lp.top:
-        lp.top.append("t0")
-    layer = layer_class(lp.type)(lp, phase, CPU)
-    layer.setup([torch.from_numpy(b) for b in bottoms])
-    return layer
 
 
 def forward(layer: Layer, *bottoms: np.ndarray) -> np.ndarray:

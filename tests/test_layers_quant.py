@@ -18,8 +18,9 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.proto import amct_pb2, caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer, layer_class
+from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer
 from amct_caffe.runtime.net import Net
+from tests import layer_util
 
 CPU = torch.device("cpu")
 S = 1.0 / 64.0  # a power-of-two activation scale: every grid value below is exact in float32
@@ -29,17 +30,8 @@ S = 1.0 / 64.0  # a power-of-two activation scale: every grid value below is exa
 # helpers and numpy references
 # ---------------------------------------------------------------------------------------------------
 def make_layer(text: str, *bottoms: np.ndarray, phase: int = TEST) -> Layer:
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(text, lp)
-    if not lp.name:
-        lp.name = "L"
-    if not lp.bottom:
-        lp.bottom.extend(f"b{i}" for i in range(len(bottoms)))
-    if not lp.top:
-        lp.top.extend(f"t{i}" for i in range(max(1, len(bottoms))))
-    layer = layer_class(lp.type)(lp, phase, CPU)
-    layer.setup([torch.from_numpy(b) for b in bottoms])
-    return layer
+    """A set-up layer with one top per bottom (t0..), as multi-bottom Convolution layers have."""
+    return layer_util.make_layer(text, *bottoms, phase=phase, n_tops=max(1, len(bottoms)))
 
 
 def run(layer: Layer, x: np.ndarray) -> np.ndarray:

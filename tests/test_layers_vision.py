@@ -21,6 +21,7 @@ from amct_caffe.proto import caffe_pb2
 from amct_caffe.runtime.layers import vision
 from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer, layer_class
 from amct_caffe.runtime.net import Net
+from tests import layer_util
 from tests.reference import assert_close, run_reference
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -31,18 +32,8 @@ CPU = torch.device("cpu")
 # helpers
 # ---------------------------------------------------------------------------------------------------
 def make_layer(text: str, *bottoms: np.ndarray, phase: int = TEST) -> Layer:
-    """A set-up layer built from a LayerParameter's text (bottoms/tops named b0.. and t0..)."""
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(text, lp)
-    if not lp.name:
-        lp.name = "L"
-    if not lp.bottom:
-        lp.bottom.extend(f"b{i}" for i in range(len(bottoms)))
-    if not lp.top:
-        lp.top.extend(f"t{i}" for i in range(max(1, len(bottoms))))
-    layer = layer_class(lp.type)(lp, phase, CPU)
-    layer.setup([torch.from_numpy(b) for b in bottoms])
-    return layer
+    """A set-up layer with one top per bottom (t0..), as multi-bottom Convolution layers have."""
+    return layer_util.make_layer(text, *bottoms, phase=phase, n_tops=max(1, len(bottoms)))
 
 
 def run_layer(layer: Layer, *bottoms: np.ndarray) -> list[np.ndarray]:

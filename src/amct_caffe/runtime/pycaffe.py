@@ -365,10 +365,6 @@ class Net(EngineNet):
         ShareTrainedLayersWith; the blob counts and shapes must match)."""
         _solver.share_trained_layers(self, other)
 
-    def copy_from(self, weights: str | os.PathLike[str] | caffe_pb2.NetParameter) -> None:  # noqa: D401
-        """Copy weights from a caffemodel by layer name (pycaffe's ``copy_from``)."""
-        super().copy_from(weights)
-
 
 def layer_type_list() -> list[str]:
     """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``)."""
