@@ -15,8 +15,4 @@ _MODULES = (
 )
 
 for _name in _MODULES:
-    try:
-        import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _exc:  # a family not written yet
-        if _exc.name != f"{__name__}.{_name}":
-            raise
+    import_module(f"{__name__}.{_name}")

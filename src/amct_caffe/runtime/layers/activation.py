@@ -23,16 +23,6 @@ from amct_caffe.runtime import fillers
 from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
 
-def _shape_pass(layer: Layer) -> bool:
-    """True while the net only propagates shapes (``Net.reshape``); stateful layers then change nothing.
-
-    Caffe's ``Net::Init``/``Reshape`` never run Forward, so they draw no random numbers and update no
-    statistics. Our net propagates shapes by running ``forward`` on placeholder values, flagging that pass
-    with ``layer.reshaping = True``.
-    """
-    return bool(getattr(layer, "reshaping", False))
-
-
 class _Neuron(Layer):
     """Base of the element-wise layers: exactly one bottom and one top."""
 
@@ -321,7 +311,7 @@ class Dropout(_Neuron):
     def apply(self, x: Tensor) -> Tensor:
         if not self.training or self.ratio == 0.0:
             return x.clone()
-        if _shape_pass(self):
+        if self.reshaping:  # the net's shape pass: draw no random mask
             return torch.zeros_like(x)
         mask = torch.empty(x.shape, dtype=x.dtype).bernoulli_(1.0 - self.ratio, generator=fillers._GENERATOR)
         return x * mask.to(x.device) * self.scale

@@ -18,14 +18,6 @@ from amct_caffe.proto import caffe_pb2
 from amct_caffe.runtime.layers.base import TEST, Layer, Tensor, register
 
 
-def _shape_pass(layer: Layer) -> bool:
-    """True while the net only propagates shapes (``Net.reshape`` sets ``layer.reshaping``).
-
-    Caffe's ``Net::Init``/``Reshape`` never run Forward, so they must not update BatchNorm's statistics.
-    """
-    return bool(getattr(layer, "reshaping", False))
-
-
 def _f32(value: float) -> float:
     """``value`` rounded to float32, as Caffe holds every layer parameter (Dtype float)."""
     return float(np.float32(value))
@@ -139,7 +131,7 @@ class BatchNorm(Layer):
         centered = x - mean
         var = (centered * centered).mean(dim=dims, keepdim=True)
         y = centered / torch.sqrt(var + self.eps)
-        if not _shape_pass(self):
+        if not self.reshaping:  # the net's shape pass updates no statistics
             self._update_statistics(mean, var, x.numel() // self.channels)
         return [y]
 
