@@ -95,6 +95,21 @@ def test_atomic_write_creates_folders(tmp_path):
     assert target.read_bytes() == b"hello"
 
 
+def test_atomic_write_gives_ordinary_file_modes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.bin"
+        atomic_write(fresh, b"x")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write(kept, b"new")
+        assert kept.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+    finally:
+        os.umask(umask)
+
+
 def test_legacy_blob_shape_matching():
     blob = caffe_pb2.BlobProto(num=1, channels=1, height=500, width=800)
     assert blob_shape(blob) == (1, 1, 500, 800)

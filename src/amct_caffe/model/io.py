@@ -208,6 +208,9 @@ class AtomicFiles:
 
     def commit(self) -> None:
         for tmp, target in self._staged:
+            # mkstemp creates 0600 files: give the output the mode a plain open() would (or the mode of
+            # the file it replaces)
+            os.chmod(tmp, _output_mode(target))
             os.replace(tmp, target)
         self._staged.clear()
 
@@ -223,6 +226,15 @@ class AtomicFiles:
             self.commit()
         else:
             self.discard()
+
+
+def _output_mode(target: str) -> int:
+    try:
+        return os.stat(target).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _remove_quietly(paths: Iterable[str]) -> None:

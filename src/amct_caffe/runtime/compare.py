@@ -89,11 +89,13 @@ def _load(model: ModelArg, weights: ModelArg | None, device: torch.device | str 
     return Net(model, TEST, weights=weights, device=device)
 
 
-def _feed(net: Net, inputs: Mapping[str, np.ndarray | torch.Tensor], which: str) -> None:
+def feed_inputs(net: Net, inputs: Mapping[str, np.ndarray | torch.Tensor], which: str) -> None:
+    """Set every input blob of ``net`` from ``inputs`` (arrays or tensors); ``which`` names the model in
+    the error raised when one is missing."""
     missing = [name for name in net.inputs if name not in inputs]
     if missing:
         raise RuntimeEngineError(
-            f"compare_models: no input given for the {which} model's input blob(s) {missing}; pass them in "
+            f"No input given for the {which} model's input blob(s) {missing}; pass them in "
             "`inputs` ({name: array})."
         )
     for name in net.inputs:
@@ -196,8 +198,8 @@ def compare_models(
     """
     fake = _load(fake_model, fake_weights, device)
     deploy = load_deploy_net(deploy_model, deploy_weights, device=device, quant_formula=quant_formula)
-    _feed(fake, inputs, "fake-quant")
-    _feed(deploy, inputs, "deploy")
+    feed_inputs(fake, inputs, "fake-quant")
+    feed_inputs(deploy, inputs, "deploy")
     with torch.no_grad():
         fake.run()
         deploy.run()
