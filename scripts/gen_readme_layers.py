@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Rewrite the README's supported-layer list from the engine's registry.
+
+Usage: ``python scripts/gen_readme_layers.py`` (``--check`` exits 1 when the README is out of date).
+The list sits between ``<!-- layers:begin -->`` and ``<!-- layers:end -->``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+BEGIN, END = "<!-- layers:begin -->", "<!-- layers:end -->"
+
+
+def layer_section() -> str:
+    """The Markdown list of every Caffe type the engine runs, grouped by the module that implements it."""
+    from amct_caffe.runtime.layers.base import _REGISTRY, supported_types
+
+    groups: dict[str, list[str]] = {}
+    for name in supported_types():
+        module = _REGISTRY[name].__module__.rsplit(".", 1)[-1]
+        groups.setdefault(module, []).append(name)
+    titles = {
+        "data": "Inputs", "data_sources": "Data", "vision": "Vision", "activation": "Activations",
+        "normalization": "Normalization", "structure": "Structure", "loss": "Loss and accuracy",
+        "ssd": "SSD", "quant": "AMCT",
+    }
+    order = list(titles) + sorted(set(groups) - set(titles))
+    lines = [f"- **{titles.get(m, m)}** ({m}.py): " + ", ".join(f"`{t}`" for t in groups[m])
+             for m in order if m in groups]
+    return "\n".join(lines)
+
+
+def render(readme: str) -> str:
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{layer_section()}\n{END}{tail}"
+
+
+def main() -> int:
+    path = REPO / "README.md"
+    text = path.read_text(encoding="utf-8")
+    new = render(text)
+    if "--check" in sys.argv:
+        if new != text:
+            print("README.md's layer list is out of date: run python scripts/gen_readme_layers.py")
+            return 1
+        return 0
+    path.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
