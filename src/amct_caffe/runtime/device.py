@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from amct_caffe.errors import RuntimeEngineError
@@ -34,3 +37,24 @@ def current_device() -> torch.device:
     if _STATE["mode"] == "gpu":
         return torch.device("cuda", _STATE["device_id"])
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """Compute convolutions and matrix products in full float32 on CUDA, as Caffe does.
+
+    torch lets cuDNN use TF32 for convolutions by default on Ampere and later GPUs (10-bit mantissa inputs),
+    which moves results by ~1e-3 relative; Caffe's float nets never do. The flags are restored on exit, so
+    the user's own torch code keeps its settings.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = saved

@@ -20,7 +20,7 @@ from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, sha
 from amct_caffe.model.io import load_caffemodel, load_prototxt
 from amct_caffe.model.phase import filter_net
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.device import current_device
+from amct_caffe.runtime.device import current_device, full_float32
 from amct_caffe.runtime.layers.base import TEST, Layer, layer_class
 from amct_caffe.runtime.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 
@@ -207,12 +207,12 @@ class Net:
         end = len(self.engine_layers) - 1 if end is None else end
         data = self._data
         if self.phase == TEST and self.optimize:
-            with torch.no_grad():
+            with torch.no_grad(), full_float32(self.device):
                 self.inference_plan().run(data, start, end)
             return
         grad = torch.is_grad_enabled() and self.phase != TEST
         context = torch.enable_grad() if grad else torch.no_grad()
-        with context:
+        with context, full_float32(self.device):
             for i in range(start, end + 1):
                 layer = self.engine_layers[i]
                 outs = layer.forward([data[b] for b in self.layer_bottoms[i]])

@@ -27,6 +27,7 @@ import torch
 from amct_caffe.errors import RuntimeEngineError
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.runtime import solver as _solver
+from amct_caffe.runtime.device import full_float32
 from amct_caffe.runtime.layers.base import Layer
 from amct_caffe.runtime.net import Net as EngineNet
 from amct_caffe.runtime.optimize import note_param_array
@@ -337,7 +338,8 @@ class Net(EngineNet):
             grads.append(grad)
         if tensors:
             try:
-                torch.autograd.backward(tensors, grads)
+                with full_float32(self.device):
+                    torch.autograd.backward(tensors, grads)
             except RuntimeError as exc:
                 raise RuntimeEngineError(
                     f"Net.backward() failed ({exc}); run net.forward() before each backward()."

@@ -67,6 +67,7 @@ from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches
 from amct_caffe.model.io import atomic_write, load_prototxt, parse_prototxt_text, save_caffemodel
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.runtime.device import full_float32
 from amct_caffe.runtime.layers.base import TEST, TRAIN
 from amct_caffe.runtime.net import Net
 
@@ -557,7 +558,7 @@ class Solver:
 
     def forward_backward(self) -> float:
         """One forward and backward pass of the train net; returns its loss (Caffe's ``ForwardBackward``)."""
-        with torch.enable_grad():
+        with torch.enable_grad(), full_float32(self.net.device):
             self.net.run()
             loss = self.net.loss()
             if loss.requires_grad:
