@@ -1,39 +1,113 @@
-"""The ``amct-caffe`` command line.
+"""The ``amct-caffe`` command line: AMCT's QAT API, the engine, the report and the demo from a shell.
 
-Exit codes: 0 success, 2 usage error, 1 failure (one line on stderr; ``--debug`` shows the traceback).
+Exit codes: 0 success, 2 usage error, 1 failure (one line ``amct-caffe: error: ...`` on stderr; ``--debug``
+shows the traceback).
+
+Each subcommand is thin: it parses its options, calls the public API (``amct_caffe.amct``, ``caffe``,
+``workflows.report``, ``demo.run``) and prints what was done. A second console script, ``amct_caffe``
+(AMCT's own spelling), offers the same subcommands plus AMCT's ``calibration`` (post-training quantization),
+which is not implemented yet and says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Sequence
-from importlib import resources
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from amct_caffe.errors import AmctError
+from amct_caffe.errors import AmctError, ConfigError
+
+PROG = "amct-caffe"
+AMCT_PROG = "amct_caffe"
+#: File extensions ``run --input NAME=FILE`` reads as images (anything else is read as .npy).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                              ".pgm", ".pbm", ".pnm"})
+CALIBRATION_MESSAGE = (
+    "post-training quantization (calibration) is not implemented yet in amct-caffe; use the QAT flow "
+    "(amct-caffe retrain-config/retrain-model/train/save-retrain)"
+)
+SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
-def _bundled_model() -> Path:
-    return Path(str(resources.files("amct_caffe") / "data" / "lenet_digits.prototxt"))
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+def _split_spec(spec: str, what: str = "--input", form: str = "NAME=FILE") -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"{what} '{spec}' must look like {form} (e.g. data=input.npy)")
+    return name, path
 
 
-def _parse_inputs(specs: Sequence[str]) -> dict[str, np.ndarray]:
-    inputs = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            raise AmctError(f"--input '{spec}' must look like NAME=FILE.npy")
-        try:
-            inputs[name] = np.load(path).astype(np.float32)
-        except OSError as exc:
-            raise AmctError(
-                f"--input '{spec}': cannot read '{path}' ({exc}); give an existing .npy file"
-            ) from exc
-    return inputs
+def _load_npy(spec: str, path: str) -> np.ndarray:
+    try:
+        value = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        reason = "no such file" if not os.path.exists(path) else str(exc)
+        raise ConfigError(f"--input '{spec}': cannot read '{path}' as a .npy array ({reason}); give an "
+                          "existing .npy file (or an image: .png, .jpg, ...)") from exc
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        raise ConfigError(f"--input '{spec}': '{path}' does not hold a numeric array")
+    return value.astype(np.float32)
+
+
+def load_image_input(path: str, shape: Sequence[int]) -> np.ndarray:
+    """An image file as Caffe feeds it to a blob of ``shape`` (N, C, H, W): decoded as OpenCV's ``imread``
+    does (B, G, R channel order for C = 3, grey levels for C = 1; 8-bit values 0..255, no scaling or mean,
+    as an ``ImageData`` layer without ``transform_param``), resized to (H, W) as ``cv::resize(INTER_LINEAR)``
+    and returned as a float32 (1, C, H, W) array."""
+    from amct_caffe.runtime.transform import COLOR, GRAY, decode_image, hwc_to_chw, resize_linear
+
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise ConfigError(
+            f"image input '{path}': the input blob has shape {tuple(shape)}; an image fits an N x C x H x W "
+            "blob with C = 1 (grey) or 3 (BGR). Give a .npy array instead"
+        )
+    img = decode_image(path, COLOR if shape[1] == 3 else GRAY, what="An image --input",
+                       error=lambda message: ConfigError(f"--input: {message}"))
+    img = resize_linear(img, int(shape[2]), int(shape[3]))
+    return hwc_to_chw(img).astype(np.float32)[None]
+
+
+def _parse_input_specs(specs: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``[(spec, name, path)]``, checking the NAME=FILE form before anything is loaded."""
+    return [(spec, *_split_spec(spec)) for spec in specs]
+
+
+def _load_inputs(specs: Sequence[tuple[str, str, str]],
+                 shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Load ``--input`` values for the input blobs of ``shapes`` (images are stacked on axis 0 when a
+    name is given several times; a .npy of one axis less than the blob gets the batch axis added)."""
+    values: dict[str, list[np.ndarray]] = {}
+    kinds: dict[str, str] = {}
+    for spec, name, path in specs:
+        if name not in shapes:
+            known = ", ".join(shapes) or "none"
+            raise ConfigError(f"--input '{spec}': the net has no input blob '{name}' (its input blobs: "
+                              f"{known})")
+        is_image = Path(path).suffix.lower() in IMAGE_EXTENSIONS
+        kind = "image" if is_image else "npy"
+        if name in kinds and (kind == "npy" or kinds[name] == "npy"):
+            raise ConfigError(f"--input '{spec}': input '{name}' is given twice; repeat a name only for "
+                              "images (they are stacked into a batch)")
+        kinds[name] = kind
+        if is_image:
+            if not os.path.isfile(path):
+                raise ConfigError(f"--input '{spec}': image file '{path}' does not exist")
+            value = load_image_input(path, shapes[name])
+        else:
+            value = _load_npy(spec, path)
+            if value.ndim == len(shapes[name]) - 1:
+                value = value[None]
+        values.setdefault(name, []).append(value)
+    return {name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            for name, arrays in values.items()}
 
 
 def _print_outputs(outputs: dict[str, np.ndarray]) -> None:
@@ -44,18 +118,142 @@ def _print_outputs(outputs: dict[str, np.ndarray]) -> None:
         print(f"{name}: shape {tuple(value.shape)} [{head}{more}]")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Forward a net once on .npy inputs (random ones when none are given) and print or save its outputs."""
+def _safe_file_name(blob: str) -> str:
+    """A blob name as a file name: '/' becomes '%2F' (AMCT's rule for its dump files)."""
+    return blob.replace("%", "%25").replace("/", "%2F").replace(os.sep, "%2F")
+
+
+def _check_file(path: str | None, option: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{option}: file '{path}' does not exist")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subcommands: AMCT's QAT API
+# ---------------------------------------------------------------------------------------------------------
+def cmd_retrain_config(args: argparse.Namespace) -> int:
+    """Write the QAT config (JSON) of a float model: every layer QAT can quantize, with AMCT's defaults or
+    as a simplified .cfg (--config-defination) says (amct.create_quant_retrain_config)."""
+    import json
+
+    from amct_caffe import amct
+
+    amct.create_quant_retrain_config(args.output, args.model, args.weights, args.config_defination)
+    config = json.loads(Path(args.output).read_text(encoding="utf-8"))
+    layers = {name: entry for name, entry in config.items() if isinstance(entry, dict)}
+    enabled = [name for name, entry in layers.items() if entry.get("retrain_enable")]
+    print(f"wrote {args.output}: {len(layers)} quantizable layer(s), {len(enabled)} enabled for retraining"
+          f"{': ' + ', '.join(enabled) if enabled else ''}")
+    return 0
+
+
+def cmd_retrain_model(args: argparse.Namespace) -> int:
+    """Build the retrain (QAT) model of a float model: BatchNorm/Scale folded into convolutions, then
+    ActivationQAT/WeightQAT layers in front of every enabled layer (amct.create_quant_retrain_model).
+    Train the result with `amct-caffe train` (or any Caffe solver) starting from --output-weights."""
+    from amct_caffe import amct
+
+    amct.create_quant_retrain_model(args.model, args.weights, args.config, args.output_model,
+                                    args.output_weights, args.record)
+    print(f"wrote {args.output_model}, {args.output_weights} and the record {args.record}")
+    return 0
+
+
+def cmd_save_retrain(args: argparse.Namespace) -> int:
+    """Save a retrained model as a fake-quant model (runs in Caffe) and/or a deploy model (for ATC), with
+    every factor recomputed from the retrained weights (amct.save_quant_retrain_model). --save-type is
+    Fakequant, Deploy or Both; --save-path is a folder plus a file-name prefix."""
+    from amct_caffe import amct
+
+    amct.save_quant_retrain_model(args.model, args.weights, args.save_type, args.save_path, args.record,
+                                  args.config)
+    suffixes = []
+    if args.save_type in ("Fakequant", "Both"):
+        suffixes += ["fake_quant_model.prototxt", "fake_quant_weights.caffemodel"]
+    if args.save_type in ("Deploy", "Both"):
+        suffixes += ["deploy_model.prototxt", "deploy_weights.caffemodel"]
+    record = args.record or f"{args.save_path}_scale_offset_record.txt"
+    print(f"saved ({args.save_type}):")
+    for path in [f"{args.save_path}_{s}" for s in suffixes] + [record]:
+        print(f"  {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subcommands: the engine
+# ---------------------------------------------------------------------------------------------------------
+def _use_gpu(device_id: int | None) -> None:
+    if device_id is None:
+        return
     from amct_caffe import caffe
 
+    caffe.set_device(device_id)
+    caffe.set_mode_gpu()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a net with a Caffe solver prototxt in the amct-caffe engine, as `caffe train` does: optionally
+    start from weights (--weights, comma-separated caffemodels copied into the nets by layer name) or resume
+    from a solver state (--snapshot); snapshots and tests follow the solver file."""
+    from amct_caffe import caffe
+
+    if args.weights and args.snapshot:
+        raise ConfigError("give --snapshot to resume training or --weights to fine-tune, not both "
+                          "(as caffe train)")
+    _check_file(args.solver, "SOLVER")
+    _check_file(args.snapshot, "--snapshot")
+    weights = [w for w in (args.weights or "").split(",") if w]
+    for w in weights:
+        _check_file(w, "--weights")
+    _use_gpu(args.gpu)
+    solver = caffe.get_solver(args.solver)
+    for w in weights:
+        solver.net.copy_from(w)
+        for net in solver.test_nets:
+            net.copy_from(w)
+    if args.snapshot:
+        solver.restore(args.snapshot)  # what solve(resume_file) does first; done here to count the steps
+    start_iter = solver.iter
+    start = time.perf_counter()
+    solver.solve()
+    elapsed = time.perf_counter() - start
+    done = solver.iter - start_iter
+    per_step = f", {elapsed / done * 1000:.1f} ms/iteration" if done else ""
+    print(f"trained {solver.net.param.name or 'net'} to iteration {solver.iter} ({done} iteration(s) in "
+          f"{elapsed:.1f} s{per_step})")
+    for i, results in enumerate(solver.test_results):
+        if results:
+            shown = ", ".join(f"{name} = {value:.6g}" for name, value in results)
+            print(f"test net #{i}: {shown}")
+    snapshot = solver.snapshot_filename(".caffemodel")
+    if os.path.isfile(snapshot):
+        print(f"snapshot: {snapshot}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Forward a net once in the engine's TEST phase and print (or save) its outputs. Inputs: .npy arrays
+    or images (--input NAME=FILE; an image is decoded as Caffe does, BGR or grey, values 0..255, resized to
+    the blob's height and width); input blobs without a value get standard-normal random values."""
+    from amct_caffe import caffe
+
+    specs = _parse_input_specs(args.input or [])
+    _check_file(args.model, "MODEL")
+    _check_file(args.weights, "--weights")
+    _use_gpu(args.gpu)
     net = caffe.Net(args.model, caffe.TEST, weights=args.weights)
-    inputs = _parse_inputs(args.input or [])
+    shapes = {name: tuple(int(d) for d in net.blobs[name].data.shape) for name in net.inputs}
+    inputs = _load_inputs(specs, shapes)
     rng = np.random.default_rng(args.seed)
     for name in net.inputs:
         if name in inputs:
             net.blobs[name].reshape(*inputs[name].shape)
         else:
-            inputs[name] = rng.standard_normal(net.blobs[name].data.shape).astype(np.float32)
+            inputs[name] = rng.standard_normal(shapes[name]).astype(np.float32)
     net.reshape()
     start = time.perf_counter()
     outputs = net.forward(**inputs)
@@ -65,15 +263,170 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.save:
         np.savez(args.save, **outputs)
         print(f"outputs saved to {args.save}")
+    if args.output_dir:
+        folder = Path(args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, value in outputs.items():
+            np.save(folder / f"{_safe_file_name(name)}.npy", np.asarray(value))
+        print(f"{len(outputs)} output(s) saved as .npy files in {folder}")
+    return 0
+
+
+def _param_summary(lp: Any, blobs: Sequence[Any]) -> str:
+    """A short summary of a layer's main parameters and of its learnable blobs."""
+    parts: list[str] = []
+    kind = lp.type
+    if kind in ("Convolution", "Deconvolution"):
+        p = lp.convolution_param
+
+        def rep(values: Sequence[int], h: int, w: int, has_hw: bool, default: int) -> str:
+            if has_hw:
+                return f"{h}x{w}"
+            vals = list(values) or [default]
+            return "x".join(str(v) for v in vals)
+
+        parts.append(f"out {p.num_output}")
+        parts.append("k " + rep(p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h"), 0))
+        stride = rep(p.stride, p.stride_h, p.stride_w, p.HasField("stride_h"), 1)
+        pad = rep(p.pad, p.pad_h, p.pad_w, p.HasField("pad_h"), 0)
+        if stride != "1":
+            parts.append(f"s {stride}")
+        if pad != "0":
+            parts.append(f"p {pad}")
+        if p.group != 1:
+            parts.append(f"g {p.group}")
+        if list(p.dilation) and any(d != 1 for d in p.dilation):
+            parts.append("d " + "x".join(str(d) for d in p.dilation))
+    elif kind == "InnerProduct":
+        parts.append(f"out {lp.inner_product_param.num_output}")
+    elif kind == "Pooling":
+        from amct_caffe.proto import caffe_pb2
+
+        p = lp.pooling_param
+        method = caffe_pb2.PoolingParameter.PoolMethod.Name(p.pool)
+        if p.global_pooling:
+            parts.append(f"{method} global")
+        else:
+            k = f"{p.kernel_h}x{p.kernel_w}" if p.HasField("kernel_h") else str(p.kernel_size)
+            s = f"{p.stride_h}x{p.stride_w}" if p.HasField("stride_h") else str(p.stride)
+            parts.append(f"{method} k {k} s {s}" + (f" p {p.pad}" if p.pad else ""))
+    if blobs:
+        count = sum(int(b.numel()) for b in blobs)
+        parts.append(", ".join(_shape_text(tuple(b.shape)) for b in blobs) + f" ({count:,})")
+    return "; ".join(parts) if parts else "-"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """List the layers of a net: name, type, bottom -> top blob shapes (the engine's shape pass at the
+    prototxt's batch size), a parameter summary, and whether QAT can quantize the layer (and why not)."""
+    from amct_caffe.model.graph import Graph
+    from amct_caffe.model.io import load_prototxt
+    from amct_caffe.model.phase import filter_net
+    from amct_caffe.passes.quantizable import AMCT_LAYER_TYPES, check_not_quantized, unsupported_reason
+    from amct_caffe.proto import caffe_pb2
+    from amct_caffe.quant.config import QAT_LAYER_TYPES
+
+    phase = caffe_pb2.TRAIN if args.phase == "TRAIN" else caffe_pb2.TEST
+    _check_file(args.model, "MODEL")
+    net_param = load_prototxt(args.model)
+    view = filter_net(net_param, phase, path=args.model)
+    graph = Graph(view, path=args.model)
+    already: str | None = None
+    try:
+        check_not_quantized(graph)
+    except ConfigError:
+        already = "quantized"
+    engine = None
+    if not args.no_shapes:
+        from amct_caffe.runtime.net import Net
+
+        engine = Net(args.model, phase)
+
+    def shapes_of(names: Sequence[str]) -> str:
+        if engine is None:
+            return ", ".join(names)
+        return ", ".join(f"{n} {_shape_text(tuple(engine.tensor(n).shape))}" for n in names)
+
+    rows = [("layer", "type", "bottom -> top", "params", "QAT")]
+    quantizable: list[str] = []
+    total_params = 0
+    for i, lp in enumerate(view.layer):
+        blobs = engine.engine_layers[i].blobs if engine is not None else []
+        total_params += sum(int(b.numel()) for b in blobs)
+        if already is not None:
+            qat = "AMCT layer" if lp.type in AMCT_LAYER_TYPES else "-"
+        elif lp.type not in QAT_LAYER_TYPES:
+            qat = "no"
+        else:
+            reason = unsupported_reason(graph, lp.name)
+            qat = "yes" if reason is None else f"no: {reason}"
+            if reason is None:
+                quantizable.append(lp.name)
+        flow = f"{shapes_of(list(lp.bottom))} -> {shapes_of(list(lp.top))}".strip()
+        rows.append((lp.name, lp.type, flow, _param_summary(lp, blobs), qat))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for n, row in enumerate(rows):
+        print("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:4])) + "  " + row[4])
+        if n == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 3)
+    phase_name = "TRAIN" if phase == caffe_pb2.TRAIN else "TEST"
+    learnable = f", {total_params:,} learnable values" if engine is not None else ""
+    print(f"{view.name or Path(args.model).stem} ({phase_name} phase): {len(view.layer)} layer(s){learnable}")
+    if already is not None:
+        print("QAT: this model already holds AMCT layers; give the original float model to quantize it")
+    else:
+        print(f"QAT can quantize {len(quantizable)} layer(s)"
+              f"{': ' + ', '.join(quantizable) if quantizable else ''} "
+              f"(types {', '.join(QAT_LAYER_TYPES)}; spec section 2.1)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subcommands: report, demo, pycaffe
+# ---------------------------------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare the float, fake-quant and (optionally) deploy models layer by layer on the same inputs:
+    cosine similarity, SNR, largest error and the activation quantizers' saturation; writes report.json,
+    report.html and plots into --output and prints the table. Without --input, nets with Input blobs get
+    random inputs (numerics, not accuracy) and nets with data layers read their own data."""
+    from amct_caffe.workflows import report
+
+    if (args.deploy_model is None) != (args.deploy_weights is None):
+        raise ConfigError("give both --deploy-model and --deploy-weights, or neither")
+    for path, option in ((args.float_model, "--float-model"), (args.float_weights, "--float-weights"),
+                         (args.fake_model, "--fake-model"), (args.fake_weights, "--fake-weights"),
+                         (args.deploy_model, "--deploy-model"), (args.deploy_weights, "--deploy-weights")):
+        _check_file(path, option)
+    inputs: dict[str, np.ndarray] | None = None
+    if args.input:
+        inputs = {}
+        for spec, name, path in _parse_input_specs(args.input):
+            if name in inputs:
+                raise ConfigError(f"--input '{spec}': input '{name}' is given twice")
+            inputs[name] = _load_npy(spec, path)
+    result = report.compare_report(
+        args.float_model, args.float_weights, args.fake_model, args.fake_weights, args.deploy_model,
+        args.deploy_weights, inputs=inputs, out_dir=None, threshold=args.threshold, batches=args.batches,
+        seed=args.seed,
+    )
+    written = report.write_report(result, args.output)
+    print(report.format_table(result))
+    html = written.get("report.html", os.path.join(args.output, "report.html"))
+    print(f"report: {html} ({len(written)} file(s) in {args.output})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the bundled LeNet-style digits net in the engine and print its outputs."""
-    model = _bundled_model()
-    print(f"amct-caffe demo: running the bundled net {model.name} in the amct-caffe engine (random weights)")
-    ns = argparse.Namespace(model=str(model), weights=None, input=[], seed=0, save=None)
-    return cmd_run(ns)
+    """The whole QAT flow on the bundled LeNet-style digits net in seconds on a CPU: float training
+    with the engine's solver, create_quant_retrain_config -> create_quant_retrain_model -> retraining ->
+    save_quant_retrain_model('Both'), then the accuracy of the float, fake-quant and deploy (integer
+    emulation) models on held-out images, the model sizes, and the per-layer report.
+    Needs: pip install 'amct-caffe[demo]'."""
+    from amct_caffe.demo.run import run_demo
+
+    run_demo(args.output, float_iters=args.float_iters, retrain_iters=args.retrain_iters, seed=args.seed,
+             report=not args.no_report)
+    return 0
 
 
 def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
@@ -88,43 +441,186 @@ def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amct-caffe", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_calibration(args: argparse.Namespace) -> int:
+    """AMCT's post-training quantization (calibration) command; not implemented yet in amct-caffe."""
+    raise AmctError(CALIBRATION_MESSAGE)
 
-    run = sub.add_parser("run", help="forward a Caffe net in the engine", description=cmd_run.__doc__)
-    run.add_argument("model", help="the .prototxt")
-    run.add_argument("--weights", help="the .caffemodel (default: filler values)")
-    run.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="input blob values")
-    run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    run.add_argument("--save", metavar="FILE.npz", help="save the outputs")
-    run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="run the demo on the bundled model", description=cmd_demo.__doc__)
-    demo.set_defaults(func=cmd_demo)
+# ---------------------------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
-    rewrite = sub.add_parser(
-        "pycaffe-rewrite",
-        help="make a fake-quant model runnable in a stock pycaffe (Python layers)",
-        description=cmd_pycaffe_rewrite.__doc__,
-    )
-    rewrite.add_argument("model_in", metavar="MODEL_IN", help="the *_fake_quant_model.prototxt")
-    rewrite.add_argument("model_out", metavar="MODEL_OUT", help="the rewritten .prototxt to write")
-    rewrite.set_defaults(func=cmd_pycaffe_rewrite)
+
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+         debug: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=" ".join((func.__doc__ or "").split()),
+                            parents=[debug])
+    parser.set_defaults(func=func)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def build_parser(prog: str = PROG, calibration: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of ``amct-caffe`` (``prog``); ``calibration`` adds AMCT's ``calibration``
+    subcommand (the ``amct_caffe`` script)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="amct-caffe: AMCT for Caffe (quantization-aware training) with its own Caffe engine on "
+                    "PyTorch. Exit codes: 0 success, 2 usage error, 1 failure.",
+        epilog=f"'{prog} COMMAND --help' describes each command. QAT flow: retrain-config -> retrain-model "
+               "-> train -> save-retrain (-> compare).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # also accepted after the subcommand; SUPPRESS keeps a value given before it
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    if calibration:
+        p = _add(sub, "calibration", cmd_calibration,
+                 "AMCT's post-training quantization (not implemented yet; use the QAT flow)", debug)
+        for option, text in (("--model", "the float .prototxt"), ("--weights", "the float .caffemodel"),
+                             ("--save_path", "folder and file-name prefix of the results"),
+                             ("--input_shape", "input shapes, e.g. 'data:1,3,224,224'"),
+                             ("--data_dir", "folder of the calibration .bin files"),
+                             ("--data_types", "data types of the inputs, e.g. 'float32'"),
+                             ("--evaluator", "a Python file with an evaluator class"),
+                             ("--calibration_config", "a simplified calibration .cfg"),
+                             ("--batch_num", "number of calibration batches"),
+                             ("--gpu_id", "GPU to use")):
+            p.add_argument(option, help=text)
+
+    p = _add(sub, "retrain-config", cmd_retrain_config,
+             "write the QAT config of a float model (create_quant_retrain_config)", debug)
+    p.add_argument("--model", required=True, help="the float model (training prototxt)")
+    p.add_argument("--weights", required=True, help="its trained float weights (.caffemodel)")
+    p.add_argument("--output", required=True, metavar="CONFIG.json", help="the QAT config to write")
+    p.add_argument("--config-defination", metavar="FILE.cfg",
+                   help="a simplified QAT config (proto text of AMCT's retrain_config_caffe.proto)")
+
+    p = _add(sub, "retrain-model", cmd_retrain_model,
+             "build the retrain (QAT) model of a float model (create_quant_retrain_model)", debug)
+    p.add_argument("--model", required=True, help="the float model (training prototxt)")
+    p.add_argument("--weights", required=True, help="its trained float weights (.caffemodel)")
+    p.add_argument("--config", required=True, help="the QAT config from retrain-config")
+    p.add_argument("--output-model", required=True, help="the retrain prototxt to write")
+    p.add_argument("--output-weights", required=True, help="the retrain caffemodel to write")
+    p.add_argument("--record", required=True, help="the scale/offset record file to write")
+
+    p = _add(sub, "train", cmd_train, "train a net with a Caffe solver prototxt in the engine", debug)
+    p.add_argument("solver", metavar="SOLVER", help="the solver prototxt (its net: the retrain model)")
+    p.add_argument("--weights", metavar="CAFFEMODEL[,CAFFEMODEL...]",
+                   help="weights to start from (copied by layer name), e.g. the retrain caffemodel")
+    p.add_argument("--snapshot", metavar="SOLVERSTATE", help="a .solverstate to resume training from")
+    p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
+                   help="train on CUDA device ID (default 0 when given without ID)")
+
+    p = _add(sub, "save-retrain", cmd_save_retrain,
+             "save a retrained model as fake-quant and/or deploy model (save_quant_retrain_model)", debug)
+    p.add_argument("--model", required=True, help="the retrain prototxt (from retrain-model)")
+    p.add_argument("--weights", required=True, help="the retrained caffemodel (the solver's snapshot)")
+    p.add_argument("--save-type", required=True, metavar="{Fakequant,Deploy,Both}",
+                   help="which models to save: Fakequant, Deploy or Both")
+    p.add_argument("--save-path", required=True, metavar="DIR/PREFIX",
+                   help="folder plus file-name prefix of the saved files, e.g. results/model")
+    p.add_argument("--record",
+                   help="the record file to (re)write (default: <save-path>_scale_offset_record.txt)")
+    p.add_argument("--config", help="the QAT config; it selects the layers saved quantized (default: every "
+                                    "layer with retrain layers)")
+
+    p = _add(sub, "run", cmd_run, "forward a Caffe net in the engine", debug)
+    p.add_argument("model", metavar="MODEL", help="the .prototxt")
+    p.add_argument("--weights", help="the .caffemodel (default: filler values)")
+    p.add_argument("--input", action="append", metavar="NAME=FILE",
+                   help="value of input blob NAME: a .npy array or an image (.png, .jpg, ...); repeat for "
+                        "several inputs, or one image name several times for a batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random values of inputs not given")
+    p.add_argument("--save", metavar="FILE.npz", help="save the outputs into one .npz file")
+    p.add_argument("--output-dir", metavar="DIR", help="save every output as DIR/<blob>.npy")
+    p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
+                   help="run on CUDA device ID")
+
+    p = _add(sub, "inspect", cmd_inspect, "list a net's layers, shapes, parameters and QAT support", debug)
+    p.add_argument("model", metavar="MODEL", help="the .prototxt")
+    p.add_argument("--phase", choices=("TEST", "TRAIN"), default="TEST", help="the phase view (default TEST)")
+    p.add_argument("--no-shapes", action="store_true",
+                   help="do not build the net in the engine (no shapes; for nets whose data files are "
+                        "absent)")
+
+    p = _add(sub, "compare", cmd_compare, "per-layer report: float vs fake-quant vs deploy", debug)
+    p.add_argument("--float-model", required=True, help="the float prototxt")
+    p.add_argument("--float-weights", required=True, help="the float caffemodel")
+    p.add_argument("--fake-model", required=True, help="<prefix>_fake_quant_model.prototxt")
+    p.add_argument("--fake-weights", required=True, help="<prefix>_fake_quant_weights.caffemodel")
+    p.add_argument("--deploy-model", help="<prefix>_deploy_model.prototxt (optional)")
+    p.add_argument("--deploy-weights", help="<prefix>_deploy_weights.caffemodel (optional)")
+    p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
+                   help="input values (axis 0 is split into --batches forward passes); repeat per input")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder of report.json/.html and plots")
+    p.add_argument("--threshold", type=float, default=0.99,
+                   help="cosine below which a layer is a candidate to skip (default 0.99)")
+    p.add_argument("--batches", type=_positive_int, default=1, help="forward passes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
+
+    from amct_caffe.demo.run import DEFAULT_OUTPUT, RETRAIN_ITERATIONS
+
+    p = _add(sub, "demo", cmd_demo, "QAT end to end on the bundled digits net (seconds on a CPU)", debug)
+    p.add_argument("--output", default=f"./{DEFAULT_OUTPUT}", metavar="DIR",
+                   help=f"output folder (default ./{DEFAULT_OUTPUT})")
+    p.add_argument("--float-iters", type=_positive_int, default=None, metavar="N",
+                   help="float training iterations (default 600)")
+    p.add_argument("--retrain-iters", type=_positive_int, default=RETRAIN_ITERATIONS, metavar="N",
+                   help=f"QAT retraining iterations (default {RETRAIN_ITERATIONS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the solvers (default 0)")
+    p.add_argument("--no-report", action="store_true", help="skip the per-layer report")
+
+    p = _add(sub, "pycaffe-rewrite", cmd_pycaffe_rewrite,
+             "make a fake-quant model runnable in a stock pycaffe (Python layers)", debug)
+    p.add_argument("model_in", metavar="MODEL_IN", help="the *_fake_quant_model.prototxt")
+    p.add_argument("model_out", metavar="MODEL_OUT", help="the rewritten .prototxt to write")
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, (AmctError, OSError)):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Run the command line (``argv`` without the program name); returns the exit code."""
+    parser = build_parser(prog, calibration=prog == AMCT_PROG)
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args))
-    except AmctError as exc:
-        if args.debug:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"amct-caffe: error: {exc}", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def main_amct(argv: Sequence[str] | None = None) -> int:
+    """The ``amct_caffe`` console script: AMCT's spelling, with its ``calibration`` subcommand."""
+    return main(argv, prog=AMCT_PROG)
+
+
+__all__ = ["CALIBRATION_MESSAGE", "build_parser", "load_image_input", "main", "main_amct"]
 
 
 if __name__ == "__main__":
