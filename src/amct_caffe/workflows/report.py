@@ -709,6 +709,10 @@ def format_table(result: ReportResult) -> str:
         lines.append("net outputs:")
         for o in result.outputs:
             lines.append(f" {o.blob:<{name_w - 1}} {'':<12} {'':>7}{cells(o.metrics)}")
+    if lsb:
+        lines.append("LSB: fake-quant vs deploy in steps of the next Quant reading the layer; for a layer "
+                     "no Quant reads, in steps of its INT32 accumulator (deq_scale), where one flipped input "
+                     "code shows as many steps.")
     if result.inputs == "random":
         lines.append(f"note: {RANDOM_NOTE}.")
     if result.skip_candidates:
