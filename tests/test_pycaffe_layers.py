@@ -561,8 +561,6 @@ def test_saved_fake_quant_model_in_reference_caffe_equals_engine(tmp_path: Path,
     from amct_caffe import amct
     from amct_caffe.runtime.init import randomize_params
 
-    if not hasattr(amct, "save_quant_retrain_model"):
-        pytest.skip("amct.save_quant_retrain_model is not implemented yet")
     model = tmp_path / "model.prototxt"
     model.write_text(FLOAT_MODEL)
     net = Net(text_format.Merge(FLOAT_MODEL, caffe_pb2.NetParameter()), caffe_pb2.TEST)

@@ -49,14 +49,6 @@ def _digits():
     return digits
 
 
-def _save_api():
-    save = getattr(amct, "save_quant_retrain_model", None)
-    if save is None:
-        pytest.skip("amct.save_quant_retrain_model is not implemented yet: the saved-model part of the QAT "
-                    "end-to-end checks needs it")
-    return save
-
-
 # -- a numpy forward of the digits net ---------------------------------------------------------------------
 def _conv_same3(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     """3x3 convolution, stride 1, pad 1 (Caffe's cross-correlation)."""
@@ -231,7 +223,7 @@ def test_retrain_model_keeps_float_accuracy(float_digits, retrained_digits):
 
 def test_fake_quant_model_keeps_float_accuracy(float_digits, retrained_digits):
     digits = _digits()
-    save = _save_api()
+    save = amct.save_quant_retrain_model
     prefix = retrained_digits.folder / "results" / "lenet_digits"
     save(retrained_digits.model, retrained_digits.snapshot, "Both", str(prefix), retrained_digits.record,
          retrained_digits.config)
@@ -249,7 +241,6 @@ def test_fake_quant_model_keeps_float_accuracy(float_digits, retrained_digits):
 
 # -- AMCT's retrain sample flow ----------------------------------------------------------------------------
 def test_amct_retrain_sample_flow(float_digits, tmp_path):
-    _save_api()
     work = tmp_path / "sample"
     work.mkdir()
     files = float_digits.files
