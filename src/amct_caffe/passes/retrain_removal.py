@@ -31,6 +31,7 @@ decisions in the QAT design notes). It works on the TEST-phase view of the retra
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -164,14 +165,18 @@ def _clips(weights: Weights, act: caffe_pb2.LayerParameter, where: str) -> tuple
     cmax = float(result.clip_max.reshape(-1)[0])
     cmin = float(result.clip_min.reshape(-1)[0])
     stored = (float(blobs[0].reshape(-1)[0]), float(blobs[1].reshape(-1)[0]))
-    # With fixed_min the solver's last update leaves a tiny clip_min (e.g. 1e-8) that ClipCheck restores and
-    # fixed_min zeroes anyway: only a changed clip_max is worth a warning then.
-    changed = cmax != stored[0] or (not p.fixed_min and cmin != stored[1])
-    if changed and not all(np.isnan(v) for v in stored):
-        LOGGER.warning(
+    # ClipCheck runs on every forward of the retrain layer, so the saved model computes what the retrain net
+    # does. A correction below half a quantization step (typically a clip_min the last solver update left a
+    # hair above 0) changes nothing worth a warning.
+    if (cmax, cmin) != stored and not all(np.isnan(v) for v in stored):
+        half_step = (cmax - cmin) / 255 / 2
+        moved = max(abs(cmax - stored[0]), abs(cmin - stored[1]))
+        level = logging.WARNING if not moved <= half_step else logging.DEBUG
+        LOGGER.log(
+            level,
             "Layer '%s' of %s: the stored clips (clip_max %.9g, clip_min %.9g) fail AMCT's ClipCheck "
             "(clip_max > clip_min, clip_max >= 0, clip_min <= 0); using clip_max %.9g, clip_min %.9g as the "
-            "retrain layer would.", act.name, where, stored[0], stored[1], cmax, cmin,
+            "retrain layer does.", act.name, where, stored[0], stored[1], cmax, cmin,
         )
     if p.fixed_min:
         cmin = 0.0
