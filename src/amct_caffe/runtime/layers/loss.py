@@ -85,7 +85,16 @@ def _normalizer(mode: int, outer: int, inner: int, valid_count: Tensor) -> Tenso
     return torch.clamp(value.to(torch.float32), min=1.0)
 
 
-def _check_normalization(layer: Layer, mode: int) -> int:
+def _normalization(layer: Layer, default: int) -> int:
+    """Caffe's loss normalization: ``normalization`` if set, else the legacy ``normalize`` bool (VALID or
+    BATCH_SIZE), else the layer's own default."""
+    p = layer.param.loss_param
+    if p.HasField("normalization"):
+        mode = p.normalization
+    elif p.HasField("normalize"):
+        mode = Norm.VALID if p.normalize else Norm.BATCH_SIZE
+    else:
+        mode = default
     if mode not in (Norm.FULL, Norm.VALID, Norm.BATCH_SIZE, Norm.NONE):
         raise layer.error(f"unknown normalization mode {mode}; use FULL, VALID, BATCH_SIZE or NONE.")
     return mode
@@ -208,11 +217,7 @@ class SoftmaxWithLoss(Layer):
         _check_loss_weights(self)
         p = self.param.loss_param
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
-        if not p.HasField("normalization") and p.HasField("normalize"):
-            mode = Norm.VALID if p.normalize else Norm.BATCH_SIZE
-        else:
-            mode = p.normalization
-        self.normalization = _check_normalization(self, mode)
+        self.normalization = _normalization(self, Norm.VALID)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x, label = bottoms
@@ -308,13 +313,7 @@ class SigmoidCrossEntropyLoss(Layer):
         _check_loss_weights(self)
         p = self.param.loss_param
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
-        if p.HasField("normalization"):
-            mode = p.normalization
-        elif p.HasField("normalize"):
-            mode = Norm.VALID if p.normalize else Norm.BATCH_SIZE
-        else:
-            mode = Norm.BATCH_SIZE
-        self.normalization = _check_normalization(self, mode)
+        self.normalization = _normalization(self, Norm.BATCH_SIZE)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x, target = bottoms
