@@ -178,3 +178,13 @@ def test_phase_view_is_used():
     """
     assert "t" not in net_from(text, caffe.TEST).blobs
     assert "t" in net_from(text, caffe.TRAIN).blobs
+
+
+def test_loss_weight_count_is_checked_for_every_layer():
+    # Caffe's SetLossWeights: unspecified, or once per top — for any layer type, not only loss layers
+    with pytest.raises(ModelFormatError, match="'relu1'.*loss_weight"):
+        net_from(MLP.replace('layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }',
+                             'layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" '
+                             'loss_weight: 1 loss_weight: 2 }'))
+    weighted = net_from(MLP.replace('top: "zz"', 'top: "zz" loss_weight: 0.5'))
+    assert weighted.blob_loss_weights["zz"] == 0.5

@@ -99,6 +99,15 @@ class Layer:
             raise self.error(f"needs exactly {self.exact_tops} top(s), has {nt}.")
         if self.min_tops is not None and nt < self.min_tops:
             raise self.error(f"needs at least {self.min_tops} top(s), has {nt}.")
+        # Caffe's Layer::SetLossWeights: loss_weight is absent or given once per top (for every layer type).
+        # Unlike BVLC, a SoftmaxWithLoss with its optional probability top and no loss_weight is accepted
+        # (weights 1 and 0): BVLC cannot set that layer up at all (its issue #2968).
+        nw = len(self.param.loss_weight)
+        if nw and nw != nt:
+            raise self.error(
+                f"has {nt} top(s) but {nw} loss_weight values; a loss_weight must be unspecified or "
+                "specified once per top blob."
+            )
 
 
 _REGISTRY: dict[str, type[Layer]] = {}

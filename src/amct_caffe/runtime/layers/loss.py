@@ -38,22 +38,6 @@ def _check_top_range(layer: Layer, low: int, high: int) -> None:
         raise layer.error(f"needs {low} to {high} top(s), has {n}.")
 
 
-def _check_loss_weights(layer: Layer) -> None:
-    """Caffe's ``Layer::SetLossWeights``: ``loss_weight`` is either absent or given once per top.
-
-    Deliberate difference: BVLC Caffe cannot set up a SoftmaxWithLoss with the optional ``prob`` top at all
-    (BVLC issue #2968: the internal Softmax inherits the loss_weights and fails the same check, and without
-    loss_weights LossLayer's single default weight fails it for the two tops). We accept two tops with no
-    loss_weight (weights 1 and 0) or with two, so that the documented second top is usable.
-    """
-    n_tops, n_weights = len(layer.param.top), len(layer.param.loss_weight)
-    if n_weights and n_weights != n_tops:
-        raise layer.error(
-            f"has {n_tops} top(s) but {n_weights} loss_weight values; a loss_weight must be unspecified or "
-            "specified once per top blob."
-        )
-
-
 def _labels(layer: Layer, label: Tensor, num_classes: int, ignore: int | None) -> tuple[Tensor, Tensor]:
     """Integer labels (C++ ``static_cast<int>``: truncation toward zero) and the mask of non-ignored ones.
 
@@ -214,7 +198,6 @@ class SoftmaxWithLoss(Layer):
 
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         _check_top_range(self, 1, 2)
-        _check_loss_weights(self)
         p = self.param.loss_param
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.normalization = _normalization(self, Norm.VALID)
@@ -252,9 +235,6 @@ class EuclideanLoss(Layer):
     loss_layer = True
     exact_bottoms = 2
     exact_tops = 1
-
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        _check_loss_weights(self)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         a, b = bottoms
@@ -310,7 +290,6 @@ class SigmoidCrossEntropyLoss(Layer):
     exact_tops = 1
 
     def setup(self, bottoms: Sequence[Tensor]) -> None:
-        _check_loss_weights(self)
         p = self.param.loss_param
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.normalization = _normalization(self, Norm.BATCH_SIZE)
