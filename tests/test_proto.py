@@ -564,26 +564,8 @@ def test_record_schema_on_the_wire() -> None:
     assert amct_pb2.SingleLayerRecord().skip_fusion is False
 
 
-RECORD_TEXT = """
-record {
-  key: "conv1"
-  value {
-    scale_d: 0.0213
-    offset_d: -14
-    scale_w: 0.00448
-    scale_w: 0.00043
-    offset_w: 0
-    offset_w: 0
-    channels: 3
-    height: 224
-    width: 224
-  }
-}
-record {
-  key: "res2a_branch1"
-  value { scale_d: 0.0933 offset_d: -128 scale_w: 0.00017 offset_w: 0 channels: 64 height: 56 width: 56 }
-}
-"""
+# the record example of spec §5.2
+from tests.spec_examples import SPEC_EXAMPLE as RECORD_TEXT  # noqa: E402
 
 
 def test_record_text_example_parses() -> None:

@@ -84,6 +84,21 @@ def _normalization(layer: Layer, default: int) -> int:
     return mode
 
 
+def _class_split(
+    layer: Layer, shape: tuple[int, ...], axis_param: int, label: Tensor
+) -> tuple[int, int, int]:
+    """(outer, classes, inner) counts of predictions split at the class axis; one label per outer*inner."""
+    axis = canonical_axis(layer, axis_param, len(shape))
+    outer, classes, inner = _count(shape, 0, axis), shape[axis], _count(shape, axis + 1)
+    if outer * inner != label.numel():
+        raise layer.error(
+            f"has {label.numel()} labels for {outer * inner} predictions (bottom shape {list(shape)}, "
+            f"axis {axis}); e.g. for class axis 1 and predictions (N, C, H, W) give N*H*W labels in "
+            "{0, ..., C-1}."
+        )
+    return outer, classes, inner
+
+
 def _check_same_num(layer: Layer, a: Tensor, b: Tensor) -> None:
     # LossLayer::Reshape: the data and label must have the same first dimension.
     if a.dim() < 1 or b.dim() < 1 or a.shape[0] != b.shape[0]:
@@ -125,14 +140,7 @@ class Accuracy(Layer):
                 f"top_k {self.top_k} is larger than the number of classes; it must be less than or equal to "
                 "the number of classes."
             )
-        axis = canonical_axis(self, self.param.accuracy_param.axis, len(shape))
-        outer, classes, inner = _count(shape, 0, axis), shape[axis], _count(shape, axis + 1)
-        if outer * inner != label.numel():
-            raise self.error(
-                f"has {label.numel()} labels for {outer * inner} predictions (bottom shape {list(shape)}, "
-                f"axis {axis}); e.g. for a label axis 1 and predictions (N, C, H, W) give N*H*W labels in "
-                "{0, ..., C-1}."
-            )
+        outer, classes, inner = _class_split(self, shape, self.param.accuracy_param.axis, label)
         scores = x.reshape(outer, classes, inner)
         idx, valid = _labels(self, label.reshape(outer, inner), classes, self.ignore)
         true_score = torch.gather(scores, 1, idx.unsqueeze(1))
@@ -206,14 +214,7 @@ class SoftmaxWithLoss(Layer):
         x, label = bottoms
         _check_same_num(self, x, label)
         shape = tuple(int(d) for d in x.shape)
-        axis = canonical_axis(self, self.param.softmax_param.axis, len(shape))
-        outer, classes, inner = _count(shape, 0, axis), shape[axis], _count(shape, axis + 1)
-        if outer * inner != label.numel():
-            raise self.error(
-                f"has {label.numel()} labels for {outer * inner} predictions (bottom shape {list(shape)}, "
-                f"axis {axis}); e.g. for softmax axis 1 and predictions (N, C, H, W) give N*H*W labels in "
-                "{0, ..., C-1}."
-            )
+        outer, classes, inner = _class_split(self, shape, self.param.softmax_param.axis, label)
         idx, valid = _labels(self, label.reshape(outer, inner), classes, self.ignore)
         normalizer = _normalizer(self.normalization, outer, inner, valid.sum())
         loss, prob = _SoftmaxLossFn.apply(x.reshape(outer, classes, inner), idx, valid, normalizer)
