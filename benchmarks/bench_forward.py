@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from amct_caffe.runtime import pycaffe  # noqa: E402
-from amct_caffe.runtime.init import randomize_params  # noqa: E402
-from amct_caffe.runtime.optimize import InferenceOptions  # noqa: E402
+from amct_caffe.caffe import pycaffe  # noqa: E402
+from amct_caffe.engine.optimize import InferenceOptions  # noqa: E402
+from amct_caffe.engine.randomize import randomize_params  # noqa: E402
 
 WORKER = Path(__file__).with_name("_ref_forward_worker.py")
 MODELS = {

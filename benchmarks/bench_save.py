@@ -87,11 +87,11 @@ def prepare(model: Path, folder: Path) -> tuple[Path, Path]:
     import numpy as np
 
     from amct_caffe import amct
+    from amct_caffe.caffe import pycaffe
+    from amct_caffe.engine.net import Net
+    from amct_caffe.engine.randomize import randomize_params
     from amct_caffe.log import get_logger
     from amct_caffe.proto import caffe_pb2
-    from amct_caffe.runtime import pycaffe
-    from amct_caffe.runtime.init import randomize_params
-    from amct_caffe.runtime.net import Net
 
     get_logger().setLevel(logging.WARNING)
     float_net = Net(str(model), caffe_pb2.TEST)

@@ -18,7 +18,7 @@ BEGIN, END = "<!-- layers:begin -->", "<!-- layers:end -->"
 
 def layer_section() -> str:
     """The Markdown list of every Caffe type the engine runs, grouped by the module that implements it."""
-    from amct_caffe.runtime.layers.base import _REGISTRY, supported_types
+    from amct_caffe.engine.layers.base import _REGISTRY, supported_types
 
     groups: dict[str, list[str]] = {}
     for name in supported_types():

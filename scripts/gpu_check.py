@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from amct_caffe import caffe  # noqa: E402
-from amct_caffe.runtime.init import randomize_params  # noqa: E402
+from amct_caffe.engine.randomize import randomize_params  # noqa: E402
 
 MODELS = REPO.parent / "shared" / "models"
 

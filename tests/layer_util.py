@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.layers.base import TEST, Layer, layer_class
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, Layer, layer_class
 
 CPU = torch.device("cpu")
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.weights import weights_from_net, weights_to_net
 from amct_caffe.passes.fuse_bn import fuse_bn
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.init import randomize_params
-from amct_caffe.runtime.net import Net
 
 INPUT = ('layer { name: "data" type: "Input" top: "data" '
          'input_param { shape { dim: 2 dim: 4 dim: 7 dim: 7 } } }\n')

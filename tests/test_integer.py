@@ -1,4 +1,4 @@
-"""Integer emulation of the deploy model (runtime/integer.py) and fake-quant vs deploy agreement (compare.py).
+"""Integer emulation of the deploy model (emulation/integer.py) and fake-quant vs deploy agreement.
 
 The deploy/fake-quant model pairs are written here by hand in the binding format of
 /work/notes/qat_design.md ("Save (issue 4) decisions"): one prototxt for both; the deploy caffemodel holds
@@ -20,12 +20,8 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import caffe
-from amct_caffe.errors import ModelFormatError, WeightShapeError
-from amct_caffe.model.blobs import array_to_blob
-from amct_caffe.model.io import load_caffemodel, save_caffemodel
-from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.compare import compare_models, format_agreement
-from amct_caffe.runtime.integer import (
+from amct_caffe.analysis.compare import compare_models, format_agreement
+from amct_caffe.emulation.integer import (
     IntegerConvolution,
     IntegerDeQuant,
     IntegerQuant,
@@ -33,7 +29,11 @@ from amct_caffe.runtime.integer import (
     load_deploy_net,
     set_quant_formula,
 )
-from amct_caffe.runtime.net import Net
+from amct_caffe.engine.net import Net
+from amct_caffe.errors import ModelFormatError, WeightShapeError
+from amct_caffe.model.blobs import array_to_blob
+from amct_caffe.model.io import load_caffemodel, save_caffemodel
+from amct_caffe.proto import caffe_pb2
 
 FLT_EPS = 2.0**-23
 
@@ -575,7 +575,7 @@ layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
 
 def test_end_to_end_retrain_save_compare(tmp_path: Path):
     from amct_caffe import amct
-    from amct_caffe.runtime.fillers import set_random_seed
+    from amct_caffe.engine.fillers import set_random_seed
 
     set_random_seed(11)
     model = tmp_path / "model.prototxt"

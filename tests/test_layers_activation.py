@@ -1,4 +1,4 @@
-"""Tests of the element-wise activation layers (runtime/layers/activation.py).
+"""Tests of the element-wise activation layers (engine/layers/activation.py).
 
 Expected values come from numpy formulas written here in float64 from Caffe's definitions (and a few hand
 computations); gradients of ReLU/PReLU are checked against finite differences in float64 and against
@@ -16,13 +16,13 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine import fillers
+from amct_caffe.engine.layers.base import TEST, TRAIN, layer_class
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.blobs import shape_matches
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime import fillers
-from amct_caffe.runtime.layers.base import TEST, TRAIN, layer_class
-from amct_caffe.runtime.net import Net
 from tests.layer_util import make_layer
 from tests.reference import assert_close, run_reference
 

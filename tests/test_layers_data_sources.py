@@ -15,10 +15,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.transform import DataTransformer, resize_linear
 from amct_caffe.errors import ModelFormatError, RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.net import Net
-from amct_caffe.runtime.transform import DataTransformer, resize_linear
 from tests.reference import assert_close
 
 h5py = pytest.importorskip("h5py")
@@ -192,7 +192,7 @@ def test_resize_linear_hand_values() -> None:
 
 def test_resize_and_decode_match_opencv_when_installed() -> None:
     cv2 = pytest.importorskip("cv2")  # optional: the real OpenCV that Caffe uses, when present
-    from amct_caffe.runtime.transform import COLOR, GRAY, UNCHANGED, decode_image
+    from amct_caffe.engine.transform import COLOR, GRAY, UNCHANGED, decode_image
 
     rng = np.random.default_rng(3)
     for h, w, c, oh, ow in [(37, 53, 3, 20, 30), (10, 10, 3, 23, 17), (5, 7, 1, 9, 13), (16, 16, 4, 8, 8)]:

@@ -1,4 +1,4 @@
-"""Tests of the normalisation layers (runtime/layers/normalization.py): BatchNorm, Scale, Bias, LRN, MVN.
+"""Tests of the normalisation layers (engine/layers/normalization.py): BatchNorm, Scale, Bias, LRN, MVN.
 
 Expected values come from numpy loops written here in float64 from Caffe's algorithms (per-channel
 statistics, Caffe's running-sum update, explicit LRN windows with Caffe's pooling divisor, MVN with the
@@ -16,11 +16,11 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.layers.base import TEST, TRAIN, Layer
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer
-from amct_caffe.runtime.net import Net
 from tests.layer_util import make_layer
 from tests.reference import assert_close, run_reference
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.layers.base import TEST, TRAIN, Layer
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.proto import amct_pb2, caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer
-from amct_caffe.runtime.net import Net
 from tests import layer_util
 
 CPU = torch.device("cpu")
@@ -633,7 +633,7 @@ def test_quant_reconstructs_scale_d_as_double_reciprocal() -> None:
 
 
 def test_quant_offset_byte_and_backward_identity() -> None:
-    from amct_caffe.runtime.layers.quant import offset_byte
+    from amct_caffe.engine.layers.quant import offset_byte
 
     assert offset_byte(b"\xf2") == -14
     assert offset_byte(b"\x80") == -128

@@ -11,12 +11,12 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.layers.base import TEST, TRAIN, layer_class
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, TRAIN, layer_class
-from amct_caffe.runtime.net import Net
 from tests.reference import assert_close, run_reference
 
 FLT_MAX = float(np.finfo(np.float32).max)

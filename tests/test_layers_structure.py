@@ -9,10 +9,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.layers.base import layer_class
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import layer_class
-from amct_caffe.runtime.net import Net
 from tests.reference import assert_close, run_reference
 
 RNG = np.random.default_rng(1234)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from amct_caffe.engine.layers import vision
+from amct_caffe.engine.layers.base import TEST, TRAIN, Layer, layer_class
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError, ModelFormatError, UnsupportedLayerError
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers import vision
-from amct_caffe.runtime.layers.base import TEST, TRAIN, Layer, layer_class
-from amct_caffe.runtime.net import Net
 from tests import layer_util
 from tests.reference import assert_close, run_reference
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from amct_caffe import caffe
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.model.io import load_caffemodel
-from amct_caffe.runtime.init import randomize_params
 from tests.reference import SHARED, assert_close_to_scale, run_reference
 
 MODELS_DIR = SHARED / "models"

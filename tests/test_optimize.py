@@ -1,4 +1,4 @@
-"""The optimised TEST forward (runtime/optimize.py): same blobs as Caffe's layer-by-layer forward.
+"""The optimised TEST forward (engine/optimize.py): same blobs as Caffe's layer-by-layer forward.
 
 Expected values come from a small numpy implementation of the test net written here (loops and einsum),
 and, where the reference Caffe is installed, from the real Caffe. The optimised and the plain
@@ -15,9 +15,9 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import caffe
+from amct_caffe.engine.optimize import InferenceOptions, build_plan
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.optimize import InferenceOptions, build_plan
 from tests.reference import assert_close, run_reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

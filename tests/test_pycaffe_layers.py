@@ -1,4 +1,4 @@
-"""The fake-quant layers as Caffe Python layers (amct_caffe.pycaffe_layers) and the pycaffe rewrite.
+"""The fake-quant layers as Caffe Python layers (amct_caffe.caffe.python_layers) and the pycaffe rewrite.
 
 Expected values are hand computations (spec §6.2 Quant, §6.3 DeQuant) and, for the numpy twins of
 amct_caffe.quant.numerics / the engine's layers, the torch implementations on many random values with ties
@@ -21,11 +21,7 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import cli
-from amct_caffe.errors import ModelFormatError
-from amct_caffe.model.blobs import array_to_blob
-from amct_caffe.model.io import load_prototxt, save_caffemodel
-from amct_caffe.proto import caffe_pb2
-from amct_caffe.pycaffe_layers import (
+from amct_caffe.caffe.python_layers import (
     StandaloneBlob,
     fake_quant_data,
     offset_byte,
@@ -34,12 +30,16 @@ from amct_caffe.pycaffe_layers import (
     shift_n,
     standalone_layer,
 )
-from amct_caffe.runtime.net import Net
-from amct_caffe.workflows.pycaffe_rewrite import (
+from amct_caffe.caffe.rewrite import (
     PYCAFFE_LAYERS_MODULE,
     rewrite_fake_quant_for_pycaffe,
     rewrite_net_for_pycaffe,
 )
+from amct_caffe.engine.net import Net
+from amct_caffe.errors import ModelFormatError
+from amct_caffe.model.blobs import array_to_blob
+from amct_caffe.model.io import load_prototxt, save_caffemodel
+from amct_caffe.proto import caffe_pb2
 from tests.reference import REPO, run_reference
 
 SRC = REPO / "src"
@@ -152,7 +152,7 @@ def test_layers_need_one_bottom_and_one_top() -> None:
 
 
 def test_offset_byte_matches_the_engine() -> None:
-    from amct_caffe.runtime.layers.quant import offset_byte as engine_offset_byte
+    from amct_caffe.engine.layers.quant import offset_byte as engine_offset_byte
 
     for value in (b"", b"\x00", b"\x7f", b"\x80", b"\xf2", b"\xff", b"\x7f\x01", b"\xfd\x00"):
         assert offset_byte(value) == engine_offset_byte(value)
@@ -232,7 +232,7 @@ def test_antiquant_is_identity() -> None:
 
 def test_module_imports_neither_torch_nor_protobuf() -> None:
     code = (
-        "import sys; import amct_caffe.pycaffe_layers as m; "
+        "import sys; import amct_caffe.caffe.python_layers as m; "
         "bad = sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'google'}); "
         "print(bad, m._LayerBase.__name__)"
     )
@@ -268,8 +268,8 @@ def test_round_away_twin_equals_numerics(dtype) -> None:
 
 
 def test_fake_quant_twin_equals_numerics_and_engine_layer() -> None:
+    from amct_caffe.engine.layers.base import layer_class
     from amct_caffe.quant import numerics
-    from amct_caffe.runtime.layers.base import layer_class
 
     rng = np.random.RandomState(1)
     for trial in range(20):
@@ -302,7 +302,7 @@ def _net_with(lp: caffe_pb2.LayerParameter) -> caffe_pb2.NetParameter:
 
 
 def test_shift_n_twin_equals_engine_layer() -> None:
-    from amct_caffe.runtime.layers.base import layer_class
+    from amct_caffe.engine.layers.base import layer_class
 
     rng = np.random.RandomState(2)
     lp = caffe_pb2.LayerParameter(name="dq", type="DeQuant", bottom=["x"], top=["y"])
@@ -377,7 +377,7 @@ def test_rewrite_turns_fake_quant_layers_into_python_layers(tmp_path: Path) -> N
     for name, (kind, params) in expected.items():
         layer = by_name[name]
         assert layer.type == "Python"
-        assert layer.python_param.module == PYCAFFE_LAYERS_MODULE == "amct_caffe.pycaffe_layers"
+        assert layer.python_param.module == PYCAFFE_LAYERS_MODULE == "amct_caffe.caffe.python_layers"
         assert layer.python_param.layer == kind
         assert json.loads(layer.python_param.param_str) == params
         assert not layer.HasField("quant_param") and not layer.HasField("dequant_param")
@@ -559,7 +559,7 @@ FLOAT_CONFIG = {
 def test_saved_fake_quant_model_in_reference_caffe_equals_engine(tmp_path: Path, reference_caffe,
                                                                  monkeypatch) -> None:
     from amct_caffe import amct
-    from amct_caffe.runtime.init import randomize_params
+    from amct_caffe.engine.randomize import randomize_params
 
     model = tmp_path / "model.prototxt"
     model.write_text(FLOAT_MODEL)

@@ -686,7 +686,7 @@ def test_real_models(tmp_path, shared_models, model, expected_weighted, expected
 def test_weights_from_engine_net(tmp_path):
     """A caffemodel with real (random) blobs written by our pycaffe facade is accepted too."""
     from amct_caffe import amct
-    from amct_caffe.runtime.pycaffe import TEST, Net
+    from amct_caffe.caffe.pycaffe import TEST, Net
 
     model, _ = write_model(tmp_path)
     Net(model, TEST).save(str(tmp_path / "real.caffemodel"))

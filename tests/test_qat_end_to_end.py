@@ -24,11 +24,11 @@ import pytest
 from google.protobuf import text_format
 
 from amct_caffe import amct, caffe
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel, load_prototxt, prototxt_text
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.init import randomize_params
-from amct_caffe.runtime.net import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parent / "samples" / "retrain_sample.py"

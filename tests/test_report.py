@@ -21,12 +21,12 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import amct, caffe
+from amct_caffe.analysis import report as rep
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import AmctError, ConfigError, RuntimeEngineError
 from amct_caffe.model.io import load_prototxt, save_prototxt
 from amct_caffe.proto import amct_pb2, caffe_pb2
-from amct_caffe.runtime.init import randomize_params
-from amct_caffe.runtime.net import Net
-from amct_caffe.workflows import report as rep
 
 pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (pip install matplotlib)")
 
@@ -237,7 +237,7 @@ def test_small_net_report_matches_direct_computation(small, tmp_path):
     check_report(small, data, [x[:2], x[2:]], SMALL_QUANTIZED, ["conv1", "pool1", "fc_b"], ["fc_b", "prob"])
     check_files(out, data)
     assert [r.layer for r in result.layers] == SMALL_QUANTIZED
-    # the fake-quant and deploy models agree to well below one output step (runtime.compare)
+    # the fake-quant and deploy models agree to well below one output step (analysis.compare)
     for entry in data["layers"]:
         assert entry["fake_vs_deploy"]["max_lsb"] < 0.5
     table = rep.format_table(result)

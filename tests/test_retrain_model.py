@@ -13,14 +13,14 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import amct
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
 from amct_caffe.model.phase import TEST, TRAIN
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.record import read_records
-from amct_caffe.runtime.init import randomize_params
-from amct_caffe.runtime.net import Net
 from amct_caffe.workflows import qat
 from tests.test_fuse_bn import numpy_fold
 
@@ -469,7 +469,7 @@ def test_error_model_already_has_retrain_layers(small):
 def test_resnet50_converts_with_every_batch_norm_folded(shared_models, tmp_path):
     """Every BatchNorm/Scale of ResNet-50 is folded, whether its convolution is retrained or not. (Only a
     few layers are enabled, which keeps ARQ over 25 million weights out of this test's time.)"""
-    from amct_caffe.runtime.pycaffe import Net as PyNet
+    from amct_caffe.caffe.pycaffe import Net as PyNet
 
     prototxt = str(shared_models / "resnet50" / "ResNet-50-deploy.prototxt")
     net = PyNet(prototxt, caffe_pb2.TEST)

@@ -21,12 +21,12 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import amct
+from amct_caffe.caffe import pycaffe
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, RecordError
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
 from amct_caffe.proto import amct_pb2, caffe_pb2
-from amct_caffe.runtime import pycaffe
-from amct_caffe.runtime.init import randomize_params
-from amct_caffe.runtime.net import Net
 from amct_caffe.workflows import qat
 from tests.reference import run_reference
 

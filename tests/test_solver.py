@@ -1,4 +1,4 @@
-"""The solvers (runtime/solver.py and the pycaffe facade): learning-rate policies against their formulas,
+"""The solvers (engine/solver.py and the pycaffe facade): learning-rate policies against their formulas,
 every update rule against a numpy simulation of Caffe's formulas on a linear least-squares problem,
 lr_mult/decay_mult, shared and frozen blobs, iter_size, clipping, snapshots and restore, test nets, logs,
 and training against the real Caffe (SGD, Nesterov, Adam on a small conv/BatchNorm/pool/fc net)."""
@@ -19,12 +19,12 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import caffe
+from amct_caffe.engine import solver as solver_mod
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError, RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime import solver as solver_mod
-from amct_caffe.runtime.net import Net
 from tests.reference import reference_python
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
@@ -568,7 +568,7 @@ def test_facade_set_input_arrays_feeds_memory_data() -> None:
 
 def test_amct_device_mode_functions() -> None:
     from amct_caffe import amct
-    from amct_caffe.runtime.device import current_device
+    from amct_caffe.engine.device import current_device
 
     assert "set_cpu_mode" in amct.__all__ and "set_gpu_mode" in amct.__all__
     amct.set_cpu_mode()
@@ -700,5 +700,5 @@ def test_training_matches_reference_caffe(cross_check: dict, kind: str) -> None:
 
 
 def test_logger_name() -> None:
-    assert solver_mod.LOGGER.name == "amct_caffe.runtime.solver"
-    assert logging.getLogger("amct_caffe.runtime.solver") is solver_mod.LOGGER
+    assert solver_mod.LOGGER.name == "amct_caffe.engine.solver"
+    assert logging.getLogger("amct_caffe.engine.solver") is solver_mod.LOGGER

@@ -708,7 +708,7 @@ def test_reference_upgraded_view_agrees(reference_views, key):
 @pytest.mark.reference
 @pytest.mark.parametrize("key", ["lenet", "caffenet", "share"])
 def test_reference_blob_shapes_match_our_engine(reference_views, key):
-    from amct_caffe.runtime.net import Net
+    from amct_caffe.engine.net import Net
 
     path, view = reference_views[key]
     try:

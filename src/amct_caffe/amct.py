@@ -147,7 +147,7 @@ def set_cpu_mode() -> None:
 
     Sets the engine's global mode (as ``caffe.set_mode_cpu()``); nets built afterwards run on the CPU.
     """
-    from amct_caffe.runtime import device
+    from amct_caffe.engine import device
 
     device.set_mode_cpu()
 
@@ -159,7 +159,7 @@ def set_gpu_mode() -> None:
     Raises:
         RuntimeEngineError: torch sees no CUDA device.
     """
-    from amct_caffe.runtime import device
+    from amct_caffe.engine import device
 
     device.set_mode_gpu()
 

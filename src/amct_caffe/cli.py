@@ -62,7 +62,7 @@ def load_image_input(path: str, shape: Sequence[int]) -> np.ndarray:
     does (B, G, R channel order for C = 3, grey levels for C = 1; 8-bit values 0..255, no scaling or mean,
     as an ``ImageData`` layer without ``transform_param``), resized to (H, W) as ``cv::resize(INTER_LINEAR)``
     and returned as a float32 (1, C, H, W) array."""
-    from amct_caffe.runtime.transform import COLOR, GRAY, decode_image, hwc_to_chw, resize_linear
+    from amct_caffe.engine.transform import COLOR, GRAY, decode_image, hwc_to_chw, resize_linear
 
     if len(shape) != 4 or shape[1] not in (1, 3):
         raise ConfigError(
@@ -338,7 +338,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         already = "quantized"
     engine = None
     if not args.no_shapes:
-        from amct_caffe.runtime.net import Net
+        from amct_caffe.engine.net import Net
 
         engine = Net(args.model, phase)
 
@@ -389,7 +389,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cosine similarity, SNR, largest error and the activation quantizers' saturation; writes report.json,
     report.html and plots into --output and prints the table. Without --input, nets with Input blobs get
     random inputs (numerics, not accuracy) and nets with data layers read their own data."""
-    from amct_caffe.workflows import report
+    from amct_caffe.analysis import report
 
     if (args.deploy_model is None) != (args.deploy_weights is None):
         raise ConfigError("give both --deploy-model and --deploy-weights, or neither")
@@ -431,9 +431,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
     """Rewrite a fake-quant prototxt's Quant/DeQuant/AntiQuant layers into Caffe Python layers
-    (amct_caffe.pycaffe_layers), so that a stock pycaffe built with Python layers runs it with the
+    (amct_caffe.caffe.python_layers), so that a stock pycaffe built with Python layers runs it with the
     unchanged fake-quant caffemodel; that Caffe's Python needs amct_caffe importable (numpy only)."""
-    from amct_caffe.workflows.pycaffe_rewrite import rewrite_fake_quant_for_pycaffe
+    from amct_caffe.caffe.rewrite import rewrite_fake_quant_for_pycaffe
 
     counts = rewrite_fake_quant_for_pycaffe(args.model_in, args.model_out)
     done = ", ".join(f"{n} {kind}" for kind, n in counts.items())

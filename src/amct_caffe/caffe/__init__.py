@@ -6,43 +6,56 @@
 ``caffe.set_random_seed()``, ``caffe.layer_type_list()``, ``caffe.io`` and ``caffe.proto.caffe_pb2`` (our
 own generated schema, BVLC-compatible plus AMCT's extensions) run on the amct-caffe engine; no Caffe build
 is involved.
+
+This package gathers everything pycaffe-shaped, laid out as real pycaffe is:
+
+- ``pycaffe``: ``Net``, ``Blob`` and the solver classes over the engine;
+- ``io``: blob <-> array conversion; ``proto``: the generated schema;
+- ``python_layers``: the fake-quant layers as Caffe Python layers for a *stock* pycaffe (numpy only);
+- ``rewrite``: rewrites a fake-quant prototxt to use those Python layers.
+
+The engine-backed names resolve on first use, so ``amct_caffe.caffe.python_layers`` can be imported by a
+stock pycaffe without importing torch.
 """
 
-from amct_caffe.caffe import io, proto
-from amct_caffe.runtime.device import set_device, set_mode_cpu, set_mode_gpu
-from amct_caffe.runtime.fillers import set_random_seed
-from amct_caffe.runtime.pycaffe import (
-    TEST,
-    TRAIN,
-    AdaDeltaSolver,
-    AdaGradSolver,
-    AdamSolver,
-    Blob,
-    NesterovSolver,
-    Net,
-    RMSPropSolver,
-    SGDSolver,
-    get_solver,
-    layer_type_list,
-)
+from __future__ import annotations
 
-__all__ = [
-    "TEST",
-    "TRAIN",
-    "AdaDeltaSolver",
-    "AdaGradSolver",
-    "AdamSolver",
-    "Blob",
-    "NesterovSolver",
-    "Net",
-    "RMSPropSolver",
-    "SGDSolver",
-    "get_solver",
-    "io",
-    "layer_type_list",
-    "proto",
-    "set_device",
-    "set_mode_cpu",
-    "set_mode_gpu",
-    "set_random_seed",
-]
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "TEST": "pycaffe",
+    "TRAIN": "pycaffe",
+    "AdaDeltaSolver": "pycaffe",
+    "AdaGradSolver": "pycaffe",
+    "AdamSolver": "pycaffe",
+    "Blob": "pycaffe",
+    "NesterovSolver": "pycaffe",
+    "Net": "pycaffe",
+    "RMSPropSolver": "pycaffe",
+    "SGDSolver": "pycaffe",
+    "get_solver": "pycaffe",
+    "layer_type_list": "pycaffe",
+    "set_device": "pycaffe",
+    "set_mode_cpu": "pycaffe",
+    "set_mode_gpu": "pycaffe",
+    "set_random_seed": "pycaffe",
+}
+_SUBMODULES = ("io", "proto")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # resolve once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -15,7 +15,7 @@ end on a real classification task:
   first, then TEST, as the data layers of AMCT's retrain sample), the final ``Softmax`` replaced by
   ``SoftmaxWithLoss`` and a TEST-phase ``Accuracy``;
 * :func:`solver_param` / :func:`train_float` -- Caffe's SGD solver of the engine trains it
-  (``amct_caffe.runtime.solver``, with its tqdm progress bar on a terminal);
+  (``amct_caffe.engine.solver``, with its tqdm progress bar on a terminal);
 * :func:`evaluate` -- top-1 accuracy of any digits net (deploy, train/test, retrain or fake-quant prototxt)
   on a split, run batch-wise in the engine's TEST phase.
 
@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError, ModelFormatError
 from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
 from amct_caffe.model.phase import TEST, TRAIN, filter_net
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.net import Net
 
 NUM_CLASSES = 10
 #: One image as a Caffe blob row: (channels, height, width).
@@ -237,7 +237,7 @@ def train_float(workdir: str | os.PathLike[str], iterations: int = FLOAT_ITERATI
     ``<workdir>/lenet_digits_float_iter_<iterations>.caffemodel`` (and ``.solverstate``). With the
     defaults the test accuracy is about 97-98 %. Same ``seed``, same data split and same weights.
     """
-    from amct_caffe.runtime.solver import get_solver
+    from amct_caffe.engine.solver import get_solver
 
     folder = Path(workdir).resolve()
     files = prepare(folder, seed)

@@ -14,7 +14,7 @@ wants to see:
    ``caffe.Net(prototxt, caffemodel, caffe.TEST)`` reading the held-out HDF5 file (the deploy model runs in
    the engine's integer emulation, which a deploy caffemodel switches on by itself), and the agreement of
    the fake-quant and deploy predictions;
-6. the per-layer report (:mod:`amct_caffe.workflows.report`) float vs fake-quant vs deploy on a few
+6. the per-layer report (:mod:`amct_caffe.analysis.report`) float vs fake-quant vs deploy on a few
    held-out batches, written to ``<output>/report``.
 
 Layout of the output folder (files are overwritten, nothing else is touched)::
@@ -388,7 +388,7 @@ def _report(result: DemoResult, out_dir: Path, float_model: str, float_weights: 
     """The per-layer report on the first :data:`REPORT_BATCHES` held-out batches: the three nets run their
     own TEST-phase ``HDF5Data`` layers (same file, same order; the report checks that they read identical
     batches); written to ``out_dir`` and printed as a table."""
-    from amct_caffe.workflows import report as report_mod
+    from amct_caffe.analysis import report as report_mod
 
     outcome = report_mod.compare_report(
         float_model, float_weights, fake_model, fake_weights, deploy_model, deploy_weights,

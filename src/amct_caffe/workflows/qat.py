@@ -253,7 +253,7 @@ def _input_shapes(
     the net cannot be built (e.g. data layers whose sources are missing), a WARNING is logged and no shapes
     are returned (``save_quant_retrain_model`` infers them again).
     """
-    from amct_caffe.runtime.shapes import legacy_chw, shape_net
+    from amct_caffe.engine.shapes import legacy_chw, shape_net
 
     with tempfile.TemporaryDirectory(prefix="amct_retrain_shapes_") as scratch:
         probe = caffe_pb2.NetParameter()

@@ -240,7 +240,7 @@ def _input_shapes(
     missing), from the shapes an existing record file holds (written by ``create_quant_retrain_model`` and
     by the retrain layers during training); else none, with a WARNING.
     """
-    from amct_caffe.runtime.shapes import legacy_chw, shape_net
+    from amct_caffe.engine.shapes import legacy_chw, shape_net
 
     engine, problem = shape_net(net, TEST)
     if engine is not None:

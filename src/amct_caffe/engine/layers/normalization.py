@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amct_caffe.engine.layers.base import TEST, Layer, Tensor, register
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, Layer, Tensor, register
 
 
 def _f32(value: float) -> float:

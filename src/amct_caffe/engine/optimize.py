@@ -1,4 +1,4 @@
-"""A faster TEST-phase forward for the engine's :class:`~amct_caffe.runtime.net.Net`, same blob values.
+"""A faster TEST-phase forward for the engine's :class:`~amct_caffe.engine.net.Net`, same blob values.
 
 Caffe runs a deploy net layer by layer: a Convolution, then an in-place BatchNorm (``use_global_stats``),
 an in-place Scale and an in-place ReLU each sweep the whole activation again. When those layers are in
@@ -42,17 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amct_caffe.engine.layers.activation import ReLU, ReLU6
+from amct_caffe.engine.layers.base import TEST, Layer
+from amct_caffe.engine.layers.normalization import BatchNorm, Scale
+from amct_caffe.engine.layers.structure import Concat, Eltwise, Softmax
+from amct_caffe.engine.layers.vision import Convolution, InnerProduct, Pooling
 from amct_caffe.log import get_logger
-from amct_caffe.runtime.layers.activation import ReLU, ReLU6
-from amct_caffe.runtime.layers.base import TEST, Layer
-from amct_caffe.runtime.layers.normalization import BatchNorm, Scale
-from amct_caffe.runtime.layers.structure import Concat, Eltwise, Softmax
-from amct_caffe.runtime.layers.vision import Convolution, InnerProduct, Pooling
 
 if TYPE_CHECKING:
-    from amct_caffe.runtime.net import Net
+    from amct_caffe.engine.net import Net
 
-LOGGER = get_logger("runtime.optimize")
+LOGGER = get_logger("engine.optimize")
 
 Tensor = torch.Tensor
 _CL = torch.channels_last

@@ -2,7 +2,7 @@
 
 :func:`compare_models` runs both saved models of ``save_quant_retrain_model`` in the engine on the same
 inputs and reports, for every blob both nets have, how far apart they are. The deploy net's blobs are read
-as real values first (:func:`amct_caffe.runtime.integer.integer_blob_scales`): a Quant top holds INT8
+as real values first (:func:`amct_caffe.emulation.integer.integer_blob_scales`): a Quant top holds INT8
 codes, read as ``(q - o_d) * s_d``; a quantized layer's top (``<L>_dequant_layer_in``) holds the INT32
 accumulator, read as ``acc * deq_scale``; every other blob is already real.
 
@@ -14,7 +14,7 @@ the relative error and the cosine similarity.
 
 The two models are meant to differ only by float32 rounding (the fake model sums in float32, the deploy
 model exactly in integers) and by the ``Quant`` formula at rounding ties (see
-:mod:`amct_caffe.runtime.integer`): expect ``max_lsb`` well below 1, except where a code flips at a tie,
+:mod:`amct_caffe.emulation.integer`): expect ``max_lsb`` well below 1, except where a code flips at a tie,
 which shows as ``flips`` on the Quant top and as whole input steps times ``|q_w|`` in the layers after
 it. Ties are not as rare as random data suggests: values on a quantization grid (the output of an AVE
 pooling of codes, a clip bound equal to a data maximum) land exactly on them, and there AscendQuant's
@@ -34,20 +34,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from amct_caffe.errors import RuntimeEngineError
-from amct_caffe.log import get_logger
-from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.integer import (
+from amct_caffe.emulation.integer import (
     DEFAULT_QUANT_FORMULA,
     IntegerDeQuant,
     IntegerQuant,
     integer_blob_scales,
     load_deploy_net,
 )
-from amct_caffe.runtime.layers.base import TEST
-from amct_caffe.runtime.net import Net
+from amct_caffe.engine.layers.base import TEST
+from amct_caffe.engine.net import Net
+from amct_caffe.errors import RuntimeEngineError
+from amct_caffe.log import get_logger
+from amct_caffe.proto import caffe_pb2
 
-LOGGER = get_logger("runtime.compare")
+LOGGER = get_logger("analysis.compare")
 
 ModelArg = str | os.PathLike[str] | caffe_pb2.NetParameter
 

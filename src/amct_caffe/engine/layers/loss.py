@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.layers.base import Layer, Tensor, register
+from amct_caffe.engine.layers.structure import canonical_axis
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
-from amct_caffe.runtime.layers.structure import canonical_axis
 
 Norm = caffe_pb2.LossParameter
 FLT_MIN = float(np.finfo(np.float32).tiny)

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
 EltwiseOp = caffe_pb2.EltwiseParameter
 ReductionOp = caffe_pb2.ReductionParameter

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.errors import AmctError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.proto import caffe_pb2
@@ -30,9 +31,8 @@ from amct_caffe.quant.ifmr import ifmr, ifmr_to_clips
 from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, div_exact, round_away
 from amct_caffe.quant.record import update_shapes
 from amct_caffe.quant.ulq import ULQFunction, clip_check
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
-LOGGER = get_logger("runtime.layers.quant")
+LOGGER = get_logger("engine.layers.quant")
 
 #: Attribute set on a clip blob tensor once its values are real (IFMR ran or they were loaded). It travels
 #: with the tensor, so a net that shares the blobs (the solver's test net) does not initialise them again.

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from amct_caffe.engine.layers.base import TEST, Layer, Tensor, register
+from amct_caffe.engine.transform import COLOR, GRAY, DataTransformer, decode_image, hwc_to_chw, resize_linear
 from amct_caffe.errors import RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import TEST, Layer, Tensor, register
-from amct_caffe.runtime.transform import COLOR, GRAY, DataTransformer, decode_image, hwc_to_chw, resize_linear
 
-LOGGER = get_logger("runtime.layers.data_sources")
+LOGGER = get_logger("engine.layers.data_sources")
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ class ImageData(_DataSource):
     ``root_folder`` needs its trailing ``/`` -- relative to the working directory. ``is_color`` reads 3
     channels in OpenCV's **BGR** order (Caffe uses ``cv::imread``; Pillow's RGB is reversed here), else
     1 grey channel. With ``new_height``/``new_width`` (both or neither) the image is resized as OpenCV's
-    bilinear ``cv::resize`` (see :func:`amct_caffe.runtime.transform.resize_linear`; a real OpenCV can
+    bilinear ``cv::resize`` (see :func:`amct_caffe.engine.transform.resize_linear`; a real OpenCV can
     differ by one grey level at some pixels). Then ``transform_param`` applies. Tops: data (batch_size,
     C, H, W) and label (batch_size,). ``shuffle`` shuffles the list at setup and at every wrap (own RNG);
     ``rand_skip`` skips a random number ``< rand_skip`` of lines at setup.
@@ -418,7 +418,7 @@ class ImageData(_DataSource):
         if not self.lines:
             raise self.error(f"the image list '{p.source}' is empty.")
         self.what = f"Layer '{self.name}' (type ImageData)"
-        from amct_caffe.runtime.transform import pillow
+        from amct_caffe.engine.transform import pillow
 
         pillow(self.what)  # fail early, naming the layer, when Pillow is missing
         self.rng = _layer_rng(self)

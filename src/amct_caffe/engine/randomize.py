@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from amct_caffe.runtime.net import Net
+from amct_caffe.engine.net import Net
 
 
 def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:

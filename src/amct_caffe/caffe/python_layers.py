@@ -7,7 +7,7 @@ layers backed by the classes of this module::
 
     amct-caffe pycaffe-rewrite net_fake_quant_model.prototxt net_pycaffe.prototxt
 
-(or :func:`amct_caffe.workflows.pycaffe_rewrite.rewrite_fake_quant_for_pycaffe`). The rewritten layers keep
+(or :func:`amct_caffe.caffe.rewrite.rewrite_fake_quant_for_pycaffe`). The rewritten layers keep
 their names, bottoms and tops, and the DeQuant layers own their three blobs, so the fake-quant caffemodel
 loads unchanged (Caffe matches caffemodel blobs to layers by layer name, Python layers included).
 
@@ -17,7 +17,7 @@ nothing else of amct_caffe (whose package ``__init__`` is lazy). The process the
 ``sys.path`` (e.g. ``PYTHONPATH=<amct-caffe>/src``) and numpy, nothing more.
 
 The formulas are numpy twins of :mod:`amct_caffe.quant.numerics` and of the engine's layers in
-:mod:`amct_caffe.runtime.layers.quant` (which work on torch tensors): one formula, two array libraries, with
+:mod:`amct_caffe.engine.layers.quant` (which work on torch tensors): one formula, two array libraries, with
 the same dtypes and operation order, so both give bit-identical results (tests/test_pycaffe_layers.py checks
 this on random values and exact ties).
 
@@ -96,7 +96,7 @@ def quant_scale_d(scale: float) -> float:
 def offset_byte(value: bytes) -> int:
     """``quant_param.offset`` as AMCT's Quant layer reads it: the first byte as two's-complement int8.
 
-    Twin of the engine's ``amct_caffe.runtime.layers.quant.offset_byte`` (an empty string reads as 0).
+    Twin of the engine's ``amct_caffe.engine.layers.quant.offset_byte`` (an empty string reads as 0).
     """
     if not value:
         return 0
@@ -327,15 +327,15 @@ class _AntiQuantLogic(_FakeQuantLayer):
 
 
 class Quant(_QuantLogic, _LayerBase):
-    """Caffe Python layer ``amct_caffe.pycaffe_layers.Quant``; see :class:`_QuantLogic`."""
+    """Caffe Python layer ``amct_caffe.caffe.python_layers.Quant``; see :class:`_QuantLogic`."""
 
 
 class DeQuant(_DeQuantLogic, _LayerBase):
-    """Caffe Python layer ``amct_caffe.pycaffe_layers.DeQuant``; see :class:`_DeQuantLogic`."""
+    """Caffe Python layer ``amct_caffe.caffe.python_layers.DeQuant``; see :class:`_DeQuantLogic`."""
 
 
 class AntiQuant(_AntiQuantLogic, _LayerBase):
-    """Caffe Python layer ``amct_caffe.pycaffe_layers.AntiQuant``; see :class:`_AntiQuantLogic`."""
+    """Caffe Python layer ``amct_caffe.caffe.python_layers.AntiQuant``; see :class:`_AntiQuantLogic`."""
 
 
 _LOGIC = {"Quant": _QuantLogic, "DeQuant": _DeQuantLogic, "AntiQuant": _AntiQuantLogic}

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amct_caffe.engine import fillers
+from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime import fillers
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
 
 class _Neuron(Layer):

@@ -62,16 +62,16 @@ import torch
 from google.protobuf import message as pb_message
 from tqdm.auto import tqdm
 
+from amct_caffe.engine.device import full_float32
+from amct_caffe.engine.layers.base import TEST, TRAIN
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches
 from amct_caffe.model.io import atomic_write, load_prototxt, parse_prototxt_text, save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.device import full_float32
-from amct_caffe.runtime.layers.base import TEST, TRAIN
-from amct_caffe.runtime.net import Net
 
-LOGGER = get_logger("runtime.solver")
+LOGGER = get_logger("engine.solver")
 
 Tensor = torch.Tensor
 SolverSource = str | os.PathLike | caffe_pb2.SolverParameter
@@ -327,7 +327,7 @@ class Solver:
         self._check_param()
         p = self.param
         if p.random_seed >= 0:
-            from amct_caffe.runtime.fillers import set_random_seed
+            from amct_caffe.engine.fillers import set_random_seed
 
             # Caffe::set_random_seed seeds every generator before the nets (and their fillers) are built
             set_random_seed(int(p.random_seed))

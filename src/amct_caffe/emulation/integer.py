@@ -39,7 +39,7 @@ Semantics (one formula per layer)
   gives ``round_away(-13.5) = -14`` here but ``round_away(0.5) - 14 = -13`` in the fake layer. Inputs on
   a quantization grid (an AVE pooling of codes feeding the next Quant) hit such ties in real models. Set
   ``layer.formula`` on a Quant layer, or pass ``quant_formula=`` to :func:`load_deploy_net` /
-  :func:`~amct_caffe.runtime.compare.compare_models`. A NaN input is coded as the real zero (``o_d``).
+  :func:`~amct_caffe.analysis.compare.compare_models`. A NaN input is coded as the real zero (``o_d``).
 * ``Convolution`` / ``Deconvolution`` / ``InnerProduct``: INT8 codes ``q_x`` (offset ``o_d`` of the Quant
   that produced them), INT8 weights ``q_w`` (``int8_data``), INT32 bias ``b_q`` (``int32_data``), and the
   INT32 accumulator ``acc = sum((q_x - o_d) * q_w) + b_q``: ATC's offset handling (spec §7.2: the conv
@@ -68,7 +68,7 @@ Semantics (one formula per layer)
 
 Blob values are therefore codes (Quant tops), accumulators (the quantized layer's top, i.e.
 ``<L>_dequant_layer_in``) or real values (everything else); :func:`integer_blob_scales` says how to turn
-each into real values, which :mod:`amct_caffe.runtime.compare` uses.
+each into real values, which :mod:`amct_caffe.analysis.compare` uses.
 """
 
 from __future__ import annotations
@@ -83,19 +83,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from amct_caffe.engine.layers.base import TEST, Layer, Tensor
+from amct_caffe.engine.layers.quant import DeQuant, Quant
+from amct_caffe.engine.layers.vision import Convolution, Deconvolution, InnerProduct, Pooling
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError, WeightShapeError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import blob_shape, storage_kind
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, round_away, unpack_deq_scale
-from amct_caffe.runtime.layers.base import TEST, Layer, Tensor
-from amct_caffe.runtime.layers.quant import DeQuant, Quant
-from amct_caffe.runtime.layers.vision import Convolution, Deconvolution, InnerProduct, Pooling
 
 if TYPE_CHECKING:
-    from amct_caffe.runtime.net import Net
+    from amct_caffe.engine.net import Net
 
-LOGGER = get_logger("runtime.integer")
+LOGGER = get_logger("emulation.integer")
 
 #: The two Quant formulas (see the module docstring); ``"caffe"`` is the default.
 QUANT_FORMULAS = ("ascend", "caffe")
@@ -623,8 +623,8 @@ def load_deploy_net(
     Raises:
         ModelFormatError: ``weights`` holds no integer blobs (a float or fake-quant caffemodel).
     """
+    from amct_caffe.engine.net import Net
     from amct_caffe.model.io import load_caffemodel
-    from amct_caffe.runtime.net import Net
 
     source = weights if isinstance(weights, caffe_pb2.NetParameter) else load_caffemodel(weights)
     if not is_deploy_model(source):

@@ -6,7 +6,7 @@ for every output blob of the float net:
 
 * cosine similarity, SNR in dB (``10*log10(sum(ref**2) / sum((ref - x)**2))``) and the largest absolute
   error, for the pairs float vs fake-quant, float vs deploy and fake-quant vs deploy (the last also in
-  output quantization steps, ``max_lsb``, with the steps of :func:`amct_caffe.runtime.compare.output_steps`);
+  output quantization steps, ``max_lsb``, with the steps of :func:`amct_caffe.analysis.compare.output_steps`);
 * the saturation rate of each layer's activation quantizer: the fraction of the ``Quant`` layer's input
   values whose code ``round(x / s_d) + o_d`` falls outside [-128, 127] and is clipped to the bound.
 
@@ -69,17 +69,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from amct_caffe.analysis.compare import feed_inputs, output_steps
+from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, load_deploy_net
+from amct_caffe.engine.layers.base import TEST
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError, ConfigError, RuntimeEngineError
 from amct_caffe.log import get_logger
 from amct_caffe.model.io import AtomicFiles
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, div_exact, round_away
-from amct_caffe.runtime.compare import feed_inputs, output_steps
-from amct_caffe.runtime.integer import DEFAULT_QUANT_FORMULA, load_deploy_net
-from amct_caffe.runtime.layers.base import TEST
-from amct_caffe.runtime.net import Net
 
-LOGGER = get_logger("workflows.report")
+LOGGER = get_logger("analysis.report")
 
 ModelArg = str | os.PathLike[str] | caffe_pb2.NetParameter
 InputBatch = Mapping[str, np.ndarray | torch.Tensor]
@@ -321,7 +321,7 @@ class _SatStats:
         self.low = self.high = self.total = 0
 
     def add(self, x: torch.Tensor) -> None:
-        # the Quant layer's formula (runtime.layers.quant.Quant), before its clamp
+        # the Quant layer's formula (engine.layers.quant.Quant), before its clamp
         codes = round_away(div_exact(x.detach().to(torch.float64), self.scale_d)) + self.offset_d
         self.low += int((codes < INT8_MIN).sum())
         self.high += int((codes > INT8_MAX).sum())
@@ -499,7 +499,7 @@ def compare_report(
         seed: seed of the random inputs and of the positions sampled for the plots.
         device: torch device of the nets (default: the global mode).
         quant_formula: the deploy model's Quant formula, ``"caffe"`` (default) or ``"ascend"``
-            (:mod:`amct_caffe.runtime.integer`).
+            (:mod:`amct_caffe.emulation.integer`).
         progress: show a tqdm bar over the batches (None: only on a terminal).
 
     Returns:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.net import Net
 
 #: Data-layer parameters whose ``batch_size`` sets the batch of their tops.
 _BATCH_SIZE_PARAMS = ("data_param", "image_data_param", "memory_data_param", "hdf5_data_param",

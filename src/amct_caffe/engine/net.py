@@ -14,17 +14,17 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.device import current_device, full_float32
+from amct_caffe.engine.layers.base import TEST, Layer, layer_class
+from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import ModelFormatError, RuntimeEngineError, WeightShapeError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
 from amct_caffe.model.io import load_caffemodel, load_prototxt
 from amct_caffe.model.phase import filter_net
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.device import current_device, full_float32
-from amct_caffe.runtime.layers.base import TEST, Layer, layer_class
-from amct_caffe.runtime.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 
-LOGGER = get_logger("runtime.net")
+LOGGER = get_logger("engine.net")
 
 #: The BlobProto field each blob dtype is saved in (a deploy net's integer blobs keep their storage).
 #: ``uint64_data`` words live in int64 tensors, bit for bit: torch < 2.3 has no uint64 dtype.
@@ -40,7 +40,7 @@ class Net:
         model: a prototxt path or a ``NetParameter`` (V2; a path is upgraded on load).
         phase: ``caffe_pb2.TRAIN`` or ``caffe_pb2.TEST``.
         weights: optional caffemodel path or ``NetParameter`` whose blobs are copied in by layer name.
-        device: torch device; default: the global mode (:mod:`amct_caffe.runtime.device`).
+        device: torch device; default: the global mode (:mod:`amct_caffe.engine.device`).
         level, stages: the NetState used for include/exclude rules.
 
     Raises:
@@ -196,7 +196,7 @@ class Net:
         except ValueError:
             raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
 
-    #: TEST phase: run through the optimised plan of :mod:`amct_caffe.runtime.optimize` (BatchNorm/Scale
+    #: TEST phase: run through the optimised plan of :mod:`amct_caffe.engine.optimize` (BatchNorm/Scale
     #: folding, fused in-place ReLU, packed channels-last convolutions). Every blob keeps the value the
     #: layer-by-layer forward gives, up to float rounding; set False on a net (or the class) to run the
     #: layers exactly as written.
@@ -269,7 +269,7 @@ class Net:
         path = "" if isinstance(weights, caffe_pb2.NetParameter) else str(weights)
         source = weights if isinstance(weights, caffe_pb2.NetParameter) else load_caffemodel(path)
         # A deploy caffemodel (int8/int32/uint64 blobs) first swaps in the integer emulation's layers.
-        from amct_caffe.runtime.integer import prepare_integer_layers
+        from amct_caffe.emulation.integer import prepare_integer_layers
 
         prepare_integer_layers(self, source, path)
         by_name = {layer.name: layer for layer in self.engine_layers}

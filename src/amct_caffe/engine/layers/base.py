@@ -81,7 +81,7 @@ class Layer:
 
     def new_blob(self, shape: Sequence[int], filler: caffe_pb2.FillerParameter | None = None) -> Tensor:
         """A float32 blob of ``shape`` on this layer's device, filled by ``filler`` (default: constant 0)."""
-        from amct_caffe.runtime.fillers import fill
+        from amct_caffe.engine.fillers import fill
 
         blob = torch.empty(tuple(int(s) for s in shape), dtype=torch.float32)
         fill(blob, filler if filler is not None else caffe_pb2.FillerParameter())
@@ -149,4 +149,4 @@ def supported_types() -> list[str]:
 
 def _load_all() -> None:
     # Importing the package registers every layer module (see layers/__init__.py).
-    import amct_caffe.runtime.layers  # noqa: F401
+    import amct_caffe.engine.layers  # noqa: F401

@@ -8,7 +8,7 @@ In GPU mode, arrays of intermediate blobs and parameters are host copies; input 
 their buffers live on the host.
 
 Training: ``caffe.SGDSolver(path)`` (and ``NesterovSolver``, ``AdaGradSolver``, ``RMSPropSolver``,
-``AdaDeltaSolver``, ``AdamSolver``) and ``caffe.get_solver(path)`` wrap :mod:`amct_caffe.runtime.solver`
+``AdaDeltaSolver``, ``AdamSolver``) and ``caffe.get_solver(path)`` wrap :mod:`amct_caffe.engine.solver`
 with facade nets; a TRAIN-phase ``Net`` makes its trained blobs (own ``lr_mult != 0``) require grad at
 construction, as Caffe's ``Net::Init`` decides which parameters get diffs, so ``net.backward()`` after
 ``net.forward()`` fills ``net.params[name][i].diff``.
@@ -24,13 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from amct_caffe.engine import solver as _solver
+from amct_caffe.engine.device import full_float32, set_device, set_mode_cpu, set_mode_gpu
+from amct_caffe.engine.fillers import set_random_seed
+from amct_caffe.engine.layers.base import Layer
+from amct_caffe.engine.net import Net as EngineNet
+from amct_caffe.engine.optimize import note_param_array
 from amct_caffe.errors import RuntimeEngineError
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime import solver as _solver
-from amct_caffe.runtime.device import full_float32
-from amct_caffe.runtime.layers.base import Layer
-from amct_caffe.runtime.net import Net as EngineNet
-from amct_caffe.runtime.optimize import note_param_array
+
+__all__ = [
+    "TEST", "TRAIN", "AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "Blob", "NesterovSolver", "Net",
+    "RMSPropSolver", "SGDSolver", "get_solver", "layer_type_list", "set_device", "set_mode_cpu",
+    "set_mode_gpu", "set_random_seed",
+]
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -370,7 +377,7 @@ class Net(EngineNet):
 
 def layer_type_list() -> list[str]:
     """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``)."""
-    from amct_caffe.runtime.layers.base import supported_types
+    from amct_caffe.engine.layers.base import supported_types
 
     return supported_types()
 
@@ -390,7 +397,7 @@ class SGDSolver(_FacadeNets, _solver.SGDSolver):
 
     ``solver.net`` and ``solver.test_nets`` are facade :class:`Net` objects (``solver.net.copy_from``,
     ``.blobs``, ``.params``); ``solver.iter``, ``step(n)``, ``solve(resume_file=None)``, ``snapshot()``,
-    ``restore(path)`` behave as in pycaffe. The update rules are in :mod:`amct_caffe.runtime.solver`.
+    ``restore(path)`` behave as in pycaffe. The update rules are in :mod:`amct_caffe.engine.solver`.
     """
 
 

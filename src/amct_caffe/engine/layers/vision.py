@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.errors import UnsupportedLayerError
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
 _CodeType = caffe_pb2.PriorBoxParameter
 _FLT_MAX = float(np.finfo(np.float32).max)

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from amct_caffe.engine.fillers import fill
+from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.runtime.fillers import fill
-from amct_caffe.runtime.layers.base import Layer, Tensor, register
 
 
 def _shapes(param_shapes: Sequence[caffe_pb2.BlobShape], count: int, layer: Layer) -> list[tuple[int, ...]]:

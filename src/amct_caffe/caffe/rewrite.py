@@ -2,10 +2,10 @@
 
 AMCT's fake-quant model uses the custom layer types ``Quant``, ``DeQuant`` and ``AntiQuant`` of AMCT's
 patched Caffe. :func:`rewrite_fake_quant_for_pycaffe` turns each of them into a Caffe Python layer backed by
-:mod:`amct_caffe.pycaffe_layers`::
+:mod:`amct_caffe.caffe.python_layers`::
 
     layer { name: "conv1_quant_layer" type: "Python" bottom: "data" top: "conv1_quant_layer"
-            python_param { module: "amct_caffe.pycaffe_layers" layer: "Quant"
+            python_param { module: "amct_caffe.caffe.python_layers" layer: "Quant"
                            param_str: "{\\"offset\\": -3, \\"scale\\": 16.0, ...}" } }
 
 Names, bottoms, tops, phase rules and every other generic field stay, so the fake-quant caffemodel loads
@@ -30,16 +30,16 @@ import math
 import os
 from typing import Any
 
+from amct_caffe.caffe.python_layers import offset_byte
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
 from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.pycaffe_layers import offset_byte
 
-LOGGER = get_logger("workflows.pycaffe_rewrite")
+LOGGER = get_logger("caffe.rewrite")
 
 #: The module Caffe imports for the rewritten layers (``python_param.module``).
-PYCAFFE_LAYERS_MODULE = "amct_caffe.pycaffe_layers"
+PYCAFFE_LAYERS_MODULE = "amct_caffe.caffe.python_layers"
 #: The layer types rewritten, each into the Python layer class of the same name.
 FAKE_QUANT_TYPES = ("Quant", "DeQuant", "AntiQuant")
 #: Layer types that mark a retrain (QAT) model, which must be saved before it can be rewritten.
@@ -146,7 +146,7 @@ def rewrite_fake_quant_for_pycaffe(
     """Rewrite the fake-quant prototxt ``model_in`` into ``model_out`` for a stock pycaffe (Python layers).
 
     The output runs in any Caffe built with ``WITH_PYTHON_LAYER=1`` whose Python can import
-    ``amct_caffe.pycaffe_layers`` (it needs only numpy: e.g. ``PYTHONPATH=<amct-caffe>/src``), with the
+    ``amct_caffe.caffe.python_layers`` (it needs only numpy: e.g. ``PYTHONPATH=<amct-caffe>/src``), with the
     fake-quant caffemodel unchanged. ``model_out`` is written atomically (it may be ``model_in``).
 
     Returns:

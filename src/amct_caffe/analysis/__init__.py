@@ -1,0 +1,1 @@
+"""Per-layer analysis of quantized models: float vs fake-quant vs deploy agreement and the report."""
