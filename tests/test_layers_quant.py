@@ -633,7 +633,7 @@ def test_quant_reconstructs_scale_d_as_double_reciprocal() -> None:
 
 
 def test_quant_offset_byte_and_backward_identity() -> None:
-    from amct_caffe.engine.layers.quant import offset_byte
+    from amct_caffe.quant.numerics import offset_byte
 
     assert offset_byte(b"\xf2") == -14
     assert offset_byte(b"\x80") == -128

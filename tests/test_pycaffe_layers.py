@@ -152,7 +152,7 @@ def test_layers_need_one_bottom_and_one_top() -> None:
 
 
 def test_offset_byte_matches_the_engine() -> None:
-    from amct_caffe.engine.layers.quant import offset_byte as engine_offset_byte
+    from amct_caffe.quant.numerics import offset_byte as engine_offset_byte
 
     for value in (b"", b"\x00", b"\x7f", b"\x80", b"\xf2", b"\xff", b"\x7f\x01", b"\xfd\x00"):
         assert offset_byte(value) == engine_offset_byte(value)

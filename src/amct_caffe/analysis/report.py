@@ -75,9 +75,11 @@ from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError, ConfigError, RuntimeEngineError
 from amct_caffe.log import get_logger
+from amct_caffe.model.graph import producer_index
 from amct_caffe.model.io import AtomicFiles
+from amct_caffe.model.layer_types import DEQUANT, QUANT
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, div_exact, round_away
+from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, quant_codes
 
 LOGGER = get_logger("analysis.report")
 
@@ -321,8 +323,7 @@ class _SatStats:
         self.low = self.high = self.total = 0
 
     def add(self, x: torch.Tensor) -> None:
-        # the Quant layer's formula (engine.layers.quant.Quant), before its clamp
-        codes = round_away(div_exact(x.detach().to(torch.float64), self.scale_d)) + self.offset_d
+        codes = quant_codes(x.detach(), self.scale_d, self.offset_d, clamp=False)
         self.low += int((codes < INT8_MIN).sum())
         self.high += int((codes > INT8_MAX).sum())
         self.total += int(codes.numel())
@@ -346,26 +347,20 @@ class _QuantizedLayer:
     offset_d: int | None
 
 
-def _producer(net: Net, index: int, blob: str) -> int | None:
-    for j in range(index - 1, -1, -1):
-        if blob in net.layer_tops[j]:
-            return j
-    return None
-
-
 def _quantized_layers(net: Net) -> list[_QuantizedLayer]:
     """Every ``DeQuant`` of a fake-quant (or deploy) net with the layer and ``Quant`` before it."""
     out = []
+    params = [layer.param for layer in net.engine_layers]
     for i, layer in enumerate(net.engine_layers):
-        if layer.type_name != "DeQuant":
+        if layer.type_name != DEQUANT:
             continue
-        li = _producer(net, i, net.layer_bottoms[i][0])
+        li = producer_index(params, i, net.layer_bottoms[i][0])
         target = net.engine_layers[li] if li is not None else None
         name = layer.param.dequant_param.object_layer or (target.name if target is not None else layer.name)
         quant, scale_d, offset_d = "", None, None
         if target is not None and li is not None and net.layer_bottoms[li]:
-            qi = _producer(net, li, net.layer_bottoms[li][0])
-            if qi is not None and net.engine_layers[qi].type_name == "Quant":
+            qi = producer_index(params, li, net.layer_bottoms[li][0])
+            if qi is not None and net.engine_layers[qi].type_name == QUANT:
                 q = net.engine_layers[qi]
                 quant, scale_d, offset_d = q.name, float(q.scale_d), int(q.offset_d)  # type: ignore[attr-defined]
         out.append(_QuantizedLayer(name, target.type_name if target is not None else "", layer.param.top[0],
@@ -374,7 +369,7 @@ def _quantized_layers(net: Net) -> list[_QuantizedLayer]:
 
 
 def _quant_indices(net: Net) -> list[int]:
-    return [i for i, layer in enumerate(net.engine_layers) if layer.type_name == "Quant"]
+    return [i for i, layer in enumerate(net.engine_layers) if layer.type_name == QUANT]
 
 
 def _run_observing(net: Net, quants: Sequence[int], stats: Mapping[str, _SatStats]) -> None:

@@ -96,7 +96,7 @@ def quant_scale_d(scale: float) -> float:
 def offset_byte(value: bytes) -> int:
     """``quant_param.offset`` as AMCT's Quant layer reads it: the first byte as two's-complement int8.
 
-    Twin of the engine's ``amct_caffe.engine.layers.quant.offset_byte`` (an empty string reads as 0).
+    Twin of ``amct_caffe.quant.numerics.offset_byte`` (an empty string reads as 0).
     """
     if not value:
         return 0

@@ -30,20 +30,19 @@ import math
 import os
 from typing import Any
 
-from amct_caffe.caffe.python_layers import offset_byte
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
 from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
+from amct_caffe.model.layer_types import ANTI_QUANT, DEQUANT, FAKE_QUANT_TYPES, QUANT, RETRAIN_TYPES
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.quant.numerics import offset_byte
 
 LOGGER = get_logger("caffe.rewrite")
 
 #: The module Caffe imports for the rewritten layers (``python_param.module``).
 PYCAFFE_LAYERS_MODULE = "amct_caffe.caffe.python_layers"
 #: The layer types rewritten, each into the Python layer class of the same name.
-FAKE_QUANT_TYPES = ("Quant", "DeQuant", "AntiQuant")
 #: Layer types that mark a retrain (QAT) model, which must be saved before it can be rewritten.
-_RETRAIN_TYPES = ("ActivationQAT", "WeightQAT")
 #: The AMCT parameter messages a rewritten layer drops (a stock caffe.proto lacks them).
 _AMCT_PARAM_FIELDS = ("quant_param", "dequant_param")
 
@@ -86,11 +85,11 @@ def pycaffe_param_str(layer: caffe_pb2.LayerParameter) -> str:
     Raises:
         ModelFormatError: a Quant layer's scale is not a finite value > 0 (the engine refuses it too).
     """
-    if layer.type == "Quant":
+    if layer.type == QUANT:
         params = _quant_params(layer)
-    elif layer.type == "DeQuant":
+    elif layer.type == DEQUANT:
         params = _dequant_params(layer)
-    elif layer.type == "AntiQuant":
+    elif layer.type == ANTI_QUANT:
         params = {}
     else:
         raise ValueError(f"layer '{layer.name}' of type {layer.type} is not a fake-quant layer")
@@ -108,7 +107,7 @@ def rewrite_net_for_pycaffe(net: caffe_pb2.NetParameter, path: str = "") -> tupl
             ``save_quant_retrain_model`` first), has no fake-quant layer, or a Quant layer is invalid.
     """
     where = f" '{path}'" if path else ""
-    retrain = [layer.name for layer in net.layer if layer.type in _RETRAIN_TYPES]
+    retrain = [layer.name for layer in net.layer if layer.type in RETRAIN_TYPES]
     if retrain:
         raise ModelFormatError(
             f"Model{where} is a retrain (QAT) model (layers {retrain[:4]}); save it with "
@@ -128,7 +127,7 @@ def rewrite_net_for_pycaffe(net: caffe_pb2.NetParameter, path: str = "") -> tupl
         layer.python_param.module = PYCAFFE_LAYERS_MODULE
         layer.python_param.layer = kind
         layer.python_param.param_str = param_str
-        if kind == "DeQuant" and not layer.param:
+        if kind == DEQUANT and not layer.param:
             for _ in range(3):
                 layer.param.add(lr_mult=0.0, decay_mult=0.0)
         counts[kind] += 1

@@ -89,8 +89,18 @@ from amct_caffe.engine.layers.vision import Convolution, Deconvolution, InnerPro
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError, WeightShapeError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import blob_shape, storage_kind
+from amct_caffe.model.graph import producer_index, value_readers
+from amct_caffe.model.layer_types import DEQUANT, QUANT
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, round_away, unpack_deq_scale
+from amct_caffe.quant.numerics import (
+    INT8_MAX,
+    INT8_MIN,
+    INT32_MAX,
+    INT32_MIN,
+    quant_codes,
+    round_away,
+    unpack_deq_scale,
+)
 
 if TYPE_CHECKING:
     from amct_caffe.engine.net import Net
@@ -159,7 +169,7 @@ class IntegerQuant(Layer):
     ``quant_param.scale`` = 1/s_d), ``scale_d`` (``1/(double)scale``, the step of a code) and ``offset_d``.
     """
 
-    type_name = "Quant"
+    type_name = QUANT
     exact_bottoms = 1
     exact_tops = 1
     accepts_integer_blobs = True
@@ -179,9 +189,7 @@ class IntegerQuant(Layer):
             v = u + torch.tensor(float(self.offset_d), dtype=torch.float32, device=x.device)
             q = round_away(v)
         elif self.formula == "caffe":
-            x64 = x.to(torch.float64)
-            q = round_away(x64 / torch.tensor(self.scale_d, dtype=torch.float64, device=x.device))
-            q = q + self.offset_d
+            q = quant_codes(x, self.scale_d, self.offset_d, clamp=False)
         else:
             raise self.error(
                 f"unknown Quant formula {self.formula!r}; use one of {', '.join(QUANT_FORMULAS)}."
@@ -357,7 +365,7 @@ class IntegerDeQuant(Layer):
     and ``offset_w`` must be 0.
     """
 
-    type_name = "DeQuant"
+    type_name = DEQUANT
     exact_bottoms = 1
     exact_tops = 1
     accepts_integer_blobs = True
@@ -431,25 +439,8 @@ def is_deploy_model(source: caffe_pb2.NetParameter) -> bool:
     return bool(integer_layers_of(source))
 
 
-def _producer(net: Net, index: int, blob: str) -> int | None:
-    """Index of the last layer before ``index`` that writes ``blob``."""
-    for j in range(index - 1, -1, -1):
-        if blob in net.engine_layers[j].param.top:
-            return j
-    return None
-
-
-def _readers(net: Net, index: int, blob: str) -> list[int]:
-    """Layers after ``index`` that read the value ``blob`` has after layer ``index`` (an in-place layer
-    reads it and ends the value; a layer writing it without reading it ends it too)."""
-    out = []
-    for j in range(index + 1, len(net.engine_layers)):
-        p = net.engine_layers[j].param
-        if blob in p.bottom:
-            out.append(j)
-        if blob in p.top:
-            break
-    return out
+def _params(net: Net) -> list[caffe_pb2.LayerParameter]:
+    return [layer.param for layer in net.engine_layers]
 
 
 def _fail(path: str, layer: str, message: str) -> WeightShapeError:
@@ -495,14 +486,14 @@ def prepare_integer_layers(
     quants: dict[int, IntegerQuant] = {}
     handled: set[str] = set()
     for di, layer in enumerate(list(layers)):
-        if layer.type_name != "DeQuant" or present.get(layer.name) != ["uint64"]:
+        if layer.type_name != DEQUANT or present.get(layer.name) != ["uint64"]:
             continue
         d_shape = blob_shape(by_src[layer.name].blobs[0])
-        li = _producer(net, di, layer.param.bottom[0])
+        li = producer_index(_params(net), di, layer.param.bottom[0])
         if li is None:
             raise _fail(path, layer.name, "DeQuant has no producer of its bottom.")
         cube = layers[li]
-        qi = _producer(net, li, cube.param.bottom[0]) if len(cube.param.bottom) == 1 else None
+        qi = producer_index(_params(net), li, cube.param.bottom[0]) if len(cube.param.bottom) == 1 else None
         _check_pattern(net, path, layer, cube, qi, present, by_src)
         assert qi is not None
         quant = quants.get(qi)
@@ -536,7 +527,7 @@ def prepare_integer_layers(
                 "such layers."
             )
     for qi, quant in quants.items():
-        for ri in _readers(net, qi, quant.param.top[0]):
+        for ri in value_readers(_params(net), qi, quant.param.top[0]):
             if not isinstance(layers[ri], INTEGER_LAYER_TYPES):
                 raise _fail(
                     path, layers[ri].name,
@@ -545,7 +536,7 @@ def prepare_integer_layers(
                 )
     for li in range(len(layers)):
         if isinstance(layers[li], (_IntegerCube, IntegerPooling)):
-            readers = _readers(net, li, layers[li].param.top[0])
+            readers = value_readers(_params(net), li, layers[li].param.top[0])
             if [type(layers[r]) for r in readers] != [IntegerDeQuant]:
                 raise _fail(
                     path, layers[li].name,
@@ -599,7 +590,7 @@ def _check_pattern(
             f"the DeQuant reads the output of '{cube.name}' (type {cube.type_name}); the integer emulation "
             "supports Convolution, Deconvolution, InnerProduct and Pooling between Quant and DeQuant."
         )
-    if qi is None or net.engine_layers[qi].type_name != "Quant":
+    if qi is None or net.engine_layers[qi].type_name != QUANT:
         who = net.engine_layers[qi].name if qi is not None else "nothing"
         raise _fail(
             path, cube.name,
@@ -687,7 +678,7 @@ def integer_blob_scales(net: Net) -> dict[str, BlobScale]:
             out[layer.param.top[0]] = BlobScale("codes", layer.name, np.array([layer.scale_d]),
                                                 float(layer.offset_d))
         elif isinstance(layer, IntegerDeQuant):
-            li = _producer(net, i, layer.param.bottom[0])
+            li = producer_index(_params(net), i, layer.param.bottom[0])
             if li is None:
                 continue
             deq = layer.deq_scale().numpy().astype(np.float64)

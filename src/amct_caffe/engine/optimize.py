@@ -48,6 +48,7 @@ from amct_caffe.engine.layers.normalization import BatchNorm, Scale
 from amct_caffe.engine.layers.structure import Concat, Eltwise, Softmax
 from amct_caffe.engine.layers.vision import Convolution, InnerProduct, Pooling
 from amct_caffe.log import get_logger
+from amct_caffe.model.batchnorm import global_statistics
 
 if TYPE_CHECKING:
     from amct_caffe.engine.net import Net
@@ -180,10 +181,8 @@ def _affine_of(layer: Layer) -> tuple[Tensor, Tensor]:
     var is kept, so only the last operations round differently). Scale: ``y = x * gamma (+ beta)``.
     """
     if isinstance(layer, BatchNorm):
-        factor = layer.blobs[2].detach()
-        inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
-        mean = (layer.blobs[0].detach() * inv).double()
-        var = (layer.blobs[1].detach() * inv).double()
+        mean, var = global_statistics(*(b.detach() for b in layer.blobs))
+        mean, var = mean.double(), var.double()
         std = torch.sqrt(var + layer.eps)
         a = 1.0 / std
         return a, -mean * a

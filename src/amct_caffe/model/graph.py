@@ -8,7 +8,7 @@ before it. Passes edit the net only through the named helpers here, then read th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2
@@ -256,3 +256,28 @@ def layers_of_type(graph: Graph, types: Iterable[str]) -> list[caffe_pb2.LayerPa
     """The layers whose Caffe type is one of ``types``, in file order."""
     wanted = set(types)
     return [layer for layer in graph if layer.type in wanted]
+
+
+# -- the same producer/reader rule on a plain layer list (nets that are read, not edited) -------------------
+def producer_index(layers: Sequence[caffe_pb2.LayerParameter], index: int, blob: str) -> int | None:
+    """Index of the layer whose output layer ``index`` reads as ``blob``: the last layer before ``index``
+    that writes ``blob`` (an in-place layer counts), or None when no earlier layer writes it."""
+    for j in range(index - 1, -1, -1):
+        if blob in layers[j].top:
+            return j
+    return None
+
+
+def value_readers(layers: Sequence[caffe_pb2.LayerParameter], index: int, blob: str) -> list[int]:
+    """Indices of the layers after ``index`` that read the value ``blob`` holds after layer ``index``.
+
+    A layer that writes ``blob`` ends that value: an in-place layer reads it (and is listed), a layer that
+    writes ``blob`` without reading it is not.
+    """
+    out = []
+    for j in range(index + 1, len(layers)):
+        if blob in layers[j].bottom:
+            out.append(j)
+        if blob in layers[j].top:
+            break
+    return out

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amct_caffe.log import get_logger
+from amct_caffe.model.batchnorm import global_statistics
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.phase import TEST, TRAIN, filter_net
 from amct_caffe.model.weights import Weights
@@ -167,9 +168,7 @@ def _fold_values(
         shapes = ", ".join(str(tuple(b.shape)) for b in bn_blobs)
         return None, None, (f"BatchNorm '{fold.batch_norm}' blobs have shapes {shapes}; folding needs "
                             f"[{channels}], [{channels}], [1]")
-    factor = float(bn_blobs[2].reshape(-1)[0])
-    inv = 0.0 if factor == 0 else 1.0 / factor
-    mean, var = mean_sum * inv, var_sum * inv
+    mean, var = global_statistics(mean_sum, var_sum, bn_blobs[2])
     eps = float(np.float32(bn.batch_norm_param.eps))
 
     gamma, beta = np.ones(channels), np.zeros(channels)

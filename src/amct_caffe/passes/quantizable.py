@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from amct_caffe.errors import ConfigError
 from amct_caffe.model.graph import Graph
+from amct_caffe.model.layer_types import AMCT_LAYER_TYPES
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.config import QAT_LAYER_TYPES, ModelLayer
 
 #: Layer types that AMCT inserts (retrain, calibration, fake-quant and deploy models). A net holding one of
 #: them was already processed by AMCT and must not be quantized again (spec §1.4).
-AMCT_LAYER_TYPES = ("Quant", "DeQuant", "AntiQuant", "ActivationQAT", "WeightQAT", "IFMR", "SearchN")
 
 #: Layers that keep a non-negative input non-negative and that ``default_fixed_min`` looks through:
 #: Dropout is the identity in TEST and scales by 1/(1 - ratio) > 0 in TRAIN (e.g. AlexNet's

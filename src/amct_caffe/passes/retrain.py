@@ -39,6 +39,7 @@ import numpy as np
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
+from amct_caffe.model.layer_types import ACTIVATION_QAT
 from amct_caffe.model.weights import Weights
 from amct_caffe.passes.fuse_bn import phase_views
 from amct_caffe.passes.quantizable import check_not_quantized
@@ -190,7 +191,7 @@ def activation_qat_layer(
     record_file: str,
 ) -> caffe_pb2.LayerParameter:
     """The ``ActivationQAT`` layer of ``group`` (without blobs)."""
-    layer = caffe_pb2.LayerParameter(name=group.name, type="ActivationQAT")
+    layer = caffe_pb2.LayerParameter(name=group.name, type=ACTIVATION_QAT)
     layer.bottom.append(group.bottom)
     layer.top.append(group.name)
     for _ in range(2):

@@ -40,6 +40,7 @@ import numpy as np
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, RecordError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
+from amct_caffe.model.layer_types import ACTIVATION_QAT, WEIGHT_QAT
 from amct_caffe.model.weights import Weights
 from amct_caffe.passes.fuse_bn import BNFold, fuse_bn
 from amct_caffe.proto import caffe_pb2
@@ -48,9 +49,7 @@ from amct_caffe.quant.ulq import clip_check, ulq_record_factors
 
 LOGGER = get_logger("passes.retrain_removal")
 
-ACTIVATION_TYPE = "ActivationQAT"
-WEIGHT_TYPE = "WeightQAT"
-RETRAIN_TYPES = (ACTIVATION_TYPE, WEIGHT_TYPE)
+RETRAIN_TYPES = (ACTIVATION_QAT, WEIGHT_QAT)
 #: The layer types whose input an ``ActivationQAT`` may feed directly (no weights to quantize).
 WEIGHTLESS_QUANT_TYPES = ("Pooling",)
 
@@ -189,9 +188,9 @@ def _activation_consumers(
     """``(quantized layer, its WeightQAT or None)`` for every reader of the ``ActivationQAT``'s output."""
     out = []
     for reader, _ in graph.consumers(act.name, 0):
-        if reader.type == WEIGHT_TYPE:
+        if reader.type == WEIGHT_QAT:
             readers = [layer for layer, _ in graph.consumers(reader.name, 0)]
-            if len(readers) != 1 or readers[0].type == WEIGHT_TYPE or len(readers[0].bottom) != 1:
+            if len(readers) != 1 or readers[0].type == WEIGHT_QAT or len(readers[0].bottom) != 1:
                 names = ", ".join(f"'{r.name}'" for r in readers) or "none"
                 raise ModelFormatError(
                     f"WeightQAT '{reader.name}' of {where} must be read by exactly one one-input layer (the "
@@ -300,7 +299,7 @@ def read_retrain_factors(graph: Graph, weights: Weights, weights_file: str = "")
     factors: dict[str, WeightFactors] = {}
     fed: set[str] = set()
     for act in retrain:
-        if act.type != ACTIVATION_TYPE:
+        if act.type != ACTIVATION_QAT:
             continue
         if len(act.bottom) != 1 or len(act.top) != 1 or act.top[0] == act.bottom[0]:
             raise ModelFormatError(
@@ -331,7 +330,7 @@ def read_retrain_factors(graph: Graph, weights: Weights, weights_file: str = "")
             float(s_d.reshape(-1)[0]), int(o_d.reshape(-1)[0]),
         ))
     for wts in retrain:
-        if wts.type == WEIGHT_TYPE and wts.name not in fed:
+        if wts.type == WEIGHT_QAT and wts.name not in fed:
             raise ModelFormatError(
                 f"WeightQAT '{wts.name}' of {where} does not read the output of an ActivationQAT; weights "
                 "are quantized only together with their layer's input. Give the retrain model written by "

@@ -222,6 +222,39 @@ def fake_quant_data(
     return dequantize(int8_codes(x, s_d, o_d, rounding), as_tensor(s_d, like=x), o_d)
 
 
+# -- the Quant layer -------------------------------------------------------------------------------------
+def quant_step(scale: float) -> float:
+    """``s_d`` as AMCT's ``Quant`` layer recovers it from ``quant_param.scale`` (which holds ``1/s_d``).
+
+    The field is float32: the value is rounded to float32 first (a JSON number or a hand-written value may
+    carry more digits), then widened exactly to double and inverted in double (spec §6.2). The caller checks
+    that the float32 value is finite and > 0.
+    """
+    return 1.0 / float(np.float32(scale))
+
+
+def offset_byte(value: bytes) -> int:
+    """``quant_param.offset`` as AMCT's ``Quant`` layer reads it: the first byte as two's-complement int8
+    (an empty string reads as 0)."""
+    if not value:
+        return 0
+    b = value[0]
+    return b - 256 if b > INT8_MAX else b
+
+
+def quant_codes(x: Tensor, scale_d: float, offset_d: int, clamp: bool = True) -> Tensor:
+    """The ``Quant`` layer's INT8 codes ``clamp(round_away(x / s_d) + o_d, -128, 127)`` (spec §6.2).
+
+    Computed in double precision from ``x`` (as the patched Caffe's quant layer does), returned as a float64
+    tensor of integer values. ``clamp=False`` gives the codes before the clamp, which tell saturation.
+    The engine's ``Quant``, the deploy emulation's ``Quant`` (its default formula) and the report's
+    saturation counter all call this function; ``amct_caffe.caffe.python_layers`` holds a numpy twin that a
+    test keeps equal to it.
+    """
+    q = round_away(div_exact(x.to(torch.float64), scale_d)) + offset_d
+    return torch.clamp(q, INT8_MIN, INT8_MAX) if clamp else q
+
+
 # -- bias and deq_scale ------------------------------------------------------------------------------------
 def deq_scale(s_d: ArrayLike, s_w: ArrayLike) -> Tensor:
     """``deq_scale[c] = s_d * s_w[c]`` as float32 (spec §8.3), one value per entry of ``s_w``.

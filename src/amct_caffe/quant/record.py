@@ -37,11 +37,9 @@ from amct_caffe.errors import RecordError, where
 from amct_caffe.log import get_logger
 from amct_caffe.model.io import atomic_write
 from amct_caffe.proto import amct_pb2
+from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN
 
 LOGGER = get_logger("quant.record")
-
-INT8_MIN = -128
-INT8_MAX = 127
 
 #: Serialises read-modify-write cycles on record files within this process (two nets -- e.g. the solver's
 #: TRAIN and TEST nets -- may update the same file on their first forwards).

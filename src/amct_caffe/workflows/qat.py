@@ -11,6 +11,7 @@ from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, atomic_write, load_caffemodel, load_prototxt, prototxt_text
+from amct_caffe.model.layer_types import ACTIVATION_QAT
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import weights_from_net, weights_to_net
 from amct_caffe.passes.fuse_bn import fuse_bn
@@ -259,7 +260,7 @@ def _input_shapes(
         probe = caffe_pb2.NetParameter()
         probe.CopyFrom(net)
         for layer in probe.layer:
-            if layer.type == "ActivationQAT":
+            if layer.type == ACTIVATION_QAT:
                 # Fixed clips: no IFMR initialisation on the placeholder values of the shape pass.
                 p = layer.retrain_data_quant_param
                 p.record_file_path = os.path.join(scratch, "record.txt")

@@ -79,6 +79,16 @@ class Layer:
         """A ModelFormatError that names this layer and its type."""
         return ModelFormatError(f"Layer '{self.name}' (type {self.type_name}): {message}")
 
+    def canonical_axis(self, axis: int, num_axes: int, what: str = "axis") -> int:
+        """Caffe's ``Blob::CanonicalAxisIndex``: ``axis`` in ``[-num_axes, num_axes)``, negatives counted
+        from the end; out of range is an error naming this layer."""
+        if not -num_axes <= axis < num_axes:
+            raise self.error(
+                f"{what} {axis} is out of range for a {num_axes}-D bottom blob; use a value in "
+                f"[{-num_axes}, {num_axes - 1}]."
+            )
+        return axis + num_axes if axis < 0 else axis
+
     def new_blob(self, shape: Sequence[int], filler: caffe_pb2.FillerParameter | None = None) -> Tensor:
         """A float32 blob of ``shape`` on this layer's device, filled by ``filler`` (default: constant 0)."""
         from amct_caffe.engine.fillers import fill

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from amct_caffe.engine.layers.base import Layer, Tensor, register
-from amct_caffe.engine.layers.structure import canonical_axis
 from amct_caffe.proto import caffe_pb2
 
 Norm = caffe_pb2.LossParameter
@@ -88,7 +87,7 @@ def _class_split(
     layer: Layer, shape: tuple[int, ...], axis_param: int, label: Tensor
 ) -> tuple[int, int, int]:
     """(outer, classes, inner) counts of predictions split at the class axis; one label per outer*inner."""
-    axis = canonical_axis(layer, axis_param, len(shape))
+    axis = layer.canonical_axis(axis_param, len(shape))
     outer, classes, inner = _count(shape, 0, axis), shape[axis], _count(shape, axis + 1)
     if outer * inner != label.numel():
         raise layer.error(

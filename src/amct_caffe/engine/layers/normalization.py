@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from amct_caffe.engine.layers.base import TEST, Layer, Tensor, register
+from amct_caffe.model.batchnorm import global_statistics
 from amct_caffe.proto import caffe_pb2
 
 
@@ -27,14 +28,6 @@ def _constant(value: float) -> caffe_pb2.FillerParameter:
     return caffe_pb2.FillerParameter(type="constant", value=value)
 
 
-def _canonical_axis(layer: Layer, axis: int, ndim: int, what: str) -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: ``axis`` in ``[-ndim, ndim)``, negatives counted from the end."""
-    if not -ndim <= axis < ndim:
-        raise layer.error(
-            f"{what} {axis} is out of range for a bottom with {ndim} axes; use a value in [{-ndim}, {ndim})."
-        )
-    return axis % ndim
-
 
 def _broadcastable(layer: Layer, t: Tensor, x: Tensor, axis_param: int, what: str) -> Tensor:
     """``t`` viewed so that it multiplies/adds onto ``x`` starting at axis ``axis_param`` of ``x``.
@@ -45,7 +38,7 @@ def _broadcastable(layer: Layer, t: Tensor, x: Tensor, axis_param: int, what: st
     """
     if t.dim() == 0:
         return t
-    axis = _canonical_axis(layer, axis_param, x.dim(), "axis")
+    axis = layer.canonical_axis(axis_param, x.dim(), "axis")
     span = tuple(x.shape[axis : axis + t.dim()])
     if x.dim() < axis + t.dim() or span != tuple(t.shape):
         raise layer.error(
@@ -57,7 +50,7 @@ def _broadcastable(layer: Layer, t: Tensor, x: Tensor, axis_param: int, what: st
 
 def _param_shape(layer: Layer, x: Tensor, axis_param: int, num_axes: int) -> tuple[int, ...]:
     """The learned blob's shape for Scale/Bias with one bottom: ``x.shape[axis : axis + num_axes]``."""
-    axis = _canonical_axis(layer, axis_param, x.dim(), "axis")
+    axis = layer.canonical_axis(axis_param, x.dim(), "axis")
     if num_axes < -1:
         raise layer.error(f"num_axes is {num_axes}; it must be >= 0, or -1 for all axes from `axis` on.")
     if num_axes >= 0 and x.dim() < axis + num_axes:
@@ -120,10 +113,7 @@ class BatchNorm(Layer):
             )
         view = (1, self.channels) + (1,) * (x.dim() - 2)
         if self.use_global_stats:
-            factor = self.blobs[2].detach()
-            inv = torch.where(factor == 0, torch.zeros_like(factor), 1.0 / factor)
-            mean = self.blobs[0].detach() * inv
-            var = self.blobs[1].detach() * inv
+            mean, var = global_statistics(*(b.detach() for b in self.blobs))
             std = torch.sqrt(var + self.eps)
             return [(x - mean.view(view)) / std.view(view)]
         dims = [0] + list(range(2, x.dim()))

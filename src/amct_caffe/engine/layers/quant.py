@@ -25,10 +25,16 @@ import torch
 from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.errors import AmctError, UnsupportedLayerError
 from amct_caffe.log import get_logger
+from amct_caffe.model.layer_types import ACTIVATION_QAT, ANTI_QUANT, DEQUANT, QUANT, WEIGHT_QAT
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.arq import WEIGHT_CHANNEL_AXIS, arq_fake_quant
 from amct_caffe.quant.ifmr import ifmr, ifmr_to_clips
-from amct_caffe.quant.numerics import INT8_MAX, INT8_MIN, div_exact, round_away
+from amct_caffe.quant.numerics import (
+    offset_byte,
+    quant_codes,
+    quant_step,
+    round_away,
+)
 from amct_caffe.quant.record import update_shapes
 from amct_caffe.quant.ulq import ULQFunction, clip_check
 
@@ -82,7 +88,7 @@ def _straight_through(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # ActivationQAT
 # ---------------------------------------------------------------------------------------------------
-@register("ActivationQAT")
+@register(ACTIVATION_QAT)
 class ActivationQAT(Layer):
     """ULQ activation retrain layer (spec §3.4-3.5).
 
@@ -245,7 +251,7 @@ def _make_ste_hook(tensor_ref: weakref.ref[Tensor]) -> Callable[[Tensor], None]:
     return hook
 
 
-@register("WeightQAT")
+@register(WEIGHT_QAT)
 class WeightQAT(Layer):
     """ARQ weight retrain layer (spec §3.6; /work/notes/qat_design.md).
 
@@ -363,15 +369,7 @@ class WeightQAT(Layer):
 # ---------------------------------------------------------------------------------------------------
 # Fake-quant model layers
 # ---------------------------------------------------------------------------------------------------
-def offset_byte(value: bytes) -> int:
-    """``quant_param.offset`` as the layer reads it: the first byte as two's-complement int8 (empty: 0)."""
-    if not value:
-        return 0
-    b = value[0]
-    return b - 256 if b > INT8_MAX else b
-
-
-@register("Quant")
+@register(QUANT)
 class Quant(Layer):
     """Activation quantize, float emulation (spec §6.2).
 
@@ -393,19 +391,18 @@ class Quant(Layer):
                 f"quant_param.scale is {scale}; it must be 1/scale_d, a finite value > 0 (set quant_param "
                 "{ scale: ... })."
             )
-        self.scale_d = 1.0 / scale  # float32 scale widened to double, as the Caffe layer does
+        self.scale_d = quant_step(scale)
         self.offset_d = offset_byte(p.offset)
 
     def _quantize(self, x: Tensor) -> Tensor:
-        x64 = x.to(torch.float64)
-        q = torch.clamp(round_away(div_exact(x64, self.scale_d)) + self.offset_d, INT8_MIN, INT8_MAX)
+        q = quant_codes(x, self.scale_d, self.offset_d)
         return ((q - self.offset_d) * self.scale_d).to(x.dtype)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         return [_straight_through(bottoms[0], self._quantize)]
 
 
-@register("DeQuant")
+@register(DEQUANT)
 class DeQuant(Layer):
     """Dequantize, float emulation (spec §6.3).
 
@@ -460,7 +457,7 @@ class DeQuant(Layer):
         return [_straight_through(x, self._shift_n)]
 
 
-@register("AntiQuant")
+@register(ANTI_QUANT)
 class AntiQuant(Layer):
     """INT8 to float on the NPU (AscendAntiQuant); the identity in the float model (spec §3.1)."""
 

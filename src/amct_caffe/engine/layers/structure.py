@@ -25,15 +25,6 @@ EltwiseOp = caffe_pb2.EltwiseParameter
 ReductionOp = caffe_pb2.ReductionParameter
 
 
-def canonical_axis(layer: Layer, axis: int, num_axes: int, what: str = "axis") -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: ``axis`` in ``[-num_axes, num_axes)``, negatives from the end."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(
-            f"{what} {axis} is out of range for a {num_axes}-D bottom blob; use a value in "
-            f"[{-num_axes}, {num_axes - 1}]."
-        )
-    return axis + num_axes if axis < 0 else axis
-
 
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in t.shape)
@@ -123,7 +114,7 @@ class Concat(Layer):
             if not 0 <= dim < num_axes:
                 raise self.error(f"concat_dim {p.concat_dim} is out of range for {num_axes}-D bottoms.")
             return dim
-        return canonical_axis(self, p.axis, num_axes)
+        return self.canonical_axis(p.axis, num_axes)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         ref = _shape(bottoms[0])
@@ -171,7 +162,7 @@ class Slice(Layer):
             if not 0 <= axis < len(shape):
                 raise self.error(f"slice_dim {p.slice_dim} is out of range for a {len(shape)}-D bottom.")
         else:
-            axis = canonical_axis(self, p.axis, len(shape))
+            axis = self.canonical_axis(p.axis, len(shape))
         dim = shape[axis]
         ntop = len(self.param.top)
         points = [int(v) for v in p.slice_point]
@@ -250,8 +241,8 @@ class Flatten(Layer):
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         shape = _shape(bottoms[0])
         p = self.param.flatten_param
-        start = canonical_axis(self, p.axis, len(shape))
-        end = canonical_axis(self, p.end_axis, len(shape), "end_axis")
+        start = self.canonical_axis(p.axis, len(shape))
+        end = self.canonical_axis(p.end_axis, len(shape), "end_axis")
         if end + 1 < start:
             raise self.error(f"end_axis {p.end_axis} comes before axis {p.axis}; use end_axis >= axis - 1.")
         top = shape[:start] + (_count(shape, start, end + 1),) + shape[end + 1:]
@@ -349,7 +340,7 @@ class Crop(Layer):
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         p = self.param.crop_param
         n = len(_shape(bottoms[0]))
-        start = canonical_axis(self, p.axis, n)
+        start = self.canonical_axis(p.axis, n)
         if len(p.offset) > 1 and start + len(p.offset) != n:
             raise self.error(
                 f"gives {len(p.offset)} offsets for {n - start} cropped axes (axis {start} to {n - 1}); give "
@@ -360,7 +351,7 @@ class Crop(Layer):
         p = self.param.crop_param
         src, ref = _shape(bottoms[0]), _shape(bottoms[1])
         n = len(src)
-        start = canonical_axis(self, p.axis, n)
+        start = self.canonical_axis(p.axis, n)
         if len(p.offset) > 1 and start + len(p.offset) != n:
             raise self.error(f"gives {len(p.offset)} offsets but bottom 0 has {n - start} axes to crop.")
         if len(ref) < n:
@@ -401,7 +392,7 @@ class Tile(Layer):
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         p = self.param.tile_param
         shape = _shape(bottoms[0])
-        axis = canonical_axis(self, p.axis, len(shape))
+        axis = self.canonical_axis(p.axis, len(shape))
         reps = [1] * len(shape)
         reps[axis] = int(p.tiles)
         return [bottoms[0].repeat(*reps)]
@@ -428,7 +419,7 @@ class Reduction(Layer):
         p = self.param.reduction_param
         x = bottoms[0]
         shape = _shape(x)
-        axis = canonical_axis(self, p.axis, len(shape))
+        axis = self.canonical_axis(p.axis, len(shape))
         num, dim = _count(shape, 0, axis), _count(shape, axis)
         flat = x.reshape(num, dim)
         if p.operation == ReductionOp.ASUM:
@@ -472,7 +463,7 @@ class ArgMax(Layer):
     def _check(self, shape: tuple[int, ...]) -> int | None:
         p = self.param.argmax_param
         if p.HasField("axis"):
-            axis = canonical_axis(self, p.axis, len(shape))
+            axis = self.canonical_axis(p.axis, len(shape))
             if p.top_k > shape[axis]:
                 raise self.error(
                     f"top_k {p.top_k} is larger than the size {shape[axis]} of axis {axis}; it must be less "
@@ -528,7 +519,7 @@ class Softmax(Layer):
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
-        axis = canonical_axis(self, self.param.softmax_param.axis, x.dim())
+        axis = self.canonical_axis(self.param.softmax_param.axis, x.dim())
         return [torch.softmax(x, dim=axis)]
 
 

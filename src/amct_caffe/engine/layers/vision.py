@@ -28,15 +28,6 @@ def _unsupported(layer: Layer, message: str) -> UnsupportedLayerError:
     return UnsupportedLayerError(f"Layer '{layer.name}' (type {layer.type_name}): {message}")
 
 
-def _canonical_axis(layer: Layer, axis: int, num_axes: int, what: str) -> int:
-    """Caffe's ``Blob::CanonicalAxisIndex``: a negative axis counts from the end."""
-    if not -num_axes <= axis < num_axes:
-        raise layer.error(
-            f"{what} {axis} is out of range for a bottom with {num_axes} axes; use an axis in "
-            f"[{-num_axes}, {num_axes})."
-        )
-    return axis + num_axes if axis < 0 else axis
-
 
 # ---------------------------------------------------------------------------------------------------
 # Convolution / Deconvolution
@@ -97,7 +88,7 @@ class _ConvolutionBase(Layer):
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         p = self.param.convolution_param
         x = bottoms[0]
-        axis = _canonical_axis(self, int(p.axis), x.dim(), "axis")
+        axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
         if axis != 1:
             raise _unsupported(
                 self, f"axis {p.axis} puts the channel axis at {axis}; only axis 1 (N, C, H, W) is supported."
@@ -257,7 +248,7 @@ class InnerProduct(Layer):
         self.num_output = int(p.num_output)
         if self.num_output <= 0:
             raise self.error("num_output must be greater than 0.")
-        self.axis = _canonical_axis(self, int(p.axis), x.dim(), "axis")
+        self.axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
         self.k = math.prod(int(d) for d in x.shape[self.axis:])
         self.transpose = bool(p.transpose)
         self.bias_term = bool(p.bias_term)
