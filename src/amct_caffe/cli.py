@@ -32,7 +32,6 @@ CALIBRATION_MESSAGE = (
     "post-training quantization (calibration) is not implemented yet in amct-caffe; use the QAT flow "
     "(amct-caffe retrain-config/retrain-model/train/save-retrain)"
 )
-SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,10 +127,6 @@ def _check_file(path: str | None, option: str) -> None:
         raise ConfigError(f"{option}: file '{path}' does not exist")
 
 
-def _shape_text(shape: Sequence[int]) -> str:
-    return "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # subcommands: AMCT's QAT API
 # ---------------------------------------------------------------------------------------------------------
@@ -168,17 +163,12 @@ def cmd_save_retrain(args: argparse.Namespace) -> int:
     every factor recomputed from the retrained weights (amct.save_quant_retrain_model). --save-type is
     Fakequant, Deploy or Both; --save-path is a folder plus a file-name prefix."""
     from amct_caffe import amct
+    from amct_caffe.workflows.save import output_paths
 
     amct.save_quant_retrain_model(args.model, args.weights, args.save_type, args.save_path, args.record,
                                   args.config)
-    suffixes = []
-    if args.save_type in ("Fakequant", "Both"):
-        suffixes += ["fake_quant_model.prototxt", "fake_quant_weights.caffemodel"]
-    if args.save_type in ("Deploy", "Both"):
-        suffixes += ["deploy_model.prototxt", "deploy_weights.caffemodel"]
-    record = args.record or f"{args.save_path}_scale_offset_record.txt"
     print(f"saved ({args.save_type}):")
-    for path in [f"{args.save_path}_{s}" for s in suffixes] + [record]:
+    for _, path in output_paths(args.save_path, args.save_type, args.record).all():
         print(f"  {path}")
     return 0
 
@@ -272,112 +262,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _param_summary(lp: Any, blobs: Sequence[Any]) -> str:
-    """A short summary of a layer's main parameters and of its learnable blobs."""
-    parts: list[str] = []
-    kind = lp.type
-    if kind in ("Convolution", "Deconvolution"):
-        p = lp.convolution_param
-
-        def rep(values: Sequence[int], h: int, w: int, has_hw: bool, default: int) -> str:
-            if has_hw:
-                return f"{h}x{w}"
-            vals = list(values) or [default]
-            return "x".join(str(v) for v in vals)
-
-        parts.append(f"out {p.num_output}")
-        parts.append("k " + rep(p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h"), 0))
-        stride = rep(p.stride, p.stride_h, p.stride_w, p.HasField("stride_h"), 1)
-        pad = rep(p.pad, p.pad_h, p.pad_w, p.HasField("pad_h"), 0)
-        if stride != "1":
-            parts.append(f"s {stride}")
-        if pad != "0":
-            parts.append(f"p {pad}")
-        if p.group != 1:
-            parts.append(f"g {p.group}")
-        if list(p.dilation) and any(d != 1 for d in p.dilation):
-            parts.append("d " + "x".join(str(d) for d in p.dilation))
-    elif kind == "InnerProduct":
-        parts.append(f"out {lp.inner_product_param.num_output}")
-    elif kind == "Pooling":
-        from amct_caffe.proto import caffe_pb2
-
-        p = lp.pooling_param
-        method = caffe_pb2.PoolingParameter.PoolMethod.Name(p.pool)
-        if p.global_pooling:
-            parts.append(f"{method} global")
-        else:
-            k = f"{p.kernel_h}x{p.kernel_w}" if p.HasField("kernel_h") else str(p.kernel_size)
-            s = f"{p.stride_h}x{p.stride_w}" if p.HasField("stride_h") else str(p.stride)
-            parts.append(f"{method} k {k} s {s}" + (f" p {p.pad}" if p.pad else ""))
-    if blobs:
-        count = sum(int(b.numel()) for b in blobs)
-        parts.append(", ".join(_shape_text(tuple(b.shape)) for b in blobs) + f" ({count:,})")
-    return "; ".join(parts) if parts else "-"
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     """List the layers of a net: name, type, bottom -> top blob shapes (the engine's shape pass at the
     prototxt's batch size), a parameter summary, and whether QAT can quantize the layer (and why not)."""
-    from amct_caffe.model.graph import Graph
-    from amct_caffe.model.io import load_prototxt
-    from amct_caffe.model.phase import filter_net
-    from amct_caffe.passes.quantizable import AMCT_LAYER_TYPES, check_not_quantized, unsupported_reason
     from amct_caffe.proto import caffe_pb2
     from amct_caffe.quant.config import QAT_LAYER_TYPES
+    from amct_caffe.workflows.inspect import inspect_net, shape_text
 
-    phase = caffe_pb2.TRAIN if args.phase == "TRAIN" else caffe_pb2.TEST
     _check_file(args.model, "MODEL")
-    net_param = load_prototxt(args.model)
-    view = filter_net(net_param, phase, path=args.model)
-    graph = Graph(view, path=args.model)
-    already: str | None = None
-    try:
-        check_not_quantized(graph)
-    except ConfigError:
-        already = "quantized"
-    engine = None
-    if not args.no_shapes:
-        from amct_caffe.engine.net import Net
+    phase = caffe_pb2.TRAIN if args.phase == "TRAIN" else caffe_pb2.TEST
+    summary = inspect_net(args.model, phase, build=not args.no_shapes)
 
-        engine = Net(args.model, phase)
-
-    def shapes_of(names: Sequence[str]) -> str:
-        if engine is None:
-            return ", ".join(names)
-        return ", ".join(f"{n} {_shape_text(tuple(engine.tensor(n).shape))}" for n in names)
+    def blobs(infos: Sequence[Any]) -> str:
+        return ", ".join(f"{b.name} {shape_text(b.shape)}".strip() for b in infos)
 
     rows = [("layer", "type", "bottom -> top", "params", "QAT")]
-    quantizable: list[str] = []
-    total_params = 0
-    for i, lp in enumerate(view.layer):
-        blobs = engine.engine_layers[i].blobs if engine is not None else []
-        total_params += sum(int(b.numel()) for b in blobs)
-        if already is not None:
-            qat = "AMCT layer" if lp.type in AMCT_LAYER_TYPES else "-"
-        elif lp.type not in QAT_LAYER_TYPES:
-            qat = "no"
-        else:
-            reason = unsupported_reason(graph, lp.name)
-            qat = "yes" if reason is None else f"no: {reason}"
-            if reason is None:
-                quantizable.append(lp.name)
-        flow = f"{shapes_of(list(lp.bottom))} -> {shapes_of(list(lp.top))}".strip()
-        rows.append((lp.name, lp.type, flow, _param_summary(lp, blobs), qat))
+    rows += [(layer.name, layer.type, f"{blobs(layer.bottoms)} -> {blobs(layer.tops)}".strip(), layer.params,
+              layer.qat) for layer in summary.layers]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     for n, row in enumerate(rows):
         print("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:4])) + "  " + row[4])
         if n == 0:
             print("  ".join("-" * w for w in widths) + "  " + "-" * 3)
-    phase_name = "TRAIN" if phase == caffe_pb2.TRAIN else "TEST"
-    learnable = f", {total_params:,} learnable values" if engine is not None else ""
-    print(f"{view.name or Path(args.model).stem} ({phase_name} phase): {len(view.layer)} layer(s){learnable}")
-    if already is not None:
+    learnable = f", {summary.learnable:,} learnable values" if summary.shapes_known else ""
+    print(f"{summary.name or Path(args.model).stem} ({summary.phase} phase): {len(summary.layers)} layer(s)"
+          f"{learnable}")
+    if summary.already_quantized:
         print("QAT: this model already holds AMCT layers; give the original float model to quantize it")
     else:
+        quantizable = summary.quantizable
         print(f"QAT can quantize {len(quantizable)} layer(s)"
               f"{': ' + ', '.join(quantizable) if quantizable else ''} "
-              f"(types {', '.join(QAT_LAYER_TYPES)}; spec section 2.1)")
+              f"(types {', '.join(QAT_LAYER_TYPES)})")
     return 0
 
 
