@@ -20,7 +20,8 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import caffe
-from amct_caffe.analysis.compare import compare_models, format_agreement
+from amct_caffe.analysis.compare import compare_models
+from amct_caffe.analysis.render import format_agreement
 from amct_caffe.emulation.integer import (
     IntegerConvolution,
     IntegerDeQuant,

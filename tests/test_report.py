@@ -1,8 +1,8 @@
-"""The per-layer compare report (workflows.report): float vs fake-quant vs deploy.
+"""The per-layer compare report (analysis.report): float vs fake-quant vs deploy.
 
 The model pairs are produced here through the real QAT flow (create_quant_retrain_config ->
 create_quant_retrain_model -> two TRAIN forwards of the retrain net -> net.save -> save_quant_retrain_model
-'Both'), on a small net built here and on MTCNN's P-Net of ../shared/models. Every number of report.json is
+'Both'), on a small net built here and on MTCNN's P-Net of the shared models. Every number of report.json is
 checked against a direct computation: the three models run here with ``amct_caffe.caffe.Net`` and numpy
 formulas for cosine / SNR / max abs error, and the saturation counted from the record's scale_d/offset_d.
 """
@@ -10,7 +10,6 @@ formulas for cosine / SNR / max abs error, and the saturation counted from the r
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe import amct, caffe
+from amct_caffe.analysis import render
 from amct_caffe.analysis import report as rep
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
@@ -240,7 +240,7 @@ def test_small_net_report_matches_direct_computation(small, tmp_path):
     # the fake-quant and deploy models agree to well below one output step (analysis.compare)
     for entry in data["layers"]:
         assert entry["fake_vs_deploy"]["max_lsb"] < 0.5
-    table = rep.format_table(result)
+    table = render.format_table(result)
     assert all(name in table for name in SMALL_QUANTIZED + ["prob"])
 
 
@@ -271,13 +271,13 @@ def test_threshold_names_the_expected_layers(small):
     assert expected  # 8-bit quantization of this net is visible at five nines
     high = rep.compare_report(*model_args(small), inputs={"data": x}, threshold=threshold, progress=False)
     assert high.skip_candidates == expected
-    table = rep.format_table(high)
+    table = render.format_table(high)
     assert "candidates to skip" in table and "retrain_enable" in table
     assert all(f"*{name}" in table for name in expected)
     assert rep.compare_report(*model_args(small), inputs={"data": x}, threshold=1.5,
                               progress=False).skip_candidates == SMALL_QUANTIZED
     low = rep.compare_report(*model_args(small), inputs={"data": x}, threshold=0.0, progress=False)
-    assert low.skip_candidates == [] and "no layer below" in rep.format_table(low)
+    assert low.skip_candidates == [] and "no layer below" in render.format_table(low)
     assert high.to_dict()["skip_hint"] and not low.to_dict()["skip_hint"]
 
 
@@ -327,22 +327,6 @@ def test_data_layers_mode(small, tmp_path):
     torch.manual_seed(0)
     with pytest.raises(RuntimeEngineError, match="different"):
         rep.compare_report(*model_args(paths), progress=False)
-
-
-def test_metric_conventions():
-    same = rep._PairStats()
-    same.add(torch.ones(3), torch.ones(3))
-    m = same.metrics()
-    assert m is not None and m.cosine == 1.0 and m.snr_db == math.inf and m.max_abs == 0.0
-    zero_ref = rep._PairStats()
-    zero_ref.add(torch.zeros(3), torch.tensor([0.0, 1.0, 0.0]))
-    m = zero_ref.metrics()
-    assert m is not None and m.cosine == 0.0 and m.snr_db == -math.inf and m.max_abs == 1.0
-    both_zero = rep._PairStats()
-    both_zero.add(torch.zeros(2), torch.zeros(2))
-    assert both_zero.metrics().cosine == 1.0  # type: ignore[union-attr]
-    # strict JSON: non-finite numbers become strings
-    assert rep._json_safe({"a": [math.inf, -math.inf, math.nan, 1.5]}) == {"a": ["inf", "-inf", "nan", 1.5]}
 
 
 def test_errors(small, tmp_path, monkeypatch):

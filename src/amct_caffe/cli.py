@@ -305,7 +305,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cosine similarity, SNR, largest error and the activation quantizers' saturation; writes report.json,
     report.html and plots into --output and prints the table. Without --input, nets with Input blobs get
     random inputs (numerics, not accuracy) and nets with data layers read their own data."""
-    from amct_caffe.analysis import report
+    from amct_caffe.analysis import render, report
 
     if (args.deploy_model is None) != (args.deploy_weights is None):
         raise ConfigError("give both --deploy-model and --deploy-weights, or neither")
@@ -326,7 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     written = report.write_report(result, args.output)
-    print(report.format_table(result))
+    print(render.format_table(result))
     html = written.get("report.html", os.path.join(args.output, "report.html"))
     print(f"report: {html} ({len(written)} file(s) in {args.output})")
     return 0

@@ -388,6 +388,7 @@ def _report(result: DemoResult, out_dir: Path, float_model: str, float_weights: 
     """The per-layer report on the first :data:`REPORT_BATCHES` held-out batches: the three nets run their
     own TEST-phase ``HDF5Data`` layers (same file, same order; the report checks that they read identical
     batches); written to ``out_dir`` and printed as a table."""
+    from amct_caffe.analysis import render
     from amct_caffe.analysis import report as report_mod
 
     outcome = report_mod.compare_report(
@@ -396,7 +397,7 @@ def _report(result: DemoResult, out_dir: Path, float_model: str, float_weights: 
     )
     written = report_mod.write_report(outcome, out_dir)
     result.report = outcome
-    result.report_table = report_mod.format_table(outcome)
+    result.report_table = render.format_table(outcome)
     result.report_files = sorted(str(path) for path in written.values())
     result.files["report"] = str(out_dir / "report.html")
     say(result.report_table)
