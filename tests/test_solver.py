@@ -1,4 +1,4 @@
-"""The solvers (engine/solver.py and the pycaffe facade): learning-rate policies against their formulas,
+"""The solvers (engine/solver/ and the pycaffe facade): learning-rate policies against their formulas,
 every update rule against a numpy simulation of Caffe's formulas on a linear least-squares problem,
 lr_mult/decay_mult, shared and frozen blobs, iter_size, clipping, snapshots and restore, test nets, logs,
 and training against the real Caffe (SGD, Nesterov, Adam on a small conv/BatchNorm/pool/fc net)."""
