@@ -14,6 +14,11 @@ learnable blobs: the tensor objects are assigned layer by layer (by layer name, 
 ``ShareTrainedLayersWith``) when the solver is built and again before every test, so a test always sees the
 current weights.
 
+Record shapes: after each forward of one of its nets the solver runs that net's
+:class:`~amct_caffe.engine.record_shapes.RecordShapesHook`, which writes the input shapes of the net's
+``ActivationQAT`` layers into the record file their parameter names, once per layer (AMCT's retrain layers
+do that on their first forward); nets without such layers have a hook that does nothing.
+
 Progress: a tqdm bar over the iterations of ``step``/``solve`` (with the smoothed loss and the learning
 rate; shown when stderr is a terminal and more than one iteration is asked), and every ``display``
 iterations Caffe's log lines ``Iteration N, loss = X``, ``Train net output #k: ...`` and
@@ -34,6 +39,7 @@ from tqdm.auto import tqdm
 
 from amct_caffe.engine.device import full_float32
 from amct_caffe.engine.net import Net
+from amct_caffe.engine.record_shapes import RecordShapesHook
 from amct_caffe.engine.solver import learnable as lp_mod
 from amct_caffe.engine.solver.float32 import f32
 from amct_caffe.engine.solver.learnable import LearnableParam
@@ -86,6 +92,8 @@ class Solver:
         iter: the number of updates applied so far; ``current_step``: the step of the step/multistep
             policies (saved in the solverstate).
         rate: the learning rate of the last update.
+        train_record_shapes, test_record_shapes: the steps that write AMCT's record shapes after the
+            nets' forwards (:class:`~amct_caffe.engine.record_shapes.RecordShapesHook`).
         history: the update history, one tensor per learnable blob (two sets for AdaDelta and Adam).
         smoothed_loss: the loss averaged over the last ``average_loss`` iterations of the current step.
         test_results: per test net, ``[(output name, mean value), ...]`` of the last test.
@@ -112,6 +120,9 @@ class Solver:
             torch.manual_seed(int(p.random_seed))
         self.net: Net = self._init_train_net()
         self.test_nets: list[Net] = self._init_test_nets()
+        # AMCT's retrain layers update the record file's shapes when they first run: a step after forwards
+        self.train_record_shapes = RecordShapesHook.for_net(self.net)
+        self.test_record_shapes = [RecordShapesHook.for_net(net) for net in self.test_nets]
         self.iter = 0
         self.current_step = 0
         self.rate = 0.0
@@ -180,6 +191,7 @@ class Solver:
         """One forward and backward pass of the train net; returns its loss (Caffe's ``ForwardBackward``)."""
         with torch.enable_grad(), full_float32(self.net.device):
             self.net.run()
+            self.train_record_shapes.after_forward()
             loss = self.net.loss()
             if loss.requires_grad:
                 loss.backward()
@@ -292,6 +304,7 @@ class Solver:
         if self._display_now():
             with torch.no_grad():
                 self.net.run()
+                self.train_record_shapes.after_forward()
                 loss = f32(float(self.net.loss()))
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             LOGGER.info("Iteration %d, loss = %g", self.iter, float(self.smoothed_loss))
@@ -318,6 +331,7 @@ class Solver:
         with torch.no_grad():
             for _ in range(n):
                 net.run()
+                self.test_record_shapes[test_net_id].after_forward()
                 if self.param.test_compute_loss:
                     loss = f32(loss + f32(float(net.loss())))
                 outputs = _output_values(net)
