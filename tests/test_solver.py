@@ -770,3 +770,13 @@ def test_a_test_net_and_the_train_net_initialise_shared_clips_once(tmp_path: Pat
     assert clip_values(fresh)[0] > 2 * after[0]
     s.step(1)
     assert clip_values(s.net) == after
+
+
+def test_policy_and_rule_tables_name_caffes_types() -> None:
+    # BVLC Caffe's lr_policy strings and registered solver types (solver.cpp / solvers/*.cpp)
+    assert set(solver_mod.LR_POLICIES) == {"fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"}
+    caffe_types = {"SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"}
+    assert set(solver_mod.UPDATE_RULES) == set(solver_mod.SOLVERS) == caffe_types
+    # AdaDelta and Adam keep two history blobs per learnable blob in Caffe's solverstate
+    assert {name for name, rule in solver_mod.UPDATE_RULES.items() if rule.history_sets == 2} == {"AdaDelta",
+                                                                                                 "Adam"}
