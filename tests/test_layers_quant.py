@@ -18,6 +18,8 @@ from google.protobuf import text_format
 
 from amct_caffe.engine.layers.base import TEST, TRAIN, Layer
 from amct_caffe.engine.net import Net
+from amct_caffe.engine.record_shapes import RecordShapesHook
+from amct_caffe.engine.solver import share_trained_layers
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.proto import amct_pb2, caffe_pb2
 from tests import layer_util
@@ -332,7 +334,8 @@ def test_ifmr_init_not_repeated_by_a_layer_sharing_the_blobs() -> None:
     run(train, (np.random.RandomState(0).randn(2, 3, 4, 5)).astype(np.float32))
     got = clips(train)
     test = ifmr_layer()
-    test.blobs = train.blobs  # as a solver's test net shares the trained blobs
+    test.blobs = train.blobs  # as a solver's test net shares the trained blobs (share_trained_layers)
+    test.blobs_shared(train)
     run(test, (np.random.RandomState(5).randn(2, 3, 4, 5) * 10).astype(np.float32))
     assert clips(test) == got
 
@@ -357,11 +360,15 @@ def test_record_file_gets_shapes_once(tmp_path: Path) -> None:
     path.write_text('record { key: "c1" value { scale_d: 0.5 offset_d: -3 scale_w: 0.25 offset_w: 0 } }\n'
                     'record { key: "other" value { channels: 9 height: 9 width: 9 } }\n')
     layer = ifmr_layer(f'object_layer: "c1-c2" record_file_path: "{path}"')
+    hook = RecordShapesHook([layer])  # as the solver installs on its nets
     layer.reshaping = True
     run(layer, np.zeros((2, 3, 4, 5), np.float32))
-    assert "channels: 3" not in path.read_text()  # nothing written during a shape pass
+    hook.after_forward()
+    assert "channels: 3" not in path.read_text()  # nothing written after a shape pass
     layer.reshaping = False
     run(layer, np.ones((2, 3, 4, 5), np.float32))
+    assert "channels: 3" not in path.read_text()  # the layer's forward writes no file itself
+    hook.after_forward()
     msg = text_format.Parse(path.read_text(), amct_pb2.ScaleOffsetRecord())
     entries = {e.key: e.value for e in msg.record}
     assert [e.key for e in msg.record] == ["c1", "other", "c2"]
@@ -373,6 +380,7 @@ def test_record_file_gets_shapes_once(tmp_path: Path) -> None:
     assert (entries["other"].channels, entries["other"].height) == (9, 9)
     before = path.read_text()
     run(layer, np.ones((2, 3, 4, 5), np.float32))
+    hook.after_forward()
     assert path.read_text() == before
 
 
@@ -383,6 +391,7 @@ def test_record_shapes_of_a_2d_bottom(tmp_path: Path) -> None:
         np.zeros((4, 7), np.float32),
     )
     run(layer, np.ones((4, 7), np.float32))
+    RecordShapesHook([layer]).after_forward()
     msg = text_format.Parse(path.read_text(), amct_pb2.ScaleOffsetRecord())
     assert [(e.key, e.value.channels, e.value.height, e.value.width) for e in msg.record] == [("fc", 7, 1, 1)]
 
@@ -583,6 +592,19 @@ def test_weight_qat_test_net_sharing_blobs_does_not_double_the_gradient() -> Non
         layer.blobs = layers[name].blobs
     net.run()
     test_net.run()
+    net.loss().backward()
+    wq = layers["conv1_wts_retrain"]
+    np.testing.assert_array_equal(wq.blobs[1].grad.numpy(), layers["conv1"].blobs[0].grad.numpy())
+
+
+def test_weight_qat_two_train_nets_sharing_the_blobs_route_the_gradient_once() -> None:
+    net, layers, _ = qat_net(TRAIN)
+    make_learnable(layers)
+    other, other_layers, _ = qat_net(TRAIN, seed=1)
+    share_trained_layers(other, net)  # the tensors and the straight-through link go together
+    assert other_layers["conv1_wts_retrain"].ste_link is layers["conv1_wts_retrain"].ste_link
+    net.run()
+    other.run()  # the layer that ran last owns the one hook on the shared tensor
     net.loss().backward()
     wq = layers["conv1_wts_retrain"]
     np.testing.assert_array_equal(wq.blobs[1].grad.numpy(), layers["conv1"].blobs[0].grad.numpy())

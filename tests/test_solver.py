@@ -1,4 +1,4 @@
-"""The solvers (engine/solver.py and the pycaffe facade): learning-rate policies against their formulas,
+"""The solvers (engine/solver/ and the pycaffe facade): learning-rate policies against their formulas,
 every update rule against a numpy simulation of Caffe's formulas on a linear least-squares problem,
 lr_mult/decay_mult, shared and frozen blobs, iter_size, clipping, snapshots and restore, test nets, logs,
 and training against the real Caffe (SGD, Nesterov, Adam on a small conv/BatchNorm/pool/fc net)."""
@@ -24,7 +24,7 @@ from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError, RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel
-from amct_caffe.proto import caffe_pb2
+from amct_caffe.proto import amct_pb2, caffe_pb2
 from tests.reference import reference_python
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
@@ -702,3 +702,81 @@ def test_training_matches_reference_caffe(cross_check: dict, kind: str) -> None:
 def test_logger_name() -> None:
     assert solver_mod.LOGGER.name == "amct_caffe.engine.solver"
     assert logging.getLogger("amct_caffe.engine.solver") is solver_mod.LOGGER
+
+
+# -- retrain (QAT) nets: record shapes and clip initialisation ----------------------------------------------
+def retrain_net(record: Path) -> str:
+    return f"""
+name: "qat"
+layer {{ name: "in" type: "Input" top: "data" top: "label"
+        input_param {{ shape {{ dim: 2 dim: 3 dim: 4 dim: 5 }} shape {{ dim: 2 }} }} }}
+layer {{ name: "fc_act_retrain" type: "ActivationQAT" bottom: "data" top: "fc_act_retrain"
+        retrain_data_quant_param {{ ifmr_init: true object_layer: "fc" record_file_path: "{record}" }}
+        param {{ lr_mult: 1 decay_mult: 0 }} param {{ lr_mult: 1 decay_mult: 0 }} }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "fc_act_retrain" top: "fc"
+        inner_product_param {{ num_output: 4 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }}
+"""
+
+
+def feed_retrain(net: caffe.Net, scale: float, seed: int) -> None:
+    net.blobs["data"].data[...] = np.random.RandomState(seed).randn(2, 3, 4, 5).astype(np.float32) * scale
+    net.blobs["label"].data[...] = np.array([1.0, 3.0], np.float32)
+
+
+def clip_values(net: Net) -> tuple[float, float]:
+    layer = net.engine_layers[net.layer_index("fc_act_retrain")]
+    return float(layer.blobs[0].detach()), float(layer.blobs[1].detach())
+
+
+def test_solver_writes_the_record_shapes_of_retrain_layers(tmp_path: Path) -> None:
+    record = tmp_path / "record.txt"
+    record.write_text('record { key: "fc" value { scale_d: 0.5 offset_d: -3 } }\n')
+    before = record.read_text()
+    # a net built and run by itself writes nothing (the workflows' shape inference, caffe.Net)
+    alone = caffe.Net(text_format.Merge(retrain_net(record), caffe_pb2.NetParameter()), caffe.TRAIN)
+    feed_retrain(alone, 1.0, 0)
+    alone.forward()
+    assert record.read_text() == before
+    s = caffe.get_solver(solver_param('lr_policy: "fixed" base_lr: 0.01 max_iter: 2 test_iter: 1 '
+                                      "test_interval: 2 snapshot_after_train: false", retrain_net(record)))
+    assert record.read_text() == before  # building the solver writes nothing either
+    feed_retrain(s.net, 1.0, 0)
+    feed_retrain(s.test_nets[0], 1.0, 1)
+    s.solve()
+    msg = text_format.Parse(record.read_text(), amct_pb2.ScaleOffsetRecord())
+    assert [entry.key for entry in msg.record] == ["fc"]
+    fc = msg.record[0].value
+    # the input of the quantized layer is the (2, 3, 4, 5) data blob; the other fields are kept
+    assert (fc.channels, fc.height, fc.width, fc.scale_d, fc.offset_d) == (3, 4, 5, 0.5, -3)
+
+
+def test_a_test_net_and_the_train_net_initialise_shared_clips_once(tmp_path: Path) -> None:
+    s = caffe.get_solver(solver_param('lr_policy: "fixed" base_lr: 0 max_iter: 1 test_iter: 1 '
+                                      "test_interval: 1 test_initialization: true "
+                                      "snapshot_after_train: false",
+                                      retrain_net(tmp_path / "record.txt")))
+    train_layer = s.net.engine_layers[s.net.layer_index("fc_act_retrain")]
+    assert not train_layer.clips_ready
+    feed_retrain(s.net, 4.0, 0)
+    feed_retrain(s.test_nets[0], 0.5, 1)
+    s.step(1)  # the test at iteration 0 runs first and initialises the clips by IFMR on its batch
+    after = clip_values(s.net)
+    assert clip_values(s.test_nets[0]) == after and train_layer.clips_ready
+    # the train forward that followed did not initialise them again on its own (8x wider) batch
+    fresh = Net(text_format.Merge(retrain_net(tmp_path / "other.txt"), caffe_pb2.NetParameter()), TRAIN)
+    fresh.set_tensor("data", torch.from_numpy(np.asarray(s.net.blobs["data"].data).copy()))
+    fresh.run()
+    assert clip_values(fresh)[0] > 2 * after[0]
+    s.step(1)
+    assert clip_values(s.net) == after
+
+
+def test_policy_and_rule_tables_name_caffes_types() -> None:
+    # BVLC Caffe's lr_policy strings and registered solver types (solver.cpp / solvers/*.cpp)
+    assert set(solver_mod.LR_POLICIES) == {"fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"}
+    caffe_types = {"SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam"}
+    assert set(solver_mod.UPDATE_RULES) == set(solver_mod.SOLVERS) == caffe_types
+    # AdaDelta and Adam keep two history blobs per learnable blob in Caffe's solverstate
+    assert {name for name, rule in solver_mod.UPDATE_RULES.items() if rule.history_sets == 2} == {"AdaDelta",
+                                                                                                 "Adam"}

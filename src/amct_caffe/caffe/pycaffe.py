@@ -428,10 +428,6 @@ _FACADE_SOLVERS: dict[str, type[_solver.Solver]] = {
 
 
 def get_solver(solver_file: str | os.PathLike[str] | caffe_pb2.SolverParameter) -> _solver.Solver:
-    """pycaffe's ``caffe.get_solver``: a solver of the type the file names (``type`` or ``solver_type``)."""
-    if isinstance(solver_file, caffe_pb2.SolverParameter):
-        param, where = solver_file, "Solver"
-    else:
-        param, where = _solver.read_solver_param(solver_file), f"Solver '{os.fspath(solver_file)}'"
-    cls = _solver.solver_class(_solver.solver_type_name(param), where, _FACADE_SOLVERS)
-    return cls(solver_file)
+    """pycaffe's ``caffe.get_solver``: the engine's ``get_solver`` choosing among the facade classes, whose
+    nets are facade :class:`Net` objects."""
+    return _solver.get_solver(solver_file, _FACADE_SOLVERS)

@@ -27,6 +27,8 @@ Rounding = Callable[[Tensor], Tensor]
 
 INT8_MIN = -128
 INT8_MAX = 127
+INT16_MIN = -(2**15)
+INT16_MAX = 2**15 - 1
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 NUM_BITS = 8

@@ -1,17 +1,16 @@
-"""The QAT flow of AMCT for Caffe: config, retrain model, saved quantized models (spec §1.3)."""
+"""The QAT flow of AMCT for Caffe: the retrain config and the retrain model (saving is ``workflows.save``)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from amct_caffe.engine.shapes import legacy_chw, shape_net
 from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, atomic_write, load_caffemodel, load_prototxt, prototxt_text
-from amct_caffe.model.layer_types import ACTIVATION_QAT
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import weights_from_net, weights_to_net
 from amct_caffe.passes.fuse_bn import fuse_bn
@@ -75,14 +74,14 @@ def create_quant_retrain_config(
     else:
         config = load_cfg_config(os.fspath(config_defination), layers, model_file)
     text = dumps_json(config)
-    for layer in config.values():
+    for setting in config.values():
         LOGGER.debug(
             "Layer '%s' (%s): retrain_enable %s, fixed_min %s, clip_max %s, clip_min %s, channel_wise %s.",
-            layer.name, layer.layer_type, layer.retrain_enable, layer.fixed_min, layer.clip_max,
-            layer.clip_min, layer.channel_wise,
+            setting.name, setting.layer_type, setting.retrain_enable, setting.fixed_min, setting.clip_max,
+            setting.clip_min, setting.channel_wise,
         )
     atomic_write(config_file, text.encode("utf-8"))
-    enabled = sum(layer.retrain_enable for layer in config.values())
+    enabled = sum(setting.retrain_enable for setting in config.values())
     LOGGER.info(
         "Create quant retrain config file '%s' success: %d layer(s), %d enabled for retrain; %d layer(s) of "
         "quantizable types stay float (their reasons are logged at DEBUG level).",
@@ -248,39 +247,27 @@ def _input_shapes(
 ) -> Mapping[str, tuple[int, int, int]]:
     """The input (channels, height, width) of every quantized layer, from the TEST-phase retrain net.
 
-    The net is built in the engine (its shape pass runs it once on zeros) with batch 1 when the net allows
-    it, else with its own batch; meanwhile the ``ActivationQAT`` layers have fixed clips and point to a
-    scratch record file, so that building the net neither runs IFMR nor writes anything the user sees. If
-    the net cannot be built (e.g. data layers whose sources are missing), a WARNING is logged and no shapes
-    are returned (``save_quant_retrain_model`` infers them again).
+    The net is built in the engine as written (its shape pass runs every layer once on placeholder values,
+    during which an ``ActivationQAT`` neither initialises its clips nor does anything else), with batch 1
+    when the net allows it, else with its own batch. Building a net writes no file: the record's shapes
+    during training are a separate step that only the solver runs. If the net cannot be built (e.g. data
+    layers whose sources are missing), a WARNING is logged and no shapes are returned
+    (``save_quant_retrain_model`` infers them again).
     """
-    from amct_caffe.engine.shapes import legacy_chw, shape_net
-
-    with tempfile.TemporaryDirectory(prefix="amct_retrain_shapes_") as scratch:
-        probe = caffe_pb2.NetParameter()
-        probe.CopyFrom(net)
-        for layer in probe.layer:
-            if layer.type == ACTIVATION_QAT:
-                # Fixed clips: no IFMR initialisation on the placeholder values of the shape pass.
-                p = layer.retrain_data_quant_param
-                p.record_file_path = os.path.join(scratch, "record.txt")
-                p.ifmr_init, p.clip_max, p.clip_min = False, 1.0, -1.0
-        engine, problem = shape_net(probe, caffe_pb2.TEST)
-        if engine is None:
-            LOGGER.warning(
-                "Cannot build the TEST phase of the retrain model of '%s' to find the input shapes of the "
-                "quantized layers (%s); the record file gets no shapes (save_quant_retrain_model infers "
-                "them).",
-                model_file, problem,
-            )
-            return {}
-        shapes: dict[str, tuple[int, int, int]] = {}
-        for group in groups:
-            chw = legacy_chw(tuple(engine.tensor(group.name).shape))
-            if chw is None:
-                LOGGER.debug("Layer(s) %s: the input has more than 4 axes; no shape recorded.",
-                             group.consumers)
-                continue
-            for name in group.consumers:
-                shapes[name] = chw
+    engine, problem = shape_net(net, caffe_pb2.TEST)
+    if engine is None:
+        LOGGER.warning(
+            "Cannot build the TEST phase of the retrain model of '%s' to find the input shapes of the "
+            "quantized layers (%s); the record file gets no shapes (save_quant_retrain_model infers them).",
+            model_file, problem,
+        )
+        return {}
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for group in groups:
+        chw = legacy_chw(tuple(engine.tensor(group.name).shape))
+        if chw is None:
+            LOGGER.debug("Layer(s) %s: the input has more than 4 axes; no shape recorded.", group.consumers)
+            continue
+        for name in group.consumers:
+            shapes[name] = chw
     return shapes

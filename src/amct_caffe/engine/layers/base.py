@@ -66,6 +66,11 @@ class Layer:
     def blobs_loaded(self) -> None:
         """Called by the net after it copied this layer's blobs from a caffemodel; default: nothing."""
 
+    def blobs_shared(self, source: Layer) -> None:
+        """Called after this layer's blobs became ``source``'s tensors (Caffe's ``ShareTrainedLayersWith``,
+        a solver's test net): a layer keeping state that belongs with its blobs shares ``source``'s;
+        default: nothing."""
+
     def blob_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of ``self.blobs`` as Caffe reports them."""
         return [tuple(b.shape) for b in self.blobs]

@@ -1,16 +1,18 @@
-"""AMCT's quantization layers: the QAT retrain layers and the fake-quant model's layers (spec §3, §6).
+"""AMCT's quantization layers: the QAT retrain layers and the fake-quant model's layers.
 
 * ``ActivationQAT`` (``retrain_data_quant_param``): ULQ activation fake quantization with two learnable
-  clip blobs ``[clip_max (1), clip_min (1)]`` (spec §3.4-3.5; /work/notes/qat_design.md).
+  clip blobs ``[clip_max (1), clip_min (1)]``.
 * ``WeightQAT`` (``retrain_weight_quant_param``): passes its bottom through and rewrites ``blobs[0]`` with
   the ARQ fake quantization of the float shadow weight ``blobs[1]`` on every forward; the quantized layer
   convolves ``blobs[0]`` through ``param { name }`` sharing, and ``blobs[1]`` receives ``blobs[0]``'s
-  gradient (straight-through estimator, spec §3.6).
+  gradient (straight-through estimator).
 * ``Quant`` (``quant_param``), ``DeQuant`` (``dequant_param``), ``AntiQuant``: the float ("fake-quant")
-  versions of the layers the saved models carry (spec §6.2, §6.3). Their backward is the identity.
+  versions of the layers the saved models carry. Their backward is the identity.
 
 The formulas live in :mod:`amct_caffe.quant` (ULQ, ClipCheck, ARQ, IFMR, rounding); these layers only
-wire them to blobs, phases and the record file. Integer (deploy) emulation is elsewhere.
+wire them to blobs and phases. Every piece of state a layer keeps is declared in its ``__init__``; the
+record file's shapes are written by :class:`amct_caffe.engine.record_shapes.RecordShapesHook`, a step the
+solver runs after a forward, never by a forward itself. Integer (deploy) emulation is elsewhere.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from amct_caffe.engine.layers.base import Layer, Tensor, register
 from amct_caffe.errors import AmctError, UnsupportedLayerError
@@ -30,25 +34,16 @@ from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.arq import WEIGHT_CHANNEL_AXIS, arq_fake_quant
 from amct_caffe.quant.ifmr import ifmr, ifmr_to_clips
 from amct_caffe.quant.numerics import (
+    INT16_MAX,
+    INT16_MIN,
     offset_byte,
     quant_codes,
     quant_step,
     round_away,
 )
-from amct_caffe.quant.record import update_shapes
 from amct_caffe.quant.ulq import ULQFunction, clip_check
 
 LOGGER = get_logger("engine.layers.quant")
-
-#: Attribute set on a clip blob tensor once its values are real (IFMR ran or they were loaded). It travels
-#: with the tensor, so a net that shares the blobs (the solver's test net) does not initialise them again.
-_CLIPS_READY = "_amct_clips_ready"
-#: Attribute on a ``WeightQAT.blobs[0]`` tensor: weak reference to the layer whose shadow weight receives
-#: the tensor's gradient (one STE hook per tensor, whichever layer claimed it last).
-_STE_OWNER = "_amct_ste_owner"
-
-INT16_MIN = -(2**15)
-INT16_MAX = 2**15 - 1
 
 
 def _unsupported(layer: Layer, message: str) -> UnsupportedLayerError:
@@ -59,12 +54,6 @@ def _unsupported(layer: Layer, message: str) -> UnsupportedLayerError:
 def _with_layer(layer: Layer, exc: AmctError) -> AmctError:
     """The same kind of error with the layer named in front of the message."""
     return type(exc)(f"Layer '{layer.name}' (type {layer.type_name}): {exc}")
-
-
-def _legacy_chw(shape: Sequence[int]) -> tuple[int, int, int]:
-    """Caffe's ``channels()/height()/width()`` of a blob: ``LegacyShape(1..3)``, 1 for missing axes."""
-    dims = [int(d) for d in shape]
-    return tuple(dims[i] if i < len(dims) else 1 for i in (1, 2, 3))  # type: ignore[return-value]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -88,31 +77,48 @@ def _straight_through(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # ActivationQAT
 # ---------------------------------------------------------------------------------------------------
+@dataclass
+class ClipInit:
+    """Whether a pair of clip blobs holds real values: configured, loaded from a caffemodel, or set by IFMR.
+
+    It belongs with the clip tensors, not with one layer: every ``ActivationQAT`` using the same tensors (a
+    solver's test net uses the train net's, see ``Layer.blobs_shared``) holds the same ``ClipInit``, so the
+    clips are initialised once, by whichever net runs first, and never again.
+    """
+
+    done: bool
+
+
 @register(ACTIVATION_QAT)
 class ActivationQAT(Layer):
-    """ULQ activation retrain layer (spec §3.4-3.5).
+    """ULQ activation retrain layer.
 
     Blobs: ``[clip_max (shape [1]), clip_min (shape [1])]``, initialised from ``clip_max``/``clip_min`` of
     the parameter. Forward, in TRAIN and TEST alike:
 
-    1. first real forward only: the bottom's (channels, height, width) is written for every name of
-       ``object_layer`` (joined by ``-``) into ``record_file_path`` (update-or-append; AMCT truncates the
-       file at setup, we never truncate so a record shared by several nets keeps its other entries). The
-       names are split at every ``-`` (AMCT's format), so a consumer whose name contains ``-`` is recorded
-       under its pieces; the save step takes shapes from shape inference, never from this record;
-    2. ClipCheck of the blobs against the previous good values kept on the layer; the accepted values are
-       written back into the blobs (as AMCT writes the blob data; in place under no_grad, and only when a
-       value changes, so the blobs' version counters stay put otherwise);
-    3. ``ifmr_init`` and the clips are not real yet (not loaded, not initialised): IFMR on this batch gives
-       ``(s, o)`` and ``cmin = -(o + 128) s``, ``cmax = cmin + 255 s`` (spec §3.4 step 3, GPU order), which
+    1. ``input_shape`` becomes the bottom's shape (what the record file's shapes are taken from);
+    2. ClipCheck of the blobs against the previous good values (``previous_clips``); the accepted values
+       are written back into the blobs (as AMCT writes the blob data; in place under no_grad, and only when
+       a value changes, so the blobs' version counters stay put otherwise);
+    3. ``ifmr_init`` and the clips are not real yet (``clip_init.done`` false): IFMR on this batch gives
+       ``(s, o)`` and ``cmin = -(o - INT8_MIN) s``, ``cmax = cmin + DATA_SPAN s`` (AMCT's GPU order), which
        also become the previous good values (AMCT keeps the parameter defaults there; restoring a flipped
        clip pair to the IFMR values instead of 3/0 is the useful reading);
     4. ``fixed_min``: the ``clip_min`` blob is set to 0;
     5. ``y = ULQFunction(x, clip_max, clip_min, fixed_min)`` -- gradients reach both blobs.
 
-    While the net runs a shape pass (``self.reshaping``) the layer passes its bottom through and has no
-    side effect. ``blobs_loaded()`` (called by ``Net.copy_from``) marks the clips as real, so a layer whose
-    blobs came from a caffemodel never re-initialises.
+    While the net runs a shape pass (``self.reshaping``) the layer passes its bottom through and changes
+    nothing. ``blobs_loaded()`` (called by ``Net.copy_from``) marks the clips as real, so a layer whose
+    blobs came from a caffemodel never re-initialises; ``blobs_shared(source)`` adopts ``source``'s
+    :class:`ClipInit` with its tensors.
+
+    Attributes:
+        ifmr_init, fixed_min, clip_max_init, clip_min_init: the parameter's settings.
+        object_layers: the quantized layers this activation feeds (``object_layer`` split at ``-``).
+        record_file_path: AMCT's record file named in the parameter ("" when none).
+        clip_init: whether the clip blobs hold real values (shared with layers sharing the blobs).
+        previous_clips: ClipCheck's last good ``(clip_max, clip_min)``; set by ``setup``.
+        input_shape: the bottom's shape at the last real forward; None before the first.
     """
 
     exact_bottoms = 1
@@ -132,68 +138,67 @@ class ActivationQAT(Layer):
         self.clip_max_init = float(p.clip_max)
         self.clip_min_init = float(p.clip_min)
         if not self.ifmr_init:
-            cmax, cmin = self.clip_max_init, self.clip_min_init
-            if not (math.isfinite(cmax) and math.isfinite(cmin) and cmax > cmin):
-                raise self.error(
-                    f"retrain_data_quant_param has clip_max {cmax} and clip_min {cmin}; they must be finite "
-                    "with clip_max > clip_min (or set ifmr_init: true to initialise them from data)."
-                )
-            if self.fixed_min and cmax <= 0.0:
-                raise self.error(
-                    f"fixed_min: true needs clip_max > 0 (got {cmax}), because clip_min is held at 0."
-                )
+            self._check_configured_clips()
         self.object_layers = [n for n in p.object_layer.split("-") if n]
         self.record_file_path = p.record_file_path
-        self._initialized = not self.ifmr_init
-        self._shapes_written = False
-        self._pre: tuple[Tensor, Tensor] | None = None
+        self.clip_init = ClipInit(done=not self.ifmr_init)
+        self.previous_clips: tuple[Tensor, Tensor] | None = None
+        self.input_shape: tuple[int, ...] | None = None
+
+    def _check_configured_clips(self) -> None:
+        cmax, cmin = self.clip_max_init, self.clip_min_init
+        if not (math.isfinite(cmax) and math.isfinite(cmin) and cmax > cmin):
+            raise self.error(
+                f"retrain_data_quant_param has clip_max {cmax} and clip_min {cmin}; they must be finite "
+                "with clip_max > clip_min (or set ifmr_init: true to initialise them from data)."
+            )
+        if self.fixed_min and cmax <= 0.0:
+            raise self.error(
+                f"fixed_min: true needs clip_max > 0 (got {cmax}), because clip_min is held at 0."
+            )
 
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         clip_max = caffe_pb2.FillerParameter(type="constant", value=self.clip_max_init)
         clip_min = caffe_pb2.FillerParameter(type="constant", value=self.clip_min_init)
         self.blobs = [self.new_blob([1], clip_max), self.new_blob([1], clip_min)]
-        self._pre = (self.blobs[0].detach().clone(), self.blobs[1].detach().clone())
+        self.previous_clips = (self.blobs[0].detach().clone(), self.blobs[1].detach().clone())
 
     def blobs_loaded(self) -> None:
         """The net copied this layer's blobs from a caffemodel: the clips are real, never re-initialise."""
-        self._initialized = True
-        for blob in self.blobs:
-            setattr(blob, _CLIPS_READY, True)
+        self.clip_init.done = True
+
+    def blobs_shared(self, source: Layer) -> None:
+        """This layer now uses ``source``'s clip tensors: it shares their :class:`ClipInit` too."""
+        if isinstance(source, ActivationQAT):
+            self.clip_init = source.clip_init
 
     @property
     def clips_ready(self) -> bool:
         """True when the clip blobs hold real values (configured, loaded, shared-and-ready, or IFMR done)."""
-        return self._initialized or bool(getattr(self.blobs[0], _CLIPS_READY, False))
+        return self.clip_init.done
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
         if self.reshaping:
             return [x]
-        if not self._shapes_written:
-            self._write_shapes(x)
+        self.input_shape = tuple(int(d) for d in x.shape)
         with torch.no_grad():
             self._update_clips(x)
         return [ULQFunction.apply(x, self.blobs[0], self.blobs[1], self.fixed_min)]
 
     # -- steps -----------------------------------------------------------------------------------------
-    def _write_shapes(self, x: Tensor) -> None:
-        self._shapes_written = True
-        if not self.record_file_path or not self.object_layers:
-            return
-        chw = _legacy_chw(x.shape)
-        update_shapes(self.record_file_path, {name: chw for name in self.object_layers})
-
     def _update_clips(self, x: Tensor) -> None:
         """Steps 2-4: ClipCheck, IFMR initialisation, fixed_min; the blobs are written in place (under
         no_grad) only where their value changes, so their version counters -- which autograd checks and
         the TEST-phase plan uses to refresh cached weights -- move only then."""
         cmax, cmin = self.blobs
-        if self._pre is None:
-            self._pre = (cmax.detach().clone(), cmin.detach().clone())
-        result = clip_check(cmax.detach(), cmin.detach(), *self._pre)
+        previous = self.previous_clips
+        if previous is None:
+            raise self.error("forward before setup: the net sets a layer up before running it.")
+        result = clip_check(cmax.detach(), cmin.detach(), *previous)
         new_max, new_min = result.clip_max.reshape(cmax.shape), result.clip_min.reshape(cmin.shape)
-        self._pre = (result.clip_max_pre, result.clip_min_pre)
-        ready = self.clips_ready
+        self.previous_clips = (result.clip_max_pre, result.clip_min_pre)
+        ready = self.clip_init.done
         if not ready:
             new_max, new_min = self._ifmr_clips(x, cmax.shape)
         if self.fixed_min:
@@ -222,10 +227,8 @@ class ActivationQAT(Layer):
         cmin, cmax = ifmr_to_clips(s, o)
         cmax = cmax.reshape(shape).to(self.blobs[0].dtype)
         cmin = cmin.reshape(shape).to(self.blobs[1].dtype)
-        self._pre = (cmax.clone(), cmin.clone())
-        self._initialized = True
-        for blob in self.blobs:
-            setattr(blob, _CLIPS_READY, True)
+        self.previous_clips = (cmax.clone(), cmin.clone())
+        self.clip_init.done = True
         LOGGER.info(
             "Layer '%s': clips initialised by IFMR: clip_max %.9g, clip_min %.9g.",
             self.name,
@@ -238,22 +241,40 @@ class ActivationQAT(Layer):
 # ---------------------------------------------------------------------------------------------------
 # WeightQAT
 # ---------------------------------------------------------------------------------------------------
-def _make_ste_hook(tensor_ref: weakref.ref[Tensor]) -> Callable[[Tensor], None]:
-    """A gradient hook for a ``WeightQAT.blobs[0]`` tensor: hands each incoming gradient to its owner."""
+class ShadowGradientLink:
+    """The straight-through link of ``WeightQAT``: one gradient hook on the fake-quantized weight tensor
+    (``blobs[0]``) that adds every incoming gradient to the owning layer's shadow weight (``blobs[1]``).
 
-    def hook(grad: Tensor) -> None:
-        tensor = tensor_ref()
-        owner_ref = getattr(tensor, _STE_OWNER, None) if tensor is not None else None
-        owner = owner_ref() if owner_ref is not None else None
+    It belongs with the weight tensor: layers using the same tensors (``Layer.blobs_shared``) hold the same
+    link, so the tensor carries one hook whatever the number of nets sharing it, and the TRAIN-phase layer
+    that ran last owns it. When the owner's ``blobs[0]`` becomes another tensor (weight sharing,
+    ``ParamBlob.reshape``), the next :meth:`attach` moves the hook to it. The link holds the tensor and the
+    owner weakly, so neither is kept alive by the other.
+    """
+
+    def __init__(self) -> None:
+        self._tensor: weakref.ref[Tensor] | None = None
+        self._handle: RemovableHandle | None = None
+        self._owner: weakref.ref[WeightQAT] | None = None
+
+    def attach(self, tensor: Tensor, owner: WeightQAT) -> None:
+        """Route ``tensor``'s gradients to ``owner``'s shadow weight from now on."""
+        if self._tensor is None or self._tensor() is not tensor:
+            if self._handle is not None:
+                self._handle.remove()
+            self._handle = tensor.register_hook(self._route)
+            self._tensor = weakref.ref(tensor)
+        self._owner = weakref.ref(owner)
+
+    def _route(self, grad: Tensor) -> None:
+        owner = self._owner() if self._owner is not None else None
         if owner is not None:
             owner.add_shadow_grad(grad)
-
-    return hook
 
 
 @register(WEIGHT_QAT)
 class WeightQAT(Layer):
-    """ARQ weight retrain layer (spec §3.6; /work/notes/qat_design.md).
+    """ARQ weight retrain layer.
 
     Blobs (both of the quantized layer's weight shape): ``[fake-quantized weight, float shadow weight]``.
     The shape comes from ``retrain_weight_quant_param``: ``[cout, cin, h, w]`` for Convolution,
@@ -268,16 +289,19 @@ class WeightQAT(Layer):
     the blobs (the solver's test net) does not invalidate a TRAIN graph awaiting its backward.
 
     Straight-through gradient: the quantized layer shares ``blobs[0]`` (``param { name }``), so its weight
-    gradient arrives at that tensor. A gradient hook (``Tensor.register_hook``) on the tensor adds every
-    incoming gradient to ``blobs[1].grad`` as it is produced, so plain ``loss.backward()`` fills both
-    ``blobs[0].grad`` and ``blobs[1].grad`` with the same values, and repeated backward passes (Caffe's
-    ``iter_size``) accumulate in both alike. (A post-accumulate hook would see the running sum instead of
-    each increment.) The hook is registered lazily on the forward of a TRAIN-phase layer whenever
-    ``blobs[0]`` is a tensor not hooked yet -- weight sharing and ``copy_from`` may replace it -- and each
-    tensor carries one hook whose owner is the last TRAIN layer that claimed it, so a TEST net sharing the
-    same tensors never doubles the gradient. ``blobs[0]`` has ``lr_mult: 0``, so a solver would not make it
-    require grad; the layer does that itself whenever the shadow requires grad, or the quantized layer
-    would compute no weight gradient at all.
+    gradient arrives at that tensor. The layer's :class:`ShadowGradientLink` (``ste_link``) hooks the
+    tensor (``Tensor.register_hook``) and adds every incoming gradient to ``blobs[1].grad`` as it is
+    produced, so plain ``loss.backward()`` fills both ``blobs[0].grad`` and ``blobs[1].grad`` with the same
+    values, and repeated backward passes (Caffe's ``iter_size``) accumulate in both alike. (A
+    post-accumulate hook would see the running sum instead of each increment.) A TRAIN-phase forward
+    attaches the link to the current ``blobs[0]``; a TEST net sharing the tensors never does, so it never
+    doubles the gradient. ``blobs[0]`` has ``lr_mult: 0``, so a solver would not make it require grad; the
+    layer does that itself whenever the shadow requires grad, or the quantized layer would compute no
+    weight gradient at all.
+
+    Attributes:
+        layer_type, channel_wise, axis, weight_shape: the parameter's settings.
+        ste_link: the straight-through link (shared with layers sharing the blobs).
     """
 
     exact_bottoms = 1
@@ -305,6 +329,10 @@ class WeightQAT(Layer):
                 "supported for Convolution and Deconvolution)."
             )
         self.axis = WEIGHT_CHANNEL_AXIS[self.layer_type]
+        self.weight_shape = self._weight_shape(p)
+        self.ste_link = ShadowGradientLink()
+
+    def _weight_shape(self, p: caffe_pb2.RetrainWeightQuantParameter) -> tuple[int, ...]:
         cout, cin = int(p.cout), int(p.cin)
         if self.layer_type == "InnerProduct":
             shape: tuple[int, ...] = (cout, cin)
@@ -316,7 +344,7 @@ class WeightQAT(Layer):
             raise self.error(
                 f"retrain_weight_quant_param gives the weight shape {shape}; every dim must be > 0."
             )
-        self.weight_shape = shape
+        return shape
 
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         self.blobs = [self.new_blob(self.weight_shape), self.new_blob(self.weight_shape)]
@@ -324,12 +352,17 @@ class WeightQAT(Layer):
     def blobs_loaded(self) -> None:
         """Nothing to do: ``blobs[0]`` is recomputed from the shadow weight on every forward."""
 
+    def blobs_shared(self, source: Layer) -> None:
+        """This layer now uses ``source``'s tensors: it shares their straight-through link too."""
+        if isinstance(source, WeightQAT):
+            self.ste_link = source.ste_link
+
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
         if self.reshaping:
             return [x]
         if self.training:
-            self._claim_ste()
+            self._claim_straight_through()
         try:
             w_hat, _ = arq_fake_quant(self.blobs[1].detach(), self.channel_wise, self.axis)
         except AmctError as exc:
@@ -340,18 +373,13 @@ class WeightQAT(Layer):
                 w.copy_(w_hat)
         return [x]
 
-    def _claim_ste(self) -> None:
+    def _claim_straight_through(self) -> None:
         """Make ``blobs[0]`` require grad when the shadow does, and route its gradient to this layer."""
         w = self.blobs[0]
         if self.blobs[1].requires_grad and not w.requires_grad and w.is_leaf:
             w.requires_grad_(True)
-        if not w.requires_grad:
-            return
-        owner = getattr(w, _STE_OWNER, None)
-        if owner is None:
-            w.register_hook(_make_ste_hook(weakref.ref(w)))
-        if owner is None or owner() is not self:
-            setattr(w, _STE_OWNER, weakref.ref(self))
+        if w.requires_grad:
+            self.ste_link.attach(w, self)
 
     def add_shadow_grad(self, grad: Tensor) -> None:
         """Accumulate ``grad`` (a gradient of ``blobs[0]``) into the shadow weight's ``.grad``."""
@@ -371,10 +399,10 @@ class WeightQAT(Layer):
 # ---------------------------------------------------------------------------------------------------
 @register(QUANT)
 class Quant(Layer):
-    """Activation quantize, float emulation (spec §6.2).
+    """Activation quantize, float emulation.
 
     ``quant_param.scale`` is ``1/s_d`` as float32; the layer recovers ``s_d = 1/(double)scale`` and computes
-    in double precision ``q = clamp(round_away(x / s_d) + o_d, -128, 127)``, ``y = (q - o_d) * s_d``
+    in double precision ``q = clamp(round_away(x / s_d) + o_d, INT8_MIN, INT8_MAX)``, ``y = (q - o_d) * s_d``
     (rounded to float32 once), with ``o_d`` the first byte of ``quant_param.offset`` (two's complement).
     The offset is used whatever ``with_offset`` says, as ATC's AscendQuant plugin does. Backward: identity.
     """
@@ -404,13 +432,13 @@ class Quant(Layer):
 
 @register(DEQUANT)
 class DeQuant(Layer):
-    """Dequantize, float emulation (spec §6.3).
+    """Dequantize, float emulation.
 
     Three blobs ``[deq_scale, shift_bit, offset_w]``, each of shape ``[C]`` (the bottom's channels) when
     ``dequant_param.channel_wise`` and the bottom is 4-D, else ``[1]`` -- the shape rule that decides
     whether a caffemodel's DeQuant blobs load. Forward: the identity when every ``shift_bit`` is 0 (all QAT
     models); when every ``shift_bit`` is an integer in [1, 16], the shift-N requantisation per channel
-    ``t = round_away(x / deq)``, ``t = round_away(t / 2^N)``, ``t = clamp(t, -32768, 32767)``,
+    ``t = round_away(x / deq)``, ``t = round_away(t / 2^N)``, ``t = clamp(t, INT16_MIN, INT16_MAX)``,
     ``y = t * deq * 2^N``; anything else is an error. ``offset_w`` is not used (always 0). Backward:
     identity.
     """
@@ -459,7 +487,7 @@ class DeQuant(Layer):
 
 @register(ANTI_QUANT)
 class AntiQuant(Layer):
-    """INT8 to float on the NPU (AscendAntiQuant); the identity in the float model (spec §3.1)."""
+    """INT8 to float on the NPU (AscendAntiQuant); the identity in the float model."""
 
     exact_bottoms = 1
     exact_tops = 1
