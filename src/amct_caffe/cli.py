@@ -32,7 +32,6 @@ CALIBRATION_MESSAGE = (
     "post-training quantization (calibration) is not implemented yet in amct-caffe; use the QAT flow "
     "(amct-caffe retrain-config/retrain-model/train/save-retrain)"
 )
-SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
 # ---------------------------------------------------------------------------------------------------------
