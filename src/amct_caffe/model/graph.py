@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from amct_caffe.errors import ModelFormatError
+from amct_caffe.errors import ModelFormatError, model_where
 from amct_caffe.proto import caffe_pb2
 
 
@@ -36,6 +36,11 @@ class Graph:
 
     # -- reading -----------------------------------------------------------------------------------
     @property
+    def label(self) -> str:
+        """How messages name this net: its file, or its name when it came from no file."""
+        return self.path or self.net.name
+
+    @property
     def layers(self) -> list[caffe_pb2.LayerParameter]:
         """The layers in execution (file) order; the entries are live messages of ``self.net``."""
         return list(self.net.layer)
@@ -54,7 +59,7 @@ class Graph:
         try:
             return self.net.layer[self._by_name[name]]
         except KeyError:
-            raise ModelFormatError(f"{self._where()}has no layer '{name}'.") from None
+            raise self._error(f"has no layer '{name}'.") from None
 
     def index(self, name: str) -> int:
         self.layer(name)
@@ -94,9 +99,7 @@ class Graph:
         if reconnect and len(layer.top) == 1 and len(layer.bottom) == 1 and layer.top[0] != layer.bottom[0]:
             self._rename_reads_from(idx + 1, layer.top[0], layer.bottom[0])
         elif reconnect and len(layer.top) > 1:
-            raise ModelFormatError(
-                f"{self._where()}cannot remove layer '{name}' and reconnect it: it has {len(layer.top)} tops."
-            )
+            raise self._error(f"cannot remove layer '{name}' and reconnect it: it has {len(layer.top)} tops.")
         del self.net.layer[idx]
         self._index()
 
@@ -104,7 +107,7 @@ class Graph:
         """Make layer ``layer_name`` read blob ``new`` wherever it read ``old``."""
         layer = self.layer(layer_name)
         if old not in layer.bottom:
-            raise ModelFormatError(f"{self._where()}layer '{layer_name}' has no bottom '{old}'.")
+            raise self._error(f"layer '{layer_name}' has no bottom '{old}'.")
         for i, b in enumerate(layer.bottom):
             if b == old:
                 layer.bottom[i] = new
@@ -115,7 +118,7 @@ class Graph:
         idx = self.index(layer_name)
         layer = self.net.layer[idx]
         if old not in layer.top:
-            raise ModelFormatError(f"{self._where()}layer '{layer_name}' has no top '{old}'.")
+            raise self._error(f"layer '{layer_name}' has no top '{old}'.")
         if update_readers:
             self._rename_reads_from(idx + 1, old, new)
         for i, t in enumerate(layer.top):
@@ -132,7 +135,7 @@ class Graph:
     # -- internals -----------------------------------------------------------------------------------
     def _insert(self, position: int, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
         if layer.name in self._by_name:
-            raise ModelFormatError(f"{self._where()}already has a layer named '{layer.name}'.")
+            raise self._error(f"already has a layer named '{layer.name}'.")
         new = self.net.layer.add()
         new.CopyFrom(layer)
         # move the new last element to ``position`` by rotating the tail
@@ -165,7 +168,7 @@ class Graph:
         writer: dict[str, tuple[int, int]] = {}
         for li, layer in enumerate(self.net.layer):
             if layer.name in self._by_name:
-                raise ModelFormatError(f"{self._where()}has two layers named '{layer.name}'.")
+                raise self._error(f"has two layers named '{layer.name}'.")
             self._by_name[layer.name] = li
             producers: list[int | None] = []
             for bi, blob in enumerate(layer.bottom):
@@ -177,8 +180,9 @@ class Graph:
             for ti, top in enumerate(layer.top):
                 writer[top] = (li, ti)
 
-    def _where(self) -> str:
-        return f"Net '{self.path or self.net.name}' "
+    def _error(self, message: str) -> ModelFormatError:
+        """A ModelFormatError that names this net (``Net 'file' <message>``)."""
+        return ModelFormatError(f"{model_where(self.label, 'Net')} {message}")
 
 
 # -- the same producer/reader rule on a plain layer list (nets that are read, not edited) -------------------

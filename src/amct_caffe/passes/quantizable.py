@@ -44,7 +44,7 @@ def check_not_quantized(graph: Graph) -> None:
     for layer in graph:
         if layer.type in AMCT_LAYER_TYPES:
             raise ConfigError(
-                f"Model '{graph.path or graph.net.name}' is already quantized: layer '{layer.name}' has "
+                f"Model '{graph.label}' is already quantized: layer '{layer.name}' has "
                 f"the AMCT type {layer.type}. Give the original float model (no "
                 f"{'/'.join(AMCT_LAYER_TYPES)} layers)."
             )
