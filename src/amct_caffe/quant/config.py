@@ -255,7 +255,7 @@ def parse_json_config(
         raise rep.error(
             f"line {exc.lineno} column {exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax."
         ) from exc
-    if not isinstance(root, dict):
+    if not isinstance(root, _JsonObject):  # every JSON object is read as a _JsonObject
         raise rep.error("", "the file must hold one JSON object", 'Write {"version": 1, "<layer>": {...}}.')
     _check_object(root, None, rep, "", "")
     by_name = {layer.name: layer for layer in model}

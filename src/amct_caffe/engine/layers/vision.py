@@ -252,17 +252,30 @@ class InnerProduct(Layer):
             raise self.error("num_output must be greater than 0.")
         self.transpose = bool(p.transpose)
         self.bias_term = bool(p.bias_term)
-        #: The first flattened axis (``axis`` made non-negative for the bottom's rank) and the K inputs
-        #: it flattens, set by :meth:`setup`.
-        self.axis: int | None = None
-        self.k: int | None = None
+        #: (axis, K) for the bottom :meth:`setup` saw; see :attr:`axis` and :attr:`k`.
+        self._flattening: tuple[int, int] | None = None
+
+    @property
+    def axis(self) -> int:
+        """The first flattened axis: ``inner_product_param.axis`` made non-negative for the bottom's rank."""
+        return self._set_up_flattening()[0]
+
+    @property
+    def k(self) -> int:
+        """The number of inputs: the product of the bottom's axes from :attr:`axis` on."""
+        return self._set_up_flattening()[1]
+
+    def _set_up_flattening(self) -> tuple[int, int]:
+        if self._flattening is None:
+            raise self.error("is used before setup(); the net sets every layer up when it is built.")
+        return self._flattening
 
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         p = self.param.inner_product_param
         x = bottoms[0]
         axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
         k = math.prod(int(d) for d in x.shape[axis:])
-        self.axis, self.k = axis, k
+        self._flattening = (axis, k)
         shape = (k, self.num_output) if self.transpose else (self.num_output, k)
         blobs = [self.new_blob(shape, p.weight_filler)]
         if self.bias_term:
@@ -271,14 +284,14 @@ class InnerProduct(Layer):
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
-        axis = self.axis
-        if axis is None or x.dim() <= axis:
+        axis, k = self._set_up_flattening()
+        if x.dim() <= axis:
             raise self.error(f"the bottom has {x.dim()} axes but axis is {axis}.")
         flat = x.flatten(axis)
-        if flat.shape[-1] != self.k:
+        if flat.shape[-1] != k:
             raise self.error(
                 f"input size incompatible with inner product parameters: the bottom has "
-                f"{flat.shape[-1]} values from axis {axis} on, the weights expect {self.k}."
+                f"{flat.shape[-1]} values from axis {axis} on, the weights expect {k}."
             )
         weight = self.blobs[0]
         if self.transpose:
