@@ -26,8 +26,8 @@ from amct_caffe.quant.numerics import (
     fake_quant_data,
     pack_deq_scale,
     process_scale,
+    quant_codes,
     quantize_bias,
-    quantize_data,
     round_away,
     round_even,
     unpack_deq_scale,
@@ -139,12 +139,13 @@ def test_data_scale_offset_python_numbers_numpy_and_range() -> None:
 
 # -- quantize / fake quantize ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-def test_quantize_data_hand_case(device: str) -> None:
+def test_quant_codes_hand_case(device: str) -> None:
     x = f32([-100.0, -69.25, 0.25, 0.75, 58.5, 100.0, -0.75]).to(device)
     # x/s = [-200, -138.5, 0.5, 1.5, 117, 200, -1.5]; away: [-200, -139, 1, 2, 117, 200, -2]; +10; clamp
-    q = quantize_data(x, 0.5, 10)
-    assert q.dtype == torch.int8
+    q = quant_codes(x, 0.5, 10)
+    assert q.dtype == torch.float64
     assert q.cpu().tolist() == [-128, -128, 11, 12, 127, 127, 8]
+    assert quant_codes(x, 0.5, 10, clamp=False).cpu().tolist() == [-190, -129, 11, 12, 127, 210, 8]
     y = fake_quant_data(x, 0.5, 10)
     assert y.cpu().tolist() == [-69.0, -69.0, 0.5, 1.0, 58.5, 58.5, -1.0]
     # half-to-even: 0.5 -> 0, 1.5 -> 2, -1.5 -> -2
@@ -152,10 +153,10 @@ def test_quantize_data_hand_case(device: str) -> None:
     assert y_even.cpu().tolist() == [-69.0, -69.0, 0.0, 1.0, 58.5, 58.5, -1.0]
 
 
-def test_quantize_data_post_relu_offset_and_numpy() -> None:
+def test_quant_codes_post_relu_offset_and_numpy() -> None:
     # o_d = -128 (cmin = 0): negatives saturate at code -128, i.e. value 0
     x = np.array([-5.0, 0.0, 0.3, 12.75, 20.0], dtype=np.float32)
-    assert quantize_data(x, 0.05, -128).tolist() == [-128, -128, -122, 127, 127]
+    assert quant_codes(torch.from_numpy(x), 0.05, -128).tolist() == [-128, -128, -122, 127, 127]
     y = fake_quant_data(x, 0.05, -128)
     np.testing.assert_allclose(y.numpy(), [0.0, 0.0, 0.3, 12.75, 12.75], rtol=1e-6)
 

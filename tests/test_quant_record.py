@@ -25,7 +25,6 @@ from amct_caffe.quant.record import (
     update_shapes,
     validate_layer,
     validate_records,
-    write_records,
 )
 from tests.spec_examples import SPEC_EXAMPLE
 
@@ -67,14 +66,14 @@ def test_training_shape_record_text_is_accepted() -> None:
 
 
 def test_round_trip_keeps_values_and_order(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "rec.txt"
+    path = tmp_path / "rec.txt"
     records = {
         "a": LayerRecord(scale_d=f32(1 / 3), offset_d=127, scale_w=[f32(0.1), f32(2.5e-7)], offset_w=[0, 0],
                          channels=3, height=1, width=1),
         "b": LayerRecord(scale_d=f32(0.0213), offset_d=-128, scale_w=[1.0], offset_w=[0], skip_fusion=True),
         "c": LayerRecord(shift_bit=[3, 4], channels=8, height=2, width=2),
     }
-    write_records(path, records, order=["c", "a", "missing"])
+    path.write_text(record_text(records, order=["c", "a", "missing"]))
     back = read_records(path)
     assert list(back) == ["c", "a", "b"]
     assert back == records
@@ -221,17 +220,8 @@ def test_invalid_file_content_is_reported_on_read(tmp_path: Path) -> None:
         read_records(path, couts={"conv": 3})
 
 
-def test_write_of_invalid_records_leaves_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "rec.txt"
-    path.write_text(SPEC_EXAMPLE)
-    with pytest.raises(RecordError, match="offset_w"):
-        write_records(path, {"c": LayerRecord(scale_d=1.0, offset_d=0, scale_w=[1.0], offset_w=[2])})
-    assert path.read_text() == SPEC_EXAMPLE
-
-
-def test_written_text_parses_as_the_amct_schema(tmp_path: Path) -> None:
-    path = tmp_path / "rec.txt"
-    write_records(path, {"c": LayerRecord(scale_d=0.25, offset_d=-3, scale_w=[0.5], offset_w=[0])})
-    msg = text_format.Parse(path.read_text(), amct_pb2.ScaleOffsetRecord())
+def test_written_text_parses_as_the_amct_schema() -> None:
+    text = record_text({"c": LayerRecord(scale_d=0.25, offset_d=-3, scale_w=[0.5], offset_w=[0])})
+    msg = text_format.Parse(text, amct_pb2.ScaleOffsetRecord())
     assert msg.record[0].key == "c"
     assert (msg.record[0].value.scale_d, msg.record[0].value.offset_d) == (0.25, -3)

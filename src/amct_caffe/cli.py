@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run the command line (``argv`` without the program name); returns the exit code."""
     parser = build_parser(prog, calibration=prog == AMCT_PROG)
     args = parser.parse_args(argv)
-    debug = bool(getattr(args, "debug", False))
+    debug = bool(args.debug)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

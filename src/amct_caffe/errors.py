@@ -43,3 +43,17 @@ def where(file: str | None = None, layer: str | None = None) -> str:
     if layer:
         parts.append(f"layer '{layer}'")
     return ", ".join(parts)
+
+
+def model_where(model: str, noun: str = "model", *, role: str = "", file: str = "") -> str:
+    """Name a model in a message: ``model 'lenet.prototxt'``, followed by ``(config 'qat.json')`` when
+    another file the message concerns is given.
+
+    Args:
+        model: the model's file, or its net name when it came from no file.
+        noun: what the message calls the model (``"Net"``, ``"retrain model"``...).
+        role: what ``file`` is to the model (``"config"``, ``"weights"``...).
+        file: that other file; empty for none.
+    """
+    text = f"{noun} '{model}'"
+    return f"{text} ({role} '{file}')" if file else text

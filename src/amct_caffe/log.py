@@ -34,20 +34,31 @@ class _LazyFileHandler(logging.FileHandler):
         super().emit(record)
 
 
+def _configure(root: logging.Logger) -> None:
+    """Give the package logger its screen and file handlers, with levels from the AMCT variables."""
+    screen_level = _level_from_env("AMCT_LOG_LEVEL")
+    file_level = _level_from_env("AMCT_LOG_FILE_LEVEL")
+    screen = logging.StreamHandler()
+    screen.setLevel(screen_level)
+    screen.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(screen)
+    file_handler = _LazyFileHandler(os.path.abspath(os.path.join(LOG_DIR, LOG_FILE)), file_level)
+    file_handler.setFormatter(logging.Formatter(_FORMAT))
+    root.addHandler(file_handler)
+    root.setLevel(min(screen_level, file_level))
+    root.propagate = False
+
+
+#: True once :func:`get_logger` has configured the package logger (once per process: the environment is
+#: read then, and the handlers are never added twice).
+_configured = False
+
+
 def get_logger(name: str | None = None) -> logging.Logger:
     """Return the package logger (or a child of it), configured from the AMCT environment variables once."""
+    global _configured
     root = logging.getLogger(LOGGER_NAME)
-    if not getattr(root, "_amct_configured", False):
-        screen_level = _level_from_env("AMCT_LOG_LEVEL")
-        file_level = _level_from_env("AMCT_LOG_FILE_LEVEL")
-        screen = logging.StreamHandler()
-        screen.setLevel(screen_level)
-        screen.setFormatter(logging.Formatter(_FORMAT))
-        root.addHandler(screen)
-        file_handler = _LazyFileHandler(os.path.abspath(os.path.join(LOG_DIR, LOG_FILE)), file_level)
-        file_handler.setFormatter(logging.Formatter(_FORMAT))
-        root.addHandler(file_handler)
-        root.setLevel(min(screen_level, file_level))
-        root.propagate = False
-        root._amct_configured = True  # type: ignore[attr-defined]
+    if not _configured:
+        _configure(root)
+        _configured = True
     return root if name is None else root.getChild(name)

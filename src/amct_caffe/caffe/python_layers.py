@@ -208,9 +208,11 @@ class _FakeQuantLayer:
     """Shared checks and parameter parsing of the three layers."""
 
     type_name = "?"
+    #: ``python_param.param_str``, set by Caffe before ``setup`` (by :class:`StandaloneLayer` outside Caffe).
+    param_str: str
 
     def _params(self) -> dict[str, Any]:
-        text = getattr(self, "param_str", "") or ""
+        text = self.param_str or ""
         if not text.strip():
             return {}
         try:
@@ -250,6 +252,12 @@ class _QuantLogic(_FakeQuantLayer):
 
     type_name = "Quant"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # From param_str, which Caffe sets after construction: parsed by setup.
+        self.scale_d: float | None = None
+        self.offset_d = 0
+
     def setup(self, bottom: Any, top: Any) -> None:
         self._check_counts(bottom, top)
         params = self._params()
@@ -264,6 +272,8 @@ class _QuantLogic(_FakeQuantLayer):
         self.offset_d = int(offset)
 
     def forward(self, bottom: Any, top: Any) -> None:
+        if self.scale_d is None:
+            raise ValueError("Quant Python layer: forward before setup (Caffe calls setup first).")
         top[0].data[...] = fake_quant_data(bottom[0].data, self.scale_d, self.offset_d)
 
 

@@ -300,6 +300,25 @@ class DataTransformer:
         """Transform one (C, H, W) image (uint8 or float) to float32 (C, h, w)."""
         return self.transform_batch(np.asarray(image)[None])[0]
 
+    def transform_items(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        """Transform a batch of (C, H, W) inputs; the batch shape follows the first item, as Caffe
+        reshapes each batch after its first datum/image."""
+        first = items[0].shape
+        if all(x.shape == first for x in items):
+            return self.transform_batch(np.stack(items))
+        expected = self.infer_shape(first)
+        out = np.empty((len(items), *expected), dtype=np.float32)
+        for i, x in enumerate(items):
+            y = self.transform(x)
+            if y.shape != expected:
+                raise self.error(
+                    f"the inputs of one batch differ in shape ({first[1:]} then {x.shape[1:]}, channels "
+                    f"{first[0]} then {x.shape[0]}); Caffe needs equal shapes within a batch. Resize the "
+                    "inputs (ImageData: new_height/new_width) or set transform_param.crop_size."
+                )
+            out[i] = y
+        return out
+
     def transform_batch(self, images: np.ndarray) -> np.ndarray:
         """Transform (N, C, H, W) images of one shape; each image draws its own mirror and crop."""
         images = np.asarray(images)

@@ -8,9 +8,9 @@ before it. Passes edit the net only through the named helpers here, then read th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from amct_caffe.errors import ModelFormatError
+from amct_caffe.errors import ModelFormatError, model_where
 from amct_caffe.proto import caffe_pb2
 
 
@@ -26,9 +26,20 @@ class Graph:
         self.net = caffe_pb2.NetParameter()
         self.net.CopyFrom(net)
         self.path = path
+        #: Derived from ``self.net`` by :meth:`_index` after every edit: layer index by name, the producer
+        #: (layer index or None) of each bottom of each layer, and the readers (layer, bottom index) of each
+        #: (layer, top index).
+        self._by_name: dict[str, int] = {}
+        self._bottom_producer: list[list[int | None]] = []
+        self._consumers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._index()
 
     # -- reading -----------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """How messages name this net: its file, or its name when it came from no file."""
+        return self.path or self.net.name
+
     @property
     def layers(self) -> list[caffe_pb2.LayerParameter]:
         """The layers in execution (file) order; the entries are live messages of ``self.net``."""
@@ -48,7 +59,7 @@ class Graph:
         try:
             return self.net.layer[self._by_name[name]]
         except KeyError:
-            raise ModelFormatError(f"{self._where()}has no layer '{name}'.") from None
+            raise self._error(f"has no layer '{name}'.") from None
 
     def index(self, name: str) -> int:
         self.layer(name)
@@ -59,13 +70,6 @@ class Graph:
         idx = self._bottom_producer[self.index(layer_name)][bottom_index]
         return None if idx is None else self.net.layer[idx]
 
-    def blob_producer(self, blob: str) -> caffe_pb2.LayerParameter | None:
-        """The layer that first creates blob ``blob`` (not an in-place rewriter of it)."""
-        for layer in self.net.layer:
-            if blob in layer.top and blob not in layer.bottom:
-                return layer
-        return None
-
     def consumers(self, layer_name: str, top_index: int = 0) -> list[tuple[caffe_pb2.LayerParameter, int]]:
         """Every (layer, bottom index) that reads the value ``layer_name`` writes as top ``top_index``.
 
@@ -75,66 +79,6 @@ class Graph:
         key = (self.index(layer_name), top_index)
         return [(self.net.layer[li], bi) for li, bi in self._consumers.get(key, [])]
 
-    def blob_consumers(self, blob: str) -> list[caffe_pb2.LayerParameter]:
-        """Every layer that has ``blob`` as a bottom (any in-place version of it)."""
-        return [layer for layer in self.net.layer if blob in layer.bottom]
-
-    def in_place(self, layer_name: str) -> bool:
-        """True when the layer writes one of its bottoms' names (Caffe computes it in place)."""
-        layer = self.layer(layer_name)
-        return any(top in layer.bottom for top in layer.top)
-
-    def in_place_chain(self, layer_name: str, top_index: int = 0) -> list[caffe_pb2.LayerParameter]:
-        """The in-place layers that follow ``layer_name`` on its top, in order (e.g. BatchNorm, ReLU)."""
-        chain = []
-        current, index = layer_name, top_index
-        blob = self.layer(layer_name).top[top_index]
-        while True:
-            followers = [
-                (layer, bi)
-                for layer, bi in self.consumers(current, index)
-                if blob in layer.top and layer.bottom[bi] == blob
-            ]
-            if not followers:
-                return chain
-            nxt = followers[0][0]
-            chain.append(nxt)
-            current, index = nxt.name, list(nxt.top).index(blob)
-
-    def topological_order(self) -> list[str]:
-        """Layer names in an order where every producer precedes its consumers (stable w.r.t. file order)."""
-        n = len(self.net.layer)
-        indegree = [0] * n
-        edges: dict[int, list[int]] = {}
-        # A bottom no earlier layer writes (a layer placed too early by an edit) depends on the layer that
-        # creates that blob anywhere in the net.
-        creators = {}
-        for li, layer in enumerate(self.net.layer):
-            for top in layer.top:
-                if top not in layer.bottom:
-                    creators.setdefault(top, li)
-        for li, producers in enumerate(self._bottom_producer):
-            resolved = {
-                p if p is not None else creators.get(self.net.layer[li].bottom[bi])
-                for bi, p in enumerate(producers)
-            }
-            for p in {p for p in resolved if p is not None and p != li}:
-                edges.setdefault(p, []).append(li)
-                indegree[li] += 1
-        ready = [i for i in range(n) if indegree[i] == 0]
-        order: list[int] = []
-        while ready:
-            ready.sort()
-            i = ready.pop(0)
-            order.append(i)
-            for j in edges.get(i, []):
-                indegree[j] -= 1
-                if indegree[j] == 0:
-                    ready.append(j)
-        if len(order) != n:
-            raise ModelFormatError(f"{self._where()}has a cycle between its layers.")
-        return [self.net.layer[i].name for i in order]
-
     # -- editing ------------------------------------------------------------------------------------
     def insert_before(self, anchor: str, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
         """Insert a copy of ``layer`` just before layer ``anchor``; returns the inserted message."""
@@ -143,9 +87,6 @@ class Graph:
     def insert_after(self, anchor: str, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
         """Insert a copy of ``layer`` just after layer ``anchor``; returns the inserted message."""
         return self._insert(self.index(anchor) + 1, layer)
-
-    def append(self, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
-        return self._insert(len(self.net.layer), layer)
 
     def remove_layer(self, name: str, reconnect: bool = True) -> None:
         """Delete layer ``name``.
@@ -158,9 +99,7 @@ class Graph:
         if reconnect and len(layer.top) == 1 and len(layer.bottom) == 1 and layer.top[0] != layer.bottom[0]:
             self._rename_reads_from(idx + 1, layer.top[0], layer.bottom[0])
         elif reconnect and len(layer.top) > 1:
-            raise ModelFormatError(
-                f"{self._where()}cannot remove layer '{name}' and reconnect it: it has {len(layer.top)} tops."
-            )
+            raise self._error(f"cannot remove layer '{name}' and reconnect it: it has {len(layer.top)} tops.")
         del self.net.layer[idx]
         self._index()
 
@@ -168,7 +107,7 @@ class Graph:
         """Make layer ``layer_name`` read blob ``new`` wherever it read ``old``."""
         layer = self.layer(layer_name)
         if old not in layer.bottom:
-            raise ModelFormatError(f"{self._where()}layer '{layer_name}' has no bottom '{old}'.")
+            raise self._error(f"layer '{layer_name}' has no bottom '{old}'.")
         for i, b in enumerate(layer.bottom):
             if b == old:
                 layer.bottom[i] = new
@@ -179,20 +118,13 @@ class Graph:
         idx = self.index(layer_name)
         layer = self.net.layer[idx]
         if old not in layer.top:
-            raise ModelFormatError(f"{self._where()}layer '{layer_name}' has no top '{old}'.")
+            raise self._error(f"layer '{layer_name}' has no top '{old}'.")
         if update_readers:
             self._rename_reads_from(idx + 1, old, new)
         for i, t in enumerate(layer.top):
             if t == old:
                 layer.top[i] = new
         self._index()
-
-    def replace_layer(self, name: str, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
-        """Replace layer ``name`` in place by a copy of ``layer``."""
-        idx = self.index(name)
-        self.net.layer[idx].CopyFrom(layer)
-        self._index()
-        return self.net.layer[idx]
 
     def to_net_parameter(self) -> caffe_pb2.NetParameter:
         """A copy of the edited net."""
@@ -203,7 +135,7 @@ class Graph:
     # -- internals -----------------------------------------------------------------------------------
     def _insert(self, position: int, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
         if layer.name in self._by_name:
-            raise ModelFormatError(f"{self._where()}already has a layer named '{layer.name}'.")
+            raise self._error(f"already has a layer named '{layer.name}'.")
         new = self.net.layer.add()
         new.CopyFrom(layer)
         # move the new last element to ``position`` by rotating the tail
@@ -230,13 +162,13 @@ class Graph:
                 return
 
     def _index(self) -> None:
-        self._by_name: dict[str, int] = {}
-        self._bottom_producer: list[list[int | None]] = []
-        self._consumers: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._by_name = {}
+        self._bottom_producer = []
+        self._consumers = {}
         writer: dict[str, tuple[int, int]] = {}
         for li, layer in enumerate(self.net.layer):
             if layer.name in self._by_name:
-                raise ModelFormatError(f"{self._where()}has two layers named '{layer.name}'.")
+                raise self._error(f"has two layers named '{layer.name}'.")
             self._by_name[layer.name] = li
             producers: list[int | None] = []
             for bi, blob in enumerate(layer.bottom):
@@ -248,14 +180,9 @@ class Graph:
             for ti, top in enumerate(layer.top):
                 writer[top] = (li, ti)
 
-    def _where(self) -> str:
-        return f"Net '{self.path or self.net.name}' "
-
-
-def layers_of_type(graph: Graph, types: Iterable[str]) -> list[caffe_pb2.LayerParameter]:
-    """The layers whose Caffe type is one of ``types``, in file order."""
-    wanted = set(types)
-    return [layer for layer in graph if layer.type in wanted]
+    def _error(self, message: str) -> ModelFormatError:
+        """A ModelFormatError that names this net (``Net 'file' <message>``)."""
+        return ModelFormatError(f"{model_where(self.label, 'Net')} {message}")
 
 
 # -- the same producer/reader rule on a plain layer list (nets that are read, not edited) -------------------

@@ -170,7 +170,7 @@ def _check_names(graph: Graph, groups: Sequence[QuantGroup]) -> None:
     for name in new:
         if name in used or new.count(name) > 1:
             raise ModelFormatError(
-                f"Model '{graph.path or graph.net.name}' already uses the name '{name}', which the inserted "
+                f"Model '{graph.label}' already uses the name '{name}', which the inserted "
                 "Quant/DeQuant layers need; rename that layer or blob in the retrain model."
             )
 
@@ -189,7 +189,7 @@ def insert_quant_layers(graph: Graph, groups: Sequence[QuantGroup]) -> None:
             lp = graph.layer(layer.name)
             if list(lp.bottom) != [group.bottom] or len(lp.top) != 1 or lp.top[0] == group.bottom:
                 raise ModelFormatError(
-                    f"Layer '{layer.name}' of '{graph.path or graph.net.name}' must read '{group.bottom}' as "
+                    f"Layer '{layer.name}' of '{graph.label}' must read '{group.bottom}' as "
                     "its only bottom and write one other top to be quantized."
                 )
         graph.insert_before(group.layers[0].name, quant_layer(group))

@@ -24,9 +24,6 @@ from amct_caffe.model.layer_types import AMCT_LAYER_TYPES
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.config import QAT_LAYER_TYPES, ModelLayer
 
-#: Layer types that AMCT inserts (retrain, calibration, fake-quant and deploy models). A net holding one of
-#: them was already processed by AMCT and must not be quantized again (spec §1.4).
-
 #: Layers that keep a non-negative input non-negative and that ``default_fixed_min`` looks through:
 #: Dropout is the identity in TEST and scales by 1/(1 - ratio) > 0 in TRAIN (e.g. AlexNet's
 #: fc6 -> relu6 -> drop6 -> fc7, all in place).
@@ -47,7 +44,7 @@ def check_not_quantized(graph: Graph) -> None:
     for layer in graph:
         if layer.type in AMCT_LAYER_TYPES:
             raise ConfigError(
-                f"Model '{graph.path or graph.net.name}' is already quantized: layer '{layer.name}' has "
+                f"Model '{graph.label}' is already quantized: layer '{layer.name}' has "
                 f"the AMCT type {layer.type}. Give the original float model (no "
                 f"{'/'.join(AMCT_LAYER_TYPES)} layers)."
             )
@@ -125,11 +122,6 @@ def describe_layers(graph: Graph) -> list[ModelLayer]:
         fixed_min = default_fixed_min(graph, layer.name) if reason is None else False
         layers.append(ModelLayer(layer.name, layer.type, reason, fixed_min))
     return layers
-
-
-def quantizable_layers(graph: Graph) -> list[ModelLayer]:
-    """The layers of ``graph`` that QAT can quantize, in file order."""
-    return [layer for layer in describe_layers(graph) if layer.quantizable]
 
 
 # -- internals --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amct_caffe.errors import AmctError, ConfigError, ModelFormatError
+from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, model_where
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.layer_types import ACTIVATION_QAT
@@ -89,11 +89,6 @@ def shared_weight_name(layer: str) -> str:
 
 
 # -- planning ----------------------------------------------------------------------------------------------
-def _where(graph: Graph, config_file: str) -> str:
-    model = f"model '{graph.path or graph.net.name}'"
-    return f"{model} (config '{config_file}')" if config_file else model
-
-
 def _groups_in(graph: Graph, enabled: Sequence[str]) -> list[ActivationGroup]:
     """Group the enabled layers of ``graph`` by the value they read (producer layer and top, or blob name)."""
     groups: dict[tuple, list[str]] = {}
@@ -123,7 +118,7 @@ def plan_activation_groups(
         ConfigError: an enabled layer is missing from the net, defined twice, not a one-bottom layer, only
             present in one phase, or its readers' wiring differs between the TRAIN and TEST phases.
     """
-    where = _where(graph, config_file)
+    where = model_where(graph.label, role="config", file=config_file)
     enabled = [name for name, cfg in config.items() if cfg.retrain_enable]
     for name in enabled:
         if name not in graph:
@@ -333,7 +328,7 @@ def insert_retrain_layers(
         ModelFormatError: an enabled layer's weights are missing from the caffemodel or do not fit it.
     """
     check_not_quantized(graph)
-    where = _where(graph, config_file)
+    where = model_where(graph.label, role="config", file=config_file)
     groups = plan_activation_groups(graph, config, config_file)
     record_file = os.fspath(record_file)
 

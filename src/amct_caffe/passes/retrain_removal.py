@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, RecordError
+from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, RecordError, model_where
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.layer_types import ACTIVATION_QAT, WEIGHT_QAT
@@ -121,11 +121,6 @@ class RetrainFactors:
             if layer in act.consumers:
                 return act
         raise KeyError(layer)
-
-
-def _where(graph: Graph, weights_file: str) -> str:
-    model = f"retrain model '{graph.path or graph.net.name}'"
-    return f"{model} (weights '{weights_file}')" if weights_file else model
 
 
 def with_context(exc: AmctError, prefix: str) -> AmctError:
@@ -287,11 +282,11 @@ def read_retrain_factors(graph: Graph, weights: Weights, weights_file: str = "")
         RecordError: an ``ActivationQAT`` has no clip blobs (the model was never run forward).
         ConfigError: a clip range gives an unusable scale (inf/NaN), or channel-wise InnerProduct scales.
     """
-    where = _where(graph, weights_file)
+    where = model_where(graph.label, "retrain model", role="weights", file=weights_file)
     retrain = [layer for layer in graph if layer.type in RETRAIN_TYPES]
     if not retrain:
         raise ModelFormatError(
-            f"Model '{graph.path or graph.net.name}' has no ActivationQAT/WeightQAT layers in its TEST "
+            f"Model '{graph.label}' has no ActivationQAT/WeightQAT layers in its TEST "
             "phase: it is not a retrain model. Give the modified_model_file written by "
             "create_quant_retrain_model and the caffemodel trained from it."
         )

@@ -187,7 +187,7 @@ class _JsonObject(dict):
     def __init__(self, pairs: list[tuple[str, Any]]) -> None:
         super().__init__(pairs)
         seen: set[str] = set()
-        self.duplicates = []
+        self.duplicates: list[str] = []
         for key, _ in pairs:
             if key in seen and key not in self.duplicates:
                 self.duplicates.append(key)
@@ -255,7 +255,7 @@ def parse_json_config(
         raise rep.error(
             f"line {exc.lineno} column {exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax."
         ) from exc
-    if not isinstance(root, dict):
+    if not isinstance(root, _JsonObject):  # every JSON object is read as a _JsonObject
         raise rep.error("", "the file must hold one JSON object", 'Write {"version": 1, "<layer>": {...}}.')
     _check_object(root, None, rep, "", "")
     by_name = {layer.name: layer for layer in model}
@@ -287,9 +287,11 @@ def _json_key(layer: str, path: str) -> str:
     return f"layer '{layer}', key '{path}'" if layer else f"key '{path}'"
 
 
-def _check_object(obj: dict, allowed: Sequence[str] | None, rep: _Reporter, layer: str, prefix: str) -> None:
+def _check_object(
+    obj: _JsonObject, allowed: Sequence[str] | None, rep: _Reporter, layer: str, prefix: str
+) -> None:
     """No key twice (``json`` would keep the last one silently); with ``allowed``, no unknown key."""
-    duplicates = getattr(obj, "duplicates", [])
+    duplicates = obj.duplicates
     if duplicates:
         what = "layer names must be unique" if not layer else "each setting is given once"
         raise rep.error(_json_key(layer, prefix + duplicates[0]), f"appears more than once ({what})",
@@ -331,7 +333,7 @@ def _layer_from_json(value: Any, layer: ModelLayer, rep: _Reporter) -> LayerRetr
     enable = value.get("retrain_enable", True)
     _expect(enable, "bool", rep, at("retrain_enable"))
 
-    data = value.get("retrain_data_config", {})
+    data = value.get("retrain_data_config", _JsonObject([]))
     _expect(data, "object", rep, at("retrain_data_config"))
     _check_object(data, _DATA_KEYS, rep, name, "retrain_data_config.")
     algo = data.get("algo", DATA_ALGO)

@@ -203,15 +203,6 @@ def dequantize(q: Tensor, scale: ArrayLike, offset: ArrayLike = 0) -> Tensor:
     return (q.to(s.dtype) - as_tensor(offset, like=s)) * s
 
 
-def quantize_data(x: ArrayLike, s_d: ArrayLike, o_d: ArrayLike) -> Tensor:
-    """Activation INT8 codes ``clamp(round_away(x / s_d) + o_d, -128, 127)`` as an int8 tensor.
-
-    What the ``Quant`` layer (and AscendQuant) produce (spec §6.2, §7.4).
-    """
-    x = as_float_tensor(x)
-    return int8_codes(x, s_d, o_d, round_away).to(torch.int8)
-
-
 def fake_quant_data(
     x: ArrayLike, s_d: ArrayLike, o_d: ArrayLike, rounding: Rounding = round_away
 ) -> Tensor:

@@ -270,26 +270,6 @@ def record_text(records: Mapping[str, LayerRecord], order: Sequence[str] | None 
     return text_format.MessageToString(records_to_proto(records, order))
 
 
-def write_records(
-    path: str | os.PathLike[str],
-    records: Mapping[str, LayerRecord],
-    order: Sequence[str] | None = None,
-    *,
-    validate: bool = True,
-    couts: Mapping[str, int] | None = None,
-) -> None:
-    """Write ``records`` to ``path`` atomically (validated first unless ``validate`` is False).
-
-    Raises:
-        RecordError: a record is invalid (nothing is written then).
-    """
-    path = str(path)
-    if validate:
-        validate_records(records, path, couts=couts)
-    with _FILE_LOCK:
-        atomic_write(path, record_text(records, order).encode("utf-8"))
-
-
 def update_shapes(path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, int, int]]) -> None:
     """Set ``channels/height/width`` of the given layers in the record file ``path`` (update-or-append).
 

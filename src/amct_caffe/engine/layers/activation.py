@@ -44,8 +44,9 @@ class ReLU(_Neuron):
     what ``leaky_relu``'s autograd gives too (and plain ``relu``'s 0 for slope 0).
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        self.negative_slope = float(self.param.relu_param.negative_slope)
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.negative_slope = float(param.relu_param.negative_slope)
 
     def apply(self, x: Tensor) -> Tensor:
         if self.negative_slope == 0.0:
@@ -73,6 +74,10 @@ class PReLU(_Neuron):
     gradients (``x > 0 ? dy : a*dy`` and ``sum(dy * x * (x <= 0))``) are Caffe's.
     """
 
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.channel_shared = bool(param.prelu_param.channel_shared)
+
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         p = self.param.prelu_param
         x = bottoms[0]
@@ -81,7 +86,6 @@ class PReLU(_Neuron):
                 f"needs a bottom with at least 2 axes (N, C, ...), got shape {tuple(x.shape)}; "
                 "PReLU's slopes are per channel (axis 1)."
             )
-        self.channel_shared = bool(p.channel_shared)
         filler = p.filler if p.HasField("filler") else caffe_pb2.FillerParameter(type="constant", value=0.25)
         shape: tuple[int, ...] = () if self.channel_shared else (int(x.shape[1]),)
         self.blobs = [self.new_blob(shape, filler)]
@@ -103,8 +107,9 @@ class ELU(_Neuron):
     """``y = x > 0 ? x : alpha * (exp(x) - 1)``; Caffe's gradient ``x > 0 ? dy : dy * (y + alpha)`` is
     ``alpha * exp(x)``, the autograd one."""
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        self.alpha = float(self.param.elu_param.alpha)
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.alpha = float(param.elu_param.alpha)
 
     def apply(self, x: Tensor) -> Tensor:
         return F.elu(x, self.alpha)
@@ -160,8 +165,9 @@ class Power(_Neuron):
     / x``, which is NaN at ``x == 0`` where autograd gives the limit; everywhere else they agree.
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.power_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.power_param
         self.power = float(np.float32(p.power))
         self.scale = float(np.float32(p.scale))
         self.shift = float(np.float32(p.shift))
@@ -190,8 +196,9 @@ class Exp(_Neuron):
     and ``outer = base ^ shift`` (1 when shift is 0), then computes ``outer * exp(inner * x)``.
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.exp_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.exp_param
         base = np.float32(p.base)
         if base != -1 and not base > 0:
             raise self.error(f"exp_param.base is {p.base}; it must be strictly positive, or -1 for e.")
@@ -201,10 +208,7 @@ class Exp(_Neuron):
                 raise self.error(f"log(exp_param.base) = log({p.base}) is not finite; choose another base.")
             scale, shift = np.float32(p.scale), np.float32(p.shift)
             self.inner = float(np.float32(log_base * scale))
-            if shift == 0:
-                self.outer = 1.0
-            else:
-                self.outer = float(np.exp(shift) if base == -1 else np.power(base, shift))
+            self.outer = 1.0 if shift == 0 else float(np.exp(shift) if base == -1 else np.power(base, shift))
 
     def apply(self, x: Tensor) -> Tensor:
         y = torch.exp(x) if self.inner == 1.0 else torch.exp(x * self.inner)
@@ -219,8 +223,9 @@ class Log(_Neuron):
     rejects bases whose log or reciprocal log is not finite (base 1, for instance).
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.log_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.log_param
         base = np.float32(p.base)
         if base != -1 and not base > 0:
             raise self.error(f"log_param.base is {p.base}; it must be strictly positive, or -1 for e.")
@@ -250,8 +255,9 @@ class Log(_Neuron):
 class Threshold(_Neuron):
     """``y = x > threshold ? 1 : 0``. Caffe has no backward for it; here it passes no gradient."""
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        self.threshold = float(np.float32(self.param.threshold_param.threshold))
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.threshold = float(np.float32(param.threshold_param.threshold))
 
     def apply(self, x: Tensor) -> Tensor:
         return (x > self.threshold).to(x.dtype)
@@ -264,8 +270,9 @@ class Clip(_Neuron):
     Caffe does not check ``min <= max``; with ``min > max`` every output is ``min``, as here.
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.clip_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.clip_param
         if not (p.HasField("min") and p.HasField("max")):
             raise self.error("needs clip_param { min: ... max: ... } (both are required).")
         self.min = float(np.float32(p.min))
@@ -282,8 +289,9 @@ class Swish(_Neuron):
     """``y = x * sigmoid(beta * x)``; Caffe's gradient ``beta*y + sigmoid(beta*x) * (1 - beta*y)`` is the
     autograd one."""
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        self.beta = float(np.float32(self.param.swish_param.beta))
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.beta = float(np.float32(param.swish_param.beta))
 
     def apply(self, x: Tensor) -> Tensor:
         if self.beta == 1.0:
@@ -301,8 +309,9 @@ class Dropout(_Neuron):
     TEST: identity.
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        ratio = float(np.float32(self.param.dropout_param.dropout_ratio))
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        ratio = float(np.float32(param.dropout_param.dropout_ratio))
         if not 0.0 <= ratio < 1.0 or math.isnan(ratio):
             raise self.error(f"dropout_ratio is {ratio}; it must be in [0, 1).")
         self.ratio = ratio

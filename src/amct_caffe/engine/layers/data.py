@@ -30,10 +30,11 @@ class Input(Layer):
     exact_bottoms = 0
     min_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        shapes = _shapes(self.param.input_param.shape, len(self.param.top), self)
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        shapes = _shapes(param.input_param.shape, len(param.top), self)
         self.buffers: dict[str, Tensor] = {
-            top: torch.zeros(shape, dtype=torch.float32) for top, shape in zip(self.param.top, shapes)
+            top: torch.zeros(shape, dtype=torch.float32) for top, shape in zip(param.top, shapes)
         }
 
     def set_input(self, name: str, value: Tensor) -> None:
@@ -45,14 +46,19 @@ class Input(Layer):
 
 @register("DummyData")
 class DummyData(Layer):
-    """Fills its tops with a filler on every forward (constant fillers once, as Caffe refills only others)."""
+    """Fills its tops with a filler on every forward (constant fillers once, as Caffe refills only others).
+
+    The first values are drawn in :meth:`setup`, so that random fillers draw from the engine's generator in
+    layer order, interleaved with the learnable blobs of the layers around it, as at any other setup.
+    """
 
     exact_bottoms = 0
     min_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.dummy_data_param
-        count = len(self.param.top)
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.dummy_data_param
+        count = len(param.top)
         if p.shape:
             shapes = _shapes(p.shape, count, self)
         else:
@@ -72,9 +78,14 @@ class DummyData(Layer):
         if not fillers:
             fillers = [caffe_pb2.FillerParameter(type="constant", value=0.0)]
         self.fillers = fillers * count if len(fillers) == 1 else fillers
+        self.shapes = shapes
+        #: The tops' current values, drawn first by :meth:`setup`.
+        self.values: list[Tensor] = []
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
         self.values = [
             fill(torch.empty(shape, dtype=torch.float32), f).to(self.device)
-            for shape, f in zip(shapes, self.fillers)
+            for shape, f in zip(self.shapes, self.fillers)
         ]
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:

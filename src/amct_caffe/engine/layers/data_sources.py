@@ -91,12 +91,21 @@ def _batch_size(layer: Layer, value: int, field: str) -> int:
 
 
 class _DataSource(Layer):
-    """Common part: no bottoms; placeholder tops during the shape pass; a new batch on every forward."""
+    """Common part: no bottoms; placeholder tops during the shape pass; a new batch on every forward.
+
+    A data layer opens its source and reads what sizes its tops when it is built (it has no bottoms, so
+    :meth:`setup` has nothing to add).
+    """
 
     exact_bottoms = 0
     min_tops = 1
 
-    _top_shapes: list[tuple[int, ...]]
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        #: This layer's generator for shuffling, ``rand_skip`` and the transformer's random draws.
+        self.rng = _layer_rng(self)
+        #: The top shapes of the shape pass: those of the last batch, or set from the first record.
+        self._top_shapes: list[tuple[int, ...]] = []
 
     def next_batch(self) -> list[np.ndarray]:
         """The next batch, one float32 array per top, advancing the cursor."""
@@ -115,25 +124,6 @@ class _DataSource(Layer):
     def _transformer(self) -> DataTransformer:
         return DataTransformer(self.param.transform_param, self.phase, rng=self.rng, error=self.error,
                                what=f"Layer '{self.name}' (type {self.type_name})")
-
-    def _transform_items(self, items: list[np.ndarray]) -> np.ndarray:
-        """Transform a batch of (C, H, W) inputs; the batch shape follows the first item, as Caffe
-        reshapes each batch after its first datum/image."""
-        first = items[0].shape
-        if all(x.shape == first for x in items):
-            return self.transformer.transform_batch(np.stack(items))
-        expected = self.transformer.infer_shape(first)
-        out = np.empty((len(items), *expected), dtype=np.float32)
-        for i, x in enumerate(items):
-            y = self.transformer.transform(x)
-            if y.shape != expected:
-                raise self.error(
-                    f"the inputs of one batch differ in shape ({first[1:]} then {x.shape[1:]}, channels "
-                    f"{first[0]} then {x.shape[0]}); Caffe needs equal shapes within a batch. Resize the "
-                    "inputs (ImageData: new_height/new_width) or set transform_param.crop_size."
-                )
-            out[i] = y
-        return out
 
 
 # -- MemoryData -----------------------------------------------------------------------------------------
@@ -154,8 +144,9 @@ class MemoryData(_DataSource):
 
     exact_tops = 2
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.memory_data_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.memory_data_param
         self.batch_size, self.channels = int(p.batch_size), int(p.channels)
         self.height, self.width = int(p.height), int(p.width)
         if min(self.batch_size, self.channels, self.height, self.width) <= 0:
@@ -163,7 +154,6 @@ class MemoryData(_DataSource):
                 "memory_data_param needs batch_size, channels, height and width, all positive (got "
                 f"{self.batch_size}, {self.channels}, {self.height}, {self.width})."
             )
-        self.rng = _layer_rng(self)
         self.transformer = self._transformer()
         self._data: Tensor | None = None
         self._labels: Tensor | None = None
@@ -282,11 +272,12 @@ class HDF5Data(_DataSource):
     Caffe's ``std::random_shuffle``.
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        if self.param.HasField("transform_param"):
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        if param.HasField("transform_param"):
             raise self.error("does not transform data (Caffe refuses transform_param for HDF5 data, which is "
                              "generic); remove transform_param and store the data preprocessed.")
-        p = self.param.hdf5_data_param
+        p = param.hdf5_data_param
         self.batch_size = _batch_size(self, p.batch_size, "hdf5_data_param")
         self.shuffle = bool(p.shuffle)
         if not p.source:
@@ -295,11 +286,13 @@ class HDF5Data(_DataSource):
         if not self.files:
             raise self.error(f"must have at least 1 HDF5 filename listed in '{p.source}'.")
         self.h5py = _require(self, "h5py", "h5py")
-        self.rng = _layer_rng(self)
         self.file_perm = np.arange(len(self.files))
         if self.shuffle:
             self.rng.shuffle(self.file_perm)
         self._row_shapes: list[tuple[int, ...]] | None = None
+        #: The loaded file's datasets (one array per top) and the order of its rows; see :meth:`_load`.
+        self.arrays: list[np.ndarray] = []
+        self.perm = np.arange(0)
         self.current_file = 0
         self._load(int(self.file_perm[0]))
         self.current_row = 0
@@ -402,8 +395,9 @@ class ImageData(_DataSource):
 
     exact_tops = 2
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.image_data_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.image_data_param
         self.new_height, self.new_width = int(p.new_height), int(p.new_width)
         if (self.new_height > 0) != (self.new_width > 0):
             raise self.error("image_data_param needs new_height and new_width set together (or neither); got "
@@ -421,7 +415,6 @@ class ImageData(_DataSource):
         from amct_caffe.engine.transform import pillow
 
         pillow(self.what)  # fail early, naming the layer, when Pillow is missing
-        self.rng = _layer_rng(self)
         if self.shuffle:
             self._shuffle()
         self.lines_id = 0
@@ -467,7 +460,7 @@ class ImageData(_DataSource):
                 self.lines_id = 0
                 if self.shuffle:
                     self._shuffle()
-        return [self._transform_items(items), labels]
+        return [self.transformer.transform_items(items), labels]
 
 
 #: LMDB environments open in this process, by real path: LMDB (and py-lmdb) allow one environment per
@@ -499,10 +492,11 @@ class Data(_DataSource):
     ``rand_skip`` skips a random number ``< rand_skip`` of records at setup.
     """
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        if len(self.param.top) > 2:
-            raise self.error(f"takes at most 2 tops (data, label), has {len(self.param.top)}.")
-        p = self.param.data_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        if len(param.top) > 2:
+            raise self.error(f"takes at most 2 tops (data, label), has {len(param.top)}.")
+        p = param.data_param
         if p.backend != caffe_pb2.DataParameter.LMDB:
             raise UnsupportedLayerError(
                 f"Layer '{self.name}' (type Data) uses backend LEVELDB (Caffe's default when data_param has "
@@ -523,7 +517,6 @@ class Data(_DataSource):
             raise self.error(f"cannot open LMDB '{p.source}': {exc}.") from None
         if not self.cursor.first():
             raise self.error(f"the LMDB '{p.source}' holds no records.")
-        self.rng = _layer_rng(self)
         self.offset = 0
         if p.rand_skip:
             skip = int(self.rng.integers(1 << 32)) % int(p.rand_skip)
@@ -563,5 +556,5 @@ class Data(_DataSource):
             items.append(self.transformer.datum_array(datum))
             labels[i] = datum.label
             self._next_record()
-        data = self._transform_items(items)
+        data = self.transformer.transform_items(items)
         return [data, labels] if self.output_labels else [data]

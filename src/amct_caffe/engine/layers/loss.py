@@ -125,9 +125,10 @@ class Accuracy(Layer):
     exact_bottoms = 2
     min_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
         _check_top_range(self, 1, 2)
-        p = self.param.accuracy_param
+        p = param.accuracy_param
         self.top_k = int(p.top_k)
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
 
@@ -203,9 +204,10 @@ class SoftmaxWithLoss(Layer):
     exact_bottoms = 2
     min_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
         _check_top_range(self, 1, 2)
-        p = self.param.loss_param
+        p = param.loss_param
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.normalization = _normalization(self, Norm.VALID)
 
@@ -289,8 +291,9 @@ class SigmoidCrossEntropyLoss(Layer):
     exact_bottoms = 2
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.loss_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.loss_param
         self.ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.normalization = _normalization(self, Norm.BATCH_SIZE)
 

@@ -82,36 +82,39 @@ class BatchNorm(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.batch_norm_param
+        self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else phase == TEST
+        self.maf = _f32(p.moving_average_fraction)
+        self.eps = _f32(p.eps)
+        for i in range(3):
+            if len(param.param) == i:
+                param.param.add().lr_mult = 0.0
+            elif param.param[i].lr_mult != 0.0:
+                raise self.error(
+                    f"param {i} has lr_mult {param.param[i].lr_mult}; BatchNorm's statistics cannot be "
+                    "trained as layer parameters. Set lr_mult: 0 (or drop the param entries)."
+                )
+        #: Axis 1 of the bottom, set by :meth:`setup` (the blobs' length).
+        self.channels: int | None = None
+
     def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.batch_norm_param
         x = bottoms[0]
         if x.dim() < 2:
             raise self.error(f"needs a bottom with at least 2 axes (N, C, ...), got shape {tuple(x.shape)}.")
-        self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else self.phase == TEST
-        self.maf = _f32(p.moving_average_fraction)
-        self.eps = _f32(p.eps)
-        self.channels = int(x.shape[1])
-        self.blobs = [
-            self.new_blob((self.channels,)),
-            self.new_blob((self.channels,)),
-            self.new_blob((1,)),
-        ]
-        for i in range(3):
-            if len(self.param.param) == i:
-                self.param.param.add().lr_mult = 0.0
-            elif self.param.param[i].lr_mult != 0.0:
-                raise self.error(
-                    f"param {i} has lr_mult {self.param.param[i].lr_mult}; BatchNorm's statistics cannot be "
-                    "trained as layer parameters. Set lr_mult: 0 (or drop the param entries)."
-                )
+        channels = int(x.shape[1])
+        self.channels = channels
+        self.blobs = [self.new_blob((channels,)), self.new_blob((channels,)), self.new_blob((1,))]
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
-        if x.dim() < 2 or x.shape[1] != self.channels:
+        channels = self.channels
+        if channels is None or x.dim() < 2 or x.shape[1] != channels:
             raise self.error(
-                f"was set up for {self.channels} channels but its bottom now has shape {tuple(x.shape)}."
+                f"was set up for {channels} channels but its bottom now has shape {tuple(x.shape)}."
             )
-        view = (1, self.channels) + (1,) * (x.dim() - 2)
+        view = (1, channels) + (1,) * (x.dim() - 2)
         if self.use_global_stats:
             mean, var = global_statistics(*(b.detach() for b in self.blobs))
             std = torch.sqrt(var + self.eps)
@@ -122,7 +125,7 @@ class BatchNorm(Layer):
         var = (centered * centered).mean(dim=dims, keepdim=True)
         y = centered / torch.sqrt(var + self.eps)
         if not self.reshaping:  # the net's shape pass updates no statistics
-            self._update_statistics(mean, var, x.numel() // self.channels)
+            self._update_statistics(mean, var, x.numel() // channels)
         return [y]
 
     def _update_statistics(self, mean: Tensor, var: Tensor, m: int) -> None:
@@ -153,15 +156,18 @@ class Scale(_AxisLayer):
     two-bottom case, filler ``bias_filler`` (default constant 0).
     """
 
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.axis = int(param.scale_param.axis)
+        self.bias_term = bool(param.scale_param.bias_term)
+
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         p = self.param.scale_param
         x = bottoms[0]
-        self.axis = int(p.axis)
         blobs: list[Tensor] = []
         if len(bottoms) == 1:
             filler = p.filler if p.HasField("filler") else _constant(1.0)
             blobs.append(self.new_blob(_param_shape(self, x, self.axis, int(p.num_axes)), filler))
-        self.bias_term = bool(p.bias_term)
         if self.bias_term:
             num_axes = bottoms[1].dim() if len(bottoms) == 2 else int(p.num_axes)
             blobs.append(self.new_blob(_param_shape(self, x, self.axis, num_axes), p.bias_filler))
@@ -184,9 +190,12 @@ class Bias(_AxisLayer):
     filler default constant 0. Two bottoms: ``b`` is bottom 1 and the layer has no blob.
     """
 
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.axis = int(param.bias_param.axis)
+
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         p = self.param.bias_param
-        self.axis = int(p.axis)
         if len(bottoms) == 1:
             filler = p.filler if p.HasField("filler") else _constant(0.0)
             self.blobs = [self.new_blob(_param_shape(self, bottoms[0], self.axis, int(p.num_axes)), filler)]
@@ -215,8 +224,9 @@ class LRN(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.lrn_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.lrn_param
         self.size = int(p.local_size)
         if self.size % 2 != 1:
             raise self.error(f"local_size is {self.size}; LRN only supports odd values.")
@@ -285,8 +295,9 @@ class MVN(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.mvn_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.mvn_param
         self.normalize_variance = bool(p.normalize_variance)
         self.across_channels = bool(p.across_channels)
         self.eps = _f32(p.eps)

@@ -45,6 +45,13 @@ class Permute(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        #: The full axis order (the given axes, then the others in order) and whether it is the identity,
+        #: set by :meth:`setup` for the bottom's rank.
+        self.order: tuple[int, ...] = ()
+        self.identity = False
+
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         num_axes = bottoms[0].dim()
         orders: list[int] = []
@@ -88,6 +95,15 @@ class Normalize(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.norm_param
+        self.across_spatial = bool(p.across_spatial)
+        self.channel_shared = bool(p.channel_shared)
+        self.eps = float(p.eps)
+        #: The bottom's channel count (axis 1), set by :meth:`setup`.
+        self.channels: int | None = None
+
     def setup(self, bottoms: Sequence[Tensor]) -> None:
         x = bottoms[0]
         if not 2 <= x.dim() <= 4:
@@ -95,32 +111,31 @@ class Normalize(Layer):
                 f"needs a bottom with 2 to 4 axes (N, C[, H[, W]]), got shape {tuple(x.shape)}."
             )
         p = self.param.norm_param
-        self.across_spatial = bool(p.across_spatial)
-        self.channel_shared = bool(p.channel_shared)
-        self.eps = float(p.eps)
-        self.channels = int(x.shape[1])
+        channels = int(x.shape[1])
+        self.channels = channels
         if p.HasField("scale_filler"):
             filler = p.scale_filler
         else:
             filler = caffe_pb2.FillerParameter(type="constant", value=1.0)
-        shape: tuple[int, ...] = () if self.channel_shared else (self.channels,)
+        shape: tuple[int, ...] = () if self.channel_shared else (channels,)
         self.blobs = [self.new_blob(shape, filler)]
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
-        if x.dim() < 2 or int(x.shape[1]) != self.channels:
+        channels = self.channels
+        if channels is None or x.dim() < 2 or int(x.shape[1]) != channels:
             raise self.error(
-                f"was set up for {self.channels} channels but got a bottom of shape {tuple(x.shape)}."
+                f"was set up for {channels} channels but got a bottom of shape {tuple(x.shape)}."
             )
         scale = self.blobs[0]
-        expected = 1 if self.channel_shared else self.channels
+        expected = 1 if self.channel_shared else channels
         if scale.numel() != expected:
             raise self.error(
                 f"scale blob has {scale.numel()} value(s) but channel_shared={self.channel_shared} needs "
                 f"{expected}; the caffemodel does not match the prototxt's norm_param."
             )
         n = int(x.shape[0])
-        y = _NormalizeFn.apply(x.reshape(n, self.channels, -1), scale, self.across_spatial, self.eps)
+        y = _NormalizeFn.apply(x.reshape(n, channels, -1), scale, self.across_spatial, self.eps)
         return [y.reshape(x.shape)]
 
 
@@ -175,8 +190,9 @@ class PriorBox(Layer):
     exact_bottoms = 2
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.prior_box_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.prior_box_param
         if len(p.min_size) == 0:
             raise self.error("prior_box_param needs at least one min_size.")
         self.min_sizes = [float(s) for s in p.min_size]
@@ -321,8 +337,9 @@ class DetectionOutput(Layer):
     max_bottoms = 4
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.detection_output_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.detection_output_param
         if not p.HasField("num_classes"):
             raise self.error("detection_output_param needs num_classes.")
         self.num_classes = int(p.num_classes)

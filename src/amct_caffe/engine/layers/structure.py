@@ -48,10 +48,11 @@ class Eltwise(Layer):
     min_bottoms = 2
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.eltwise_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.eltwise_param
         self.op = p.operation
-        n = len(self.param.bottom)
+        n = len(param.bottom)
         if len(p.coeff) not in (0, n):
             raise self.error(
                 f"has {len(p.coeff)} coeff value(s) for {n} bottoms; Eltwise takes one coefficient per "
@@ -100,8 +101,9 @@ class Concat(Layer):
     min_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.concat_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.concat_param
         if p.HasField("axis") and p.HasField("concat_dim"):
             raise self.error("sets both axis and concat_dim; specify only one (concat_dim is the legacy "
                              "name).")
@@ -150,8 +152,9 @@ class Slice(Layer):
     exact_bottoms = 1
     min_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.slice_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.slice_param
         if p.HasField("axis") and p.HasField("slice_dim"):
             raise self.error("sets both axis and slice_dim; specify only one (slice_dim is the legacy name).")
 
@@ -235,7 +238,8 @@ class Flatten(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
         _no_in_place(self)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
@@ -263,9 +267,10 @@ class Reshape(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
         _no_in_place(self)
-        dims = [int(d) for d in self.param.reshape_param.shape.dim]
+        dims = [int(d) for d in param.reshape_param.shape.dim]
         self.copy_axes = [i for i, d in enumerate(dims) if d == 0]
         inferred = [i for i, d in enumerate(dims) if d == -1]
         if len(inferred) > 1:
@@ -382,8 +387,9 @@ class Tile(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.tile_param
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.tile_param
         if not p.HasField("tiles"):
             raise self.error("needs tile_param { tiles: N }; the number of tiles must be specified.")
         if p.tiles <= 0:
@@ -410,8 +416,9 @@ class Reduction(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        op = self.param.reduction_param.operation
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        op = param.reduction_param.operation
         if op not in (ReductionOp.SUM, ReductionOp.ASUM, ReductionOp.SUMSQ, ReductionOp.MEAN):
             raise self.error(f"unknown reduction operation {op}; use SUM, ASUM, SUMSQ or MEAN.")
 
@@ -454,10 +461,12 @@ class ArgMax(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.argmax_param
-        if p.top_k < 1:
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        if param.argmax_param.top_k < 1:
             raise self.error("top_k must not be less than 1.")
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
         self._check(_shape(bottoms[0]))
 
     def _check(self, shape: tuple[int, ...]) -> int | None:

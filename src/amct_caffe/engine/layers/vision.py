@@ -84,21 +84,7 @@ class _ConvolutionBase(Layer):
                 f"has {len(param.bottom)} bottom(s) and {len(param.top)} top(s); Caffe computes one top "
                 "per bottom, so give the same number of each."
             )
-
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.convolution_param
-        x = bottoms[0]
-        axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
-        if axis != 1:
-            raise _unsupported(
-                self, f"axis {p.axis} puts the channel axis at {axis}; only axis 1 (N, C, H, W) is supported."
-            )
-        if x.dim() != 4:
-            raise _unsupported(
-                self,
-                f"has a bottom with {x.dim()} axes ({x.dim() - 2} spatial); only 2-D convolution on "
-                "(N, C, H, W) bottoms is supported."
-            )
+        p = param.convolution_param
         kernel = _spatial_pair(
             self, p.kernel_size, p.HasField("kernel_h") or p.HasField("kernel_w"), p.kernel_h, p.kernel_w,
             "kernel_size", None,
@@ -121,29 +107,45 @@ class _ConvolutionBase(Layer):
         if min(dilation) <= 0:
             raise self.error(f"dilation must be positive (got {dilation[0]}x{dilation[1]}).")
         self.kernel, self.stride, self.pad, self.dilation = kernel, stride, pad, dilation
-        self._checked_shape: torch.Size | None = None
-
-        self.channels = int(x.shape[1])
         self.num_output = int(p.num_output)
         if self.num_output <= 0:
             raise self.error("num_output must be greater than 0.")
         self.group = int(p.group)
         if self.group <= 0:
             raise self.error(f"group must be positive (got {self.group}).")
-        if self.channels % self.group != 0:
-            raise self.error(
-                f"the bottom's {self.channels} channels are not a multiple of group {self.group}."
-            )
         if self.num_output % self.group != 0:
             raise self.error(
                 f"num_output {self.num_output} should be a multiple of group {self.group}."
             )
-        if self.reverse_dimensions:
-            out_ch, in_ch = self.channels, self.num_output
-        else:
-            out_ch, in_ch = self.num_output, self.channels
         self.bias_term = bool(p.bias_term)
-        blobs = [self.new_blob((out_ch, in_ch // self.group, *kernel), p.weight_filler)]
+        #: The bottoms' channel count (axis 1), set by :meth:`setup`.
+        self.channels: int | None = None
+        #: The bottom shape that last passed :meth:`_check_bottoms` (checked once per shape).
+        self._checked_shape: torch.Size | None = None
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
+        p = self.param.convolution_param
+        x = bottoms[0]
+        axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
+        if axis != 1:
+            raise _unsupported(
+                self, f"axis {p.axis} puts the channel axis at {axis}; only axis 1 (N, C, H, W) is supported."
+            )
+        if x.dim() != 4:
+            raise _unsupported(
+                self,
+                f"has a bottom with {x.dim()} axes ({x.dim() - 2} spatial); only 2-D convolution on "
+                "(N, C, H, W) bottoms is supported."
+            )
+        channels = int(x.shape[1])
+        if channels % self.group != 0:
+            raise self.error(f"the bottom's {channels} channels are not a multiple of group {self.group}.")
+        self.channels = channels
+        if self.reverse_dimensions:
+            out_ch, in_ch = channels, self.num_output
+        else:
+            out_ch, in_ch = self.num_output, channels
+        blobs = [self.new_blob((out_ch, in_ch // self.group, *self.kernel), p.weight_filler)]
         if self.bias_term:
             blobs.append(self.new_blob((self.num_output,), p.bias_filler))
         self.blobs = blobs
@@ -242,17 +244,39 @@ class InnerProduct(Layer):
     exact_bottoms = 1
     exact_tops = 1
 
-    def setup(self, bottoms: Sequence[Tensor]) -> None:
-        p = self.param.inner_product_param
-        x = bottoms[0]
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        p = param.inner_product_param
         self.num_output = int(p.num_output)
         if self.num_output <= 0:
             raise self.error("num_output must be greater than 0.")
-        self.axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
-        self.k = math.prod(int(d) for d in x.shape[self.axis:])
         self.transpose = bool(p.transpose)
         self.bias_term = bool(p.bias_term)
-        shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
+        #: (axis, K) for the bottom :meth:`setup` saw; see :attr:`axis` and :attr:`k`.
+        self._flattening: tuple[int, int] | None = None
+
+    @property
+    def axis(self) -> int:
+        """The first flattened axis: ``inner_product_param.axis`` made non-negative for the bottom's rank."""
+        return self._set_up_flattening()[0]
+
+    @property
+    def k(self) -> int:
+        """The number of inputs: the product of the bottom's axes from :attr:`axis` on."""
+        return self._set_up_flattening()[1]
+
+    def _set_up_flattening(self) -> tuple[int, int]:
+        if self._flattening is None:
+            raise self.error("is used before setup(); the net sets every layer up when it is built.")
+        return self._flattening
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
+        p = self.param.inner_product_param
+        x = bottoms[0]
+        axis = self.canonical_axis(int(p.axis), x.dim(), "axis")
+        k = math.prod(int(d) for d in x.shape[axis:])
+        self._flattening = (axis, k)
+        shape = (k, self.num_output) if self.transpose else (self.num_output, k)
         blobs = [self.new_blob(shape, p.weight_filler)]
         if self.bias_term:
             blobs.append(self.new_blob((self.num_output,), p.bias_filler))
@@ -260,13 +284,14 @@ class InnerProduct(Layer):
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
-        if x.dim() <= self.axis:
-            raise self.error(f"the bottom has {x.dim()} axes but axis is {self.axis}.")
-        flat = x.flatten(self.axis)
-        if flat.shape[-1] != self.k:
+        axis, k = self._set_up_flattening()
+        if x.dim() <= axis:
+            raise self.error(f"the bottom has {x.dim()} axes but axis is {axis}.")
+        flat = x.flatten(axis)
+        if flat.shape[-1] != k:
             raise self.error(
                 f"input size incompatible with inner product parameters: the bottom has "
-                f"{flat.shape[-1]} values from axis {self.axis} on, the weights expect {self.k}."
+                f"{flat.shape[-1]} values from axis {axis} on, the weights expect {k}."
             )
         weight = self.blobs[0]
         if self.transpose:
@@ -352,52 +377,58 @@ class Pooling(Layer):
                     "amct-caffe. Remove the second top."
                 )
             raise self.error(f"has {len(param.top)} tops; {self._method_name()} pooling produces 1 top.")
-        self._parse()
+        self.method = int(p.pool)
+        self.global_pooling = bool(p.global_pooling)
+        #: (kh, kw); None with global pooling, whose window is the whole input.
+        self.kernel = self._kernel()
+        self.pad, self.stride = self._pad_stride()
+        self.ceil_mode = p.round_mode != _FLOOR
         self._plans: dict[tuple[int, int], _PoolPlan] = {}
 
     def _method_name(self) -> str:
         return "MAX" if self.param.pooling_param.pool == _MAX else "AVE"
 
-    def _parse(self) -> None:
+    def _kernel(self) -> tuple[int, int] | None:
         p = self.param.pooling_param
-        self.method = int(p.pool)
-        self.global_pooling = bool(p.global_pooling)
         has_ks, has_kh, has_kw = p.HasField("kernel_size"), p.HasField("kernel_h"), p.HasField("kernel_w")
         if self.global_pooling:
             if has_ks or has_kh or has_kw:
                 raise self.error("with global_pooling: true the filter size cannot be specified.")
-            self.kernel: tuple[int, int] | None = None
-        else:
-            if has_ks and (has_kh or has_kw):
-                raise self.error("filter size is kernel_size OR kernel_h and kernel_w; not both.")
-            if not has_ks and not (has_kh and has_kw):
-                raise self.error(
-                    "needs kernel_size, or both kernel_h and kernel_w (or global_pooling: true)."
-                )
-            self.kernel = (p.kernel_size, p.kernel_size) if has_ks else (p.kernel_h, p.kernel_w)
-            if min(self.kernel) <= 0:
-                raise self.error("filter dimensions cannot be zero.")
+            return None
+        if has_ks and (has_kh or has_kw):
+            raise self.error("filter size is kernel_size OR kernel_h and kernel_w; not both.")
+        if not has_ks and not (has_kh and has_kw):
+            raise self.error(
+                "needs kernel_size, or both kernel_h and kernel_w (or global_pooling: true)."
+            )
+        kernel = (p.kernel_size, p.kernel_size) if has_ks else (p.kernel_h, p.kernel_w)
+        if min(kernel) <= 0:
+            raise self.error("filter dimensions cannot be zero.")
+        return kernel
+
+    def _pad_stride(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(pad, stride), each (h, w), checked against the kernel as Caffe's LayerSetUp does."""
+        p = self.param.pooling_param
         has_ph, has_pw = p.HasField("pad_h"), p.HasField("pad_w")
         if not ((not p.HasField("pad") and has_ph and has_pw) or (not has_ph and not has_pw)):
             raise self.error("pad is pad OR pad_h and pad_w are required.")
         has_sh, has_sw = p.HasField("stride_h"), p.HasField("stride_w")
         if not ((not p.HasField("stride") and has_sh and has_sw) or (not has_sh and not has_sw)):
             raise self.error("stride is stride OR stride_h and stride_w are required.")
-        self.pad = (p.pad_h, p.pad_w) if has_ph else (p.pad, p.pad)
-        self.stride = (p.stride_h, p.stride_w) if has_sh else (p.stride, p.stride)
-        if self.global_pooling:
-            if self.pad != (0, 0) or self.stride != (1, 1):
+        pad = (p.pad_h, p.pad_w) if has_ph else (p.pad, p.pad)
+        stride = (p.stride_h, p.stride_w) if has_sh else (p.stride, p.stride)
+        if self.kernel is None:
+            if pad != (0, 0) or stride != (1, 1):
                 raise self.error("with global_pooling: true only pad = 0 and stride = 1 are allowed.")
-        elif self.pad != (0, 0):
+        elif pad != (0, 0):
             for axis, name in ((0, "h"), (1, "w")):
-                if self.pad[axis] >= self.kernel[axis]:  # type: ignore[index]
+                if pad[axis] >= self.kernel[axis]:
                     raise self.error(
-                        f"pad_{name} {self.pad[axis]} must be smaller than kernel_{name} "
-                        f"{self.kernel[axis]}."  # type: ignore[index]
+                        f"pad_{name} {pad[axis]} must be smaller than kernel_{name} {self.kernel[axis]}."
                     )
-        if min(self.stride) <= 0:
-            raise self.error(f"stride must be positive (got {self.stride[0]}x{self.stride[1]}).")
-        self.ceil_mode = p.round_mode != _FLOOR
+        if min(stride) <= 0:
+            raise self.error(f"stride must be positive (got {stride[0]}x{stride[1]}).")
+        return pad, stride
 
     # -- geometry ----------------------------------------------------------------------------------
     def _pooled_dim(self, size: int, k: int, s: int, p: int) -> int:
