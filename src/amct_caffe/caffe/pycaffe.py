@@ -27,6 +27,7 @@ import torch
 from amct_caffe.engine import solver as _solver
 from amct_caffe.engine.device import full_float32, set_device, set_mode_cpu, set_mode_gpu
 from amct_caffe.engine.fillers import set_random_seed
+from amct_caffe.engine.layers import supported_types
 from amct_caffe.engine.layers.base import Layer
 from amct_caffe.engine.net import Net as EngineNet
 from amct_caffe.engine.optimize import note_param_array
@@ -377,8 +378,6 @@ class Net(EngineNet):
 
 def layer_type_list() -> list[str]:
     """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``)."""
-    from amct_caffe.engine.layers.base import supported_types
-
     return supported_types()
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from amct_caffe.engine.device import current_device, full_float32
-from amct_caffe.engine.layers.base import TEST, Layer, layer_class
+from amct_caffe.engine.layers import layer_class
+from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import ModelFormatError, RuntimeEngineError, WeightShapeError
 from amct_caffe.log import get_logger
