@@ -80,6 +80,8 @@ class Net:
         self.blob_names: list[str] = []
         self.loss_weights: dict[tuple[int, int], float] = {}
         self._data: dict[str, Tensor] = {}
+        self._set_up = False
+        self._plan: InferencePlan | None = None
         self._build()
         self.inputs: list[str] = self._input_blobs()
         self.outputs: list[str] = self._output_blobs()
@@ -144,7 +146,7 @@ class Net:
         Like Caffe's ``Net::Reshape``; it runs the layers once on the current input values (zeros at
         construction), which also validates the net.
         """
-        set_up = getattr(self, "_set_up", False)
+        set_up = self._set_up
         data: dict[str, Tensor] = {}
         try:
             with torch.no_grad():
@@ -230,9 +232,10 @@ class Net:
     def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
         """The optimised TEST-phase plan, built on first use, when the layer list changed, or with new
         ``options`` (which later calls keep)."""
-        plan = getattr(self, "_plan", None)
+        plan = self._plan
         if options is not None or plan is None or plan.signature != tuple(map(id, self.engine_layers)):
-            plan = self._plan = build_plan(self, options or (plan.options if plan is not None else None))
+            options = options or (plan.options if plan is not None else None)
+            plan = self._plan = build_plan(self.engine_layers, self.phase, self.device, options)
         return plan
 
     def tensor(self, name: str) -> Tensor:
