@@ -39,8 +39,8 @@ from amct_caffe.emulation.integer import (
     IntegerDeQuant,
     IntegerQuant,
     integer_blob_scales,
-    load_deploy_net,
 )
+from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import RuntimeEngineError
@@ -197,13 +197,14 @@ def compare_models(
         RuntimeEngineError: an input blob has no entry in ``inputs``.
     """
     fake = _load(fake_model, fake_weights, device)
-    deploy = load_deploy_net(deploy_model, deploy_weights, device=device, quant_formula=quant_formula)
+    deploy = load_net(deploy_model, deploy_weights, TEST, device=device, quant_formula=quant_formula,
+                      require_deploy=True)
     feed_inputs(fake, inputs, "fake-quant")
     feed_inputs(deploy, inputs, "deploy")
     with torch.no_grad():
         fake.run()
         deploy.run()
-    scales = integer_blob_scales(deploy)
+    scales = integer_blob_scales(deploy.engine_layers)
     steps = output_steps(deploy)
     for blob, scale in scales.items():
         if scale.kind == "codes":

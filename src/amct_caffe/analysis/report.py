@@ -70,7 +70,8 @@ import torch
 from tqdm.auto import tqdm
 
 from amct_caffe.analysis.compare import feed_inputs, output_steps
-from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, load_deploy_net
+from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA
+from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError, ConfigError, RuntimeEngineError
@@ -522,8 +523,8 @@ def compare_report(
     models = {"float": _describe(float_model, float_weights), "fake": _describe(fake_model, fake_weights)}
     if deploy_model is not None:
         assert deploy_weights is not None
-        nets["deploy"] = load_deploy_net(deploy_model, deploy_weights, device=device,
-                                         quant_formula=quant_formula)
+        nets["deploy"] = load_net(deploy_model, deploy_weights, TEST, device=device,
+                                  quant_formula=quant_formula, require_deploy=True)
         models["deploy"] = _describe(deploy_model, deploy_weights)
     pairs = [key for key, a, b in PAIRS if a in nets and b in nets]
 

@@ -9,11 +9,15 @@ Blobs are float32 tensors in Caffe's layout (e.g. Convolution weight ``[out, in/
 Deconvolution weight ``[in, out/group, kh, kw]``, InnerProduct ``[out, in]``). The net loads caffemodel
 blobs into them and shares them between layers (``param { name }``) by replacing list entries, so a layer
 reads ``self.blobs[i]`` at forward time and never caches derived tensors across calls.
+
+A net builds each layer with :meth:`Layer.create` (the options of the layer's variant, none for most
+layers), then calls :meth:`Layer.link` with the layers that write its bottoms, then runs the shape pass
+(``setup`` and ``forward`` on placeholder values).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -35,6 +39,9 @@ class Layer:
         loss_layer: True for layers whose top is a loss (default ``loss_weight`` 1 for top 0, as Caffe).
         in_place_ok: False for layers that must not run with top == bottom (informational).
         exact_bottoms / min_bottoms / max_bottoms / exact_tops: counts checked at build time.
+        accepts_integer_blobs: True for layers whose blobs a caffemodel stores in ``int8_data``/
+            ``int32_data``/``uint64_data`` (the deploy model's integer layers); the net refuses such blobs
+            for every other layer.
     """
 
     type_name: str = ""
@@ -44,6 +51,25 @@ class Layer:
     max_bottoms: int | None = None
     exact_tops: int | None = None
     min_tops: int | None = None
+    accepts_integer_blobs: bool = False
+
+    @classmethod
+    def create(
+        cls, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, options: Mapping[str, object]
+    ) -> Layer:
+        """Build the layer with the options of its variant (see ``registry.LayerVariant``).
+
+        A layer that takes options overrides this; the default takes none.
+
+        Raises:
+            ModelFormatError: ``options`` is not empty.
+        """
+        if options:
+            raise ModelFormatError(
+                f"Layer '{param.name}' (type {cls.type_name or param.type}): {cls.__name__} takes no "
+                f"options, got {sorted(options)}."
+            )
+        return cls(param, phase, device)
 
     def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
         self.param = param
@@ -63,6 +89,11 @@ class Layer:
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
+
+    def link(self, producers: Sequence[Layer]) -> None:
+        """Called by the net once every layer is built, before the shape pass: ``producers[i]`` is the layer
+        that writes bottom ``i``. A layer that needs a neighbour's parameters takes them here; default:
+        nothing."""
 
     def blobs_loaded(self) -> None:
         """Called by the net after it copied this layer's blobs from a caffemodel; default: nothing."""
