@@ -160,7 +160,7 @@ def check_quant_formula(formula: object) -> str:
     return formula
 
 
-def _options(layer_type: str, param: caffe_pb2.LayerParameter, options: Mapping[str, object],
+def _check_options(layer_type: str, param: caffe_pb2.LayerParameter, options: Mapping[str, object],
              known: set[str]) -> None:
     unknown = sorted(set(options) - known)
     if unknown:
@@ -198,7 +198,7 @@ class IntegerQuant(Layer):
     def create(
         cls, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, options: Mapping[str, object]
     ) -> Layer:
-        _options(QUANT, param, options, {"formula"})
+        _check_options(QUANT, param, options, {"formula"})
         formula = check_quant_formula(options.get("formula", DEFAULT_QUANT_FORMULA))
         return cls(param, phase, device, formula=formula)
 
@@ -441,7 +441,7 @@ class IntegerDeQuant(Layer):
     def create(
         cls, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, options: Mapping[str, object]
     ) -> Layer:
-        _options(DEQUANT, param, options, {"blob_shape"})
+        _check_options(DEQUANT, param, options, {"blob_shape"})
         shape = options.get("blob_shape")
         if shape is not None and not (isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)):
             raise ConfigError(
