@@ -18,11 +18,11 @@ BEGIN, END = "<!-- layers:begin -->", "<!-- layers:end -->"
 
 def layer_section() -> str:
     """The Markdown list of every Caffe type the engine runs, grouped by the module that implements it."""
-    from amct_caffe.engine.layers.base import _REGISTRY, supported_types
+    from amct_caffe.engine.layers import layer_class, supported_types
 
     groups: dict[str, list[str]] = {}
     for name in supported_types():
-        module = _REGISTRY[name].__module__.rsplit(".", 1)[-1]
+        module = layer_class(name).__module__.rsplit(".", 1)[-1]
         groups.setdefault(module, []).append(name)
     titles = {
         "data": "Inputs", "data_sources": "Data", "vision": "Vision", "activation": "Activations",

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from amct_caffe.engine.layers.base import TEST, Layer, layer_class
+from amct_caffe.engine.layers import layer_class
+from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.proto import caffe_pb2
 
 CPU = torch.device("cpu")

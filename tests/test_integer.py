@@ -1,4 +1,5 @@
-"""Integer emulation of the deploy model (emulation/integer.py) and fake-quant vs deploy agreement.
+"""Integer emulation of the deploy model (emulation/integer.py, loaded by emulation/loader.py) and fake-quant
+vs deploy agreement.
 
 The deploy/fake-quant model pairs are written here by hand in the binding format of
 /work/notes/qat_design.md ("Save (issue 4) decisions"): one prototxt for both; the deploy caffemodel holds
@@ -27,11 +28,12 @@ from amct_caffe.emulation.integer import (
     IntegerDeQuant,
     IntegerQuant,
     integer_blob_scales,
-    load_deploy_net,
     set_quant_formula,
 )
+from amct_caffe.emulation.loader import load_net
+from amct_caffe.engine.layers import LayerVariant
 from amct_caffe.engine.net import Net
-from amct_caffe.errors import ModelFormatError, WeightShapeError
+from amct_caffe.errors import ConfigError, ModelFormatError, WeightShapeError
 from amct_caffe.model.blobs import array_to_blob
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
 from amct_caffe.proto import caffe_pb2
@@ -363,7 +365,7 @@ def test_exact_accumulation_beyond_float32(tmp_path: Path):
     array_to_blob(bias, lay.blobs.add(), kind="int32")
     packed = deq.view(np.uint32).astype(np.uint64)
     array_to_blob(packed, model.layer.add(name="dq").blobs.add(), kind="uint64")
-    net = Net(netparam(text), caffe.TEST, weights=model)
+    net = load_net(netparam(text), model)
     x = np.full((1, c, 4, 4), -1000.0, np.float32)  # saturates to -128: centred code -255
     x[0, :, 1, 2] = rng.standard_normal(c) * 30
     net.set_tensor("data", torch.from_numpy(x))
@@ -378,7 +380,7 @@ def test_exact_accumulation_beyond_float32(tmp_path: Path):
 
 
 def test_copy_from_again_keeps_integer_layers(pair: Pair):
-    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path))
+    net = load_net(str(pair.proto_path), str(pair.deploy_path), require_deploy=True)
     layers = list(net.engine_layers)
     net.copy_from(str(pair.deploy_path))
     assert all(a is b for a, b in zip(layers, net.engine_layers))
@@ -406,7 +408,7 @@ def test_inner_product_axis_and_transpose():
     array_to_blob(b, lay.blobs.add(), kind="int32")
     array_to_blob(np.array([0.5], np.float32).view(np.uint32).astype(np.uint64),
                   model.layer.add(name="dq").blobs.add(), kind="uint64")
-    net = Net(netparam(text), caffe.TEST, weights=model)
+    net = load_net(netparam(text), model)
     x = rng.standard_normal((2, 3, 4)).astype(np.float32)
     net.set_tensor("data", torch.from_numpy(x))
     net.run()
@@ -431,11 +433,11 @@ def test_quant_formulas_differ_where_documented(pair: Pair):
     ascend, caffe_codes = ref_quant_ascend(x, scale, o_d), ref_quant_caffe(x, scale, o_d)
     assert (ascend[0, 0, 0, 0], caffe_codes[0, 0, 0, 0]) == (-89, -88)
     assert (ascend[0, 0, 0, 1], caffe_codes[0, 0, 0, 1]) == (-14, -13)
-    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path), quant_formula="ascend")
+    net = load_net(str(pair.proto_path), str(pair.deploy_path), quant_formula="ascend", require_deploy=True)
     net.set_tensor("data", torch.from_numpy(x))
     net.run()
     np.testing.assert_array_equal(net.tensor("conv1_quant_layer").numpy(), ascend)
-    set_quant_formula(net, "caffe")
+    set_quant_formula(net.engine_layers, "caffe")
     net.run()
     np.testing.assert_array_equal(net.tensor("conv1_quant_layer").numpy(), caffe_codes)
     expected = pair.reference(x, quant=ref_quant_caffe)
@@ -449,8 +451,8 @@ def test_quant_formulas_differ_where_documented(pair: Pair):
 
 
 def test_blob_scales_describe_codes_and_accumulators(pair: Pair):
-    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path))
-    scales = integer_blob_scales(net)
+    net = load_net(str(pair.proto_path), str(pair.deploy_path), require_deploy=True)
+    scales = integer_blob_scales(net.engine_layers)
     assert scales["conv1_quant_layer"].kind == "codes"
     assert scales["conv1_quant_layer"].offset == -14
     assert scales["conv1_dequant_layer_in"].kind == "accumulator"
@@ -525,20 +527,20 @@ layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
 def test_int8_blobs_in_a_float_context_are_refused(pair: Pair):
     # the original float model (no Quant/DeQuant): the INT8 weights have nowhere to go
     with pytest.raises(WeightShapeError, match=r"layer 'conv1'.*not part of a Quant"):
-        Net(netparam(FLOAT_ONLY), caffe.TEST, weights=str(pair.deploy_path))
+        load_net(netparam(FLOAT_ONLY), str(pair.deploy_path))
     # training a deploy model: the integer emulation is inference only
     with pytest.raises(WeightShapeError, match="TEST phase"):
         caffe.Net(str(pair.proto_path), str(pair.deploy_path), caffe.TRAIN)
     # a float (fake-quant) caffemodel is not a deploy model
     with pytest.raises(ModelFormatError, match="not a deploy caffemodel"):
-        load_deploy_net(str(pair.proto_path), str(pair.fake_path))
+        load_net(str(pair.proto_path), str(pair.fake_path), require_deploy=True)
     # a float bias where the deploy format needs int32_data
     model = caffe_pb2.NetParameter()
     model.CopyFrom(caffe_pb2.NetParameter.FromString(pair.deploy_path.read_bytes()))
     conv1 = next(lp for lp in model.layer if lp.name == "conv1")
     array_to_blob(np.zeros(4, np.float32), conv1.blobs[1])
     with pytest.raises(WeightShapeError, match=r"conv1.*int8_data, bias in int32_data"):
-        Net(str(pair.proto_path), caffe.TEST, weights=model)
+        load_net(str(pair.proto_path), model)
 
 
 def test_float_layer_reading_codes_is_refused(pair: Pair):
@@ -546,7 +548,7 @@ def test_float_layer_reading_codes_is_refused(pair: Pair):
     layer { name: "peek" type: "ReLU" bottom: "fc_quant_layer" top: "peek" }
     """
     with pytest.raises(WeightShapeError, match=r"'peek'.*reads the INT8 codes"):
-        Net(netparam(text), caffe.TEST, weights=str(pair.deploy_path))
+        load_net(netparam(text), str(pair.deploy_path))
 
 
 def test_fake_model_unaffected(pair: Pair):
@@ -554,6 +556,72 @@ def test_fake_model_unaffected(pair: Pair):
     net = Net(str(pair.proto_path), caffe.TEST, weights=str(pair.fake_path))
     assert not any(isinstance(layer, IntegerQuant) for layer in net.engine_layers)
     assert len(net.engine_layers[net.layer_names.index("fc_dequant_layer")].blobs) == 3
+    # the loader chooses no integer layer for it either, and the blobs are the fake-quant model's
+    loaded = load_net(str(pair.proto_path), str(pair.fake_path))
+    assert [type(layer) for layer in loaded.engine_layers] == [type(layer) for layer in net.engine_layers]
+    fake_conv1 = next(lp for lp in load_caffemodel(pair.fake_path).layer if lp.name == "conv1")
+    np.testing.assert_array_equal(loaded.engine_layers[loaded.layer_names.index("conv1")].blobs[0].numpy(),
+                                  np.array(fake_conv1.blobs[0].data, np.float32).reshape(4, 3, 3, 3))
+
+
+def test_plain_engine_net_refuses_a_deploy_caffemodel(pair: Pair, amct_log):
+    """The engine's Net copies blobs only: integer blobs for its float layers are an error naming the layer
+    and the loader, raised before anything is copied."""
+    net = Net(str(pair.proto_path), caffe.TEST)
+    before = {name: [b.clone() for b in net.engine_layers[i].blobs] for i, name in enumerate(net.layer_names)}
+    with pytest.raises(WeightShapeError, match=r"layer 'conv1'.*stored as int8.*deploy model.*load_net"):
+        net.copy_from(str(pair.deploy_path))
+    with pytest.raises(WeightShapeError, match=r"layer 'conv1'.*load_net"):
+        Net(str(pair.proto_path), caffe.TEST, weights=str(pair.deploy_path))
+    for i, name in enumerate(net.layer_names):
+        for old, new in zip(before[name], net.engine_layers[i].blobs):
+            assert torch.equal(old, new), name
+
+
+def test_integer_variants_built_by_hand_match_the_loader(pair: Pair):
+    """The engine builds whatever variants it is given; with the loader's choice it is the same net."""
+    integer = ["conv1_quant_layer", "conv1", "conv1_dequant_layer", "conv2", "conv2_dequant_layer"]
+    variants = {name: "integer" for name in integer}
+    variants["conv2_dequant_layer"] = LayerVariant("integer", {"blob_shape": (4,)})
+    net = Net(netparam(pair.text.split('layer { name: "relu1"')[0]), caffe.TEST, variants=variants)
+    kinds = {name: type(layer) for name, layer in zip(net.layer_names, net.engine_layers)}
+    assert kinds["conv1_quant_layer"] is IntegerQuant and kinds["conv1"] is IntegerConvolution
+    assert kinds["conv1_dequant_layer"] is IntegerDeQuant
+    # without the option the DeQuant blob follows the float layer's rule (channel_wise: [C])
+    assert [tuple(b.shape) for b in net.engine_layers[3].blobs] == [(4,)]
+    assert net.engine_layers[2].quant is net.engine_layers[1]  # linked to the Quant that feeds it
+    net.copy_from(str(pair.deploy_path))
+    x = data(3)
+    net.set_tensor("data", torch.from_numpy(x))
+    net.run()
+    expected = pair.reference(x, quant=ref_quant_caffe)
+    for name in ("conv1_quant_layer", "conv1_dequant_layer_in", "conv2"):
+        np.testing.assert_array_equal(net.tensor(name).numpy(), expected[name], err_msg=name)
+
+
+def test_integer_variant_options_are_checked(pair: Pair):
+    head = netparam(pair.text.split('layer { name: "conv2"')[0])
+    with pytest.raises(ConfigError, match="quant_formula must be one of ascend, caffe"):
+        Net(head, caffe.TEST, variants={"conv1_quant_layer": LayerVariant("integer", {"formula": "npu"})})
+    with pytest.raises(ConfigError, match=r"conv1_quant_layer.*unknown option\(s\) \['scale'\]"):
+        Net(head, caffe.TEST, variants={"conv1_quant_layer": LayerVariant("integer", {"scale": 2.0})})
+    with pytest.raises(ConfigError, match="quant_formula must be one of"):
+        load_net(str(pair.proto_path), str(pair.deploy_path), quant_formula="Ascend")
+    # an integer convolution must read the codes of an integer Quant
+    with pytest.raises(ModelFormatError, match=r"'conv1'.*written by layer 'conv1_quant_layer'.*an integer"):
+        Net(head, caffe.TEST, variants={"conv1": "integer"})
+
+
+def test_dequant_blob_shape_must_fit_the_channels(pair: Pair):
+    model = caffe_pb2.NetParameter()
+    model.CopyFrom(load_caffemodel(pair.deploy_path))
+    dequant = next(lp for lp in model.layer if lp.name == "conv1_dequant_layer")
+    array_to_blob(np.zeros(3, np.uint64), dequant.blobs[0], kind="uint64")
+    with pytest.raises(WeightShapeError, match=r"conv1_dequant_layer.*shape \(3,\); it must be \[4\]"):
+        load_net(str(pair.proto_path), model)
+    array_to_blob(np.zeros((4, 1), np.uint64), dequant.blobs[0], kind="uint64")
+    with pytest.raises(WeightShapeError, match=r"conv1_dequant_layer.*shape \(4, 1\)"):
+        load_net(str(pair.proto_path), model)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -611,7 +679,7 @@ def test_end_to_end_retrain_save_compare(tmp_path: Path):
         if r.kind == "codes":
             assert r.max_lsb <= 1.0 + 1e-6 and r.flips <= 0.01 * np.prod(r.shape), r
     assert all(r.cosine > 0.999 for r in rows if r.is_output)
-    deploy = load_deploy_net(dep_m, dep_w, quant_formula="ascend")
+    deploy = load_net(dep_m, dep_w, quant_formula="ascend", require_deploy=True)
     kinds = {type(layer) for layer in deploy.engine_layers}
     assert kinds >= {IntegerQuant, IntegerConvolution, IntegerDeQuant}
     deploy.set_tensor("data", torch.from_numpy(x))
@@ -629,7 +697,7 @@ def test_end_to_end_retrain_save_compare(tmp_path: Path):
 
 def test_deploy_net_saves_integer_blobs_in_their_fields(pair: Pair, tmp_path):
     """net.save() on a deploy net keeps int8/int32/uint64 storage (a float `data` copy would corrupt it)."""
-    net = load_deploy_net(str(pair.proto_path), str(pair.deploy_path))
+    net = load_net(str(pair.proto_path), str(pair.deploy_path), require_deploy=True)
     out = tmp_path / "resaved.caffemodel"
     net.save(str(out))
     saved = {layer.name: layer for layer in load_caffemodel(out).layer}

@@ -17,7 +17,8 @@ import torch
 from google.protobuf import text_format
 
 from amct_caffe.engine import fillers
-from amct_caffe.engine.layers.base import TEST, TRAIN, layer_class
+from amct_caffe.engine.layers import layer_class
+from amct_caffe.engine.layers.base import TEST, TRAIN
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.blobs import shape_matches

@@ -9,7 +9,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from amct_caffe.engine.layers.base import layer_class
+from amct_caffe.engine.layers import layer_class
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2

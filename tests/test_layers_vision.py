@@ -15,8 +15,8 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from amct_caffe.engine.layers import vision
-from amct_caffe.engine.layers.base import TEST, TRAIN, Layer, layer_class
+from amct_caffe.engine.layers import layer_class, vision
+from amct_caffe.engine.layers.base import TEST, TRAIN, Layer
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError, ModelFormatError, UnsupportedLayerError
 from amct_caffe.model.io import save_caffemodel

@@ -290,7 +290,7 @@ def test_train_phase_is_not_folded(x):
     net = make_net(caffe.TRAIN)
     params = random_params(net, seed=9)
     with pytest.raises(ValueError):
-        build_plan(net)
+        build_plan(net.engine_layers, net.phase, net.device)
     net.forward(data=x)
     # BatchNorm normalises with the batch statistics in TRAIN phase
     assert_blobs(net, reference_forward(params, x, batch_stats=True), "TRAIN")

@@ -268,7 +268,7 @@ def test_round_away_twin_equals_numerics(dtype) -> None:
 
 
 def test_fake_quant_twin_equals_numerics_and_engine_layer() -> None:
-    from amct_caffe.engine.layers.base import layer_class
+    from amct_caffe.engine.layers import layer_class
     from amct_caffe.quant import numerics
 
     rng = np.random.RandomState(1)
@@ -302,7 +302,7 @@ def _net_with(lp: caffe_pb2.LayerParameter) -> caffe_pb2.NetParameter:
 
 
 def test_shift_n_twin_equals_engine_layer() -> None:
-    from amct_caffe.engine.layers.base import layer_class
+    from amct_caffe.engine.layers import layer_class
 
     rng = np.random.RandomState(2)
     lp = caffe_pb2.LayerParameter(name="dq", type="DeQuant", bottom=["x"], top=["y"])

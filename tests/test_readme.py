@@ -15,7 +15,7 @@ def test_readme_layer_list_matches_registry():
     spec.loader.exec_module(module)
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert module.render(text) == text, "run: python scripts/gen_readme_layers.py"
-    from amct_caffe.engine.layers.base import supported_types
+    from amct_caffe.engine.layers import supported_types
 
     for layer_type in supported_types():
         assert f"`{layer_type}`" in text

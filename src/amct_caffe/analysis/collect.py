@@ -43,12 +43,8 @@ from tqdm.auto import tqdm
 
 from amct_caffe.analysis.metrics import AgreementStats, SaturationStats
 from amct_caffe.analysis.results import PAIR_LABELS, PAIRS
-from amct_caffe.emulation.integer import (
-    DEFAULT_QUANT_FORMULA,
-    BlobScale,
-    integer_blob_scales,
-    load_deploy_net,
-)
+from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, BlobScale, integer_blob_scales
+from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError, RuntimeEngineError
@@ -93,8 +89,8 @@ class DeployNet:
 def _load_deploy(model: ModelArg, weights: ModelArg, device: torch.device | str | None,
                  quant_formula: str) -> DeployNet:
     """The deploy model: the analysis's only call into the deploy emulation."""
-    net = load_deploy_net(model, weights, device=device, quant_formula=quant_formula)
-    return DeployNet(net, integer_blob_scales(net))
+    net = load_net(model, weights, TEST, quant_formula=quant_formula, require_deploy=True, device=device)
+    return DeployNet(net, integer_blob_scales(net.engine_layers))
 
 
 def _load_float(model: ModelArg, weights: ModelArg, device: torch.device | str | None) -> Net:

@@ -3,7 +3,9 @@
 It follows pycaffe's behaviour where scripts depend on it: ``blob.data`` is a numpy array that shares memory
 with the engine's tensor on the CPU (so writing into an input blob before ``forward`` feeds the net, and
 writing into a parameter changes the weights); ``forward`` returns the output blobs' arrays; ``params`` lists
-only layers with blobs; ``outputs`` are the blobs no layer consumes.
+only layers with blobs; ``outputs`` are the blobs no layer consumes. A deploy caffemodel (integer blobs)
+runs in the integer emulation: ``Net`` builds itself with the layers :mod:`amct_caffe.emulation.loader`
+chooses for the caffemodel.
 In GPU mode, arrays of intermediate blobs and parameters are host copies; input blobs stay writable because
 their buffers live on the host.
 
@@ -24,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from amct_caffe.emulation.loader import plan_net
 from amct_caffe.engine import solver as _solver
 from amct_caffe.engine.device import full_float32, set_device, set_mode_cpu, set_mode_gpu
 from amct_caffe.engine.fillers import set_random_seed
+from amct_caffe.engine.layers import supported_types
 from amct_caffe.engine.layers.base import Layer
 from amct_caffe.engine.net import Net as EngineNet
 from amct_caffe.engine.optimize import note_param_array
@@ -186,7 +190,10 @@ class Net(EngineNet):
             raise TypeError(f"phase must be caffe.TRAIN or caffe.TEST, got {phase!r}")
         if isinstance(network_file, bytes):
             network_file = network_file.decode()
-        super().__init__(network_file, phase, weights=weights, level=level, stages=stages)
+        stages = tuple(stages)
+        plan = plan_net(network_file, weights, phase, level=level, stages=stages)
+        super().__init__(network_file, phase, level=level, stages=stages, variants=plan.variants)
+        plan.copy_weights(self)
         if phase == TRAIN:
             # Caffe's Net::Init decides which blobs get gradients (own lr_mult != 0), so backward() works
             _solver.enable_param_grads(self)
@@ -377,8 +384,6 @@ class Net(EngineNet):
 
 def layer_type_list() -> list[str]:
     """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``)."""
-    from amct_caffe.engine.layers.base import supported_types
-
     return supported_types()
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError, ModelFormatError
 from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
@@ -322,7 +323,7 @@ def evaluate(
     x, y = load_split(split, seed)
     param, data_blob, label_blob = _input_fed(filter_net(load_prototxt(path), TEST, path=path), batch_size,
                                               path)
-    net = Net(param, TEST, weights=os.fspath(caffemodel))
+    net = load_net(param, os.fspath(caffemodel), TEST)  # a deploy caffemodel runs the integer emulation
     scores_name = _scores_blob(param, net, batch_size, path)
     correct = 0
     total = len(y)

@@ -3,18 +3,18 @@
 
 How a deploy model runs (the choice)
 ------------------------------------
-``caffe.Net(deploy_prototxt, deploy_caffemodel, caffe.TEST)`` (and the engine's ``Net(..., weights=...)``,
-``net.copy_from(...)``) just work: before copying blobs, :meth:`Net.copy_from` calls
-:func:`prepare_integer_layers`, which looks at the caffemodel's storage fields. A caffemodel without
-``int8_data``/``int32_data``/``uint64_data`` blobs changes nothing (float and fake-quant models run as
-before). A deploy caffemodel makes it replace, for each pattern ``Quant -> L -> DeQuant`` whose DeQuant blob
-is ``uint64_data`` (L = Convolution/Deconvolution/InnerProduct with an ``int8_data`` weight, or Pooling),
-the three float layers by integer ones (same names, parameters and positions; the layers' Caffe types
-stay what pycaffe reports). Everything else -- the layers before the first Quant, after each DeQuant -- are
-the ordinary float layers. There is no separate net class: the prototxts of the fake-quant and the deploy
-model are the same, the caffemodel's storage decides, exactly as it decides the data types for ATC (spec
-§7.2). :func:`load_deploy_net` is the explicit entry point that also checks the model *is* a deploy model.
-Integer emulation is inference only: a TRAIN-phase net refuses a deploy caffemodel with a clear error.
+The integer layers here are *variants* of the engine's ``Quant``, ``Convolution``, ``Deconvolution``,
+``InnerProduct``, ``Pooling`` and ``DeQuant`` layers, registered as :data:`INTEGER` in the engine's layer
+registry (same Caffe types, so pycaffe reports the types it always did). The engine never chooses them:
+:func:`amct_caffe.emulation.loader.load_net` (and ``caffe.Net``, which uses it) reads the caffemodel,
+and when it stores ``int8_data``/``int32_data``/``uint64_data`` blobs it checks every ``Quant -> L ->
+DeQuant`` pattern and builds the net with these variants for exactly those layers. Everything else -- the
+layers before the first Quant, after each DeQuant -- are the ordinary float layers. There is no separate
+net class: the prototxts of the fake-quant and the deploy model are the same, the caffemodel's storage
+decides, exactly as it decides the data types for ATC (spec §7.2). Integer emulation is inference only.
+
+A quantized layer reads the offset of the Quant that produced its codes: the net hands it its producers
+when it is built (:meth:`_IntegerCube.link`), so no layer looks into the net.
 
 Semantics (one formula per layer)
 ---------------------------------
@@ -38,7 +38,8 @@ Semantics (one formula per layer)
   rounding half away from zero is not shift-invariant: the tie ``x*scale = 0.5`` with ``offset = -14``
   gives ``round_away(-13.5) = -14`` here but ``round_away(0.5) - 14 = -13`` in the fake layer. Inputs on
   a quantization grid (an AVE pooling of codes feeding the next Quant) hit such ties in real models. Set
-  ``layer.formula`` on a Quant layer, or pass ``quant_formula=`` to :func:`load_deploy_net` /
+  ``layer.formula`` on a Quant layer (:func:`set_quant_formula`), or pass ``quant_formula=`` to
+  :func:`~amct_caffe.emulation.loader.load_net` /
   :func:`~amct_caffe.analysis.compare.compare_models`. A NaN input is coded as the real zero (``o_d``).
 * ``Convolution`` / ``Deconvolution`` / ``InnerProduct``: INT8 codes ``q_x`` (offset ``o_d`` of the Quant
   that produced them), INT8 weights ``q_w`` (``int8_data``), INT32 bias ``b_q`` (``int32_data``), and the
@@ -74,22 +75,21 @@ each into real values, which :mod:`amct_caffe.analysis.compare` uses.
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amct_caffe.engine.layers.base import TEST, Layer, Tensor
-from amct_caffe.engine.layers.quant import DeQuant, Quant
+from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine.layers.quant import Quant
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.engine.layers.vision import Convolution, Deconvolution, InnerProduct, Pooling
-from amct_caffe.errors import ModelFormatError, UnsupportedLayerError, WeightShapeError
+from amct_caffe.errors import ConfigError, UnsupportedLayerError, WeightShapeError
 from amct_caffe.log import get_logger
-from amct_caffe.model.blobs import blob_shape, storage_kind
-from amct_caffe.model.graph import producer_index, value_readers
+from amct_caffe.model.graph import producer_index
 from amct_caffe.model.layer_types import DEQUANT, QUANT
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.numerics import (
@@ -102,17 +102,14 @@ from amct_caffe.quant.numerics import (
     unpack_deq_scale,
 )
 
-if TYPE_CHECKING:
-    from amct_caffe.engine.net import Net
-
 LOGGER = get_logger("emulation.integer")
+
+#: The registry variant of the integer layers.
+INTEGER = "integer"
 
 #: The two Quant formulas (see the module docstring); ``"caffe"`` is the default.
 QUANT_FORMULAS = ("ascend", "caffe")
 DEFAULT_QUANT_FORMULA = "caffe"
-
-#: Blob storage kinds that only a deploy caffemodel uses.
-INTEGER_KINDS = frozenset({"int8", "int32", "uint64"})
 
 #: Largest reduction length for which float64 accumulation of INT8 x INT8 products is exact (module doc).
 MAX_EXACT_TERMS = 2**37
@@ -152,6 +149,27 @@ def _wrap_int32(layer: Layer, acc: Tensor) -> Tensor:
     return acc64.to(torch.int32)
 
 
+def check_quant_formula(formula: object) -> str:
+    """``formula`` when it is one of :data:`QUANT_FORMULAS`.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if not isinstance(formula, str) or formula not in QUANT_FORMULAS:
+        raise ConfigError(f"quant_formula must be one of {', '.join(QUANT_FORMULAS)}, got {formula!r}.")
+    return formula
+
+
+def _check_options(layer_type: str, param: caffe_pb2.LayerParameter, options: Mapping[str, object],
+             known: set[str]) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"Layer '{param.name}' (integer {layer_type}): unknown option(s) {unknown}; it takes "
+            f"{sorted(known) or 'none'}."
+        )
+
+
 def _channel_view(values: Tensor, x: Tensor) -> Tensor:
     """Per-channel (axis 1) factors shaped to broadcast against ``x``; a single factor as a scalar."""
     if values.numel() == 1:
@@ -162,11 +180,13 @@ def _channel_view(values: Tensor, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # integer layers
 # ---------------------------------------------------------------------------------------------------
+@register(QUANT, variant=INTEGER)
 class IntegerQuant(Layer):
     """``Quant`` on the NPU (AscendQuant): float input -> INT8 codes (``torch.int8``).
 
-    ``formula`` selects ``"ascend"`` or ``"caffe"`` (module docstring). Attributes ``scale`` (float32
-    ``quant_param.scale`` = 1/s_d), ``scale_d`` (``1/(double)scale``, the step of a code) and ``offset_d``.
+    ``formula`` selects ``"ascend"`` or ``"caffe"`` (module docstring; option ``formula`` of the variant).
+    Attributes ``scale`` (float32 ``quant_param.scale`` = 1/s_d), ``scale_d`` (``1/(double)scale``, the
+    step of a code) and ``offset_d``, read and checked as the float ``Quant`` layer reads them.
     """
 
     type_name = QUANT
@@ -174,11 +194,21 @@ class IntegerQuant(Layer):
     exact_tops = 1
     accepts_integer_blobs = True
 
-    def __init__(self, float_layer: Quant, formula: str = DEFAULT_QUANT_FORMULA) -> None:
-        super().__init__(float_layer.param, float_layer.phase, float_layer.device)
-        self.scale = float(np.float32(float_layer.param.quant_param.scale))
-        self.scale_d = float(float_layer.scale_d)
-        self.offset_d = int(float_layer.offset_d)
+    @classmethod
+    def create(
+        cls, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, options: Mapping[str, object]
+    ) -> Layer:
+        _check_options(QUANT, param, options, {"formula"})
+        formula = check_quant_formula(options.get("formula", DEFAULT_QUANT_FORMULA))
+        return cls(param, phase, device, formula=formula)
+
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, *,
+                 formula: str = DEFAULT_QUANT_FORMULA) -> None:
+        super().__init__(param, phase, device)
+        parsed = Quant(param, phase, device)  # the float layer's reading and checks of quant_param
+        self.scale = float(np.float32(param.quant_param.scale))
+        self.scale_d = float(parsed.scale_d)
+        self.offset_d = int(parsed.offset_d)
         self.formula = formula
 
     def codes(self, x: Tensor) -> Tensor:
@@ -207,11 +237,25 @@ class IntegerQuant(Layer):
         return [self.codes(x).to(torch.int8)]
 
 
+def _linked_quant(layer: Layer, producers: Sequence[Layer]) -> IntegerQuant:
+    """The integer Quant that writes ``layer``'s bottom, or an error naming what writes it instead."""
+    quant = producers[0]
+    if not isinstance(quant, IntegerQuant):
+        raise layer.error(
+            f"its bottom is written by layer '{quant.name}' (type {quant.type_name}, "
+            f"{type(quant).__name__}); the integer {layer.type_name} reads the INT8 codes of an integer "
+            "Quant layer."
+        )
+    return quant
+
+
 class _IntegerCube(Layer):
     """Shared part of the INT8 Convolution / Deconvolution / InnerProduct: blobs, checks, bias, INT32 top.
 
     ``blobs = [q_w (torch.int8, the float layer's weight shape), b_q (torch.int32, [num_output])]``
-    (the bias only with ``bias_term``); ``quant`` is the IntegerQuant whose codes the layer reads.
+    (the bias only with ``bias_term``); ``quant`` is the IntegerQuant whose codes the layer reads (given
+    by :meth:`link`). The float layer of the same parameters (``float_layer``) reads the geometry and
+    checks the bottoms; its own float blobs are dropped once their shapes are known.
     """
 
     exact_bottoms = 1
@@ -219,17 +263,26 @@ class _IntegerCube(Layer):
     accepts_integer_blobs = True
     #: output-channel axis of the weight blob (ARQ's per-channel axis)
     weight_axis = 0
+    #: the float layer whose geometry this one shares
+    float_type: ClassVar[type[Layer]]
 
-    def __init__(self, float_layer: Layer, quant: IntegerQuant) -> None:
-        super().__init__(float_layer.param, float_layer.phase, float_layer.device)
-        self.float_layer = float_layer
-        self.quant = quant
-        self.bias_term = bool(float_layer.bias_term)  # type: ignore[attr-defined]
-        weight = float_layer.blobs[0]
-        self.blobs = [torch.zeros(tuple(weight.shape), dtype=torch.int8, device=weight.device)]
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.float_layer = self.float_type(param, phase, device)
+        self.quant: IntegerQuant | None = None
+        self.bias_term = False
+
+    def link(self, producers: Sequence[Layer]) -> None:
+        self.quant = _linked_quant(self, producers)
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
+        self.float_layer.setup(bottoms)
+        self.bias_term = bool(self.float_layer.bias_term)  # type: ignore[attr-defined]
+        shapes = self.float_layer.blob_shapes()
+        self.float_layer.blobs = []
+        self.blobs = [torch.zeros(shapes[0], dtype=torch.int8, device=self.device)]
         if self.bias_term:
-            bias = float_layer.blobs[1]
-            self.blobs.append(torch.zeros(tuple(bias.shape), dtype=torch.int32, device=bias.device))
+            self.blobs.append(torch.zeros(shapes[1], dtype=torch.int32, device=self.device))
         _check_exact_size(self, self._terms())
 
     def _terms(self) -> int:
@@ -240,7 +293,7 @@ class _IntegerCube(Layer):
         if w.dtype != torch.int8:
             raise self.error(
                 f"the integer (deploy) layer needs an INT8 weight blob (int8_data), it holds {w.dtype}; "
-                "load the deploy caffemodel into a new Net instead of float weights into a deploy net."
+                "copy the deploy caffemodel's blobs into a deploy net, not float weights."
             )
         b = self.blobs[1] if self.bias_term else None
         if b is not None and b.dtype != torch.int32:
@@ -250,12 +303,7 @@ class _IntegerCube(Layer):
         return w, b
 
     def _centred(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.int8:
-            raise self.error(
-                f"reads a {x.dtype} bottom; in the deploy model its bottom must be the INT8 output of a "
-                "Quant layer."
-            )
-        return x.to(torch.float64) - float(self.quant.offset_d)
+        return _centred_codes(self, self.quant, x)
 
     def _accumulate(self, xc: Tensor, w: Tensor) -> Tensor:
         raise NotImplementedError
@@ -275,10 +323,24 @@ class _IntegerCube(Layer):
         return _channel_view(b, acc)
 
 
+def _centred_codes(layer: Layer, quant: IntegerQuant | None, x: Tensor) -> Tensor:
+    """``q_x - o_d`` in float64: the codes of ``quant`` centred on the real zero."""
+    if quant is None:
+        raise layer.error("is not linked to the Quant layer whose codes it reads (build it in a Net).")
+    if x.dtype != torch.int8:
+        raise layer.error(
+            f"reads a {x.dtype} bottom; in the deploy model its bottom must be the INT8 output of a "
+            "Quant layer."
+        )
+    return x.to(torch.float64) - float(quant.offset_d)
+
+
+@register("Convolution", variant=INTEGER)
 class IntegerConvolution(_IntegerCube):
     """INT8 Convolution: ``acc = conv2d(q_x - o_d, q_w) + b_q`` exactly (zero padding = the code ``o_d``)."""
 
     type_name = "Convolution"
+    float_type = Convolution
 
     def _terms(self) -> int:
         w = self.blobs[0]
@@ -290,11 +352,13 @@ class IntegerConvolution(_IntegerCube):
         return F.conv2d(xc, w, None, layer.stride, layer.pad, layer.dilation, layer.group)
 
 
+@register("Deconvolution", variant=INTEGER)
 class IntegerDeconvolution(_IntegerCube):
     """INT8 Deconvolution: ``acc = conv_transpose2d(q_x - o_d, q_w) + b_q`` exactly; weight
     ``[C_in, num_output/group, kh, kw]`` with output channels on axis 1."""
 
     type_name = "Deconvolution"
+    float_type = Deconvolution
     weight_axis = 1
 
     def _terms(self) -> int:
@@ -308,10 +372,12 @@ class IntegerDeconvolution(_IntegerCube):
         return F.conv_transpose2d(xc, w, None, layer.stride, layer.pad, 0, layer.group, layer.dilation)
 
 
+@register("InnerProduct", variant=INTEGER)
 class IntegerInnerProduct(_IntegerCube):
     """INT8 InnerProduct: ``acc = flatten(q_x - o_d, axis) @ q_w^T + b_q`` exactly (honours ``transpose``)."""
 
     type_name = "InnerProduct"
+    float_type = InnerProduct
 
     def _terms(self) -> int:
         return int(self.float_layer.k)  # type: ignore[attr-defined]
@@ -332,37 +398,38 @@ class IntegerInnerProduct(_IntegerCube):
         return b  # the outputs are the last axis (top shape: bottom.shape[:axis] + [num_output])
 
 
+@register("Pooling", variant=INTEGER)
 class IntegerPooling(Layer):
     """Pooling on INT8 codes: Caffe's pooling of the centred codes ``q_x - o_d`` (padding = real zero),
-    in float64, rounded once to float32 (units of ``s_d``)."""
+    in float64, rounded once to float32 (units of ``s_d``). ``quant`` is given by :meth:`link`."""
 
     type_name = "Pooling"
     exact_bottoms = 1
     exact_tops = 1
     accepts_integer_blobs = True
 
-    def __init__(self, float_layer: Pooling, quant: IntegerQuant) -> None:
-        super().__init__(float_layer.param, float_layer.phase, float_layer.device)
-        self.float_layer = float_layer
-        self.quant = quant
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
+        super().__init__(param, phase, device)
+        self.float_layer = Pooling(param, phase, device)
+        self.quant: IntegerQuant | None = None
+
+    def link(self, producers: Sequence[Layer]) -> None:
+        self.quant = _linked_quant(self, producers)
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
-        x = bottoms[0]
-        if x.dtype != torch.int8:
-            raise self.error(
-                f"reads a {x.dtype} bottom; in the deploy model its bottom must be the INT8 output of a "
-                "Quant layer."
-            )
-        xc = x.to(torch.float64) - float(self.quant.offset_d)
+        xc = _centred_codes(self, self.quant, bottoms[0])
         return [self.float_layer.forward([xc])[0].to(torch.float32)]
 
 
+@register(DEQUANT, variant=INTEGER)
 class IntegerDeQuant(Layer):
     """``DeQuant`` on the NPU (AscendDequant): ``y = fl32(acc * deq_scale)`` per channel (axis 1) or tensor.
 
     One blob: the ``uint64_data`` words, held bit for bit in a ``torch.int64`` tensor (torch < 2.3 has no
     uint64; the net saves int64 blobs back as ``uint64_data``); bits 0-31 the float32 ``deq_scale``; shift N
-    and ``offset_w`` must be 0.
+    and ``offset_w`` must be 0. Its shape is the caffemodel's (option ``blob_shape`` of the variant):
+    ``[C]`` for the bottom's C channels (axis 1) or ``[1]``; without the option, the float DeQuant's rule
+    (``[C]`` when ``dequant_param.channel_wise`` and the bottom is 4-D, else ``[1]``).
     """
 
     type_name = DEQUANT
@@ -370,10 +437,37 @@ class IntegerDeQuant(Layer):
     exact_tops = 1
     accepts_integer_blobs = True
 
-    def __init__(self, float_layer: DeQuant, shape: tuple[int, ...]) -> None:
-        super().__init__(float_layer.param, float_layer.phase, float_layer.device)
-        self.blobs = [torch.zeros(shape, dtype=torch.int64)]
+    @classmethod
+    def create(
+        cls, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, options: Mapping[str, object]
+    ) -> Layer:
+        _check_options(DEQUANT, param, options, {"blob_shape"})
+        shape = options.get("blob_shape")
+        if shape is not None and not (isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)):
+            raise ConfigError(
+                f"Layer '{param.name}' (integer {DEQUANT}): blob_shape must be a tuple of ints, "
+                f"got {shape!r}."
+            )
+        return cls(param, phase, device, blob_shape=shape)
+
+    def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, *,
+                 blob_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(param, phase, device)
+        self.blob_shape = blob_shape
         self._cache: tuple[int, int, Tensor] | None = None
+
+    def setup(self, bottoms: Sequence[Tensor]) -> None:
+        x = bottoms[0]
+        channels = int(x.shape[1]) if x.dim() >= 2 else None
+        shape = self.blob_shape
+        if shape is None:
+            shape = (channels if self.param.dequant_param.channel_wise and x.dim() == 4 and channels else 1,)
+        if len(shape) != 1 or (channels is not None and shape[0] not in {1, channels}):
+            raise WeightShapeError(
+                f"Layer '{self.name}' (type {DEQUANT}): the DeQuant blob has shape {shape}; it must be "
+                f"[{channels if channels is not None else 'C'}] (per channel) or [1]."
+            )
+        self.blobs = [torch.zeros(shape, dtype=torch.int64)]  # decoded on the CPU (deq_scale)
 
     def deq_scale(self) -> Tensor:
         """The decoded float32 ``deq_scale`` values (1-D, CPU), checked: shift and offset_w all 0."""
@@ -410,238 +504,16 @@ class IntegerDeQuant(Layer):
         return [(x.to(torch.float64) * factor).to(torch.float32)]
 
 
-INTEGER_LAYER_TYPES: tuple[type[Layer], ...] = (
-    IntegerQuant, IntegerConvolution, IntegerDeconvolution, IntegerInnerProduct, IntegerPooling,
-    IntegerDeQuant,
-)
-_CUBES: dict[type[Layer], type[_IntegerCube]] = {
-    Convolution: IntegerConvolution,
-    Deconvolution: IntegerDeconvolution,
-    InnerProduct: IntegerInnerProduct,
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# building a deploy net
-# ---------------------------------------------------------------------------------------------------
-def integer_layers_of(source: caffe_pb2.NetParameter) -> dict[str, list[str]]:
-    """``{layer name: storage kinds of its blobs}`` for the caffemodel layers that hold integer blobs."""
-    out: dict[str, list[str]] = {}
-    for lp in source.layer:
-        kinds = [storage_kind(b) for b in lp.blobs]
-        if any(k in INTEGER_KINDS for k in kinds):
-            out[lp.name] = kinds
-    return out
-
-
-def is_deploy_model(source: caffe_pb2.NetParameter) -> bool:
-    """True when the caffemodel stores any blob in ``int8_data``/``int32_data``/``uint64_data``."""
-    return bool(integer_layers_of(source))
-
-
-def _params(net: Net) -> list[caffe_pb2.LayerParameter]:
-    return [layer.param for layer in net.engine_layers]
-
-
-def _fail(path: str, layer: str, message: str) -> WeightShapeError:
-    where = f" of '{path}'" if path else ""
-    return WeightShapeError(f"Deploy model{where}, layer '{layer}': {message}")
-
-
-def prepare_integer_layers(
-    net: Net, source: caffe_pb2.NetParameter, path: str = "", quant_formula: str | None = None
-) -> bool:
-    """Swap in the integer layers a deploy caffemodel needs; called by ``Net.copy_from`` before copying.
-
-    Does nothing (returns False) when ``source`` has no integer blobs. Otherwise, for each DeQuant layer
-    whose caffemodel blob is ``uint64_data``: its bottom's producer ``L`` (Convolution, Deconvolution or
-    InnerProduct with an ``int8_data`` weight and an ``int32_data`` bias, or Pooling) and ``L``'s bottom's
-    producer (a ``Quant``) are replaced by their integer versions. Returns True when the net is (now) an
-    integer net.
+def set_quant_formula(layers: Iterable[Layer], formula: str) -> None:
+    """Set the formula of every integer ``Quant`` layer among ``layers`` (``"ascend"`` or ``"caffe"``).
 
     Raises:
-        WeightShapeError: the net is not TEST phase, or an integer blob belongs to a layer that does not
-            fit the pattern (its message says why: no Quant before it, no DeQuant after it, a float layer
-            reading INT8 codes, a float bias, ...).
+        ConfigError: an unknown formula.
     """
-    kinds = integer_layers_of(source)
-    if not kinds:
-        return False
-    formula = quant_formula or DEFAULT_QUANT_FORMULA
-    if formula not in QUANT_FORMULAS:
-        raise ValueError(f"quant_formula must be one of {QUANT_FORMULAS}, got {formula!r}")
-    layers = net.engine_layers
-    index = {layer.name: i for i, layer in enumerate(layers)}
-    present = {name: k for name, k in kinds.items() if name in index}
-    if not present:
-        return False
-    if net.phase != TEST:
-        name = next(iter(present))
-        raise _fail(
-            path, name,
-            f"stores {present[name]} blobs: a deploy model runs only in the integer emulation, which is "
-            "inference only. Build the net in TEST phase (the float/fake-quant model is the one to train)."
-        )
-    by_src = {lp.name: lp for lp in source.layer}
-    quants: dict[int, IntegerQuant] = {}
-    handled: set[str] = set()
-    for di, layer in enumerate(list(layers)):
-        if layer.type_name != DEQUANT or present.get(layer.name) != ["uint64"]:
-            continue
-        d_shape = blob_shape(by_src[layer.name].blobs[0])
-        li = producer_index(_params(net), di, layer.param.bottom[0])
-        if li is None:
-            raise _fail(path, layer.name, "DeQuant has no producer of its bottom.")
-        cube = layers[li]
-        qi = producer_index(_params(net), li, cube.param.bottom[0]) if len(cube.param.bottom) == 1 else None
-        _check_pattern(net, path, layer, cube, qi, present, by_src)
-        assert qi is not None
-        quant = quants.get(qi)
-        if quant is None:
-            q_layer = layers[qi]
-            quant = q_layer if isinstance(q_layer, IntegerQuant) else IntegerQuant(q_layer, formula)  # type: ignore[arg-type]
-            quants[qi] = quant
-            layers[qi] = quant
-        # (a net loaded from a deploy caffemodel before keeps its integer layers)
-        if isinstance(cube, Pooling):
-            layers[li] = IntegerPooling(cube, quant)
-        elif not isinstance(cube, (_IntegerCube, IntegerPooling)):
-            layers[li] = _CUBES[type(cube)](cube, quant)
-        channels = _channels_of(net, li)
-        if len(d_shape) != 1 or (channels is not None and d_shape[0] not in {1, channels}):
-            raise _fail(
-                path, layer.name,
-                f"the DeQuant blob has shape {d_shape}; it must be [{channels}] (per channel) or [1]."
-            )
-        if not isinstance(layer, IntegerDeQuant):
-            layers[di] = IntegerDeQuant(layer, d_shape)  # type: ignore[arg-type]
-        handled.update({layer.name, cube.name})
-    for name, k in present.items():
-        if name not in handled:
-            layer = layers[index[name]]
-            raise _fail(
-                path, name,
-                f"stores {k} blobs but is not part of a Quant -> (Convolution | Deconvolution | "
-                "InnerProduct | Pooling) -> DeQuant pattern with a uint64_data DeQuant blob (layer type "
-                f"{layer.type_name}); the integer emulation cannot run it. Integer blobs belong only to "
-                "such layers."
-            )
-    for qi, quant in quants.items():
-        for ri in value_readers(_params(net), qi, quant.param.top[0]):
-            if not isinstance(layers[ri], INTEGER_LAYER_TYPES):
-                raise _fail(
-                    path, layers[ri].name,
-                    f"reads the INT8 codes of Quant layer '{quant.name}' but is a float layer "
-                    f"(type {layers[ri].type_name}); in a deploy model a Quant feeds only quantized layers."
-                )
-    for li in range(len(layers)):
-        if isinstance(layers[li], (_IntegerCube, IntegerPooling)):
-            readers = value_readers(_params(net), li, layers[li].param.top[0])
-            if [type(layers[r]) for r in readers] != [IntegerDeQuant]:
-                raise _fail(
-                    path, layers[li].name,
-                    "its INT32 output must be read by exactly one layer, its DeQuant "
-                    f"(readers: {[layers[r].name for r in readers]})."
-                )
-    return True
-
-
-def _channels_of(net: Net, li: int) -> int | None:
-    """Channels (axis 1) of layer ``li``'s top from the net's last shape pass, None when unknown."""
-    value = getattr(net, "_data", {}).get(net.engine_layers[li].param.top[0])
-    if value is None or value.dim() < 2:
-        return None
-    return int(value.shape[1])
-
-
-def _check_pattern(
-    net: Net,
-    path: str,
-    dequant: Layer,
-    cube: Layer,
-    qi: int | None,
-    present: dict[str, list[str]],
-    by_src: dict[str, caffe_pb2.LayerParameter],
-) -> None:
-    """Validate ``Quant -> cube -> dequant`` for the integer emulation, with an error saying what is wrong."""
-    inner = getattr(cube, "float_layer", cube)
-    if isinstance(inner, Pooling):
-        if cube.name in present:
-            raise _fail(path, cube.name, "a Pooling layer has no blobs, but the caffemodel gives it some.")
-    elif type(inner) in _CUBES:
-        if len(cube.param.bottom) != 1 or len(cube.param.top) != 1:
-            raise _fail(
-                path, cube.name,
-                f"has {len(cube.param.bottom)} bottoms and {len(cube.param.top)} tops; the integer emulation "
-                "supports one of each."
-            )
-        src = by_src.get(cube.name)
-        kinds = [storage_kind(b) for b in src.blobs] if src is not None else []
-        want = ["int8", "int32"] if inner.bias_term else ["int8"]  # type: ignore[attr-defined]
-        if kinds != want:
-            raise _fail(
-                path, cube.name,
-                f"the caffemodel stores its blobs as {kinds or 'nothing'}; a quantized {cube.type_name} "
-                f"before DeQuant '{dequant.name}' needs {want} (weight in int8_data, bias in int32_data)."
-            )
-    else:
-        raise _fail(
-            path, dequant.name,
-            f"the DeQuant reads the output of '{cube.name}' (type {cube.type_name}); the integer emulation "
-            "supports Convolution, Deconvolution, InnerProduct and Pooling between Quant and DeQuant."
-        )
-    if qi is None or net.engine_layers[qi].type_name != QUANT:
-        who = net.engine_layers[qi].name if qi is not None else "nothing"
-        raise _fail(
-            path, cube.name,
-            f"its bottom is produced by '{who}', not by a Quant layer; a quantized layer of a deploy model "
-            "reads the INT8 codes of a Quant layer."
-        )
-
-
-def load_deploy_net(
-    model: str | os.PathLike[str] | caffe_pb2.NetParameter,
-    weights: str | os.PathLike[str] | caffe_pb2.NetParameter,
-    *,
-    device: torch.device | str | None = None,
-    quant_formula: str = DEFAULT_QUANT_FORMULA,
-) -> Net:
-    """The deploy model as an engine net in TEST phase, running the integer emulation.
-
-    Same as ``Net(model, TEST, weights=weights)`` but checks that ``weights`` is a deploy caffemodel
-    (integer blobs) and sets the ``Quant`` formula.
-
-    Raises:
-        ModelFormatError: ``weights`` holds no integer blobs (a float or fake-quant caffemodel).
-    """
-    from amct_caffe.engine.net import Net
-    from amct_caffe.model.io import load_caffemodel
-
-    source = weights if isinstance(weights, caffe_pb2.NetParameter) else load_caffemodel(weights)
-    if not is_deploy_model(source):
-        raise ModelFormatError(
-            f"'{weights if not isinstance(weights, caffe_pb2.NetParameter) else source.name}' holds no "
-            "int8_data/int32_data/uint64_data blobs: it is not a deploy caffemodel (run float and fake-quant "
-            "models with Net directly)."
-        )
-    net = Net(model, TEST, device=device)
-    net.copy_from(source)
-    set_quant_formula(net, quant_formula)
-    return net
-
-
-def set_quant_formula(net: Net, formula: str) -> None:
-    """Set the formula of every integer ``Quant`` layer of ``net`` (``"ascend"`` or ``"caffe"``)."""
-    if formula not in QUANT_FORMULAS:
-        raise ValueError(f"quant_formula must be one of {QUANT_FORMULAS}, got {formula!r}")
-    for layer in net.engine_layers:
+    check_quant_formula(formula)
+    for layer in layers:
         if isinstance(layer, IntegerQuant):
             layer.formula = formula
-
-
-def is_integer_net(net: Net) -> bool:
-    """True when ``net`` runs integer layers (a deploy model was loaded into it)."""
-    return any(isinstance(layer, INTEGER_LAYER_TYPES) for layer in net.engine_layers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -666,19 +538,20 @@ class BlobScale:
         return (v - self.offset) * _channel_view(s, v)
 
 
-def integer_blob_scales(net: Net) -> dict[str, BlobScale]:
-    """For every Quant top and every quantized layer's top of an integer net: how to read it as real values.
+def integer_blob_scales(layers: Sequence[Layer]) -> dict[str, BlobScale]:
+    """For every Quant top and every quantized layer's top of a net's ``layers`` (in order): how to read it
+    as real values.
 
     Codes: ``(q - o_d) * s_d``; accumulators (and pooled centred codes): ``acc * deq_scale``.
     """
     out: dict[str, BlobScale] = {}
-    layers = net.engine_layers
+    params = [layer.param for layer in layers]
     for i, layer in enumerate(layers):
         if isinstance(layer, IntegerQuant):
             out[layer.param.top[0]] = BlobScale("codes", layer.name, np.array([layer.scale_d]),
                                                 float(layer.offset_d))
         elif isinstance(layer, IntegerDeQuant):
-            li = producer_index(_params(net), i, layer.param.bottom[0])
+            li = producer_index(params, i, layer.param.bottom[0])
             if li is None:
                 continue
             deq = layer.deq_scale().numpy().astype(np.float64)

@@ -4,23 +4,29 @@ Semantics follow Caffe's ``Net``: layers run in file order; a top with the name 
 place (the name then refers to the new value); blobs are created in order of first appearance; the net's
 outputs are the blobs no later layer consumes (sorted by name, as Caffe keeps them in a ``std::set``);
 ``param { name }`` shares a blob between layers; weights are copied from a caffemodel by layer name.
+
+The net only runs layers. Which implementation each layer gets is the caller's choice: the type's default
+(float) layer, or a registered variant named per layer (``variants``), e.g. the deploy model's integer
+layers that :mod:`amct_caffe.emulation.loader` chooses from a caffemodel. ``copy_from`` copies blobs and
+nothing else; a caffemodel's integer blobs load only into layers that accept them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from amct_caffe.engine.device import current_device, full_float32
-from amct_caffe.engine.layers.base import TEST, Layer, layer_class
+from amct_caffe.engine.layers import LayerVariant, layer_class
+from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
-from amct_caffe.errors import ModelFormatError, RuntimeEngineError, WeightShapeError
+from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
-from amct_caffe.model.io import load_caffemodel, load_prototxt
+from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
 from amct_caffe.model.phase import filter_net
 from amct_caffe.proto import caffe_pb2
 
@@ -30,7 +36,16 @@ LOGGER = get_logger("engine.net")
 #: ``uint64_data`` words live in int64 tensors, bit for bit: torch < 2.3 has no uint64 dtype.
 _STORAGE_KIND = {np.dtype(np.int8): "int8", np.dtype(np.int32): "int32", np.dtype(np.int64): "uint64"}
 
+#: Blob storage kinds only a deploy caffemodel uses (only layers with ``accepts_integer_blobs`` load them).
+INTEGER_STORAGE_KINDS = frozenset({"int8", "int32", "uint64"})
+
 Tensor = torch.Tensor
+
+
+def layer_name(layer: caffe_pb2.LayerParameter, index: int) -> str:
+    """The name the net gives layer ``index`` of its (phase-filtered) list: its own, or ``<type>_<index>``
+    when it has none."""
+    return layer.name or f"{layer.type}_{index}"
 
 
 class Net:
@@ -42,9 +57,13 @@ class Net:
         weights: optional caffemodel path or ``NetParameter`` whose blobs are copied in by layer name.
         device: torch device; default: the global mode (:mod:`amct_caffe.engine.device`).
         level, stages: the NetState used for include/exclude rules.
+        variants: ``{layer name: variant}`` -- the registered implementation (a variant name or a
+            :class:`~amct_caffe.engine.layers.registry.LayerVariant` with options) to build for that layer
+            instead of its type's default; a type without the variant builds its default.
 
     Raises:
         ModelFormatError: the net is malformed (unknown bottom, bad layer parameters).
+        ConfigError: ``variants`` names a layer the net does not have.
         UnsupportedLayerError: a layer type the engine does not implement.
         WeightShapeError: a caffemodel blob's shape differs from the layer's.
     """
@@ -58,6 +77,7 @@ class Net:
         device: torch.device | str | None = None,
         level: int = 0,
         stages: Iterable[str] = (),
+        variants: Mapping[str, str | LayerVariant] | None = None,
     ) -> None:
         if isinstance(model, caffe_pb2.NetParameter):
             self.path = ""
@@ -78,8 +98,15 @@ class Net:
         self.layer_tops: list[list[str]] = []
         self.blob_names: list[str] = []
         self.loss_weights: dict[tuple[int, int], float] = {}
+        self._variants = {
+            name: v if isinstance(v, LayerVariant) else LayerVariant(v)
+            for name, v in (variants or {}).items()
+        }
         self._data: dict[str, Tensor] = {}
+        self._set_up = False
+        self._plan: InferencePlan | None = None
         self._build()
+        self._link()
         self.inputs: list[str] = self._input_blobs()
         self.outputs: list[str] = self._output_blobs()
         self.reshape()
@@ -92,8 +119,7 @@ class Net:
         available: set[str] = set()
         seen_names: set[str] = set()
         for index, lp in enumerate(self.param.layer):
-            if not lp.name:
-                lp.name = f"{lp.type}_{index}"
+            lp.name = layer_name(lp, index)
             if lp.name in seen_names:
                 raise ModelFormatError(
                     f"Net '{self.path or self.param.name}' has two layers named '{lp.name}'; "
@@ -106,8 +132,9 @@ class Net:
                         f"Layer '{lp.name}' in '{self.path or self.param.name}' reads bottom {i} '{bottom}', "
                         "which no earlier layer produces; check the layer order and blob names."
                     )
-            cls = layer_class(lp.type, lp.name, self.path)
-            layer = cls(lp, self.phase, self.device)
+            variant = self._variants.get(lp.name, LayerVariant())
+            cls = layer_class(lp.type, lp.name, self.path, variant.name)
+            layer = cls.create(lp, self.phase, self.device, variant.options)
             self.engine_layers.append(layer)
             self.layer_names.append(lp.name)
             self.layer_bottoms.append(list(lp.bottom))
@@ -119,6 +146,20 @@ class Net:
                 weight = self._loss_weight(layer, lp, t_index)
                 if weight:
                     self.loss_weights[(index, t_index)] = weight
+        unknown = sorted(set(self._variants) - seen_names)
+        if unknown:
+            raise ConfigError(
+                f"Net '{self.path or self.param.name}': variants are given for layers {unknown}, which the "
+                f"net (phase {caffe_pb2.Phase.Name(self.phase)}) does not have."
+            )
+
+    def _link(self) -> None:
+        """Hand every layer the layers that write its bottoms (see :meth:`Layer.link`)."""
+        writer: dict[str, Layer] = {}
+        for layer, bottoms, tops in zip(self.engine_layers, self.layer_bottoms, self.layer_tops):
+            layer.link([writer[b] for b in bottoms])
+            for top in tops:
+                writer[top] = layer
 
     @staticmethod
     def _loss_weight(layer: Layer, lp: caffe_pb2.LayerParameter, t_index: int) -> float:
@@ -143,7 +184,7 @@ class Net:
         Like Caffe's ``Net::Reshape``; it runs the layers once on the current input values (zeros at
         construction), which also validates the net.
         """
-        set_up = getattr(self, "_set_up", False)
+        set_up = self._set_up
         data: dict[str, Tensor] = {}
         try:
             with torch.no_grad():
@@ -229,9 +270,10 @@ class Net:
     def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
         """The optimised TEST-phase plan, built on first use, when the layer list changed, or with new
         ``options`` (which later calls keep)."""
-        plan = getattr(self, "_plan", None)
+        plan = self._plan
         if options is not None or plan is None or plan.signature != tuple(map(id, self.engine_layers)):
-            plan = self._plan = build_plan(self, options or (plan.options if plan is not None else None))
+            options = options or (plan.options if plan is not None else None)
+            plan = self._plan = build_plan(self.engine_layers, self.phase, self.device, options)
         return plan
 
     def tensor(self, name: str) -> Tensor:
@@ -257,22 +299,31 @@ class Net:
         raise RuntimeEngineError(f"'{blob}' is not an input blob of net '{self.path or self.param.name}'.")
 
     # -- weights ---------------------------------------------------------------------------------------
-    def copy_from(self, weights: str | os.PathLike[str] | caffe_pb2.NetParameter) -> None:
+    def copy_from(
+        self, weights: str | os.PathLike[str] | caffe_pb2.NetParameter, *, path: str | None = None
+    ) -> None:
         """Copy blobs from a caffemodel into the layers of the same name (Caffe's CopyTrainedLayersFrom).
 
         Layers of the caffemodel that the net lacks are ignored; layers of the net absent from the
-        caffemodel keep their filler values. Both are logged.
+        caffemodel keep their filler values. Both are logged. Blobs only: the layers stay what the net was
+        built with, so a deploy caffemodel's integer blobs need a net built with the integer variants
+        (:func:`amct_caffe.emulation.loader.load_net`, or ``caffe.Net``).
+
+        Args:
+            weights: a caffemodel path or a parsed ``NetParameter``.
+            path: the file to name in errors when ``weights`` is already parsed.
 
         Raises:
-            WeightShapeError: a layer's blob count or a blob's shape differs from the net's.
+            WeightShapeError: a layer's blob count or a blob's shape differs from the net's, or a blob is
+                stored as integers (a deploy model) for a layer that holds float blobs.
         """
-        path = "" if isinstance(weights, caffe_pb2.NetParameter) else str(weights)
-        source = weights if isinstance(weights, caffe_pb2.NetParameter) else load_caffemodel(path)
-        # A deploy caffemodel (int8/int32/uint64 blobs) first swaps in the integer emulation's layers.
-        from amct_caffe.emulation.integer import prepare_integer_layers
-
-        prepare_integer_layers(self, source, path)
+        if isinstance(weights, caffe_pb2.NetParameter):
+            source, path = weights, path or ""
+        else:
+            path = str(weights)
+            source = load_caffemodel(path)
         by_name = {layer.name: layer for layer in self.engine_layers}
+        self._check_storage(source, by_name, path)
         copied: set[str] = set()
         for src in source.layer:
             target = by_name.get(src.name)
@@ -296,6 +347,24 @@ class Net:
                 LOGGER.info("Layer '%s' not found in the caffemodel; it keeps its filler values.", layer.name)
 
     @staticmethod
+    def _check_storage(source: caffe_pb2.NetParameter, by_name: Mapping[str, Layer], path: str) -> None:
+        """Refuse, before copying anything, integer blobs meant for a layer that holds float blobs."""
+        for src in source.layer:
+            target = by_name.get(src.name)
+            if target is None or target.accepts_integer_blobs:
+                continue
+            for index, blob in enumerate(src.blobs):
+                kind = storage_kind(blob)
+                if kind in INTEGER_STORAGE_KINDS:
+                    where = f" in '{path}'" if path else ""
+                    raise WeightShapeError(
+                        f"Blob {index} of layer '{src.name}'{where} is stored as {kind}: the caffemodel is "
+                        f"a deploy model, and the net's layer (type {target.type_name}) holds float blobs. "
+                        "Load the deploy model with amct_caffe.emulation.loader.load_net (or caffe.Net), "
+                        "which builds the integer emulation's layers."
+                    )
+
+    @staticmethod
     def _copy_blob(layer: Layer, index: int, blob: caffe_pb2.BlobProto, path: str) -> None:
         target = layer.blobs[index]
         shape = tuple(target.shape)
@@ -304,12 +373,6 @@ class Net:
                 f"Cannot copy blob {index} of layer '{layer.name}' from '{path}': shape mismatch. "
                 f"Caffemodel shape {blob_shape(blob)}, net shape {shape}. Use the prototxt the caffemodel "
                 "was trained with."
-            )
-        kind = storage_kind(blob)
-        if kind != "float" and kind != "double" and not getattr(layer, "accepts_integer_blobs", False):
-            raise WeightShapeError(
-                f"Blob {index} of layer '{layer.name}' in '{path}' is stored as {kind} (a deploy model); "
-                "run it with the integer emulation of the deploy model instead."
             )
         array = blob_to_array(blob, shape)
         if array.dtype == np.uint64:
@@ -341,8 +404,6 @@ class Net:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the net's weights as a binary caffemodel, atomically."""
-        from amct_caffe.model.io import save_caffemodel
-
         save_caffemodel(self.to_proto(), path)
 
     def blob_arrays(self) -> dict[str, np.ndarray]:

@@ -1,4 +1,7 @@
-"""A faster TEST-phase forward for the engine's :class:`~amct_caffe.engine.net.Net`, same blob values.
+"""A faster TEST-phase forward for the engine's nets, same blob values.
+
+It works on what a net hands it -- its layer list, device and blob dictionary -- and knows nothing else of
+the net (:meth:`amct_caffe.engine.net.Net.inference_plan` builds the plan, ``Net.run`` runs it).
 
 Caffe runs a deploy net layer by layer: a Convolution, then an in-place BatchNorm (``use_global_stats``),
 an in-place Scale and an in-place ReLU each sweep the whole activation again. When those layers are in
@@ -36,7 +39,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,9 +51,6 @@ from amct_caffe.engine.layers.structure import Concat, Eltwise, Softmax
 from amct_caffe.engine.layers.vision import Convolution, InnerProduct, Pooling
 from amct_caffe.log import get_logger
 from amct_caffe.model.batchnorm import global_statistics
-
-if TYPE_CHECKING:
-    from amct_caffe.engine.net import Net
 
 LOGGER = get_logger("engine.optimize")
 
@@ -475,15 +474,20 @@ class InferencePlan:
 
     Build it with :func:`build_plan`; :meth:`run` executes layers ``start .. end`` like
     ``Net.run`` does (steps cut by ``start``/``end`` run layer by layer).
+
+    Args:
+        layers: the net's layers in order (each reads and writes the blobs its ``LayerParameter`` names).
+        device: the device the net runs on.
+        options: what the plan may do.
     """
 
-    def __init__(self, net: Net, options: InferenceOptions) -> None:
-        self.net = net
+    def __init__(self, layers: Sequence[Layer], device: torch.device, options: InferenceOptions) -> None:
         self.options = options
-        self.cpu = net.device.type == "cpu"
+        self.cpu = device.type == "cpu"
         self.mkldnn = self.cpu and _mkldnn_available()
-        self.signature = tuple(map(id, net.engine_layers))
-        self.layers = net.engine_layers
+        self.layers = list(layers)
+        #: the identity of the layers the plan was built for (a net rebuilds its plan when they change)
+        self.signature = tuple(map(id, self.layers))
         # each layer's blob names, from its LayerParameter (what the net was built from)
         self.bottoms = [list(layer.param.bottom) for layer in self.layers]
         self.tops = [list(layer.param.top) for layer in self.layers]
@@ -640,8 +644,14 @@ def contiguous_blob(data: dict[str, Tensor], name: str) -> Tensor:
     return c
 
 
-def build_plan(net: Net, options: InferenceOptions | None = None) -> InferencePlan:
-    """The optimised TEST-phase plan of ``net`` (see the module docstring)."""
-    if net.phase != TEST:
+def build_plan(
+    layers: Sequence[Layer], phase: int, device: torch.device, options: InferenceOptions | None = None
+) -> InferencePlan:
+    """The optimised plan of a TEST-phase net's ``layers`` on ``device`` (see the module docstring).
+
+    Raises:
+        ValueError: ``phase`` is not TEST (the folds assume fixed BatchNorm statistics and no gradients).
+    """
+    if phase != TEST:
         raise ValueError("the optimised forward is for TEST-phase nets only")
-    return InferencePlan(net, options or InferenceOptions())
+    return InferencePlan(layers, device, options or InferenceOptions())

@@ -1,18 +1,26 @@
-"""Engine layer implementations, one module per family; importing this package registers them all."""
+"""Engine layer implementations, one module per family, and the registry they fill.
 
-from importlib import import_module
+Importing this package imports every family module, which registers its layers; import the registry's
+functions from here (``from amct_caffe.engine.layers import layer_class``) so that the registry is full.
+"""
 
-_MODULES = (
-    "data",
-    "vision",
-    "activation",
-    "normalization",
-    "structure",
-    "loss",
-    "ssd",
-    "data_sources",
-    "quant",
+from amct_caffe.engine.layers import (  # noqa: F401  (imported to register their layers)
+    activation,
+    data,
+    data_sources,
+    loss,
+    normalization,
+    quant,
+    ssd,
+    structure,
+    vision,
+)
+from amct_caffe.engine.layers.registry import (
+    DEFAULT_VARIANT,
+    LayerVariant,
+    layer_class,
+    register,
+    supported_types,
 )
 
-for _name in _MODULES:
-    import_module(f"{__name__}.{_name}")
+__all__ = ["DEFAULT_VARIANT", "LayerVariant", "layer_class", "register", "supported_types"]

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from amct_caffe.engine import fillers
-from amct_caffe.engine.layers.base import Layer, Tensor, register
+from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.proto import caffe_pb2
 
 

@@ -1,4 +1,4 @@
-"""The contract every engine layer follows, and the registry keyed by Caffe type string.
+"""The contract every engine layer follows (the registry of implementations is in ``registry.py``).
 
 A layer is built from its ``LayerParameter``; ``setup`` sees the first bottoms (their real shapes, zero
 values) and creates the learnable blobs with Caffe's shapes and fillers; ``forward`` maps bottom tensors to
@@ -9,15 +9,20 @@ Blobs are float32 tensors in Caffe's layout (e.g. Convolution weight ``[out, in/
 Deconvolution weight ``[in, out/group, kh, kw]``, InnerProduct ``[out, in]``). The net loads caffemodel
 blobs into them and shares them between layers (``param { name }``) by replacing list entries, so a layer
 reads ``self.blobs[i]`` at forward time and never caches derived tensors across calls.
+
+A net builds each layer with :meth:`Layer.create` (the options of the layer's variant, none for most
+layers), then calls :meth:`Layer.link` with the layers that write its bottoms, then runs the shape pass
+(``setup`` and ``forward`` on placeholder values).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
+from amct_caffe.engine.fillers import fill
+from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2
 
 Tensor = torch.Tensor
@@ -30,10 +35,13 @@ class Layer:
     """One Caffe layer in the engine.
 
     Class attributes a subclass may set:
-        type_name: the Caffe type string (set by :func:`register`).
+        type_name: the Caffe type string (set by ``registry.register``).
         loss_layer: True for layers whose top is a loss (default ``loss_weight`` 1 for top 0, as Caffe).
         in_place_ok: False for layers that must not run with top == bottom (informational).
         exact_bottoms / min_bottoms / max_bottoms / exact_tops: counts checked at build time.
+        accepts_integer_blobs: True for layers whose blobs a caffemodel stores in ``int8_data``/
+            ``int32_data``/``uint64_data`` (the deploy model's integer layers); the net refuses such blobs
+            for every other layer.
     """
 
     type_name: str = ""
@@ -43,6 +51,25 @@ class Layer:
     max_bottoms: int | None = None
     exact_tops: int | None = None
     min_tops: int | None = None
+    accepts_integer_blobs: bool = False
+
+    @classmethod
+    def create(
+        cls, param: caffe_pb2.LayerParameter, phase: int, device: torch.device, options: Mapping[str, object]
+    ) -> Layer:
+        """Build the layer with the options of its variant (see ``registry.LayerVariant``).
+
+        A layer that takes options overrides this; the default takes none.
+
+        Raises:
+            ModelFormatError: ``options`` is not empty.
+        """
+        if options:
+            raise ModelFormatError(
+                f"Layer '{param.name}' (type {cls.type_name or param.type}): {cls.__name__} takes no "
+                f"options, got {sorted(options)}."
+            )
+        return cls(param, phase, device)
 
     def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
         self.param = param
@@ -62,6 +89,11 @@ class Layer:
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
+
+    def link(self, producers: Sequence[Layer]) -> None:
+        """Called by the net once every layer is built, before the shape pass: ``producers[i]`` is the layer
+        that writes bottom ``i``. A layer that needs a neighbour's parameters takes them here; default:
+        nothing."""
 
     def blobs_loaded(self) -> None:
         """Called by the net after it copied this layer's blobs from a caffemodel; default: nothing."""
@@ -96,8 +128,6 @@ class Layer:
 
     def new_blob(self, shape: Sequence[int], filler: caffe_pb2.FillerParameter | None = None) -> Tensor:
         """A float32 blob of ``shape`` on this layer's device, filled by ``filler`` (default: constant 0)."""
-        from amct_caffe.engine.fillers import fill
-
         blob = torch.empty(tuple(int(s) for s in shape), dtype=torch.float32)
         fill(blob, filler if filler is not None else caffe_pb2.FillerParameter())
         return blob.to(self.device)
@@ -124,44 +154,3 @@ class Layer:
                 "specified once per top blob."
             )
 
-
-_REGISTRY: dict[str, type[Layer]] = {}
-
-
-def register(*type_names: str) -> Callable[[type[Layer]], type[Layer]]:
-    """Class decorator: register a layer implementation under one or more Caffe type strings."""
-
-    def wrap(cls: type[Layer]) -> type[Layer]:
-        for name in type_names:
-            if name in _REGISTRY and _REGISTRY[name] is not cls:
-                raise RuntimeError(f"layer type {name!r} registered twice")
-            _REGISTRY[name] = cls
-        if not cls.type_name:
-            cls.type_name = type_names[0]
-        return cls
-
-    return wrap
-
-
-def layer_class(type_name: str, layer_name: str = "", path: str = "") -> type[Layer]:
-    """The implementation registered for a Caffe type, or an UnsupportedLayerError naming the layer."""
-    _load_all()
-    try:
-        return _REGISTRY[type_name]
-    except KeyError:
-        where = f" in '{path}'" if path else ""
-        raise UnsupportedLayerError(
-            f"Layer '{layer_name}'{where} has type '{type_name}', which the amct-caffe engine does not "
-            f"implement. Supported types: {', '.join(sorted(_REGISTRY))}."
-        ) from None
-
-
-def supported_types() -> list[str]:
-    """Every Caffe type string the engine implements, sorted."""
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def _load_all() -> None:
-    # Importing the package registers every layer module (see layers/__init__.py).
-    import amct_caffe.engine.layers  # noqa: F401

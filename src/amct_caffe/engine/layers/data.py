@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from amct_caffe.engine.fillers import fill
-from amct_caffe.engine.layers.base import Layer, Tensor, register
+from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.proto import caffe_pb2
 
 

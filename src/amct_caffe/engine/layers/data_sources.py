@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from amct_caffe.engine.layers.base import TEST, Layer, Tensor, register
+from amct_caffe.engine.layers.base import TEST, Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.engine.transform import COLOR, GRAY, DataTransformer, decode_image, hwc_to_chw, resize_linear
 from amct_caffe.errors import RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.log import get_logger

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amct_caffe.engine.layers.base import TEST, Layer, Tensor, register
+from amct_caffe.engine.layers.base import TEST, Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.model.batchnorm import global_statistics
 from amct_caffe.proto import caffe_pb2
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from amct_caffe.engine.layers.base import Layer, Tensor, register
+from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.errors import AmctError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.model.layer_types import ACTIVATION_QAT, ANTI_QUANT, DEQUANT, QUANT, WEIGHT_QAT

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from amct_caffe.engine.layers.base import Layer, Tensor, register
+from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.proto import caffe_pb2
 
 _CodeType = caffe_pb2.PriorBoxParameter

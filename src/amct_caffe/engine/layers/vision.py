@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from amct_caffe.engine.layers.base import Layer, Tensor, register
+from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine.layers.registry import register
 from amct_caffe.errors import UnsupportedLayerError
 from amct_caffe.proto import caffe_pb2
 

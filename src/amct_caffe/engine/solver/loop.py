@@ -40,9 +40,16 @@ from tqdm.auto import tqdm
 from amct_caffe.engine.device import full_float32
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.record_shapes import RecordShapesHook
-from amct_caffe.engine.solver import learnable as lp_mod
 from amct_caffe.engine.solver.float32 import f32
-from amct_caffe.engine.solver.learnable import LearnableParam
+from amct_caffe.engine.solver.learnable import (
+    LearnableParam,
+    accumulated_gradient,
+    blob_of,
+    clear_param_grads,
+    enable_param_grads,
+    learnable_params,
+    share_trained_layers,
+)
 from amct_caffe.engine.solver.lr_policy import learning_rate
 from amct_caffe.engine.solver.param import (
     NetSpec,
@@ -130,14 +137,14 @@ class Solver:
         self.smoothed_loss = np.float32(0.0)
         self.test_results: list[list[tuple[str, float]]] = [[] for _ in self.test_nets]
         self.callbacks: list[tuple[Callback | None, Callback | None]] = []
-        self._params = lp_mod.learnable_params(self.net)
-        lp_mod.enable_param_grads(self.net, self._params)
+        self._params = learnable_params(self.net)
+        enable_param_grads(self.net, self._params)
         for test_net in self.test_nets:
-            lp_mod.share_trained_layers(test_net, self.net)
+            share_trained_layers(test_net, self.net)
         self.history: list[Tensor] = [
             torch.zeros(blob.shape, dtype=torch.float32, device=blob.device)
             for _ in range(self.rule.history_sets)
-            for blob in (lp_mod.blob_of(self.net, lp) for lp in self._params)
+            for blob in (blob_of(self.net, lp) for lp in self._params)
         ]
 
     # -- the nets -------------------------------------------------------------------------------------------
@@ -202,13 +209,13 @@ class Solver:
         self.rate = self.learning_rate()
         if self._display_now():
             LOGGER.info("Iteration %d, lr = %g", self.iter, self.rate)
-        diffs = [lp_mod.accumulated_gradient(self.net, lp) for lp in self._params]
+        diffs = [accumulated_gradient(self.net, lp) for lp in self._params]
         clip_gradients(diffs, self.param.clip_gradients)
         n = len(self._params)
         with torch.no_grad():
             for pid, (lp, diff) in enumerate(zip(self._params, diffs)):
                 history = self.history[pid::n]
-                update_blob(self.rule, self.param, lp_mod.blob_of(self.net, lp), diff, history, self.rate,
+                update_blob(self.rule, self.param, blob_of(self.net, lp), diff, history, self.rate,
                             lp.lr_mult, lp.decay_mult, self.iter)
 
     def _update_smoothed_loss(self, loss: np.float32, start_iter: int, average_loss: int) -> None:
@@ -244,7 +251,7 @@ class Solver:
     def _iteration(self, start_iter: int) -> None:
         """One iteration of ``step`` (see the module docstring)."""
         p = self.param
-        lp_mod.clear_param_grads(self.net, self._params)
+        clear_param_grads(self.net, self._params)
         if self._test_due():
             self.test_all()
         for on_start, _ in self.callbacks:
@@ -323,7 +330,7 @@ class Solver:
         output value (and ``Test loss`` when ``test_compute_loss``)."""
         LOGGER.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
         net = self.test_nets[test_net_id]
-        lp_mod.share_trained_layers(net, self.net)
+        share_trained_layers(net, self.net)
         n = self.param.test_iter[test_net_id]
         names: list[str] = []
         scores: Tensor | None = None
