@@ -67,8 +67,8 @@ class Blob:
 
     @property
     def diff(self) -> np.ndarray:
-        grad = getattr(self._net, "blob_grads", {}).get(self._name)
-        return _as_numpy(grad) if grad is not None else np.zeros(self.shape, dtype=np.float32)
+        # The engine keeps gradients of parameters only; an activation blob's diff reads as zeros.
+        return np.zeros(self.shape, dtype=np.float32)
 
     @property
     def shape(self) -> tuple[int, ...]:

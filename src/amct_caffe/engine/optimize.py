@@ -201,7 +201,7 @@ def _chain_affine(chain: Sequence[Layer]) -> tuple[Tensor, Tensor]:
 def _is_affine(layer: Layer, channels: int | None) -> bool:
     """BatchNorm with global statistics, or one-bottom Scale with a per-channel (axis 1) blob."""
     if type(layer) is BatchNorm:
-        return bool(getattr(layer, "use_global_stats", False)) and len(layer.blobs) == 3 and (
+        return layer.use_global_stats and len(layer.blobs) == 3 and (
             channels is None or layer.channels == channels
         )
     if type(layer) is Scale:
@@ -530,26 +530,21 @@ class InferencePlan:
                 if relu is not None:
                     step = _LayerStep(i, layer, self.bottoms[i], self.tops[i], relu, i + 1)
             if step is None and type(layer) is Convolution and len(self.bottoms[i]) == 1 \
-                    and len(self.tops[i]) == 1 and self._conv_ok(layer):
+                    and len(self.tops[i]) == 1:
                 step = _ProducerStep(i, layer, self.bottoms[i][0], self.tops[i][0], [], i, None, False)
             if step is None:
                 step = _LayerStep(i, layer, self.bottoms[i], self.tops[i])
             self.steps[i] = step
             i = step.last + 1
 
-    @staticmethod
-    def _conv_ok(layer: Layer) -> bool:
-        return all(hasattr(layer, a) for a in ("stride", "pad", "dilation", "group", "bias_term",
-                                               "num_output", "_check_bottoms"))
-
     def _producer(self, i: int) -> _Step | None:
         layer = self.layers[i]
         if len(self.bottoms[i]) != 1 or len(self.tops[i]) != 1:
             return None
         top = self.tops[i][0]
-        if type(layer) is Convolution and self._conv_ok(layer):
+        if type(layer) is Convolution:
             ndim = 4
-        elif type(layer) is InnerProduct and int(layer.axis) == 1 and hasattr(layer, "transpose"):
+        elif type(layer) is InnerProduct and int(layer.axis) == 1:
             ndim = 2
         else:
             return None
