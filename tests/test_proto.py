@@ -565,7 +565,7 @@ def test_record_schema_on_the_wire() -> None:
 
 
 # the record example of spec §5.2
-from tests.spec_examples import SPEC_EXAMPLE as RECORD_TEXT  # noqa: E402
+from tests.references.records import RECORD_EXAMPLE as RECORD_TEXT  # noqa: E402
 
 
 def test_record_text_example_parses() -> None:

@@ -27,7 +27,7 @@ from amct_caffe.quant.record import (
     validate_records,
     write_records,
 )
-from tests.spec_examples import SPEC_EXAMPLE
+from tests.references.records import RECORD_EXAMPLE
 
 
 def f32(v: float) -> float:
@@ -36,7 +36,7 @@ def f32(v: float) -> float:
 
 def test_spec_example_parses_to_the_expected_values(tmp_path: Path) -> None:
     path = tmp_path / "record.txt"
-    path.write_text(SPEC_EXAMPLE)
+    path.write_text(RECORD_EXAMPLE)
     records = read_records(path)
     assert list(records) == ["conv1", "res2a_branch1"]
     conv1 = records["conv1"]
@@ -103,7 +103,7 @@ def test_duplicate_layers_merge_with_later_values_winning() -> None:
 # -- update_shapes ---------------------------------------------------------------------------------------
 def test_update_shapes_updates_or_appends_and_keeps_other_fields(tmp_path: Path) -> None:
     path = tmp_path / "rec.txt"
-    path.write_text(SPEC_EXAMPLE)
+    path.write_text(RECORD_EXAMPLE)
     update_shapes(path, {"res2a_branch1": (32, 7, 9), "fc": (2048, 1, 1)})
     records = read_records(path)
     assert list(records) == ["conv1", "res2a_branch1", "fc"]
@@ -223,10 +223,10 @@ def test_invalid_file_content_is_reported_on_read(tmp_path: Path) -> None:
 
 def test_write_of_invalid_records_leaves_the_file(tmp_path: Path) -> None:
     path = tmp_path / "rec.txt"
-    path.write_text(SPEC_EXAMPLE)
+    path.write_text(RECORD_EXAMPLE)
     with pytest.raises(RecordError, match="offset_w"):
         write_records(path, {"c": LayerRecord(scale_d=1.0, offset_d=0, scale_w=[1.0], offset_w=[2])})
-    assert path.read_text() == SPEC_EXAMPLE
+    assert path.read_text() == RECORD_EXAMPLE
 
 
 def test_written_text_parses_as_the_amct_schema(tmp_path: Path) -> None:
