@@ -6,22 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.references.real_caffe import SHARED, reference_python
 
 MODELS = SHARED / "models"
 
-try:
-    from hypothesis import settings
-except ImportError:  # the property tests skip themselves without hypothesis
-    pass
-else:
-    # Bounded, reproducible property tests: a fixed derandomized run by default ("ci"); "explore" draws new
-    # examples on every run (HYPOTHESIS_PROFILE=explore) to look for counterexamples.
-    settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None,
-                              print_blob=True)
-    settings.register_profile("explore", max_examples=2000, deadline=None, database=None, print_blob=True)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# Bounded, reproducible property tests: a fixed derandomized run by default ("ci"); "explore" draws new
+# examples on every run (HYPOTHESIS_PROFILE=explore) to look for counterexamples.
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None,
+                          print_blob=True)
+settings.register_profile("explore", max_examples=2000, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
