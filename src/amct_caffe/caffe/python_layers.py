@@ -208,6 +208,9 @@ class _FakeQuantLayer:
     """Shared checks and parameter parsing of the three layers."""
 
     type_name = "?"
+    #: The layer's blobs, provided by the base the concrete classes mix this into (``caffe.Layer`` or
+    #: :class:`StandaloneLayer`); declared here for the type checker.
+    blobs: Any
 
     def _params(self) -> dict[str, Any]:
         text = getattr(self, "param_str", "") or ""

@@ -86,7 +86,7 @@ class Graph:
 
     def in_place_chain(self, layer_name: str, top_index: int = 0) -> list[caffe_pb2.LayerParameter]:
         """The in-place layers that follow ``layer_name`` on its top, in order (e.g. BatchNorm, ReLU)."""
-        chain = []
+        chain: list[caffe_pb2.LayerParameter] = []
         current, index = layer_name, top_index
         blob = self.layer(layer_name).top[top_index]
         while True:
@@ -108,7 +108,7 @@ class Graph:
         edges: dict[int, list[int]] = {}
         # A bottom no earlier layer writes (a layer placed too early by an edit) depends on the layer that
         # creates that blob anywhere in the net.
-        creators = {}
+        creators: dict[str, int] = {}
         for li, layer in enumerate(self.net.layer):
             for top in layer.top:
                 if top not in layer.bottom:

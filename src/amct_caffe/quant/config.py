@@ -187,7 +187,7 @@ class _JsonObject(dict):
     def __init__(self, pairs: list[tuple[str, Any]]) -> None:
         super().__init__(pairs)
         seen: set[str] = set()
-        self.duplicates = []
+        self.duplicates: list[str] = []
         for key, _ in pairs:
             if key in seen and key not in self.duplicates:
                 self.duplicates.append(key)
@@ -294,7 +294,9 @@ def _check_object(obj: dict, allowed: Sequence[str] | None, rep: _Reporter, laye
         what = "layer names must be unique" if not layer else "each setting is given once"
         raise rep.error(_json_key(layer, prefix + duplicates[0]), f"appears more than once ({what})",
                         "Keep one entry per key.")
-    for key in obj if allowed is not None else ():
+    if allowed is None:
+        return
+    for key in obj:
         if key not in allowed:
             raise rep.error(_json_key(layer, prefix + key), "unknown key",
                             f"Remove it; the keys allowed here are {', '.join(allowed)}.")
