@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Regenerate ``src/amct_caffe/proto/{caffe,amct}_pb2.py`` from the ``.proto`` files beside them.
+"""Regenerate ``src/amct_caffe/proto/{caffe,amct}_pb2.py`` (and their type stubs ``*_pb2.pyi``) from the
+``.proto`` files beside them.
 
 Usage (from anywhere; needs ``grpcio-tools``)::
 
@@ -20,6 +21,9 @@ pool. Our schema uses BVLC's package name ``caffe`` (so type names in messages a
 expect), and a real pycaffe imported into the same process registers the same names in the default pool;
 with a private pool both can be loaded side by side (e.g. our numerics inside a stock pycaffe's Python
 layers). Everything else is protoc's output, unchanged.
+
+The type stubs (protoc's ``--pyi_out``) let mypy check the code that builds and reads the messages; they get
+the same header and are otherwise protoc's output.
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ def postprocess(text: str, src: str) -> str:
     return HEADER.format(src=src) + text
 
 
+def _write(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` through a temporary file in the same folder, then rename it into place."""
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(text, encoding="utf-8")
+    tmp_out.replace(out)
+    print(f"wrote {out.relative_to(REPO)}")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
@@ -69,6 +81,7 @@ def main() -> int:
             "grpc_tools.protoc",
             f"-I{PROTO_DIR}",
             f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
             *PROTOS,
         ]
         result = subprocess.run(cmd, cwd=PROTO_DIR, capture_output=True, text=True)
@@ -77,13 +90,11 @@ def main() -> int:
             sys.stderr.write("gen_proto: protoc failed (is grpcio-tools installed?)\n")
             return result.returncode or 1
         for proto in PROTOS:
-            module = proto.removesuffix(".proto") + "_pb2.py"
-            text = (Path(tmp) / module).read_text(encoding="utf-8")
-            out = PROTO_DIR / module
-            tmp_out = out.with_suffix(".py.tmp")
-            tmp_out.write_text(postprocess(text, proto), encoding="utf-8")
-            tmp_out.replace(out)
-            print(f"wrote {out.relative_to(REPO)}")
+            module = proto.removesuffix(".proto") + "_pb2"
+            text = (Path(tmp) / f"{module}.py").read_text(encoding="utf-8")
+            _write(PROTO_DIR / f"{module}.py", postprocess(text, proto))
+            stub = (Path(tmp) / f"{module}.pyi").read_text(encoding="utf-8")
+            _write(PROTO_DIR / f"{module}.pyi", HEADER.format(src=proto) + stub)
     return 0
 
 

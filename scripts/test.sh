@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up and runs the test suite: lint, then pytest (with the reference-Caffe cross-checks when
-# ../shared/tools/reference-caffe is present; they are skipped where ../shared does not exist).
+# Sets everything up and runs the test suite: lint (ruff), the type check (mypy, configured in pyproject.toml),
+# then pytest (with the reference-Caffe cross-checks when ../shared/tools/reference-caffe is present; they are
+# skipped where ../shared does not exist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,4 +17,5 @@ if [ -f "$REF_INSTALL" ] && [ -z "${AMCT_REF_CAFFE_PYTHON:-}" ]; then
   export AMCT_REF_CAFFE_PYTHON=$PWD/.cache/ref-caffe/bin/python
 fi
 .venv/bin/ruff check src tests scripts benchmarks
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

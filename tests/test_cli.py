@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amct_caffe.model.blobs import blob_to_array
-from amct_caffe.model.io import load_caffemodel
+from tests.helpers import caffemodel_blobs
+from tests.references.layers import conv2d, inner_product
+from tests.references.metrics import cosine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SUBCOMMANDS = ["retrain-config", "retrain-model", "train", "save-retrain", "run", "inspect", "compare",
@@ -249,24 +250,10 @@ def _solver(net: str, iters: int, prefix: str, lr: float) -> str:
 
 
 def numpy_tiny(caffemodel: Path, x: np.ndarray) -> np.ndarray:
-    """conv 3x3 (valid, stride 1) + bias -> ReLU -> InnerProduct, in float64."""
-    blobs = {layer.name: [blob_to_array(b).astype(np.float64) for b in layer.blobs]
-             for layer in load_caffemodel(caffemodel).layer if layer.blobs}
-    w, b = blobs["conv1"]
-    n, _, h, wd = x.shape
-    oh, ow = h - 2, wd - 2
-    out = np.zeros((n, w.shape[0], oh, ow))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nchw,oc->nohw", x[:, :, i:i + oh, j:j + ow], w[:, :, i, j])
-    out = np.maximum(out + b[None, :, None, None], 0.0)
-    w2, b2 = blobs["ip1"]
-    return out.reshape(n, -1) @ w2.T + b2
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    """TINY_NET's TEST forward by the numpy references: conv 3x3 (valid, stride 1) + bias -> ReLU ->
+    InnerProduct, in float64."""
+    blobs = caffemodel_blobs(caffemodel)
+    return inner_product(np.maximum(conv2d(x, *blobs["conv1"]), 0.0), *blobs["ip1"])
 
 
 def test_qat_flow_on_the_command_line(tmp_path):
@@ -340,9 +327,9 @@ def test_qat_flow_on_the_command_line(tmp_path):
     reference = numpy_tiny(float_weights, x.astype(np.float64))
     np.testing.assert_allclose(outs["float"], reference, rtol=1e-4, atol=1e-5)
     # 8-bit activations and weights: close to the float model, not equal to it
-    assert _cosine(outs["fake"], reference) > 0.99
+    assert cosine(outs["fake"], reference) > 0.99
     assert not np.allclose(outs["fake"], reference, rtol=1e-6, atol=1e-7)
-    assert _cosine(outs["deploy"], outs["fake"]) > 0.9999
+    assert cosine(outs["deploy"], outs["fake"]) > 0.9999
 
     # the per-layer report on the same input
     proc = run_cli("compare", "--float-model", "train.prototxt", "--float-weights", str(float_weights),

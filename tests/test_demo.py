@@ -3,7 +3,7 @@
 The printed table is parsed and checked: the fake-quant model is within one point of the float model's
 held-out accuracy, the deploy model's integer emulation predicts the same top-1 class as the fake-quant
 model on at least 99.5 % of the held-out images, the float accuracy is the one a numpy forward of the float
-caffemodel gives (tests/test_qat_end_to_end.py), the printed sizes are the files' sizes, and the model files,
+caffemodel gives (tests/references/nets.py), the printed sizes are the files' sizes, and the model files,
 the record and the report exist where the demo says.
 """
 
@@ -89,13 +89,14 @@ def test_demo_accuracies(demo_run):
 
 def test_demo_float_accuracy_is_the_numpy_forward(demo_run):
     from amct_caffe.demo import digits
-    from tests.test_qat_end_to_end import caffemodel_blobs, numpy_digits_scores
+    from tests.helpers import caffemodel_blobs
+    from tests.references.nets import digits_scores
 
     float_acc, path, _ = _row(demo_run.proc.stdout, "float")
     caffemodel = demo_run.output / path
     assert caffemodel.name == f"{PREFIX}_float_iter_{FLOAT_ITERS}.caffemodel" and caffemodel.is_file()
     x, y = digits.load_split("test", seed=0)
-    scores = numpy_digits_scores(caffemodel_blobs(str(caffemodel)), x)
+    scores = digits_scores(caffemodel_blobs(str(caffemodel)), x)
     expected = 100.0 * float(np.mean(scores.argmax(axis=1) == y.astype(np.int64)))
     assert float_acc == pytest.approx(expected, abs=100 * 1.5 / 360)
 

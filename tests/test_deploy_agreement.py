@@ -11,7 +11,7 @@ from amct_caffe import amct, caffe
 from amct_caffe.analysis.compare import compare_models
 from amct_caffe.model.io import load_prototxt, prototxt_text, save_prototxt
 from amct_caffe.proto import caffe_pb2
-from tests.test_qat_end_to_end import REAL_NETS, synthetic_training_net
+from tests.references.nets import REAL_NETS, synthetic_training_net
 
 NETS = ["mtcnn_det1", "mtcnn_det2", "mtcnn_det3", "lenet_mnist", "resnet50_stem", "fsrcnn"]
 

@@ -1,8 +1,8 @@
 """BatchNorm (+ Scale) folding into Convolution/Deconvolution: exact math, wiring, and when it is skipped.
 
 Each folded net is run against the unfolded one in the engine on random inputs (BatchNorm statistics with a
-scale factor != 1, random Scale parameters); the folded weights are also checked against a numpy fold
-written here from spec §2.2.
+scale factor != 1, random Scale parameters); the folded weights are also checked against the numpy fold of
+tests/references/layers.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from amct_caffe.model.graph import Graph
 from amct_caffe.model.weights import weights_from_net, weights_to_net
 from amct_caffe.passes.fuse_bn import fuse_bn
 from amct_caffe.proto import caffe_pb2
+from tests.helpers import parse_net
+from tests.references.layers import fold_batchnorm
 
 INPUT = ('layer { name: "data" type: "Input" top: "data" '
          'input_param { shape { dim: 2 dim: 4 dim: 7 dim: 7 } } }\n')
@@ -33,10 +35,6 @@ SCALE = ('layer {{ name: "scale" type: "Scale" bottom: "{bottom}" top: "{top}" '
 TAIL = ('layer {{ name: "relu" type: "ReLU" bottom: "{last}" top: "{last}" }}\n'
         'layer {{ name: "after" type: "Convolution" bottom: "{last}" top: "out" '
         'convolution_param {{ num_output: 2 kernel_size: 1 }} }}\n')
-
-
-def parse(text: str) -> caffe_pb2.NetParameter:
-    return text_format.Merge(text, caffe_pb2.NetParameter())
 
 
 def net_text(kind="Convolution", conv_bias=True, scale=True, scale_bias=True, in_place=True, mixed=False,
@@ -55,7 +53,7 @@ def net_text(kind="Convolution", conv_bias=True, scale=True, scale_bias=True, in
 
 def random_model(text: str, seed: int = 0) -> tuple[caffe_pb2.NetParameter, caffe_pb2.NetParameter]:
     """The prototxt and a caffemodel of random weights (BatchNorm factor uniform in [0.5, 4])."""
-    model = parse(text)
+    model = parse_net(text)
     net = Net(model, caffe_pb2.TEST)
     randomize_params(net, seed=seed)
     return model, net.to_proto()
@@ -74,28 +72,6 @@ def fold(model: caffe_pb2.NetParameter, caffemodel: caffe_pb2.NetParameter):
     folds = fuse_bn(graph, weights)
     folded = graph.to_net_parameter()
     return folds, folded, weights, weights_to_net(weights, folded)
-
-
-def numpy_fold(blobs: dict, conv_bias: bool, scale: bool, scale_bias: bool, axis: int, eps: float):
-    """Spec §2.2 in float64: k = gamma / sqrt(var + eps), W' = W * k (on the output axis),
-    b' = (b - mean) * k + beta, with mean = mean_sum / factor, var = var_sum / factor."""
-    w = blobs["conv"][0].astype(np.float64)
-    c = w.shape[axis]
-    b = blobs["conv"][1].astype(np.float64) if conv_bias else np.zeros(c)
-    mean_sum, var_sum, factor = (a.astype(np.float64) for a in blobs["bn"])
-    s = 0.0 if factor[0] == 0 else 1.0 / factor[0]
-    mean, var = mean_sum * s, var_sum * s
-    gamma = blobs["scale"][0].astype(np.float64) if scale else np.ones(c)
-    beta = blobs["scale"][1].astype(np.float64) if scale and scale_bias else np.zeros(c)
-    k = np.empty(c)
-    for i in range(c):
-        k[i] = gamma[i] / np.sqrt(var[i] + np.float64(np.float32(eps)))
-    w_new = w.copy()
-    for i in range(c):
-        index = [slice(None)] * w.ndim
-        index[axis] = i
-        w_new[tuple(index)] *= k[i]
-    return w_new.astype(np.float32), ((b - mean) * k + beta).astype(np.float32)
 
 
 CASES = {
@@ -138,15 +114,15 @@ def test_folded_net_matches_unfolded(case):
 
     blobs = {lay.name: [blob_to_array(b) for b in lay.blobs] for lay in caffemodel.layer}
     axis = 1 if options.get("kind") == "Deconvolution" else 0
-    w_exp, b_exp = numpy_fold(blobs, options.get("conv_bias", True), scale, options.get("scale_bias", True),
-                              axis, options.get("eps", 1e-5))
+    w_exp, b_exp = fold_batchnorm(blobs, options.get("conv_bias", True), scale,
+                                  options.get("scale_bias", True), axis, options.get("eps", 1e-5))
     np.testing.assert_allclose(weights["conv"][0], w_exp, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(weights["conv"][1], b_exp, rtol=1e-6, atol=1e-6)
 
 
 def test_hand_computed_fold_with_zero_factor():
     """A BatchNorm factor of 0 means mean = var = 0 (Caffe's scale factor 0), so k = gamma / sqrt(eps)."""
-    graph = Graph(parse(
+    graph = Graph(parse_net(
         'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
         'convolution_param { num_output: 4 kernel_size: 1 } }'
         'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" batch_norm_param { eps: 0.25 } }'
@@ -209,7 +185,7 @@ def test_grouped_deconvolution_is_not_folded(amct_log):
 
 
 def test_batch_norm_blob_of_another_shape_is_not_folded(amct_log):
-    model = parse(net_text())
+    model = parse_net(net_text())
     graph = Graph(model)
     weights = {
         "conv": [np.ones((4, 4, 3, 3), np.float32), np.zeros(4, np.float32)],
@@ -222,7 +198,7 @@ def test_batch_norm_blob_of_another_shape_is_not_folded(amct_log):
 
 
 def test_missing_weights_are_not_folded(amct_log):
-    model = parse(net_text())
+    model = parse_net(net_text())
     graph = Graph(model)
     assert fuse_bn(graph, {}) == []
     assert any("no weights" in r.getMessage() for r in amct_log.records)
@@ -239,7 +215,7 @@ def test_phase_dependent_pattern_is_not_folded(rule_on, amct_log):
         text += BN.format(bottom="conv", top="conv", eps=1e-5)
         text += SCALE.format(bottom="conv", top="conv", bias="true")
         text += TAIL.format(last="conv")
-    model = parse(text)
+    model = parse_net(text)
     graph = Graph(model)
     weights = {
         "conv": [np.ones((4, 4, 3, 3), np.float32), np.zeros(4, np.float32)],
@@ -257,7 +233,7 @@ def test_phase_independent_fold_with_phase_data_layers():
         'dummy_data_param { shape { dim: 2 dim: 4 dim: 7 dim: 7 } } }\n'
         'layer { name: "d_test" type: "DummyData" top: "data" include { phase: TEST } '
         'dummy_data_param { shape { dim: 1 dim: 4 dim: 7 dim: 7 } } }\n'))
-    graph = Graph(parse(text))
+    graph = Graph(parse_net(text))
     weights = {
         "conv": [np.ones((4, 4, 3, 3), np.float32), np.zeros(4, np.float32)],
         "bn": [np.zeros(4, np.float32), np.ones(4, np.float32), np.ones(1, np.float32)],
@@ -283,7 +259,7 @@ def test_bias_param_spec_taken_from_scale():
 
 
 def test_weights_mapping_round_trip_keeps_legacy_blobs():
-    source = parse(
+    source = parse_net(
         'name: "w" layer { name: "ip" type: "InnerProduct" '
         'blobs { num: 1 channels: 1 height: 2 width: 3 data: [1, 2, 3, 4, 5, 6] } '
         'blobs { num: 1 channels: 1 height: 1 width: 2 data: [7, 8] } } '
@@ -294,8 +270,9 @@ def test_weights_mapping_round_trip_keeps_legacy_blobs():
     assert weights["ip"][0].shape == (2, 3) and weights["ip"][1].shape == (2,)
     assert weights["odd"][0].shape == (1, 1, 1, 2)
     assert weights["d"][0].dtype == np.float32 and weights["d"][0].tolist() == [0.5, 1.5]
-    model = parse('name: "m" layer { name: "ip" type: "InnerProduct" } layer { name: "relu" type: "ReLU" } '
-                  'layer { name: "odd" type: "PythonThing" } layer { name: "d" type: "BatchNorm" }')
+    model = parse_net('name: "m" layer { name: "ip" type: "InnerProduct" } '
+                      'layer { name: "relu" type: "ReLU" } '
+                      'layer { name: "odd" type: "PythonThing" } layer { name: "d" type: "BatchNorm" }')
     out = weights_to_net(weights, model, like=source)
     assert [layer.name for layer in out.layer] == ["ip", "odd", "d"]
     assert list(out.layer[0].blobs[0].shape.dim) == [2, 3]
@@ -310,14 +287,14 @@ def test_batch_norm_without_global_stats_is_folded_with_its_stored_statistics():
     text = net_text().replace("batch_norm_param { eps: 1e-05 }",
                               "batch_norm_param { use_global_stats: false }")
     assert "use_global_stats: false" in text
-    model = parse(text)
+    model = parse_net(text)
     rng = np.random.default_rng(3)
     w, b = rng.normal(size=(4, 4, 3, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32)
     stats = [rng.normal(size=4).astype(np.float32) * 2, rng.uniform(1, 2, 4).astype(np.float32) * 2,
              np.array([2.0], np.float32)]
     scale = [rng.uniform(0.5, 1.5, 4).astype(np.float32), rng.normal(size=4).astype(np.float32)]
     weights = {"conv": [w, b], "bn": stats, "scale": scale, "after": [np.ones((2, 4, 1, 1), np.float32)]}
-    expected = numpy_fold({"conv": [w, b], "bn": stats, "scale": scale}, True, True, True, 0, 1e-5)
+    expected = fold_batchnorm({"conv": [w, b], "bn": stats, "scale": scale}, True, True, True, 0, 1e-5)
     assert [f.conv for f in fuse_bn(Graph(model), weights)] == ["conv"]
     np.testing.assert_allclose(weights["conv"][0], expected[0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(weights["conv"][1], expected[1], rtol=1e-6, atol=1e-6)
@@ -327,7 +304,8 @@ def test_batch_norm_without_global_stats_is_folded_with_its_stored_statistics():
 def test_folded_model_files_match_the_unfolded_net_in_real_caffe(case, reference_caffe, tmp_path):
     """The real Caffe runs the unfolded net with the original caffemodel and the folded net with the
     caffemodel we write: same output (and the written caffemodel loads there)."""
-    from tests.reference import assert_close, run_reference
+    from tests.helpers import assert_close
+    from tests.references.real_caffe import run_reference
 
     text = net_text(**CASES[case])
     model, caffemodel = random_model(text, seed=11)

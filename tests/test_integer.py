@@ -1,24 +1,22 @@
 """Integer emulation of the deploy model (emulation/integer.py, loaded by emulation/loader.py) and fake-quant
 vs deploy agreement.
 
-The deploy/fake-quant model pairs are written here by hand in the binding format of
-/work/notes/qat_design.md ("Save (issue 4) decisions"): one prototxt for both; the deploy caffemodel holds
+The deploy/fake-quant model pairs are written here by hand in the format save_quant_retrain_model writes
+(docs/design.md): one prototxt for both; the deploy caffemodel holds
 the quantized weights in ``int8_data``, the biases in ``int32_data`` and one ``uint64_data`` DeQuant blob
 (zero-extended float32 bits of deq_scale); the fake-quant caffemodel holds ``w_hat = q_w * s_w``, the
 bias ``b_q * deq_scale`` and the DeQuant blobs ``[deq_scale, 0, 0]``. The expected deploy values come from
-a numpy reference written below in np.int64 arithmetic (codes, padding with the real zero, exact sums,
-Caffe's AVE pooling windows), never from the engine.
+the numpy references (tests/references) in np.int64 arithmetic (codes, padding with the real zero, exact
+sums, Caffe's AVE pooling windows), never from the engine.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from amct_caffe import caffe
 from amct_caffe.analysis.compare import compare_models
@@ -37,116 +35,18 @@ from amct_caffe.errors import ConfigError, ModelFormatError, WeightShapeError
 from amct_caffe.model.blobs import array_to_blob
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
 from amct_caffe.proto import caffe_pb2
-
-FLT_EPS = 2.0**-23
-
-
-# ---------------------------------------------------------------------------------------------------
-# numpy references (independent of the engine)
-# ---------------------------------------------------------------------------------------------------
-def away(v: np.ndarray) -> np.ndarray:
-    """C round(): half away from zero, element-wise (exact for float inputs)."""
-    v = np.asarray(v)
-    t = np.trunc(v)
-    return np.where(np.abs(v - t) >= 0.5, t + np.sign(v), t)
+from tests.helpers import parse_net
+from tests.references import layers, quant
 
 
-def ref_quant_ascend(x: np.ndarray, scale: np.float32, o: int) -> np.ndarray:
-    """AscendQuant: sat8(round(x*scale + offset)) in float32 (product, then sum, then half-away)."""
-    u = (x.astype(np.float32) * np.float32(scale)).astype(np.float32)
-    v = (u + np.float32(o)).astype(np.float32)
-    return np.clip(away(v), -128, 127).astype(np.int64)
+def centred(q: np.ndarray, o: int) -> np.ndarray:
+    """The codes minus their offset, in int64: the values the integer layers multiply (padding adds 0)."""
+    return q.astype(np.int64) - o
 
 
-def ref_quant_caffe(x: np.ndarray, scale: np.float32, o: int) -> np.ndarray:
-    """The fake Quant layer: clamp(round_away(x / s_d) + o_d) with s_d = 1/(double)scale."""
-    sd = 1.0 / float(scale)
-    return np.clip(away(x.astype(np.float64) / sd) + o, -128, 127).astype(np.int64)
-
-
-def ref_conv(q: np.ndarray, o: int, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int,
-             group: int = 1) -> np.ndarray:
-    """INT64 convolution of the centred codes (q - o), zero-padded (= the code o), plus the INT32 bias."""
-    xc = q.astype(np.int64) - o
-    xc = np.pad(xc, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    n, c, h, wd = xc.shape
-    co, cig, kh, kw = w.shape
-    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
-    out = np.zeros((n, co, oh, ow), np.int64)
-    cog = co // group
-    for g in range(group):
-        xg = xc[:, g * cig:(g + 1) * cig]
-        wg = w[g * cog:(g + 1) * cog].astype(np.int64)
-        for ky in range(kh):
-            for kx in range(kw):
-                patch = xg[:, :, ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride]
-                out[:, g * cog:(g + 1) * cog] += np.einsum("nchw,oc->nohw", patch, wg[:, :, ky, kx])
-    if b is not None:
-        out += b.astype(np.int64)[None, :, None, None]
-    return out
-
-
-def ref_deconv(q: np.ndarray, o: int, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int,
-               group: int = 1) -> np.ndarray:
-    """INT64 transposed convolution: scatter (q - o) * w, crop ``pad`` on each side, plus the bias."""
-    xc = q.astype(np.int64) - o
-    n, c, h, wd = xc.shape
-    ci, cog, kh, kw = w.shape
-    full = np.zeros((n, cog * group, (h - 1) * stride + kh, (wd - 1) * stride + kw), np.int64)
-    cig = ci // group
-    for g in range(group):
-        xg = xc[:, g * cig:(g + 1) * cig]
-        wg = w[g * cig:(g + 1) * cig].astype(np.int64)
-        for ky in range(kh):
-            for kx in range(kw):
-                full[:, g * cog:(g + 1) * cog, ky:ky + stride * (h - 1) + 1:stride,
-                     kx:kx + stride * (wd - 1) + 1:stride] += np.einsum("nchw,co->nohw", xg, wg[:, :, ky, kx])
-    out = full[:, :, pad:full.shape[2] - pad, pad:full.shape[3] - pad]
-    if b is not None:
-        out = out + b.astype(np.int64)[None, :, None, None]
-    return out
-
-
-def ref_ave_pool(q: np.ndarray, o: int, k: int, s: int, p: int) -> np.ndarray:
-    """Caffe AVE pooling of the centred codes: window sums (int64) / Caffe's pool_size, as float32."""
-    xc = q.astype(np.int64) - o
-    n, c, h, w = xc.shape
-    oh = int(math.ceil((h + 2 * p - k) / s)) + 1
-    ow = int(math.ceil((w + 2 * p - k) / s)) + 1
-    if p:
-        oh -= (oh - 1) * s >= h + p
-        ow -= (ow - 1) * s >= w + p
-    out = np.zeros((n, c, oh, ow), np.float64)
-    for y in range(oh):
-        for x in range(ow):
-            hs, ws = y * s - p, x * s - p
-            he, we = min(hs + k, h + p), min(ws + k, w + p)
-            size = (he - hs) * (we - ws)
-            hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, h), min(we, w)
-            out[:, :, y, x] = xc[:, :, hs:he, ws:we].sum(axis=(2, 3)) / size
-    return out.astype(np.float32)
-
-
-def ref_dequant(acc: np.ndarray, deq: np.ndarray) -> np.ndarray:
-    d = deq.astype(np.float64)
-    view = d.reshape(()) if d.size == 1 else d.reshape([1, -1] + [1] * (acc.ndim - 2))
-    return (acc.astype(np.float64) * view).astype(np.float32)
-
-
-def ref_arq(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """ARQ (spec §8.2): per-channel (axis) or per-tensor scale from the largest-magnitude element."""
-    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
-    scales = []
-    for r in rows:
-        m = r.max() if abs(r.max()) > abs(r.min()) else r.min()
-        s = np.float32(m / np.float32(127)) if m > 0 else np.float32(m / np.float32(-128))
-        scales.append(np.float32(1.0) if s < FLT_EPS else s)
-    s_w = np.array(scales, np.float32)
-    view = [1] * w.ndim
-    if axis is not None:
-        view[axis] = -1
-    q = np.clip(away(w / s_w.reshape(view)), -128, 127).astype(np.int8)
-    return q, s_w
+def int_conv(q: np.ndarray, o: int, w: np.ndarray, b: np.ndarray | None, stride: int, pad: int) -> np.ndarray:
+    """INT64 convolution of the centred codes plus the INT32 bias (exact sums)."""
+    return layers.conv2d(centred(q, o), w, b, stride, pad, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,10 +108,6 @@ def pair_text() -> str:
     return text
 
 
-def netparam(text: str) -> caffe_pb2.NetParameter:
-    return text_format.Merge(text, caffe_pb2.NetParameter())
-
-
 class Pair:
     """Float weights -> ARQ codes, INT32 biases and deq_scales, and the two caffemodels."""
 
@@ -230,10 +126,11 @@ class Pair:
         self.b: dict[str, np.ndarray | None] = {}
         self.deq: dict[str, np.ndarray] = {}
         deploy, fake = caffe_pb2.NetParameter(name="tiny_deploy"), caffe_pb2.NetParameter(name="tiny_deploy")
-        for name, (shape, has_bias, axis, quant) in self.LAYERS.items():
+        for name, (shape, has_bias, axis, quant_layer) in self.LAYERS.items():
             w = (rng.standard_normal(shape) * 0.3).astype(np.float32)
-            q, s_w = ref_arq(w, axis)
-            s_d = np.float32(FACTORS[quant][0])
+            s_w = quant.arq_scales(w, axis is not None, axis or 0)
+            q = quant.arq_codes(w, s_w, axis is not None, axis or 0).astype(np.int8)
+            s_d = np.float32(FACTORS[quant_layer][0])
             deq = (np.float64(s_d) * s_w.astype(np.float64)).astype(np.float32)
             self.q[name], self.deq[name] = q, deq
             w_hat = (q.astype(np.float32) * s_w.reshape([-1 if a == axis else 1 for a in range(len(shape))])
@@ -245,7 +142,8 @@ class Pair:
             if has_bias:
                 n_out = shape[axis] if axis is not None else shape[0]
                 b = (rng.standard_normal(n_out) * 0.5).astype(np.float32)
-                bq = away(b.astype(np.float64) / (np.float64(s_d) * s_w.astype(np.float64))).astype(np.int32)
+                exact = b.astype(np.float64) / (np.float64(s_d) * s_w.astype(np.float64))
+                bq = quant.round_away(exact).astype(np.int32)
                 array_to_blob(bq, d_layer.blobs.add(), kind="int32")
                 b_hat = (bq.astype(np.float64) * (deq.astype(np.float64) if deq.size > 1 else deq[0])).astype(
                     np.float32)
@@ -270,7 +168,7 @@ class Pair:
         for values in (deq, np.zeros_like(deq), np.zeros_like(deq)):
             array_to_blob(values.astype(np.float32), f_layer.blobs.add())
 
-    def reference(self, x: np.ndarray, quant=ref_quant_ascend) -> dict[str, np.ndarray]:
+    def reference(self, x: np.ndarray, codes=quant.ascend_quant_codes) -> dict[str, np.ndarray]:
         """Every blob of the deploy net, computed in numpy (int64 sums)."""
         def qp(name: str) -> tuple[np.float32, int]:
             s_d, o_d = FACTORS[name]
@@ -278,25 +176,27 @@ class Pair:
 
         out: dict[str, np.ndarray] = {}
         s1, o1 = qp("conv1_quant_layer")
-        out["conv1_quant_layer"] = q1 = quant(x, s1, o1)
-        out["conv1_dequant_layer_in"] = acc1 = ref_conv(q1, o1, self.q["conv1"], self.b["conv1"], 2, 1)
-        out["conv2_dequant_layer_in"] = acc2 = ref_conv(q1, o1, self.q["conv2"], None, 1, 1)
-        out["conv1"] = y1 = np.maximum(ref_dequant(acc1, self.deq["conv1"]), 0)
-        out["conv2"] = y2 = ref_dequant(acc2, self.deq["conv2"])
+        out["conv1_quant_layer"] = q1 = codes(x, s1, o1)
+        out["conv1_dequant_layer_in"] = acc1 = int_conv(q1, o1, self.q["conv1"], self.b["conv1"], 2, 1)
+        out["conv2_dequant_layer_in"] = acc2 = int_conv(q1, o1, self.q["conv2"], None, 1, 1)
+        out["conv1"] = y1 = np.maximum(quant.dequant(acc1, self.deq["conv1"]), 0)
+        out["conv2"] = y2 = quant.dequant(acc2, self.deq["conv2"])
         sp, op = qp("pool_quant_layer")
-        out["pool_quant_layer"] = qpool = quant(y1, sp, op)
-        out["pool_dequant_layer_in"] = avg = ref_ave_pool(qpool, op, 3, 2, 1)
-        out["pool"] = yp = ref_dequant(avg, self.deq["pool"])
+        out["pool_quant_layer"] = qpool = codes(y1, sp, op)
+        avg = layers.pool2d(centred(qpool, op), "AVE", 3, 2, 1).astype(np.float32)
+        out["pool_dequant_layer_in"] = avg
+        out["pool"] = yp = quant.dequant(avg, self.deq["pool"])
         sf, of = qp("fc_quant_layer")
-        out["fc_quant_layer"] = qf = quant(yp, sf, of)
+        out["fc_quant_layer"] = qf = codes(yp, sf, of)
         accf = (qf.reshape(len(qf), -1) - of) @ self.q["fc"].astype(np.int64).T
         accf = accf + self.b["fc"].astype(np.int64)
         out["fc_dequant_layer_in"] = accf
-        out["fc"] = ref_dequant(accf, self.deq["fc"])
+        out["fc"] = quant.dequant(accf, self.deq["fc"])
         sd_, od = qp("deconv_quant_layer")
-        out["deconv_quant_layer"] = qd = quant(y2, sd_, od)
-        out["deconv_dequant_layer_in"] = accd = ref_deconv(qd, od, self.q["deconv"], self.b["deconv"], 2, 1)
-        out["deconv"] = ref_dequant(accd, self.deq["deconv"])
+        out["deconv_quant_layer"] = qd = codes(y2, sd_, od)
+        accd = layers.deconv2d(centred(qd, od), self.q["deconv"], self.b["deconv"], 2, 1, dtype=np.int64)
+        out["deconv_dequant_layer_in"] = accd
+        out["deconv"] = quant.dequant(accd, self.deq["deconv"])
         return out
 
 
@@ -335,7 +235,7 @@ def test_pycaffe_net_runs_deploy_model_exactly(pair: Pair):
     assert (expected["conv1_quant_layer"] != 0).mean() > 0.9
     # folding -o_d * sum(q_w) into the bias while padding the *code* 0 is wrong exactly at the borders
     q1, o1 = expected["conv1_quant_layer"], FACTORS["conv1_quant_layer"][1]
-    naive = ref_conv(q1, 0, pair.q["conv1"], pair.b["conv1"], 2, 1) - o1 * pair.q["conv1"].astype(
+    naive = int_conv(q1, 0, pair.q["conv1"], pair.b["conv1"], 2, 1) - o1 * pair.q["conv1"].astype(
         np.int64).sum(axis=(1, 2, 3))[None, :, None, None]
     acc = expected["conv1_dequant_layer_in"]
     inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # windows within the 9x9 image
@@ -365,18 +265,18 @@ def test_exact_accumulation_beyond_float32(tmp_path: Path):
     array_to_blob(bias, lay.blobs.add(), kind="int32")
     packed = deq.view(np.uint32).astype(np.uint64)
     array_to_blob(packed, model.layer.add(name="dq").blobs.add(), kind="uint64")
-    net = load_net(netparam(text), model)
+    net = load_net(parse_net(text), model)
     x = np.full((1, c, 4, 4), -1000.0, np.float32)  # saturates to -128: centred code -255
     x[0, :, 1, 2] = rng.standard_normal(c) * 30
     net.set_tensor("data", torch.from_numpy(x))
     net.run()
-    q = ref_quant_ascend(x, np.float32(1.0), 127)
-    acc = ref_conv(q, 127, w, None, 1, 0) + bias.astype(np.int64)[None, :, None, None]
+    q = quant.ascend_quant_codes(x, np.float32(1.0), 127)
+    acc = int_conv(q, 127, w, None, 1, 0) + bias.astype(np.int64)[None, :, None, None]
     assert np.abs(acc).max() > 2**24
     wrapped = (acc + 2**31) % 2**32 - 2**31  # channel 0 overflows INT32: a 32-bit adder wraps
     assert (acc[0, 0] > 2**31 - 1).any()
     np.testing.assert_array_equal(net.tensor("acc").numpy(), wrapped)
-    np.testing.assert_array_equal(net.tensor("y").numpy(), ref_dequant(wrapped, deq))
+    np.testing.assert_array_equal(net.tensor("y").numpy(), quant.dequant(wrapped, deq))
 
 
 def test_copy_from_again_keeps_integer_layers(pair: Pair):
@@ -408,11 +308,11 @@ def test_inner_product_axis_and_transpose():
     array_to_blob(b, lay.blobs.add(), kind="int32")
     array_to_blob(np.array([0.5], np.float32).view(np.uint32).astype(np.uint64),
                   model.layer.add(name="dq").blobs.add(), kind="uint64")
-    net = load_net(netparam(text), model)
+    net = load_net(parse_net(text), model)
     x = rng.standard_normal((2, 3, 4)).astype(np.float32)
     net.set_tensor("data", torch.from_numpy(x))
     net.run()
-    acc = (ref_quant_ascend(x, np.float32(1 / 0.05), 3) - 3) @ w.astype(np.int64) + b
+    acc = (quant.ascend_quant_codes(x, np.float32(1 / 0.05), 3) - 3) @ w.astype(np.int64) + b
     np.testing.assert_array_equal(net.tensor("acc").numpy(), acc)
     np.testing.assert_array_equal(net.tensor("y").numpy(), (acc * 0.5).astype(np.float32))
 
@@ -430,7 +330,7 @@ def test_quant_formulas_differ_where_documented(pair: Pair):
     x[0, 0, 0, 1] = np.nextafter(np.float32(0.5) / scale, np.float32(1))
     assert float(np.float32(x[0, 0, 0, 1] * scale)) == 0.5 and float(x[0, 0, 0, 1]) * float(scale) > 0.5
     x[1] = data(5)[0]
-    ascend, caffe_codes = ref_quant_ascend(x, scale, o_d), ref_quant_caffe(x, scale, o_d)
+    ascend, caffe_codes = quant.ascend_quant_codes(x, scale, o_d), quant.quant_layer_codes(x, scale, o_d)
     assert (ascend[0, 0, 0, 0], caffe_codes[0, 0, 0, 0]) == (-89, -88)
     assert (ascend[0, 0, 0, 1], caffe_codes[0, 0, 0, 1]) == (-14, -13)
     net = load_net(str(pair.proto_path), str(pair.deploy_path), quant_formula="ascend", require_deploy=True)
@@ -440,7 +340,7 @@ def test_quant_formulas_differ_where_documented(pair: Pair):
     set_quant_formula(net.engine_layers, "caffe")
     net.run()
     np.testing.assert_array_equal(net.tensor("conv1_quant_layer").numpy(), caffe_codes)
-    expected = pair.reference(x, quant=ref_quant_caffe)
+    expected = pair.reference(x, codes=quant.quant_layer_codes)
     np.testing.assert_array_equal(net.tensor("fc").numpy(), expected["fc"])
     # the fake-quant model's Quant layer is the "caffe" formula
     fake = Net(str(pair.proto_path), caffe.TEST, weights=str(pair.fake_path))
@@ -527,7 +427,7 @@ layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
 def test_int8_blobs_in_a_float_context_are_refused(pair: Pair):
     # the original float model (no Quant/DeQuant): the INT8 weights have nowhere to go
     with pytest.raises(WeightShapeError, match=r"layer 'conv1'.*not part of a Quant"):
-        load_net(netparam(FLOAT_ONLY), str(pair.deploy_path))
+        load_net(parse_net(FLOAT_ONLY), str(pair.deploy_path))
     # training a deploy model: the integer emulation is inference only
     with pytest.raises(WeightShapeError, match="TEST phase"):
         caffe.Net(str(pair.proto_path), str(pair.deploy_path), caffe.TRAIN)
@@ -548,7 +448,7 @@ def test_float_layer_reading_codes_is_refused(pair: Pair):
     layer { name: "peek" type: "ReLU" bottom: "fc_quant_layer" top: "peek" }
     """
     with pytest.raises(WeightShapeError, match=r"'peek'.*reads the INT8 codes"):
-        load_net(netparam(text), str(pair.deploy_path))
+        load_net(parse_net(text), str(pair.deploy_path))
 
 
 def test_fake_model_unaffected(pair: Pair):
@@ -583,7 +483,7 @@ def test_integer_variants_built_by_hand_match_the_loader(pair: Pair):
     integer = ["conv1_quant_layer", "conv1", "conv1_dequant_layer", "conv2", "conv2_dequant_layer"]
     variants = {name: "integer" for name in integer}
     variants["conv2_dequant_layer"] = LayerVariant("integer", {"blob_shape": (4,)})
-    net = Net(netparam(pair.text.split('layer { name: "relu1"')[0]), caffe.TEST, variants=variants)
+    net = Net(parse_net(pair.text.split('layer { name: "relu1"')[0]), caffe.TEST, variants=variants)
     kinds = {name: type(layer) for name, layer in zip(net.layer_names, net.engine_layers)}
     assert kinds["conv1_quant_layer"] is IntegerQuant and kinds["conv1"] is IntegerConvolution
     assert kinds["conv1_dequant_layer"] is IntegerDeQuant
@@ -594,13 +494,13 @@ def test_integer_variants_built_by_hand_match_the_loader(pair: Pair):
     x = data(3)
     net.set_tensor("data", torch.from_numpy(x))
     net.run()
-    expected = pair.reference(x, quant=ref_quant_caffe)
+    expected = pair.reference(x, codes=quant.quant_layer_codes)
     for name in ("conv1_quant_layer", "conv1_dequant_layer_in", "conv2"):
         np.testing.assert_array_equal(net.tensor(name).numpy(), expected[name], err_msg=name)
 
 
 def test_integer_variant_options_are_checked(pair: Pair):
-    head = netparam(pair.text.split('layer { name: "conv2"')[0])
+    head = parse_net(pair.text.split('layer { name: "conv2"')[0])
     with pytest.raises(ConfigError, match="quant_formula must be one of ascend, caffe"):
         Net(head, caffe.TEST, variants={"conv1_quant_layer": LayerVariant("integer", {"formula": "npu"})})
     with pytest.raises(ConfigError, match=r"conv1_quant_layer.*unknown option\(s\) \['scale'\]"):
@@ -689,8 +589,8 @@ def test_end_to_end_retrain_save_compare(tmp_path: Path):
             xin = deploy.tensor(layer.param.bottom[0]).numpy()
             got = deploy.tensor(layer.param.top[0]).numpy()
             scale = np.float32(layer.param.quant_param.scale)
-            np.testing.assert_array_equal(got, ref_quant_ascend(xin, scale, layer.offset_d))
-            differ = got != ref_quant_caffe(xin, scale, layer.offset_d)
+            np.testing.assert_array_equal(got, quant.ascend_quant_codes(xin, scale, layer.offset_d))
+            differ = got != quant.quant_layer_codes(xin, scale, layer.offset_d)
             t = xin.astype(np.float64)[differ] * float(scale)
             assert (np.abs(np.abs(t - np.trunc(t)) - 0.5) < 1e-5).all(), layer.name  # ties only
 

@@ -24,8 +24,8 @@ from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.blobs import shape_matches
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from tests.layer_util import make_layer
-from tests.reference import assert_close, run_reference
+from tests.helpers import assert_close, make_layer
+from tests.references.real_caffe import run_reference
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,7 @@ from amct_caffe.engine.net import Net
 from amct_caffe.engine.transform import DataTransformer, resize_linear
 from amct_caffe.errors import ModelFormatError, RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.proto import caffe_pb2
-from tests.reference import assert_close
+from tests.helpers import assert_close
 
 h5py = pytest.importorskip("h5py")
 lmdb = pytest.importorskip("lmdb")

@@ -14,7 +14,8 @@ from amct_caffe.engine.layers import layer_class
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2
-from tests.reference import assert_close, run_reference
+from tests.helpers import assert_close
+from tests.references.real_caffe import run_reference
 
 RNG = np.random.default_rng(4321)
 FLT_MIN = 1.17549435e-38

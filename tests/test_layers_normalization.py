@@ -1,10 +1,11 @@
 """Tests of the normalisation layers (engine/layers/normalization.py): BatchNorm, Scale, Bias, LRN, MVN.
 
-Expected values come from numpy loops written here in float64 from Caffe's algorithms (per-channel
-statistics, Caffe's running-sum update, explicit LRN windows with Caffe's pooling divisor, MVN with the
-centred variance) and from hand computations. Gradients of BatchNorm (TRAIN) are checked against finite
-differences in float64; MVN's against Caffe's backward formula. Cross-checks run a TEST net with every
-layer here and a TRAIN BatchNorm net (outputs and updated blobs) in the reference Caffe.
+Expected values come from numpy loops in float64 of Caffe's algorithms -- BatchNorm (per-channel statistics,
+Caffe's running-sum update) and Scale/Bias in tests/references/layers.py, explicit LRN windows with Caffe's
+pooling divisor and MVN with the centred variance here -- and from hand computations. Gradients of BatchNorm
+(TRAIN) are checked against finite differences in float64; MVN's against Caffe's backward formula. Cross-
+checks run a TEST net with every layer here and a TRAIN BatchNorm net (outputs and updated blobs) in the
+reference Caffe.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from tests.layer_util import make_layer
-from tests.reference import assert_close, run_reference
+from tests.helpers import assert_close, make_layer
+from tests.references.layers import batchnorm_global, batchnorm_train, broadcast
+from tests.references.real_caffe import run_reference
 
 CPU = torch.device("cpu")
 
@@ -60,31 +62,6 @@ def layers_of(net: Net) -> dict[str, Layer]:
 # ---------------------------------------------------------------------------------------------------
 # BatchNorm
 # ---------------------------------------------------------------------------------------------------
-def bn_ref_global(x: np.ndarray, b0: np.ndarray, b1: np.ndarray, factor: float, eps: float) -> np.ndarray:
-    s = 0.0 if factor == 0 else 1.0 / factor
-    out = np.empty(x.shape)
-    for c in range(x.shape[1]):
-        out[:, c] = (x[:, c] - b0[c] * s) / np.sqrt(b1[c] * s + eps)
-    return out
-
-
-def bn_ref_train(x: np.ndarray, blobs: list[np.ndarray], maf: float, eps: float):
-    """Output and the updated blobs, per channel over (N, spatial)."""
-    x = x.astype(np.float64)
-    out = np.empty(x.shape)
-    b0, b1, b2 = (np.array(b, np.float64) for b in blobs)
-    new0, new1 = b0.copy(), b1.copy()
-    for c in range(x.shape[1]):
-        vals = x[:, c].reshape(-1)
-        m = vals.size
-        mean = vals.sum() / m
-        var = ((vals - mean) ** 2).sum() / m
-        out[:, c] = (x[:, c] - mean) / np.sqrt(var + eps)
-        new0[c] = maf * b0[c] + mean
-        new1[c] = maf * b1[c] + (m / (m - 1) if m > 1 else 1.0) * var
-    return out, [new0, new1, b2 * maf + 1]
-
-
 def test_batchnorm_blobs_and_param_specs() -> None:
     layer = make_layer('type: "BatchNorm"', rand(2, 3, 4))
     assert layer.blob_shapes() == [(3,), (3,), (1,)]
@@ -107,7 +84,7 @@ def test_batchnorm_global_stats(shape: tuple[int, ...], factor: float) -> None:
     layer = make_layer('type: "BatchNorm" batch_norm_param { eps: 0.001 }', x)
     b0, b1 = rand(3, seed=2), np.abs(rand(3, seed=3)) + 0.5
     set_blobs(layer, b0, b1, [factor])
-    expected = bn_ref_global(x.astype(np.float64), b0, b1, factor, np.float32(0.001))
+    expected = batchnorm_global(x.astype(np.float64), b0, b1, factor, np.float32(0.001))
     close(forward(layer, x), expected, rtol=1e-4)
     if factor == 0:
         # Caffe: scale factor 0 -> mean 0, var 0 -> y = x / sqrt(eps)
@@ -118,14 +95,15 @@ def test_batchnorm_default_eps_and_phase_default() -> None:
     x = rand(2, 3, 4, seed=4)
     test_layer = make_layer('type: "BatchNorm"', x, phase=TEST)
     set_blobs(test_layer, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [2.0])
-    close(forward(test_layer, x), bn_ref_global(x, np.array([1, 2, 3.0]), np.array([4, 5, 6.0]), 2.0, 1e-5))
+    close(forward(test_layer, x),
+          batchnorm_global(x, np.array([1, 2, 3.0]), np.array([4, 5, 6.0]), 2.0, 1e-5))
     train_layer = make_layer('type: "BatchNorm"', x, phase=TRAIN)
-    close(forward(train_layer, x), bn_ref_train(x, [np.zeros(3), np.zeros(3), np.zeros(1)], 0.999, 1e-5)[0],
-          rtol=1e-4)
+    close(forward(train_layer, x),
+          batchnorm_train(x, [np.zeros(3), np.zeros(3), np.zeros(1)], 0.999, 1e-5)[0], rtol=1e-4)
     # explicit use_global_stats overrides the phase
     layer = make_layer('type: "BatchNorm" batch_norm_param { use_global_stats: true }', x, phase=TRAIN)
     set_blobs(layer, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [2.0])
-    close(forward(layer, x), bn_ref_global(x, np.array([1, 2, 3.0]), np.array([4, 5, 6.0]), 2.0, 1e-5))
+    close(forward(layer, x), batchnorm_global(x, np.array([1, 2, 3.0]), np.array([4, 5, 6.0]), 2.0, 1e-5))
     np.testing.assert_array_equal(layer.blobs[2].numpy(), [2.0])
 
 
@@ -136,7 +114,7 @@ def test_batchnorm_train_statistics_and_update(shape: tuple[int, ...]) -> None:
                        phase=TRAIN)
     blobs = [rand(3, seed=6), np.abs(rand(3, seed=7)), np.array([1.7], np.float32)]
     set_blobs(layer, *blobs)
-    expected, updated = bn_ref_train(x, blobs, np.float32(0.9), np.float32(0.01))
+    expected, updated = batchnorm_train(x, blobs, np.float32(0.9), np.float32(0.01))
     out = forward(layer, x)
     if shape == (1, 3):  # m = 1: zero variance, y = 0; var_sum gets the biased var (0) unscaled
         assert np.abs(out).max() == 0
@@ -144,7 +122,7 @@ def test_batchnorm_train_statistics_and_update(shape: tuple[int, ...]) -> None:
     for i in range(3):
         close(layer.blobs[i].numpy(), updated[i], rtol=1e-5)
     # a second forward accumulates again
-    _, twice = bn_ref_train(x, updated, np.float32(0.9), np.float32(0.01))
+    _, twice = batchnorm_train(x, updated, np.float32(0.9), np.float32(0.01))
     forward(layer, x)
     for i in range(3):
         close(layer.blobs[i].numpy(), twice[i], rtol=1e-5)
@@ -205,14 +183,6 @@ def test_net_construction_does_not_update_batchnorm_statistics() -> None:
 # ---------------------------------------------------------------------------------------------------
 # Scale / Bias
 # ---------------------------------------------------------------------------------------------------
-def ref_broadcast(x: np.ndarray, p: np.ndarray, axis: int, op) -> np.ndarray:
-    """out[idx] = op(x[idx], p[idx[axis : axis + p.ndim]]) (p of 0 axes: a scalar)."""
-    out = np.empty(x.shape)
-    for idx in np.ndindex(*x.shape):
-        out[idx] = op(float(x[idx]), float(p[idx[axis:axis + p.ndim]] if p.ndim else p))
-    return out
-
-
 def mul(a: float, b: float) -> float:
     return a * b
 
@@ -242,7 +212,7 @@ def test_scale_one_bottom(params: str, shape: tuple[int, ...], axis: int) -> Non
     np.testing.assert_array_equal(layer.blobs[0].numpy(), np.ones(shape, np.float32))  # default filler 1
     s = rand(*shape, seed=13) if shape else np.array(-1.5, np.float32)
     set_blobs(layer, s)
-    close(forward(layer, x), ref_broadcast(x, s, axis, mul))
+    close(forward(layer, x), broadcast(x, s, axis, mul))
 
 
 @pytest.mark.parametrize("params,shape,axis", SCALE_CASES[:4])
@@ -255,7 +225,7 @@ def test_scale_with_bias_term(params: str, shape: tuple[int, ...], axis: int) ->
     np.testing.assert_array_equal(layer.blobs[1].numpy(), np.zeros(shape, np.float32))  # bias default 0
     s, b = rand(*shape, seed=15), rand(*shape, seed=16)
     set_blobs(layer, s, b)
-    expected = ref_broadcast(ref_broadcast(x, s, axis, mul), b, axis, add)
+    expected = broadcast(broadcast(x, s, axis, mul), b, axis, add)
     close(forward(layer, x), expected)
 
 
@@ -274,13 +244,13 @@ def test_scale_two_bottoms(axis: int, s_shape: tuple[int, ...], ref_axis: int) -
     s = rand(*s_shape, seed=18) if s_shape else np.array(0.75, np.float32)
     layer = make_layer(f'type: "Scale" scale_param {{ axis: {axis} }}', x, s)
     assert layer.blobs == []
-    close(forward(layer, x, s), ref_broadcast(x, s, ref_axis, mul))
+    close(forward(layer, x, s), broadcast(x, s, ref_axis, mul))
     # bias_term: only a bias blob, shaped like bottom 1
     layer = make_layer(f'type: "Scale" scale_param {{ axis: {axis} bias_term: true }}', x, s)
     assert layer.blob_shapes() == [s_shape]
     b = rand(*s_shape, seed=19) if s_shape else np.array(-2.0, np.float32)
     set_blobs(layer, b)
-    close(forward(layer, x, s), ref_broadcast(ref_broadcast(x, s, ref_axis, mul), b, ref_axis, add))
+    close(forward(layer, x, s), broadcast(broadcast(x, s, ref_axis, mul), b, ref_axis, add))
 
 
 def test_scale_two_bottoms_gradient_reaches_the_scale_bottom() -> None:
@@ -317,7 +287,7 @@ def test_bias_one_bottom(params: str, shape: tuple[int, ...], axis: int) -> None
     np.testing.assert_array_equal(layer.blobs[0].numpy(), np.zeros(shape, np.float32))  # default filler 0
     b = rand(*shape, seed=24) if shape else np.array(3.0, np.float32)
     set_blobs(layer, b)
-    close(forward(layer, x), ref_broadcast(x, b, axis, add))
+    close(forward(layer, x), broadcast(x, b, axis, add))
 
 
 def test_bias_filler_and_two_bottoms() -> None:
@@ -327,9 +297,9 @@ def test_bias_filler_and_two_bottoms() -> None:
     b = rand(3, 4, seed=26)
     layer = make_layer('type: "Bias"', x, b)
     assert layer.blobs == []
-    close(forward(layer, x, b), ref_broadcast(x, b, 1, add))
+    close(forward(layer, x, b), broadcast(x, b, 1, add))
     layer = make_layer('type: "Bias" bias_param { axis: 0 }', x, rand(2, seed=27))
-    close(forward(layer, x, rand(2, seed=27)), ref_broadcast(x, rand(2, seed=27), 0, add))
+    close(forward(layer, x, rand(2, seed=27)), broadcast(x, rand(2, seed=27), 0, add))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Tests of the AMCT quantization layers: ActivationQAT, WeightQAT, Quant, DeQuant, AntiQuant.
 
 Expected values are hand computations (grid-exact values chosen so that float32 and float64 agree) and
-small numpy loop references of the spec's formulas written here: ULQ forward/backward (spec §3.4-3.5),
-ClipCheck, IFMR (§8.4), ARQ (§8.2), the Quant layer (§6.2) and DeQuant's shift-N emulation (§6.3). The
-reference Caffe has none of these AMCT layers, so there is no cross-check against it.
+the numpy references of tests/references: ULQ forward/backward, ClipCheck, IFMR, ARQ, the Quant layer, and
+DeQuant's shift-N emulation (written here). The reference Caffe has none of these AMCT layers, so there is
+no cross-check against it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from amct_caffe.engine.record_shapes import RecordShapesHook
 from amct_caffe.engine.solver import share_trained_layers
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.proto import amct_pb2, caffe_pb2
-from tests import layer_util
+from tests import helpers
+from tests.references import quant
+from tests.references.layers import conv2d
 
 CPU = torch.device("cpu")
 S = 1.0 / 64.0  # a power-of-two activation scale: every grid value below is exact in float32
@@ -33,7 +35,7 @@ S = 1.0 / 64.0  # a power-of-two activation scale: every grid value below is exa
 # ---------------------------------------------------------------------------------------------------
 def make_layer(text: str, *bottoms: np.ndarray, phase: int = TEST) -> Layer:
     """A set-up layer with one top per bottom (t0..), as multi-bottom Convolution layers have."""
-    return layer_util.make_layer(text, *bottoms, phase=phase, n_tops=max(1, len(bottoms)))
+    return helpers.make_layer(text, *bottoms, phase=phase, n_tops=max(1, len(bottoms)))
 
 
 def run(layer: Layer, x: np.ndarray) -> np.ndarray:
@@ -44,99 +46,6 @@ def run(layer: Layer, x: np.ndarray) -> np.ndarray:
 def build_net(text: str, phase: int = TRAIN) -> tuple[Net, dict[str, Layer]]:
     net = Net(text_format.Merge(text, caffe_pb2.NetParameter()), phase)
     return net, dict(zip(net.layer_names, net.engine_layers))
-
-
-def away(v: float) -> float:
-    """C round(): half away from zero."""
-    return math.copysign(math.floor(abs(v) + 0.5), v)
-
-
-def ref_ulq(x: np.ndarray, cmax: float, cmin: float) -> np.ndarray:
-    """ULQ forward per spec §3.4 steps 5-6 (float64; inputs chosen grid-exact)."""
-    cmin, cmax = min(cmin, 0.0), max(cmax, 0.0)
-    s = (cmax - cmin) / 255.0
-    o = away(cmin / s)
-    lo, hi = s * o, s * (o + 255)
-    out = np.empty(x.shape)
-    for i, v in np.ndenumerate(x.astype(np.float64)):
-        out[i] = np.round(min(max(v, lo), hi) / s) * s  # np.round: half to even (rint)
-    return out
-
-
-def ref_ulq_grads(x: np.ndarray, dy: np.ndarray, cmax: float, cmin: float) -> tuple[np.ndarray, float, float]:
-    """ULQ backward per spec §3.5 (float64)."""
-    s = (cmax - cmin) / 255.0
-    o = away(cmin / s)
-    lo, hi = s * o, s * (o + 255)
-
-    def d(v: float) -> float:
-        return (away(v / s) - v / s) / 255.0
-
-    dx = np.zeros(x.shape)
-    gmax = gmin = 0.0
-    for i, v in np.ndenumerate(x.astype(np.float64)):
-        g = float(dy[i])
-        if v > hi:
-            gmax += g * (d(cmin) + 1)
-            gmin += -g * d(cmin)
-        elif v < lo:
-            gmax += g * d(cmin)
-            gmin += g * (1 - d(cmin))
-        else:
-            dx[i] = g
-            gmax += g * d(v)
-            gmin += -g * d(v)
-    return dx, gmax, gmin
-
-
-def ref_ifmr_clips(x: np.ndarray) -> tuple[float, float]:
-    """IFMR (spec §8.4, default parameters, n < 1e6 so the percentiles are the extremes) in float32,
-    then the ULQ initialisation ``cmin = -(o + 128) s``, ``cmax = cmin + 255 s``."""
-    v = x.astype(np.float32).ravel()
-    mx = np.float32(max(float(v.max()), 0.0))
-    mn = np.float32(min(float(v.min()), 0.0))
-    best = None
-    for i in range(61):
-        c = np.float32(0.7 + i * 0.01) * mx
-        s = (c - mn) / np.float32(255)
-        q = np.array([away(float(np.float32(min(max(t, mn), c)) / s)) for t in v], dtype=np.float32) * s
-        loss = float(np.sum((q.astype(np.float64) - v.astype(np.float64)) ** 2))
-        if best is None or loss < best[0]:
-            best = (loss, c)
-    c = best[1]
-    s = (c - mn) / np.float32(255)
-    o = -away(float(mn / s)) - 128
-    cmin = -(np.float32(o) + np.float32(128)) * s
-    return float(cmin + np.float32(255) * s), float(cmin)
-
-
-def ref_arq(w: np.ndarray, channel_wise: bool, axis: int) -> np.ndarray:
-    """ARQ fake quantization (spec §8.2), float32 like the C++ library."""
-    w = w.astype(np.float32)
-    moved = np.moveaxis(w, axis, 0) if channel_wise else w.reshape(1, -1)
-    out = np.empty_like(moved)
-    for c in range(moved.shape[0]):
-        row = moved[c]
-        mx, mn = row.max(), row.min()
-        m = mx if abs(mx) > abs(mn) else mn
-        s = m / np.float32(127) if m > 0 else m / np.float32(-128)
-        if s < np.float32(2.0**-23):
-            s = np.float32(1.0)
-        q = np.array([away(float(t)) for t in (row / s).ravel()]).reshape(row.shape)
-        out[c] = np.clip(q, -128, 127).astype(np.float32) * s
-    return np.moveaxis(out, 0, axis) if channel_wise else out.reshape(w.shape)
-
-
-def ref_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Valid, stride-1 cross-correlation (Caffe's Convolution) in float64."""
-    n, _, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    out = np.zeros((n, o, h - kh + 1, wd - kw + 1))
-    for i in range(out.shape[2]):
-        for j in range(out.shape[3]):
-            patch = x[:, :, i:i + kh, j:j + kw].astype(np.float64)
-            out[:, :, i, j] = np.einsum("nchw,ochw->no", patch, w.astype(np.float64)) + b
-    return out
 
 
 def act_layer(cmax: float, cmin: float, extra: str = "", phase: int = TEST, shape=(2, 3)) -> Layer:
@@ -176,14 +85,14 @@ def test_activation_qat_blobs_and_hand_forward() -> None:
         [191 * S, -1.0, 191 * S, -1.0, 190 * S, 0.0],
     ])
     np.testing.assert_array_equal(y, expected)
-    np.testing.assert_array_equal(y, ref_ulq(X_HAND, 191 * S, -1.0))
+    np.testing.assert_array_equal(y, quant.ulq_forward(X_HAND, 191 * S, -1.0))
 
 
 def test_activation_qat_random_forward_matches_reference() -> None:
     x = (np.random.RandomState(3).randn(4, 3, 5) * 1.5).astype(np.float32)
     layer = act_layer(2.0, -1.25, shape=x.shape)  # s = 3.25/255: not a power of two
     y = run(layer, x)
-    np.testing.assert_allclose(y, ref_ulq(x, 2.0, -1.25), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, quant.ulq_forward(x, 2.0, -1.25), rtol=1e-6, atol=1e-6)
 
 
 def test_activation_qat_fixed_min_zeroes_clip_min_blob() -> None:
@@ -192,23 +101,10 @@ def test_activation_qat_fixed_min_zeroes_clip_min_blob() -> None:
     y = run(layer, x)
     assert clips(layer) == (255 * S, 0.0)
     np.testing.assert_array_equal(y, [0.0, 0.0, 2 * S, 100 * S, 255 * S, 254 * S])
-    np.testing.assert_array_equal(y, ref_ulq(x, 255 * S, 0.0))
+    np.testing.assert_array_equal(y, quant.ulq_forward(x, 255 * S, 0.0))
     set_clips(layer, 255 * S, -3.0)  # a solver step moved it: the forward puts it back to 0
     run(layer, x)
     assert clips(layer)[1] == 0.0
-
-
-def ref_clip_check(cmax, cmin, pre):
-    """Spec §3.4 step 2: returns (accepted clips, new previous values)."""
-    if cmax <= cmin:
-        return pre, pre
-    if cmax < 0:
-        new = (pre[0], cmin)
-    elif cmin > 0:
-        new = (cmax, pre[1])
-    else:
-        new = (cmax, cmin)
-    return new, new
 
 
 def test_activation_qat_clip_check_restores_previous_good_values() -> None:
@@ -225,12 +121,12 @@ def test_activation_qat_clip_check_restores_previous_good_values() -> None:
     ]
     expected_clips = [(191 * S, -1.0), (191 * S, -0.75), (1.0, -0.75), (1.0, -0.75), (3.0, -0.5)]
     for (cmax, cmin), want in zip(steps, expected_clips):
-        (accepted, pre) = ref_clip_check(cmax, cmin, pre)
+        (accepted, pre) = quant.clip_check(cmax, cmin, pre)
         assert accepted == want  # the reference itself agrees with the hand table
         set_clips(layer, cmax, cmin)
         y = run(layer, x)
         assert clips(layer) == want
-        np.testing.assert_allclose(y, ref_ulq(x, *want), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y, quant.ulq_forward(x, *want), rtol=1e-6, atol=1e-7)
 
 
 def test_activation_qat_rejects_bad_parameters() -> None:
@@ -271,9 +167,9 @@ def test_activation_qat_clip_gradients_through_backward(fixed_min: bool) -> None
     net.run()
     net.loss().backward()
     cmin = 0.0 if fixed_min else -1.25
-    np.testing.assert_allclose(net.tensor("fc_act_retrain").detach().numpy(), ref_ulq(x, 2.0, cmin),
+    np.testing.assert_allclose(net.tensor("fc_act_retrain").detach().numpy(), quant.ulq_forward(x, 2.0, cmin),
                                rtol=1e-6, atol=1e-6)
-    _, gmax, gmin = ref_ulq_grads(x, dy, 2.0, cmin)
+    _, gmax, gmin = quant.ulq_backward(x, dy, 2.0, cmin)
     assert act.blobs[0].grad.shape == (1,)
     np.testing.assert_allclose(float(act.blobs[0].grad), gmax, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(act.blobs[1].grad), gmin, rtol=1e-5, atol=1e-6)
@@ -285,7 +181,7 @@ def test_activation_qat_input_gradient_is_clipped_ste() -> None:
     x = torch.tensor([0.3, -0.7, 1.13, 2.5, -1.6, 0.011, -0.05, 1.999], requires_grad=True)
     dy = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.75, 1.5, 1.0, -2.0])
     (gx,) = torch.autograd.grad(layer.forward([x])[0], x, dy)
-    dx, _, _ = ref_ulq_grads(x.detach().numpy(), dy.numpy(), 2.0, -1.25)
+    dx, _, _ = quant.ulq_backward(x.detach().numpy(), dy.numpy(), 2.0, -1.25)
     np.testing.assert_array_equal(gx.numpy(), dx)
     assert gx[3] == 0 and gx[4] == 0  # above / below the clips
 
@@ -312,10 +208,10 @@ def test_ifmr_init_runs_once_on_the_first_real_forward() -> None:
     assert clips(layer) == (3.0, 0.0)
     layer.reshaping = False
     y = run(layer, x1)
-    cmax, cmin = ref_ifmr_clips(x1)
+    cmax, cmin = quant.ifmr_clips(x1)
     np.testing.assert_allclose(clips(layer), (cmax, cmin), rtol=2e-6)
     assert cmin < 0 < cmax
-    np.testing.assert_allclose(y, ref_ulq(x1, *clips(layer)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, quant.ulq_forward(x1, *clips(layer)), rtol=1e-6, atol=1e-6)
     got = clips(layer)
     run(layer, x2)  # a different batch does not re-initialise
     assert clips(layer) == got
@@ -352,7 +248,7 @@ def test_ifmr_init_in_a_net_and_not_during_construction() -> None:
     x = (np.random.RandomState(2).randn(2, 3, 4, 4)).astype(np.float32)
     net.set_tensor("data", torch.from_numpy(x))
     net.run()
-    np.testing.assert_allclose(clips(act), ref_ifmr_clips(x), rtol=2e-6)
+    np.testing.assert_allclose(clips(act), quant.ifmr_clips(x), rtol=2e-6)
 
 
 def test_record_file_gets_shapes_once(tmp_path: Path) -> None:
@@ -446,11 +342,11 @@ def test_weight_qat_matches_arq_reference(params: str, shape, channel_wise: bool
     w = np.random.RandomState(7).randn(*shape).astype(np.float32)
     set_shadow(layer, w)
     run(layer, np.zeros((1, 2), np.float32))
-    expected = ref_arq(w, channel_wise, axis)
+    expected = quant.arq_fake_quant(w, channel_wise, axis)[0]
     np.testing.assert_array_equal(layer.blobs[0].numpy(), expected)
     if channel_wise and axis == 1:
         # per channel along axis 1 really differs from per channel along axis 0
-        assert not np.array_equal(expected, ref_arq(w, True, 0))
+        assert not np.array_equal(expected, quant.arq_fake_quant(w, True, 0)[0])
 
 
 def test_weight_qat_rejects_bad_parameters() -> None:
@@ -509,18 +405,18 @@ def test_conv_reads_the_fake_quantized_shared_weight() -> None:
     wq, conv = layers["conv1_wts_retrain"], layers["conv1"]
     assert conv.blobs[0] is wq.blobs[0]
     net.run()
-    w_hat = ref_arq(wq.blobs[1].numpy(), True, 0)
+    w_hat = quant.arq_fake_quant(wq.blobs[1].numpy(), True, 0)[0]
     np.testing.assert_array_equal(wq.blobs[0].numpy(), w_hat)
-    act_out = ref_ulq(x, 2.0, -1.5)
-    expected = ref_conv(act_out, w_hat, np.full(3, 0.1))
+    act_out = quant.ulq_forward(x, 2.0, -1.5)
+    expected = conv2d(act_out, w_hat, np.full(3, 0.1))
     np.testing.assert_allclose(net.tensor("conv1").numpy(), expected, rtol=1e-5, atol=1e-6)
     # with the float shadow the result would differ: the conv really uses the quantized weights
-    assert not np.allclose(expected, ref_conv(act_out, wq.blobs[1].numpy(), np.full(3, 0.1)), atol=1e-4)
+    assert not np.allclose(expected, conv2d(act_out, wq.blobs[1].numpy(), np.full(3, 0.1)), atol=1e-4)
     # a new shadow (a solver step, a loaded caffemodel) reaches the conv on the next forward
     shadow2 = (np.random.RandomState(9).randn(3, 2, 2, 2) * 0.2).astype(np.float32)
     set_shadow(wq, shadow2)
     net.run()
-    expected2 = ref_conv(act_out, ref_arq(shadow2, True, 0), np.full(3, 0.1))
+    expected2 = conv2d(act_out, quant.arq_fake_quant(shadow2, True, 0)[0], np.full(3, 0.1))
     np.testing.assert_allclose(net.tensor("conv1").numpy(), expected2, rtol=1e-5, atol=1e-6)
 
 
@@ -556,7 +452,7 @@ def test_weight_qat_gradient_equals_the_conv_weight_gradient_formula() -> None:
     top.retain_grad()
     net.loss().backward()
     g = top.grad.numpy().astype(np.float64)
-    a = ref_ulq(x, 2.0, -1.5)
+    a = quant.ulq_forward(x, 2.0, -1.5)
     expected = np.zeros((3, 2, 2, 2))
     for o in range(3):
         for c in range(2):
@@ -673,8 +569,8 @@ def test_quant_random_values_match_reference() -> None:
     layer = quant_layer(scale, b"\xf2", shape=(200,))
     x = (np.random.RandomState(4).randn(200) * 2).astype(np.float32)
     s_d = 1.0 / scale
-    expected = [np.float32((min(max(away(float(v) / s_d) - 14, -128), 127) + 14) * s_d) for v in x]
-    np.testing.assert_array_equal(run(layer, x), np.array(expected, np.float32))
+    expected = ((quant.quant_layer_codes(x, scale, -14) + 14) * s_d).astype(np.float32)
+    np.testing.assert_array_equal(run(layer, x), expected)
 
 
 def test_quant_rejects_missing_scale() -> None:

@@ -18,7 +18,8 @@ from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from tests.reference import assert_close, run_reference
+from tests.helpers import assert_close
+from tests.references.real_caffe import run_reference
 
 FLT_MAX = float(np.finfo(np.float32).max)
 

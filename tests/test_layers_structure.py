@@ -13,7 +13,8 @@ from amct_caffe.engine.layers import layer_class
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2
-from tests.reference import assert_close, run_reference
+from tests.helpers import assert_close
+from tests.references.real_caffe import run_reference
 
 RNG = np.random.default_rng(1234)
 

@@ -1,13 +1,12 @@
 """Tests of the vision layers (Convolution, Deconvolution, InnerProduct, Pooling).
 
-Expected values come from naive numpy loops written here (Caffe's algorithms, accumulated in float64) and
-from hand-computed output-size tables; a cross-check runs small nets with all four layers in the real
-Caffe (tests/reference.py), with our weights saved to a caffemodel.
+Expected values come from the numpy loops of tests/references/layers.py (Caffe's algorithms, accumulated
+in float64) and from hand-computed output-size tables; a cross-check runs small nets with all four layers
+in the real Caffe (tests/references/real_caffe.py), with our weights saved to a caffemodel.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,11 @@ from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError, ModelFormatError, UnsupportedLayerError
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from tests import layer_util
-from tests.reference import assert_close, run_reference
+from tests import helpers
+from tests.helpers import assert_close
+from tests.references.layers import FLT_MAX, conv2d, deconv2d, pool2d, pool2d_grad
+from tests.references.real_caffe import run_reference
 
-FLT_MAX = float(np.finfo(np.float32).max)
 CPU = torch.device("cpu")
 
 
@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 # ---------------------------------------------------------------------------------------------------
 def make_layer(text: str, *bottoms: np.ndarray, phase: int = TEST) -> Layer:
     """A set-up layer with one top per bottom (t0..), as multi-bottom Convolution layers have."""
-    return layer_util.make_layer(text, *bottoms, phase=phase, n_tops=max(1, len(bottoms)))
+    return helpers.make_layer(text, *bottoms, phase=phase, n_tops=max(1, len(bottoms)))
 
 
 def run_layer(layer: Layer, *bottoms: np.ndarray) -> list[np.ndarray]:
@@ -51,120 +51,6 @@ def rand(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 FILLERS = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "uniform" min: -1 max: 1 }'
-
-
-# ---------------------------------------------------------------------------------------------------
-# numpy references
-# ---------------------------------------------------------------------------------------------------
-def ref_conv(x, w, b, stride, pad, dilation, group):
-    """Direct convolution: each output is the dot product of its (dilated) window with the filter."""
-    n, c, h, wd = x.shape
-    o, cg, kh, kw = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
-    oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-    ow = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-    xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw))
-    xp[:, :, ph:ph + h, pw:pw + wd] = x
-    out = np.zeros((n, o, oh, ow))
-    og = o // group
-    for oc in range(o):
-        g = oc // og
-        for i in range(oh):
-            for j in range(ow):
-                patch = xp[:, g * cg:(g + 1) * cg, i * sh:i * sh + dh * (kh - 1) + 1:dh,
-                           j * sw:j * sw + dw * (kw - 1) + 1:dw]
-                out[:, oc, i, j] = (patch * w[oc]).sum(axis=(1, 2, 3))
-    if b is not None:
-        out += b[None, :, None, None]
-    return out
-
-
-def ref_deconv(x, w, b, stride, pad, dilation, group):
-    """Deconvolution as scatter: every input value adds value * filter to its (strided) output window."""
-    n, c, h, wd = x.shape
-    _, og, kh, kw = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
-    cg = c // group
-    fh = (h - 1) * sh + dh * (kh - 1) + 1
-    fw = (wd - 1) * sw + dw * (kw - 1) + 1
-    full = np.zeros((n, og * group, fh, fw))
-    for ci in range(c):
-        g = ci // cg
-        for i in range(h):
-            for j in range(wd):
-                for a in range(kh):
-                    for e in range(kw):
-                        full[:, g * og:(g + 1) * og, i * sh + a * dh, j * sw + e * dw] += (
-                            x[:, ci, i, j][:, None] * w[ci, :, a, e][None, :]
-                        )
-    out = full[:, :, ph:fh - ph, pw:fw - pw]
-    if b is not None:
-        out = out + b[None, :, None, None]
-    return out
-
-
-def caffe_pooled(size, k, s, p, ceil=True, any_pad=None):
-    """Caffe's pooled size (PoolingLayer::Reshape), written out in floats as Caffe does."""
-    q = (size + 2 * p - k) / s
-    pooled = int(math.ceil(q) if ceil else math.floor(q)) + 1
-    if (p if any_pad is None else any_pad) and (pooled - 1) * s >= size + p:
-        pooled -= 1
-    return pooled
-
-
-def ref_pool(x, method, kernel, stride, pad, ceil=True):
-    """Caffe's PoolingLayer::Forward_cpu loops (MAX starts from -FLT_MAX; AVE divides by pool_size)."""
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
-    any_pad = ph or pw
-    oh = caffe_pooled(h, kh, sh, ph, ceil, any_pad)
-    ow = caffe_pooled(w, kw, sw, pw, ceil, any_pad)
-    out = np.zeros((n, c, oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            hs, ws = i * sh - ph, j * sw - pw
-            if method == "MAX":
-                he, we = min(hs + kh, h), min(ws + kw, w)
-                hs, ws = max(hs, 0), max(ws, 0)
-                region = x[:, :, hs:he, ws:we] if he > hs and we > ws else np.zeros((n, c, 0, 0))
-                out[:, :, i, j] = region.max(axis=(2, 3)) if region.size else -FLT_MAX
-            else:
-                he, we = min(hs + kh, h + ph), min(ws + kw, w + pw)
-                pool_size = (he - hs) * (we - ws)
-                hs, ws = max(hs, 0), max(ws, 0)
-                he, we = min(he, h), min(we, w)
-                total = x[:, :, hs:max(he, hs), ws:max(we, ws)].astype(np.float64).sum(axis=(2, 3))
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    out[:, :, i, j] = np.float32(total) / np.float32(pool_size)
-    return out
-
-
-def ref_pool_grad(x, top_diff, method, kernel, stride, pad, ceil=True):
-    """Caffe's PoolingLayer::Backward_cpu: MAX to the first maximum of each window, AVE diff/pool_size."""
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
-    _, _, oh, ow = top_diff.shape
-    grad = np.zeros(x.shape)
-    for b in range(n):
-        for ch in range(c):
-            for i in range(oh):
-                for j in range(ow):
-                    hs, ws = i * sh - ph, j * sw - pw
-                    if method == "MAX":
-                        best, idx = -FLT_MAX, None
-                        for r in range(max(hs, 0), min(hs + kh, h)):
-                            for q in range(max(ws, 0), min(ws + kw, w)):
-                                if x[b, ch, r, q] > best:
-                                    best, idx = x[b, ch, r, q], (r, q)
-                        if idx is not None:
-                            grad[b, ch, idx[0], idx[1]] += top_diff[b, ch, i, j]
-                    else:
-                        he, we = min(hs + kh, h + ph), min(ws + kw, w + pw)
-                        pool_size = (he - hs) * (we - ws)
-                        grad[b, ch, max(hs, 0):min(he, h), max(ws, 0):min(we, w)] += (
-                            top_diff[b, ch, i, j] / pool_size
-                        )
-    return grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,7 +77,7 @@ def test_convolution_matches_direct_convolution(params, c, h, w, stride, pad, di
     weight = blob(layer, 0)
     bias = blob(layer, 1) if len(layer.blobs) > 1 else None
     assert ("bias_term: false" in params) == (bias is None)
-    expected = ref_conv(x.astype(np.float64), weight, bias, stride, pad, dilation, group)
+    expected = conv2d(x.astype(np.float64), weight, bias, stride, pad, dilation, group)
     (out,) = run_layer(layer, x)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -228,8 +114,8 @@ def test_convolution_multiple_bottoms_share_weights():
         f'type: "Convolution" convolution_param {{ num_output: 2 kernel_size: 3 {FILLERS} }}', a, b)
     out_a, out_b = run_layer(layer, a, b)
     w, bias = blob(layer, 0), blob(layer, 1)
-    np.testing.assert_allclose(out_a, ref_conv(a, w, bias, (1, 1), (0, 0), (1, 1), 1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out_b, ref_conv(b, w, bias, (1, 1), (0, 0), (1, 1), 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out_a, conv2d(a, w, bias, (1, 1), (0, 0), (1, 1), 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out_b, conv2d(b, w, bias, (1, 1), (0, 0), (1, 1), 1), rtol=1e-5, atol=1e-5)
 
 
 def test_convolution_reads_blobs_at_forward():
@@ -302,7 +188,7 @@ def test_deconvolution_matches_scatter_reference(params, c, h, w, stride, pad, d
     # Caffe's deconvolution weight layout: [C_in, num_output/group, kh, kw].
     assert weight.shape == (c, num_output // group, kh, kw)
     bias = blob(layer, 1) if len(layer.blobs) > 1 else None
-    expected = ref_deconv(x.astype(np.float64), weight, bias, stride, pad, dilation, group)
+    expected = deconv2d(x.astype(np.float64), weight, bias, stride, pad, dilation, group)
     (out,) = run_layer(layer, x)
     # stride*(in-1) + dilation*(k-1)+1 - 2*pad
     assert out.shape[2] == stride[0] * (h - 1) + dilation[0] * (kh - 1) + 1 - 2 * pad[0]
@@ -458,7 +344,7 @@ def test_pooling_matches_caffe_loops(method, kernel, stride, pad, mode, h, w, fo
     x = rand(2, 3, h, w, seed=8)
     layer = make_layer(pool_text(method, kernel, stride, pad, f"round_mode: {mode}"), x)
     (out,) = run_layer(layer, x)
-    expected = ref_pool(x, method, kernel, stride, pad, ceil=mode == "CEIL")
+    expected = pool2d(x, method, kernel, stride, pad, ceil=mode == "CEIL")
     assert out.shape == expected.shape
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -550,7 +436,7 @@ def test_pooling_gradient_is_caffes(method, kernel, stride, pad, h, w, force_exp
     (out,) = layer.forward([xt])
     top_diff = rand(*out.shape, seed=12)
     out.backward(torch.from_numpy(top_diff))
-    expected = ref_pool_grad(x, top_diff, method, kernel, stride, pad)
+    expected = pool2d_grad(x, top_diff, method, kernel, stride, pad)
     np.testing.assert_allclose(xt.grad.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -559,7 +445,7 @@ def test_pooling_reshape_recomputes_geometry():
     for h, w in [(5, 5), (8, 3), (4, 9)]:
         x = rand(1, 2, h, w, seed=h * w)
         (out,) = run_layer(layer, x)
-        np.testing.assert_allclose(out, ref_pool(x, "AVE", (3, 3), (2, 2), (1, 1)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out, pool2d(x, "AVE", (3, 3), (2, 2), (1, 1)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("text,tops,fragment,exc", [

@@ -11,7 +11,8 @@ import pytest
 from amct_caffe import caffe
 from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.model.io import load_caffemodel
-from tests.reference import SHARED, assert_close_to_scale, run_reference
+from tests.helpers import assert_close_to_scale
+from tests.references.real_caffe import SHARED, run_reference
 
 MODELS_DIR = SHARED / "models"
 SPLIT_BLOB = re.compile(r"_split_\d+$")

@@ -1,8 +1,8 @@
 """The optimised TEST forward (engine/optimize.py): same blobs as Caffe's layer-by-layer forward.
 
-Expected values come from a small numpy implementation of the test net written here (loops and einsum),
-and, where the reference Caffe is installed, from the real Caffe. The optimised and the plain
-(``net.optimize = False``) forwards are both checked against them, and against each other.
+Expected values come from a numpy forward of the test net written here with the references of
+tests/references/layers.py, and, where the reference Caffe is installed, from the real Caffe. The optimised
+and the plain (``net.optimize = False``) forwards are both checked against them, and against each other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from amct_caffe import caffe
 from amct_caffe.engine.optimize import InferenceOptions, build_plan
 from amct_caffe.model.io import save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from tests.reference import assert_close, run_reference
+from tests.helpers import assert_close
+from tests.references.layers import batchnorm_global, batchnorm_train, conv2d, inner_product, scale_bias
+from tests.references.real_caffe import run_reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -93,57 +95,26 @@ def random_params(net: caffe.Net, seed: int) -> dict[str, list[np.ndarray]]:
 # ---------------------------------------------------------------------------------------------------
 # numpy reference
 # ---------------------------------------------------------------------------------------------------
-def np_conv(x, w, b=None, stride=1, pad=0, group=1):
-    n, c, h, wd = x.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    o, cg, kh, kw = w.shape
-    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
-    out = np.zeros((n, o, oh, ow))
-    og = o // group
-    for g in range(group):
-        for i in range(oh):
-            for j in range(ow):
-                patch = xp[:, g * cg:(g + 1) * cg, i * stride:i * stride + kh, j * stride:j * stride + kw]
-                out[:, g * og:(g + 1) * og, i, j] = np.einsum("nchw,ochw->no", patch, w[g * og:(g + 1) * og])
-    if b is not None:
-        out += b.reshape(1, -1, 1, 1)
-    return out
-
-
-def np_bn(x, blobs, eps, batch_stats=False):
-    shape = (1, -1) + (1,) * (x.ndim - 2)
+def bn(x: np.ndarray, p: dict[str, list[np.ndarray]], name: str, batch_stats: bool = False) -> np.ndarray:
+    """NET's BatchNorm ``name``: with its stored statistics, or the batch's (``batch_stats``)."""
     if batch_stats:
-        axes = (0,) + tuple(range(2, x.ndim))
-        mean, var = x.mean(axis=axes), x.var(axis=axes)
-    else:
-        factor = float(blobs[2][0])
-        s = 0.0 if factor == 0 else 1.0 / factor
-        mean, var = blobs[0].astype(np.float64) * s, blobs[1].astype(np.float64) * s
-    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
-
-
-def np_scale(x, blobs):
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    y = x * blobs[0].reshape(shape)
-    return y + blobs[1].reshape(shape) if len(blobs) > 1 else y
+        return batchnorm_train(x, p[name], 0.999, BN_EPS[name])[0]
+    return batchnorm_global(x, p[name][0], p[name][1], float(p[name][2][0]), BN_EPS[name])
 
 
 def reference_forward(p, x, batch_stats=False) -> dict[str, np.ndarray]:
-    def bn(v, name):
-        return np_bn(v, p[name], BN_EPS[name], batch_stats)
-
+    """Every blob of NET by the numpy references (float64)."""
     out = {"data": x}
-    c1 = np.maximum(np_scale(bn(np_conv(x, p["conv1"][0], p["conv1"][1], pad=1), "bn1"), p["scale1"]), 0)
-    c2 = np_scale(bn(np_conv(c1, p["conv2"][0]), "bn2"), p["scale2"])
+    c1 = np.maximum(scale_bias(bn(conv2d(x, *p["conv1"], pad=1), p, "bn1", batch_stats), *p["scale1"]), 0)
+    c2 = scale_bias(bn(conv2d(c1, *p["conv2"]), p, "bn2", batch_stats), *p["scale2"])
     s = np.maximum(c1 + c2, 0)
-    c3 = np_conv(s, p["conv3"][0], p["conv3"][1], stride=2, pad=1, group=2)
-    c3bn = np.maximum(np_scale(bn(c3, "bn3"), p["scale3"]), 0)
-    ip = c3bn.reshape(2, -1) @ p["ip"][0].T.astype(np.float64) + p["ip"][1]
-    ip = np_scale(bn(ip, "bn_ip"), p["scale_ip"])
+    c3 = conv2d(s, *p["conv3"], stride=2, pad=1, group=2)
+    c3bn = np.maximum(scale_bias(bn(c3, p, "bn3", batch_stats), *p["scale3"]), 0)
+    ip = scale_bias(bn(inner_product(c3bn, *p["ip"]), p, "bn_ip", batch_stats), *p["scale_ip"])
     ip = np.where(ip > 0, ip, 0.1 * ip)
-    c4 = np_conv(x, p["conv4"][0], p["conv4"][1])
+    c4 = conv2d(x, *p["conv4"])
     out.update(conv1=c1, conv2=c2, sum=s, conv3=c3, ip=ip, peek=c4.mean(axis=(2, 3), keepdims=True),
-               conv4=bn(c4, "bn4"))
+               conv4=bn(c4, p, "bn4", batch_stats))
     out["conv3/bn"] = c3bn
     return out
 
@@ -276,12 +247,11 @@ def test_partial_forward_runs_cut_chains_layer_by_layer(x):
     net = make_net()
     p = random_params(net, seed=8)
     net.forward(data=x)
-    conv = np_conv(x, p["conv1"][0], p["conv1"][1], pad=1)
+    conv = conv2d(x, *p["conv1"], pad=1)
     net.forward(end="conv1")  # stops inside the folded chain: the raw convolution
     np.testing.assert_allclose(net.blobs["conv1"].data, conv, **TOL)
     net.forward(start="bn1", end="bn1")
-    bn = np_bn(conv, p["bn1"], BN_EPS["bn1"])
-    np.testing.assert_allclose(net.blobs["conv1"].data, bn, **TOL)
+    np.testing.assert_allclose(net.blobs["conv1"].data, bn(conv, p, "bn1"), **TOL)
     net.forward(start="scale1")  # the rest, with the fused steps after relu1
     assert_blobs(net, reference_forward(p, x), "resumed")
 
@@ -304,8 +274,8 @@ def test_test_phase_batch_norm_without_global_stats_is_not_folded(x):
     p = random_params(net, seed=10)
     assert not any("bn1" in g for g in net.inference_plan().fused_groups())
     net.forward(data=x)
-    conv = np_conv(x, p["conv1"][0], p["conv1"][1], pad=1)
-    expected = np.maximum(np_scale(np_bn(conv, None, BN_EPS["bn1"], batch_stats=True), p["scale1"]), 0)
+    conv = conv2d(x, *p["conv1"], pad=1)
+    expected = np.maximum(scale_bias(bn(conv, p, "bn1", batch_stats=True), *p["scale1"]), 0)
     np.testing.assert_allclose(net.blobs["conv1"].data, expected, **TOL)
 
 

@@ -565,7 +565,7 @@ def test_record_schema_on_the_wire() -> None:
 
 
 # the record example of spec §5.2
-from tests.spec_examples import SPEC_EXAMPLE as RECORD_TEXT  # noqa: E402
+from tests.references.records import RECORD_EXAMPLE as RECORD_TEXT  # noqa: E402
 
 
 def test_record_text_example_parses() -> None:
@@ -698,6 +698,40 @@ def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:
         fresh = _embedded_descriptor((tmp_path / Path(module.__file__).name).read_text(encoding="utf-8"))
         embedded = _embedded_descriptor(Path(module.__file__).read_text(encoding="utf-8"))
         assert embedded == fresh, f"{fresh.name} changed: run scripts/gen_proto.py"
+
+
+def _stub_outline(stub_text: str) -> dict[str, list[str]]:
+    """What a generated ``*_pb2.pyi`` declares: ``{class path: annotated names and methods}``."""
+    outline: dict[str, list[str]] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                path = f"{prefix}{node.name}"
+                fields = [n.target.id for n in node.body
+                          if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+                methods = [n.name for n in node.body if isinstance(n, ast.FunctionDef)]
+                outline[path] = sorted(fields + methods)
+                visit(node.body, f"{path}.")
+
+    visit(ast.parse(stub_text).body, "")
+    return outline
+
+
+@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="grpcio-tools not installed")
+def test_type_stubs_are_up_to_date(tmp_path: Path) -> None:
+    """caffe_pb2.pyi / amct_pb2.pyi declare what protoc generates now (rerun scripts/gen_proto.py if not)."""
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"--pyi_out={tmp_path}", "caffe.proto",
+         "amct.proto"],
+        cwd=PROTO_DIR,
+        check=True,
+    )
+    for stub in ("caffe_pb2.pyi", "amct_pb2.pyi"):
+        fresh = _stub_outline((tmp_path / stub).read_text(encoding="utf-8"))
+        committed = _stub_outline((PROTO_DIR / stub).read_text(encoding="utf-8"))
+        assert committed == fresh, f"{stub} is out of date: run scripts/gen_proto.py"
+        assert fresh, f"{stub}: protoc declared no messages"
 
 
 def test_loads_beside_a_real_pycaffe(reference_caffe):

@@ -40,7 +40,8 @@ from amct_caffe.errors import ModelFormatError
 from amct_caffe.model.blobs import array_to_blob
 from amct_caffe.model.io import load_prototxt, save_caffemodel
 from amct_caffe.proto import caffe_pb2
-from tests.reference import REPO, run_reference
+from tests.references.quant import quant_layer_codes
+from tests.references.real_caffe import REPO, run_reference
 
 SRC = REPO / "src"
 
@@ -48,11 +49,6 @@ SRC = REPO / "src"
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def away(v: float) -> float:
-    """C round(): half away from zero (hand reference)."""
-    return float(np.sign(v) * np.floor(abs(v) + 0.5))
-
-
 def forward(layer, x: np.ndarray) -> np.ndarray:
     """setup + reshape + forward of a standalone layer on one bottom; returns the top's data."""
     bottom = [StandaloneBlob.from_array(x)]
@@ -104,8 +100,8 @@ def test_quant_random_values_against_loop_reference() -> None:
     scale = float(np.float32(1 / 0.0213))
     x = (np.random.RandomState(4).randn(300) * 2).astype(np.float32)
     s_d = 1.0 / scale
-    expected = [np.float32((min(max(away(float(v) / s_d) - 14, -128), 127) + 14) * s_d) for v in x]
-    np.testing.assert_array_equal(forward(quant(scale, -14), x), np.array(expected, np.float32))
+    expected = ((quant_layer_codes(x, scale, -14) + 14) * s_d).astype(np.float32)
+    np.testing.assert_array_equal(forward(quant(scale, -14), x), expected)
 
 
 def test_quant_backward_is_straight_through_and_in_place_works() -> None:

@@ -1,12 +1,13 @@
 """End-to-end QAT: float training, retrain model, retraining with the engine's solver, saved models.
 
-* digits (scikit-learn's bundled 8x8 images, ``amct_caffe.demo.digits``): the float net is checked against a
-  numpy forward written here; after ``create_quant_retrain_config`` -> ``create_quant_retrain_model`` -> a
-  short retraining (``caffe.SGDSolver``, ``solver.net.copy_from``, ``solver.solve()``), the retrain model
-  and the saved fake-quant model stay within one point of the float test accuracy;
+* digits (scikit-learn's bundled 8x8 images, ``amct_caffe.demo.digits``): the float net is checked against the
+  numpy forward of tests/references/nets.py; after ``create_quant_retrain_config`` ->
+  ``create_quant_retrain_model`` -> a short retraining (``caffe.SGDSolver``, ``solver.net.copy_from``,
+  ``solver.solve()``), the retrain model and the saved fake-quant model stay within one point of the float
+  test accuracy;
 * AMCT's ResNet-50 retrain sample flow, as a real script (``tests/samples/retrain_sample.py``), run in a
   subprocess on the digits net;
-* real nets of ``../shared/models`` with random data: the retrain model of a synthetic training prototxt
+* real nets of the shared models with random data: the retrain model of a synthetic training prototxt
   trains for 3 iterations and its snapshot holds the learned clip bounds of every ``ActivationQAT``.
 """
 
@@ -26,9 +27,15 @@ from google.protobuf import text_format
 from amct_caffe import amct, caffe
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
-from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel, load_prototxt, prototxt_text
 from amct_caffe.proto import caffe_pb2
+from tests.helpers import caffemodel_blobs
+from tests.references.nets import (
+    REAL_NETS,
+    digits_scores,
+    expected_quantized_inputs,
+    synthetic_training_net,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parent / "samples" / "retrain_sample.py"
@@ -47,40 +54,6 @@ def _digits():
     from amct_caffe.demo import digits
 
     return digits
-
-
-# -- a numpy forward of the digits net ---------------------------------------------------------------------
-def _conv_same3(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """3x3 convolution, stride 1, pad 1 (Caffe's cross-correlation)."""
-    n, _, h, wd = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], h, wd))
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
-    return out + b[None, :, None, None]
-
-
-def _pool2(x: np.ndarray, mode: str) -> np.ndarray:
-    n, c, h, w = x.shape
-    windows = x.reshape(n, c, h // 2, 2, w // 2, 2)
-    return windows.max(axis=(3, 5)) if mode == "max" else windows.mean(axis=(3, 5))
-
-
-def numpy_digits_scores(blobs: dict[str, list[np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """conv1-relu-maxpool-conv2-relu-avepool-ip1-relu-ip2 in float64 (the class scores before Softmax)."""
-    x = x.astype(np.float64)
-    h = _pool2(np.maximum(_conv_same3(x, *blobs["conv1"]), 0.0), "max")
-    h = _pool2(np.maximum(_conv_same3(h, *blobs["conv2"]), 0.0), "ave")
-    w1, b1 = blobs["ip1"]
-    h = np.maximum(h.reshape(len(h), -1) @ w1.T + b1, 0.0)
-    w2, b2 = blobs["ip2"]
-    return h @ w2.T + b2
-
-
-def caffemodel_blobs(path: str) -> dict[str, list[np.ndarray]]:
-    return {layer.name: [blob_to_array(b) for b in layer.blobs] for layer in load_caffemodel(path).layer
-            if layer.blobs}
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------
@@ -111,7 +84,7 @@ def float_digits(tmp_path_factory) -> FloatDigits:
     files = digits.prepare(folder, seed=0)
     caffemodel = digits.train_float(folder, iterations=FLOAT_ITERATIONS, seed=0)
     x, y = digits.load_split("test", seed=0)
-    scores = numpy_digits_scores(caffemodel_blobs(caffemodel), x)
+    scores = digits_scores(caffemodel_blobs(caffemodel), x)
     accuracy = float(np.mean(scores.argmax(axis=1) == y.astype(np.int64)))
     return FloatDigits(folder, files, caffemodel, accuracy)
 
@@ -198,7 +171,7 @@ def test_float_digits_net(float_digits):
             float_digits.accuracy, abs=1.5 / 360)
     # the training split, batch-wise with a padded last batch (1437 = 11 * 120 + 117)
     x, y = digits.load_split("train")
-    scores = numpy_digits_scores(caffemodel_blobs(float_digits.caffemodel), x)
+    scores = digits_scores(caffemodel_blobs(float_digits.caffemodel), x)
     train_acc = float(np.mean(scores.argmax(1) == y))
     assert digits.evaluate(float_digits.files.deploy_prototxt, float_digits.caffemodel, "train") == \
         pytest.approx(train_acc, abs=1.5 / 1437)
@@ -275,84 +248,6 @@ def test_amct_retrain_sample_flow(float_digits, tmp_path):
 
 
 # -- real nets with random data ----------------------------------------------------------------------------
-#: (deploy prototxt, caffemodel or None for random weights, batch, input height/width or None to keep).
-REAL_NETS = {
-    "mtcnn_det1": ("mtcnn_det1_pnet/det1.prototxt", "mtcnn_det1_pnet/det1.caffemodel", 2, None),
-    "mtcnn_det2": ("mtcnn_det2_rnet/det2.prototxt", "mtcnn_det2_rnet/det2.caffemodel", 2, None),
-    "mtcnn_det3": ("mtcnn_det3_onet/det3.prototxt", "mtcnn_det3_onet/det3.caffemodel", 2, None),
-    "resnet50_stem": ("resnet50_stem_test/test.prototxt", "resnet50_stem_test/test.caffemodel", 2, None),
-    "fsrcnn": ("fsrcnn/FSRCNN_mat.prototxt", "fsrcnn/snapshot_iter_2546000.caffemodel", 2, None),
-    "lenet_mnist": ("lenet_mnist/mnist_deploy.prototxt", "lenet_mnist/lenet_iter_10000.caffemodel", 2, None),
-    # random weights; 112x112 (its pool6 is global) keeps IFMR over 54 inputs to about a second
-    "mobilenet_v2": ("mobilenet_v2/mobilenet_v2_deploy.prototxt", None, 1, (112, 112)),
-}
-
-
-def _quantizable(layer: caffe_pb2.LayerParameter) -> bool:
-    """Spec §2.1, written out independently of the passes."""
-    if layer.type == "Convolution":
-        return True
-    if layer.type == "InnerProduct":
-        p = layer.inner_product_param
-        return p.axis == 1 and not p.transpose
-    if layer.type == "Deconvolution":
-        p = layer.convolution_param
-        return p.group == 1 and all(d == 1 for d in p.dilation)
-    if layer.type == "Pooling":
-        p = layer.pooling_param
-        return p.pool == caffe_pb2.PoolingParameter.AVE and not p.global_pooling
-    return False
-
-
-def expected_quantized_inputs(net: caffe_pb2.NetParameter) -> int:
-    """How many distinct input values feed quantizable layers (one ActivationQAT each): a blob name gets a
-    new value whenever a layer writes it (in-place layers included)."""
-    version: dict[str, int] = {}
-    inputs: set[tuple[str, int]] = set()
-    for layer in net.layer:
-        if _quantizable(layer):
-            inputs.add((layer.bottom[0], version.get(layer.bottom[0], 0)))
-        for top in layer.top:
-            version[top] = version.get(top, 0) + 1
-    return len(inputs)
-
-
-def synthetic_training_net(deploy: caffe_pb2.NetParameter, batch: int,
-                           size: tuple[int, int] | None) -> caffe_pb2.NetParameter:
-    """The deploy net as a tiny training net: each Input becomes a DummyData of gaussian values, a final
-    Softmax is dropped (its saturated output would give no gradient), and every output gets an
-    EuclideanLoss against a DummyData target of its shape."""
-    src = caffe_pb2.NetParameter()
-    src.CopyFrom(deploy)
-    for layer in src.layer:
-        if layer.type == "Input":
-            for shape in layer.input_param.shape:
-                shape.dim[0] = batch
-                if size is not None:
-                    shape.dim[2:] = size
-    consumed = {bottom for layer in src.layer for bottom in layer.bottom}
-    kept = [layer for layer in src.layer if not (layer.type == "Softmax" and not set(layer.top) & consumed)]
-    del src.layer[:]
-    src.layer.extend(kept)
-    probe = Net(src, caffe_pb2.TEST)
-    out = caffe_pb2.NetParameter(name=src.name)
-    for layer in src.layer:
-        if layer.type != "Input":
-            out.layer.add().CopyFrom(layer)
-            continue
-        data = out.layer.add(name=layer.name, type="DummyData", top=layer.top)
-        for shape in layer.input_param.shape:
-            data.dummy_data_param.shape.add().CopyFrom(shape)
-        data.dummy_data_param.data_filler.add(type="gaussian", std=1.0)
-    for name in probe.outputs:
-        target = out.layer.add(name=f"{name}_target", type="DummyData", top=[f"{name}_target"])
-        target.dummy_data_param.shape.add(dim=list(probe.tensor(name).shape))
-        target.dummy_data_param.data_filler.add(type="gaussian", std=1.0)
-        out.layer.add(name=f"{name}_loss", type="EuclideanLoss", bottom=[name, f"{name}_target"],
-                      top=[f"{name}_loss"])
-    return out
-
-
 @pytest.mark.parametrize("model", list(REAL_NETS))
 def test_real_net_retrain_snapshot_has_learned_clips(shared_models, tmp_path, model):
     prototxt, weights, batch, size = REAL_NETS[model]

@@ -1,5 +1,5 @@
-"""quant.arq: ARQ weight scales, codes and fake quantization (spec §8.2), against hand values and a loop
-reference written here."""
+"""quant.arq: ARQ weight scales, codes and fake quantization (spec §8.2), against hand values and the loop
+reference of tests/references/quant.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from amct_caffe.errors import UnsupportedLayerError
 from amct_caffe.quant.arq import arq_fake_quant, arq_quantize, arq_scale, weight_channel_axis
 from amct_caffe.quant.numerics import QuantDataError
+from tests.references import quant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -61,33 +62,13 @@ def test_arq_deconvolution_axis1_hand() -> None:
     assert arq_quantize(w, s, axis=1).tolist() == [[64, -128, 127], [127, -31, 0]]
 
 
-def _arq_reference(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Loop reference of spec §8.2 (per output channel along ``axis``), float32 arithmetic."""
-    wt = np.moveaxis(w, axis, 0)
-    scales = np.zeros(wt.shape[0], dtype=np.float32)
-    w_hat = np.zeros_like(wt)
-    for c in range(wt.shape[0]):
-        row = wt[c].reshape(-1)
-        mx, mn = row.max(), row.min()
-        m = mx if abs(mx) > abs(mn) else mn
-        s = m / np.float32(127) if m > 0 else m / np.float32(-128)
-        if s < np.float32(2.0**-23):
-            s = np.float32(1.0)
-        scales[c] = s
-        for i, v in np.ndenumerate(wt[c]):
-            r = v / s
-            q = math.copysign(math.floor(abs(float(r)) + 0.5), float(r))
-            w_hat[c][i] = np.float32(min(max(q, -128), 127)) * s
-    return scales, np.moveaxis(w_hat, 0, axis)
-
-
 @pytest.mark.parametrize("axis", [0, 1])
 def test_arq_matches_loop_reference_on_random_4d(axis: int) -> None:
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((6, 5, 3, 3)) * rng.uniform(0.01, 2, (6, 5, 1, 1))).astype(np.float32)
     w[2 if axis == 0 else 0] = 0.0  # an all-zero channel (axis 0) / a zero input slice (axis 1)
     w_hat, s = arq_fake_quant(w, channel_wise=True, axis=axis)
-    s_ref, w_hat_ref = _arq_reference(w, axis)
+    w_hat_ref, s_ref = quant.arq_fake_quant(w, channel_wise=True, axis=axis)
     np.testing.assert_array_equal(s.numpy(), s_ref)
     np.testing.assert_array_equal(w_hat.numpy(), w_hat_ref)
 

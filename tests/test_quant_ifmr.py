@@ -1,4 +1,5 @@
-"""quant.ifmr: IFMR calibration (spec §8.4) against hand cases and a brute-force numpy search written here."""
+"""quant.ifmr: IFMR calibration (spec §8.4) against hand cases and the brute-force numpy search of
+tests/references/quant.py."""
 
 from __future__ import annotations
 
@@ -11,13 +12,9 @@ import torch
 from amct_caffe.errors import ConfigError
 from amct_caffe.quant.ifmr import ifmr, ifmr_to_clips, percentile_rank, search_ratios
 from amct_caffe.quant.numerics import QuantDataError, data_scale_offset
+from tests.references import quant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-EPS = np.float32(2.0**-23)
-
-
-def _away(v: np.ndarray) -> np.ndarray:
-    return np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
 
 
 def test_percentile_rank_and_search_ratios() -> None:
@@ -48,41 +45,18 @@ def test_ifmr_percentile_positions_hand_case(device: str) -> None:
     assert s.item() == pytest.approx(9 / 255, rel=1e-6) and o.item() == -round(-5 / (9 / 255)) - 128
 
 
-def _brute_force(x: np.ndarray, with_offset: bool) -> tuple[np.float32, float, int]:
-    """Spec §8.4 with the default parameters, every candidate tried in float32; returns (s, o, best i)."""
-    srt = np.sort(x)
-    vmax, vmin = max(srt[-1], np.float32(0)), min(srt[0], np.float32(0))
-    m = vmax if with_offset else max(abs(vmax), abs(vmin))
-    losses, scales, cands = [], [], []
-    for i in range(61):
-        c = np.float32(0.7 + i * 0.01) * m
-        lo = vmin if with_offset else -c
-        s = (c - vmin) / np.float32(255) if with_offset else c / np.float32(127)
-        if s < EPS:
-            s = np.float32(1)
-        q = _away(np.clip(x, lo, c) / s) * s
-        d = (q - x).astype(np.float32)
-        losses.append(np.sum((d * d).astype(np.float64)) / x.size)
-        scales.append(s)
-        cands.append(c)
-    best = int(np.argmin(losses))
-    ordered = np.sort(losses)
-    assert ordered[1] - ordered[0] > 1e-9 * ordered[0]  # a clear winner, so float sums cannot flip it
-    s = scales[best]
-    o = float(-_away(vmin / s) - 128) if with_offset else 0.0
-    return s, o, best
-
-
 @pytest.mark.parametrize("with_offset", [True, False])
 def test_ifmr_matches_brute_force(with_offset: bool) -> None:
     rng = np.random.default_rng(11)
     for scale_pos, scale_neg in [(3.0, 1.0), (1.0, 0.2), (0.5, 2.0)]:
         x = np.concatenate([rng.exponential(scale_pos, 60), -rng.exponential(scale_neg, 40)])
         x = x.astype(np.float32)
-        s_ref, o_ref, best = _brute_force(x, with_offset)
-        assert 0 < best < 60  # the optimum is inside the search range, not at its ends
+        ref = quant.ifmr(x, with_offset)
+        ordered = np.sort(ref.losses)
+        assert ordered[1] - ordered[0] > 1e-9 * ordered[0]  # a clear winner, so float sums cannot flip it
+        assert 0 < ref.best < 60  # the optimum is inside the search range, not at its ends
         s, o = ifmr(x, with_offset=with_offset)
-        assert s.item() == s_ref and o.item() == o_ref
+        assert s.item() == ref.s and o.item() == ref.o
 
 
 def test_ifmr_one_sided_and_degenerate_data() -> None:

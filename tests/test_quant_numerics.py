@@ -32,6 +32,7 @@ from amct_caffe.quant.numerics import (
     round_even,
     unpack_deq_scale,
 )
+from tests.references import quant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))  # 0.49999997 in float32
@@ -73,8 +74,7 @@ def test_round_away_matches_reference_on_random_floats() -> None:
     rand = (rng.standard_normal(2000) * 300).astype(np.float32)
     neighbours = [np.nextafter(halves, np.float32(0)), np.nextafter(halves, np.float32(1e9))]
     x = np.concatenate([halves, rand, *neighbours])
-    # float32 values are exact in float64 and |x| + 0.5 is exact there too: an independent reference
-    ref = np.array([math.copysign(math.floor(abs(float(v)) + 0.5), float(v)) for v in x], dtype=np.float32)
+    ref = np.array([quant.round_away_decimal(float(v)) for v in x], dtype=np.float32)
     np.testing.assert_array_equal(round_away(x).numpy(), ref)
 
 
@@ -127,10 +127,9 @@ def test_data_scale_offset_python_numbers_numpy_and_range() -> None:
     cmax = rng.uniform(0, 10, 1000).astype(np.float32)
     s, o = data_scale_offset(cmin, cmax)
     assert o.min() >= -128 and o.max() <= 127
-    # hand-written float32 reference of spec §8.1
-    s_ref = (cmax - cmin) / np.float32(255)
-    q = cmin / s_ref
-    o_ref = -np.sign(q) * np.floor(np.abs(q) + np.float32(0.5)) - 128
+    factors = [quant.data_scale_offset(hi, lo) for hi, lo in zip(cmax, cmin)]
+    s_ref = np.array([f[0] for f in factors], np.float32)
+    o_ref = np.array([f[1] for f in factors], np.float32)
     np.testing.assert_array_equal(s.numpy(), s_ref)
     np.testing.assert_array_equal(o.numpy(), o_ref)
     with pytest.raises(InvalidScaleError):

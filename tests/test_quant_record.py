@@ -26,7 +26,7 @@ from amct_caffe.quant.record import (
     validate_layer,
     validate_records,
 )
-from tests.spec_examples import SPEC_EXAMPLE
+from tests.references.records import RECORD_EXAMPLE
 
 
 def f32(v: float) -> float:
@@ -35,7 +35,7 @@ def f32(v: float) -> float:
 
 def test_spec_example_parses_to_the_expected_values(tmp_path: Path) -> None:
     path = tmp_path / "record.txt"
-    path.write_text(SPEC_EXAMPLE)
+    path.write_text(RECORD_EXAMPLE)
     records = read_records(path)
     assert list(records) == ["conv1", "res2a_branch1"]
     conv1 = records["conv1"]
@@ -102,7 +102,7 @@ def test_duplicate_layers_merge_with_later_values_winning() -> None:
 # -- update_shapes ---------------------------------------------------------------------------------------
 def test_update_shapes_updates_or_appends_and_keeps_other_fields(tmp_path: Path) -> None:
     path = tmp_path / "rec.txt"
-    path.write_text(SPEC_EXAMPLE)
+    path.write_text(RECORD_EXAMPLE)
     update_shapes(path, {"res2a_branch1": (32, 7, 9), "fc": (2048, 1, 1)})
     records = read_records(path)
     assert list(records) == ["conv1", "res2a_branch1", "fc"]

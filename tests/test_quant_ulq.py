@@ -1,13 +1,11 @@
 """quant.ulq: ClipCheck, ULQ forward/backward (spec §3.4-3.5), the autograd Function, and finite-difference
 checks of the clip gradients.
 
-The references here are loop implementations of the spec's formulas in numpy float32 (same operation
-order as the spec text), hand cases, and central finite differences in float64.
+The references are the loop implementations of tests/references/quant.py (numpy float32, AMCT's
+operation order), hand cases, and central finite differences in float64.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -21,12 +19,9 @@ from amct_caffe.quant.ulq import (
     ulq_forward,
     ulq_record_factors,
 )
+from tests.references import quant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _away(v: float) -> float:
-    return math.copysign(math.floor(abs(v) + 0.5), v)
 
 
 # -- ClipCheck ---------------------------------------------------------------------------------------------
@@ -67,23 +62,11 @@ def test_ulq_forward_hand_cases(device: str) -> None:
     np.testing.assert_allclose(y.cpu().numpy(), [0.0, 0.01, 2.55], rtol=1e-6)
 
 
-def _ulq_reference(x: np.ndarray, cmax: float, cmin: float) -> tuple[np.ndarray, float, float, float]:
-    """Spec §3.4 step 5-6 in float32, one element at a time."""
-    cmax, cmin = np.float32(cmax), np.float32(cmin)
-    s = (cmax - cmin) / np.float32(255)
-    o = np.float32(_away(float(cmin / s)))
-    lo, hi = s * o, s * (o + np.float32(255))
-    y = np.empty_like(x)
-    for i, v in enumerate(x):
-        y[i] = np.float32(np.rint(np.clip(v, lo, hi) / s)) * s
-    return y, float(s), float(lo), float(hi)
-
-
 def test_ulq_forward_matches_loop_reference() -> None:
     rng = np.random.default_rng(5)
     for cmax, cmin in [(3.0, -1.0), (6.0, 0.0), (0.37, -2.9), (1.0, -1e-3)]:
         x = (rng.standard_normal(3000) * 3).astype(np.float32)
-        y_ref, *_ = _ulq_reference(x, cmax, cmin)
+        y_ref = quant.ulq_forward(x, cmax, cmin)
         y = ulq_forward(x, torch.tensor([cmax]), torch.tensor([cmin]))
         np.testing.assert_array_equal(y.numpy(), y_ref)
 
@@ -100,48 +83,21 @@ def test_ulq_two_forms_identical_and_record_factors() -> None:
         y_rec = fake_quant_data(x, s_d, o_d, rounding=round_even)
         assert torch.equal(y_ulq, y_rec)
         # the record factors are data_scale_offset of the grid-aligned bounds (s up to one ulp)
-        _, s_ref, lo, hi = _ulq_reference(x.numpy()[:1], cmax, cmin)
-        s2, o2 = data_scale_offset(torch.tensor([lo]), torch.tensor([hi]))
-        assert o2.item() == o_d.item() == -_away(cmin / s_ref) - 128
+        grid = quant.ulq_grid(cmax, cmin)
+        s2, o2 = data_scale_offset(torch.tensor([grid.lower]), torch.tensor([grid.upper]))
+        assert o2.item() == o_d.item() == -quant.round_away(cmin / float(grid.s)) - 128
         np.testing.assert_array_max_ulp(s2.numpy(), s_d.numpy(), maxulp=1)
     s_d, o_d = ulq_record_factors(3.0, -1.0, fixed_min=True)
     assert s_d.item() == pytest.approx(3 / 255, rel=1e-7) and o_d.item() == -128
 
 
 # -- backward ----------------------------------------------------------------------------------------------
-def _ulq_backward_reference(
-    x: np.ndarray, dy: np.ndarray, cmax: float, cmin: float
-) -> tuple[np.ndarray, float, float]:
-    """Spec §3.5 in a loop; D(v) evaluated as AMCT's code does, v*255/(cmax - cmin)."""
-    _, _, lo, hi = _ulq_reference(x[:1], cmax, cmin)
-    span = float(np.float32(cmax) - np.float32(cmin))
-
-    def d(v: float) -> float:
-        q = v * 255.0 / span
-        return (_away(q) - q) / 255.0
-
-    dx = np.zeros_like(dy)
-    gmax = gmin = 0.0
-    for i, (v, g) in enumerate(zip(x.astype(np.float64), dy.astype(np.float64))):
-        if v > hi:
-            gmax += g * (d(cmin) + 1)
-            gmin += -g * d(cmin)
-        elif v < lo:
-            gmax += g * d(cmin)
-            gmin += g * (1 - d(cmin))
-        else:
-            gmax += g * d(v)
-            gmin += -g * d(v)
-            dx[i] = dy[i]
-    return dx, gmax, gmin
-
-
 @pytest.mark.parametrize(("cmax", "cmin"), [(3.0, -1.0), (2.5, 0.0), (0.8, -4.0)])
 def test_ulq_backward_matches_loop_reference(cmax: float, cmin: float) -> None:
     rng = np.random.default_rng(7)
     x = (rng.standard_normal(2000) * 3).astype(np.float32)
     dy = rng.standard_normal(2000).astype(np.float32)
-    dx_ref, gmax_ref, gmin_ref = _ulq_backward_reference(x, dy, cmax, cmin)
+    dx_ref, gmax_ref, gmin_ref = quant.ulq_backward(x, dy, cmax, cmin)
     dx, gmax, gmin = ulq_backward(x, dy, torch.tensor([cmax]), torch.tensor([cmin]))
     np.testing.assert_array_equal(dx.numpy(), dx_ref)
     assert gmax.item() == pytest.approx(gmax_ref, rel=1e-4, abs=1e-4)
@@ -161,10 +117,10 @@ def test_ulq_function_autograd(device: str, fixed_min: bool) -> None:
     y = ULQFunction.apply(x, cmax, cmin, fixed_min)
     y.backward(torch.tensor(dy_np, device=device))
     used_min = 0.0 if fixed_min else cmin_v
-    y_ref, *_ = _ulq_reference(x_np.reshape(-1), cmax_v, used_min)
+    y_ref = quant.ulq_forward(x_np.reshape(-1), cmax_v, used_min)
     np.testing.assert_array_equal(y.detach().cpu().numpy().reshape(-1), y_ref)
     flat_x, flat_dy = x_np.reshape(-1), dy_np.reshape(-1)
-    dx_ref, gmax_ref, gmin_ref = _ulq_backward_reference(flat_x, flat_dy, cmax_v, used_min)
+    dx_ref, gmax_ref, gmin_ref = quant.ulq_backward(flat_x, flat_dy, cmax_v, used_min)
     np.testing.assert_array_equal(x.grad.cpu().numpy().reshape(-1), dx_ref)
     assert cmax.grad.shape == (1,) and cmin.grad.shape == (1,)
     assert cmax.grad.item() == pytest.approx(gmax_ref, rel=1e-4, abs=1e-4)
@@ -207,14 +163,10 @@ def test_ulq_clip_gradients_match_finite_differences_of_surrogate() -> None:
     ])
     dy = rng.standard_normal(x.size)
 
-    def residual(v: np.ndarray, sc: float) -> np.ndarray:
-        q = v / sc
-        return np.sign(q) * np.floor(np.abs(q) + 0.5) - q
-
-    r0 = residual(np.clip(x, cmin, cmax), s)
+    r0 = quant.ulq_residual(np.clip(x, cmin, cmax), s)
 
     def surrogate(cmx: float, cmn: float) -> float:
-        return float(np.sum(dy * (np.clip(x, cmn, cmx) + (cmx - cmn) / 255 * r0)))
+        return float(np.sum(dy * quant.ulq_surrogate(x, cmx, cmn, r0)))
 
     fd_max = (surrogate(cmax + h, cmin) - surrogate(cmax - h, cmin)) / (2 * h)
     fd_min = (surrogate(cmax, cmin + h) - surrogate(cmax, cmin - h)) / (2 * h)

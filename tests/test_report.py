@@ -3,8 +3,9 @@
 The model pairs are produced here through the real QAT flow (create_quant_retrain_config ->
 create_quant_retrain_model -> two TRAIN forwards of the retrain net -> net.save -> save_quant_retrain_model
 'Both'), on a small net built here and on MTCNN's P-Net of the shared models. Every number of report.json is
-checked against a direct computation: the three models run here with ``amct_caffe.caffe.Net`` and numpy
-formulas for cosine / SNR / max abs error, and the saturation counted from the record's scale_d/offset_d.
+checked against a direct computation: the three models run here with ``amct_caffe.caffe.Net`` and the
+numpy metrics of tests/references (cosine / SNR, max abs error), and the saturation counted from the
+record's scale_d/offset_d.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import AmctError, ConfigError, RuntimeEngineError
 from amct_caffe.model.io import load_prototxt, save_prototxt
-from amct_caffe.proto import amct_pb2, caffe_pb2
+from amct_caffe.proto import caffe_pb2
+from tests.helpers import read_record
+from tests.references.metrics import cosine, snr_db
+from tests.references.quant import round_away
+from tests.references.real_caffe import SHARED
 
 pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (pip install matplotlib)")
 
@@ -93,9 +98,9 @@ def small(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pnet(tmp_path_factory) -> dict[str, str]:
-    models = Path(__file__).resolve().parents[2] / "shared" / "models" / "mtcnn_det1_pnet"
+    models = SHARED / "models" / "mtcnn_det1_pnet"
     if not models.is_dir():
-        pytest.skip("../shared/models is not present")
+        pytest.skip("the shared models folder is not present")
     d = tmp_path_factory.mktemp("pnet")
     return qat_flow(d, str(models / "det1.prototxt"), str(models / "det1.caffemodel"), (1, 3, 12, 12), 4)
 
@@ -124,24 +129,6 @@ def run_direct(paths: dict[str, str], batches: list[np.ndarray], blobs: list[str
     return out
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel(), b.ravel()
-    return float(np.sum(a * b) / (np.sqrt(np.sum(a * a)) * np.sqrt(np.sum(b * b))))
-
-
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    return float(10.0 * np.log10(np.sum(ref * ref) / np.sum((ref - x) ** 2)))
-
-
-def round_half_away(v: np.ndarray) -> np.ndarray:
-    return np.sign(v) * np.floor(np.abs(v) + 0.5)
-
-
-def read_record(path: str) -> dict[str, amct_pb2.SingleLayerRecord]:
-    msg = text_format.Merge(Path(path).read_text(), amct_pb2.ScaleOffsetRecord())
-    return {entry.key: entry.value for entry in msg.record}
-
-
 def quant_bottoms(fake_model: str) -> dict[str, str]:
     """{quantized layer: the blob its Quant layer reads} from the fake-quant prototxt (the layers reading a
     Quant's top; object_layer joins names with '-', which P-Net's names contain too)."""
@@ -152,7 +139,7 @@ def quant_bottoms(fake_model: str) -> dict[str, str]:
 
 
 def clipped_count(x: np.ndarray, s_d: float, o_d: int) -> tuple[int, int]:
-    codes = round_half_away(x / s_d) + o_d
+    codes = round_away(x / s_d) + o_d
     return int(np.sum(codes < -128)), int(np.sum(codes > 127))
 
 

@@ -16,13 +16,14 @@ from amct_caffe import amct
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError
-from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
 from amct_caffe.model.phase import TEST, TRAIN
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.record import read_records
 from amct_caffe.workflows import qat
-from tests.test_fuse_bn import numpy_fold
+from tests.helpers import caffemodel_blobs, parse_net
+from tests.references.layers import fold_batchnorm
+from tests.references.quant import arq_fake_quant
 
 SMALL = """
 name: "small"
@@ -111,40 +112,11 @@ layer { name: "fc2" type: "InnerProduct" bottom: "fc" top: "fc2" inner_product_p
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-def parse(text: str) -> caffe_pb2.NetParameter:
-    return text_format.Merge(text, caffe_pb2.NetParameter())
-
-
-def round_away(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
-def numpy_arq(w: np.ndarray, channel_wise: bool, axis: int = 0) -> np.ndarray:
-    """Spec §8.2: per row m = max if |max| > |min| else min; s = m/127 (m > 0) or m/-128; s < FLT_EPSILON
-    -> 1; w_hat = clamp(round_away(w/s), -128, 127) * s, all in float32."""
-    w = np.asarray(w, np.float32)
-    moved = np.moveaxis(w, axis, 0)
-    rows = moved.reshape(moved.shape[0], -1) if channel_wise else w.reshape(1, -1)
-    out = np.empty_like(rows)
-    for i, row in enumerate(rows):
-        hi, lo = row.max(), row.min()
-        m = hi if abs(hi) > abs(lo) else lo
-        s = np.float32(m) / np.float32(127) if m > 0 else np.float32(m) / np.float32(-128)
-        if s < np.float32(2.0**-23):
-            s = np.float32(1.0)
-        q = np.clip(round_away(row / s), -128, 127).astype(np.float32)
-        out[i] = q * s
-    if channel_wise:
-        return np.moveaxis(out.reshape(moved.shape), 0, axis)
-    return out.reshape(w.shape)
-
-
 def write_model(folder: Path, text: str, seed: int = 0, weights_text: str | None = None) -> tuple[str, str]:
     """The prototxt ``text`` and a caffemodel of random weights (made with ``weights_text`` if given)."""
     model = folder / "model.prototxt"
     model.write_text(text)
-    net = Net(parse(weights_text or text), TEST)
+    net = Net(parse_net(weights_text or text), TEST)
     randomize_params(net, seed=seed)
     weights = folder / "model.caffemodel"
     save_caffemodel(net.to_proto(), weights)
@@ -153,10 +125,6 @@ def write_model(folder: Path, text: str, seed: int = 0, weights_text: str | None
 
 def outputs(folder: Path) -> tuple[str, str, str]:
     return str(folder / "out.prototxt"), str(folder / "out.caffemodel"), str(folder / "record.txt")
-
-
-def blobs_by_layer(path: str) -> dict[str, list[np.ndarray]]:
-    return {layer.name: [blob_to_array(b) for b in layer.blobs] for layer in load_caffemodel(path).layer}
 
 
 @pytest.fixture
@@ -173,8 +141,9 @@ def small(tmp_path):
 # -- the small net ------------------------------------------------------------------------------------------
 def test_retrain_prototxt_layer_by_layer(small):
     _, _, _, _, (out_model, _, record) = small
-    written = parse(Path(out_model).read_text())
-    expected = parse(EXPECTED_SMALL.replace("ACT_PARAMS", ACT_PARAMS).replace("REC", os.path.abspath(record)))
+    written = parse_net(Path(out_model).read_text())
+    expected = parse_net(EXPECTED_SMALL.replace("ACT_PARAMS", ACT_PARAMS)
+                         .replace("REC", os.path.abspath(record)))
     assert [layer.name for layer in written.layer] == [layer.name for layer in expected.layer]
     for got, want in zip(written.layer, expected.layer):
         assert text_format.MessageToString(got) == text_format.MessageToString(want), got.name
@@ -183,18 +152,18 @@ def test_retrain_prototxt_layer_by_layer(small):
 
 def test_retrain_weights(small):
     _, _, weights, _, (_, out_weights, _) = small
-    original = blobs_by_layer(weights)
-    written = blobs_by_layer(out_weights)
+    original = caffemodel_blobs(weights, keep_empty=True)
+    written = caffemodel_blobs(out_weights, keep_empty=True)
     assert list(written) == ["conv1_act_retrain", "conv1_wts_retrain", "conv1", "conv2a_wts_retrain",
                              "conv2a", "conv2b_wts_retrain", "conv2b", "fc_act_retrain", "fc_wts_retrain",
                              "fc", "fc2"]
 
-    w1, b1 = numpy_fold({"conv": original["conv1"], "bn": original["bn1"], "scale": original["scale1"]},
+    w1, b1 = fold_batchnorm({"conv": original["conv1"], "bn": original["bn1"], "scale": original["scale1"]},
                         conv_bias=True, scale=True, scale_bias=True, axis=0, eps=1e-5)
-    w1_hat = numpy_arq(w1, channel_wise=True)
+    w1_hat = arq_fake_quant(w1, channel_wise=True)[0]
     np.testing.assert_array_equal(written["conv1_wts_retrain"][1], w1)
     shadow = written["conv1_wts_retrain"][1]
-    np.testing.assert_array_equal(written["conv1_wts_retrain"][0], numpy_arq(shadow, True))
+    np.testing.assert_array_equal(written["conv1_wts_retrain"][0], arq_fake_quant(shadow, True)[0])
     np.testing.assert_array_equal(written["conv1_wts_retrain"][0], w1_hat)
     np.testing.assert_array_equal(written["conv1"][0], written["conv1_wts_retrain"][0])
     np.testing.assert_allclose(written["conv1"][1], b1, rtol=1e-6, atol=1e-6)
@@ -202,15 +171,16 @@ def test_retrain_weights(small):
     for name in ("conv2a", "conv2b"):
         w = original[name][0]
         np.testing.assert_array_equal(written[f"{name}_wts_retrain"][1], w)
-        np.testing.assert_array_equal(written[f"{name}_wts_retrain"][0], numpy_arq(w, channel_wise=True))
-        np.testing.assert_array_equal(written[name][0], numpy_arq(w, channel_wise=True))
+        w_hat, _ = arq_fake_quant(w, channel_wise=True)
+        np.testing.assert_array_equal(written[f"{name}_wts_retrain"][0], w_hat)
+        np.testing.assert_array_equal(written[name][0], w_hat)
     np.testing.assert_array_equal(written["conv2b"][1], original["conv2b"][1])
     assert len(written["conv2a"]) == 1
 
     fc = original["fc"][0]
     np.testing.assert_array_equal(written["fc_wts_retrain"][1], fc)
-    np.testing.assert_array_equal(written["fc_wts_retrain"][0], numpy_arq(fc, channel_wise=False))
-    np.testing.assert_array_equal(written["fc"][0], numpy_arq(fc, channel_wise=False))
+    np.testing.assert_array_equal(written["fc_wts_retrain"][0], arq_fake_quant(fc, channel_wise=False)[0])
+    np.testing.assert_array_equal(written["fc"][0], arq_fake_quant(fc, channel_wise=False)[0])
     np.testing.assert_array_equal(written["fc"][1], original["fc"][1])
     np.testing.assert_array_equal(written["fc2"][0], original["fc2"][0])
 
@@ -261,7 +231,7 @@ def test_retrain_model_runs_in_the_engine(tmp_path):
         wts = net.engine_layers[net.layer_index("conv1_wts_retrain")]
         assert conv1.blobs[0] is wts.blobs[0]  # the conv uses the fake-quantized weight
         shadow = wts.blobs[1].detach().numpy()
-        np.testing.assert_array_equal(conv1.blobs[0].detach().numpy(), numpy_arq(shadow, True))
+        np.testing.assert_array_equal(conv1.blobs[0].detach().numpy(), arq_fake_quant(shadow, True)[0])
 
 
 def test_deconvolution_weight_axes(tmp_path):
@@ -277,14 +247,14 @@ layer { name: "up" type: "Deconvolution" bottom: "data" top: "up"
     config.write_text(json.dumps({"up": {"retrain_data_config": {"clip_max": 1.0, "clip_min": -1.0}}}))
     outs = outputs(tmp_path)
     amct.create_quant_retrain_model(model, weights, str(config), *outs)
-    written = parse(Path(outs[0]).read_text())
+    written = parse_net(Path(outs[0]).read_text())
     p = written.layer[2].retrain_weight_quant_param
     assert (p.cout, p.cin, p.h, p.w, p.channel_wise, p.layer_type) == (6, 3, 2, 2, True, "Deconvolution")
-    w = blobs_by_layer(weights)["up"][0]
-    blobs = blobs_by_layer(outs[1])
+    w = caffemodel_blobs(weights, keep_empty=True)["up"][0]
+    blobs = caffemodel_blobs(outs[1], keep_empty=True)
     assert w.shape == (3, 6, 2, 2)
-    np.testing.assert_array_equal(blobs["up_wts_retrain"][0], numpy_arq(w, True, axis=1))
-    np.testing.assert_array_equal(blobs["up"][0], numpy_arq(w, True, axis=1))
+    np.testing.assert_array_equal(blobs["up_wts_retrain"][0], arq_fake_quant(w, True, axis=1)[0])
+    np.testing.assert_array_equal(blobs["up"][0], arq_fake_quant(w, True, axis=1)[0])
     assert read_records(outs[2])["up"].shape == (3, 4, 4)
     net = Net(outs[0], TEST, weights=outs[1])
     assert net.engine_layers[net.layer_index("up")].blobs[0].shape == (3, 6, 2, 2)
@@ -318,13 +288,13 @@ def test_train_and_test_data_layers_get_one_insertion(tmp_path):
     amct.create_quant_retrain_config(config, model, weights)
     outs = outputs(tmp_path)
     amct.create_quant_retrain_model(model, weights, config, *outs)
-    written = parse(Path(outs[0]).read_text())
+    written = parse_net(Path(outs[0]).read_text())
     assert [(layer.name, layer.type) for layer in written.layer] == [
         ("data", "DummyData"), ("data", "DummyData"), ("conv1_act_retrain", "ActivationQAT"),
         ("conv1_wts_retrain", "WeightQAT"), ("conv1", "Convolution"), ("relu1", "ReLU"),
         ("fc_act_retrain", "ActivationQAT"), ("fc_wts_retrain", "WeightQAT"), ("fc", "InnerProduct"),
         ("loss", "SoftmaxWithLoss"), ("accuracy", "Accuracy")]
-    original = parse(PHASED)
+    original = parse_net(PHASED)
     assert written.layer[0] == original.layer[0] and written.layer[1] == original.layer[1]
     assert list(written.layer[2].bottom) == ["data"]
     assert written.layer[6].retrain_data_quant_param.fixed_min
@@ -487,7 +457,7 @@ def test_resnet50_converts_with_every_batch_norm_folded(shared_models, tmp_path)
     config.write_text(json.dumps(settings))
     outs = outputs(tmp_path)
     amct.create_quant_retrain_model(prototxt, weights, str(config), *outs)
-    written = parse(Path(outs[0]).read_text())
+    written = parse_net(Path(outs[0]).read_text())
     types = [layer.type for layer in written.layer]
     assert types.count("Convolution") == 53
     assert types.count("BatchNorm") == 0 and types.count("Scale") == 0

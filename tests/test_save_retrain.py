@@ -2,7 +2,7 @@
 runs, BatchNorm folded at save time, the real Caffe reading our caffemodels, and the QAT flow end to end.
 
 Expected values are computed by hand (the tiny case: power-of-two scales, so every number is exact) or by
-small numpy implementations of the spec's formulas written here.
+the numpy references of tests/references.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, RecordError
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
-from amct_caffe.proto import amct_pb2, caffe_pb2
+from amct_caffe.proto import caffe_pb2
 from amct_caffe.workflows import qat
-from tests.reference import run_reference
+from tests.helpers import parse_net, read_record
+from tests.references.layers import conv2d, fold_batchnorm
+from tests.references.quant import arq_codes, arq_scales, data_scale_offset, round_away
+from tests.references.real_caffe import run_reference
 
 TEST = caffe_pb2.TEST
 
@@ -99,10 +102,6 @@ FILES["Both"] = FILES["Fakequant"] + FILES["Deploy"]
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-def parse(text: str) -> caffe_pb2.NetParameter:
-    return text_format.Merge(text, caffe_pb2.NetParameter())
-
-
 def float_blob(blob: caffe_pb2.BlobProto, array: np.ndarray) -> None:
     array = np.asarray(array, dtype=np.float32)
     blob.shape.dim.extend(array.shape)
@@ -111,7 +110,7 @@ def float_blob(blob: caffe_pb2.BlobProto, array: np.ndarray) -> None:
 
 def caffemodel(net_text: str, blobs: dict[str, list[np.ndarray]]) -> caffe_pb2.NetParameter:
     """A caffemodel holding ``blobs`` for the named layers of ``net_text`` (as Caffe's ToProto writes it)."""
-    net = parse(net_text)
+    net = parse_net(net_text)
     out = caffe_pb2.NetParameter(name=net.name)
     for layer in net.layer:
         if layer.name in blobs:
@@ -151,52 +150,10 @@ def load_text_net(path: str | Path) -> caffe_pb2.NetParameter:
     return text_format.Merge(Path(path).read_text(), caffe_pb2.NetParameter())
 
 
-def read_record(path: str | Path) -> dict[str, amct_pb2.SingleLayerRecord]:
-    msg = text_format.Parse(Path(path).read_text(), amct_pb2.ScaleOffsetRecord())
-    return {entry.key: entry.value for entry in msg.record}
-
-
-def round_away(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
-def arq_numpy(w: np.ndarray, channel_wise: bool, axis: int) -> np.ndarray:
-    """ARQ scales (spec §8.2) by loops: per channel along ``axis`` or one for the tensor."""
-    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if channel_wise else w.reshape(1, -1)
-    scales = []
-    for row in rows:
-        hi, lo = float(row.max()), float(row.min())
-        m = hi if abs(hi) > abs(lo) else lo
-        s = np.float32(m) / np.float32(127) if m > 0 else np.float32(m) / np.float32(-128)
-        scales.append(np.float32(1.0) if s < 2.0**-23 else s)
-    return np.array(scales, dtype=np.float32)
-
-
 def along(scale: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
     return scale.reshape(shape) if scale.size > 1 else scale.reshape([1] * ndim)
-
-
-def data_factors(cmax: float, cmin: float, fixed_min: bool) -> tuple[np.float32, int]:
-    """Spec §8.1 in float32: s_d = (cmax - cmin)/255, o_d = -round_away(cmin/s_d) - 128."""
-    cmax, cmin = np.float32(max(cmax, 0.0)), np.float32(0.0 if fixed_min else min(cmin, 0.0))
-    s = np.float32((cmax - cmin) / np.float32(255))
-    return s, int(-round_away(np.float32(cmin / s)) - 128)
-
-
-def conv2d_numpy(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Valid, stride-1 convolution by loops (float64)."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    y = np.zeros((n, o, h - kh + 1, wd - kw + 1))
-    for ni in range(n):
-        for oi in range(o):
-            for i in range(h - kh + 1):
-                for j in range(wd - kw + 1):
-                    y[ni, oi, i, j] = np.sum(x[ni, :, i:i + kh, j:j + kw].astype(np.float64) * w[oi]) + b[oi]
-    return y
 
 
 def blob_layers(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
@@ -224,7 +181,7 @@ def test_tiny_both_field_by_field(tmp_path):
     assert listing(out) == sorted(FILES["Both"] + ["record.txt"])
 
     # prototxts: identical, exactly the expected net
-    expected = parse(EXPECTED_TINY_SAVED)
+    expected = parse_net(EXPECTED_TINY_SAVED)
     for name in ("m_fake_quant_model.prototxt", "m_deploy_model.prototxt"):
         saved = load_text_net(out / name)
         assert saved == expected, name
@@ -470,7 +427,7 @@ def mid_retrained(tmp_path):
     d = tmp_path / "mid"
     d.mkdir()
     (d / "m.prototxt").write_text(MID)
-    net = Net(parse(MID), TEST)
+    net = Net(parse_net(MID), TEST)
     randomize_params(net, 3)
     net.save(d / "m.caffemodel")
     (d / "c.json").write_text(json.dumps(MID_CONFIG))
@@ -501,13 +458,13 @@ def _retrained_factors(weights_file: Path, model_file: Path) -> tuple[dict, dict
             p = layer.retrain_data_quant_param
             cmax, cmin = layers[name].blobs[0].data[0], layers[name].blobs[1].data[0]
             for consumer in p.object_layer.split("-"):
-                data[consumer] = data_factors(cmax, cmin, p.fixed_min)
+                data[consumer] = data_scale_offset(cmax, cmin, p.fixed_min)
         if layer.type == "WeightQAT":
             p = layer.retrain_weight_quant_param
             blob = layers[name].blobs[1]
             shadow = np.array(blob.data, np.float32).reshape(tuple(blob.shape.dim))
             target = name[: -len("_wts_retrain")]
-            wts[target] = (shadow, arq_numpy(shadow, p.channel_wise, WEIGHT_AXIS[target]))
+            wts[target] = (shadow, arq_scales(shadow, p.channel_wise, WEIGHT_AXIS[target]))
     return data, wts
 
 
@@ -570,7 +527,7 @@ def test_mid_net_consistency(mid_retrained):
         axis = WEIGHT_AXIS[name]
         w_blob = deploy[name].blobs[0]
         codes = np.frombuffer(w_blob.int8_data, np.int8).reshape(tuple(w_blob.shape.dim))
-        expected_codes = np.clip(round_away(shadow / along(sw, shadow.ndim, axis)), -128, 127)
+        expected_codes = arq_codes(shadow, sw, sw.size > 1, axis)
         np.testing.assert_array_equal(codes, expected_codes)
         fake_w = np.array(fake[name].blobs[0].data, np.float32).reshape(codes.shape)
         np.testing.assert_array_equal(codes.astype(np.float32) * along(sw, codes.ndim, axis), fake_w)
@@ -634,7 +591,7 @@ def test_tiny_fake_quant_runs_in_engine(tmp_path):
     net.run()
     q = np.clip(round_away(x / S_D) + O_D, -128, 127)
     xq = (q - O_D) * S_D
-    expected = conv2d_numpy(xq, W_HAT.astype(np.float64), FAKE_BIAS.astype(np.float64))
+    expected = conv2d(xq, W_HAT, FAKE_BIAS)
     np.testing.assert_allclose(net.tensor("conv1").numpy(), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(net.tensor("conv1_quant_layer").numpy(), xq, rtol=0, atol=0)
 
@@ -659,13 +616,11 @@ def test_batch_norm_folded_at_save(tmp_path, channel_wise):
     out = tmp_path / "out"
     amct.save_quant_retrain_model(model, weights, "Both", str(out / "m"), str(out / "r.txt"))
 
-    # spec §2.2: mean = 0.2, -0.1; var = 0.75, 0.3; k = gamma / sqrt(var + eps); W' = W k;
-    # b' = (0 - mean) k + beta
-    mean, var = MEAN_SUM.astype(np.float64) / 2.0, VAR_SUM.astype(np.float64) / 2.0
-    k = GAMMA.astype(np.float64) / np.sqrt(var + np.float64(np.float32(0.001)))
-    folded_w = (SHADOW.astype(np.float64) * k.reshape(2, 1, 1, 1)).astype(np.float32)
-    folded_b = ((0.0 - mean) * k + BETA).astype(np.float32)
-    s_w = arq_numpy(folded_w, channel_wise, 0)
+    # mean = 0.2, -0.1; var = 0.75, 0.3; k = gamma / sqrt(var + eps); W' = W k; b' = (0 - mean) k + beta
+    bn = {"conv": [SHADOW], "bn": [MEAN_SUM, VAR_SUM, FACTOR], "scale": [GAMMA, BETA]}
+    folded_w, folded_b = fold_batchnorm(bn, conv_bias=False, scale=True, scale_bias=True, axis=0, eps=0.001)
+    k = GAMMA.astype(np.float64) / np.sqrt(VAR_SUM.astype(np.float64) / 2.0 + np.float64(np.float32(0.001)))
+    s_w = arq_scales(folded_w, channel_wise, 0)
     if channel_wise:
         # channel 0 (k > 0): ARQ is equivariant to a positive factor, s_w' = |k| s_w. Channel 1 (k < 0): the
         # dominant extreme -2.0 becomes +2|k|, which ARQ divides by 127, not 128: s_w' = 2|k|/127 != |k| s_w.
@@ -686,7 +641,7 @@ def test_batch_norm_folded_at_save(tmp_path, channel_wise):
     deploy = blob_layers(load_caffemodel(out / "m_deploy_weights.caffemodel", upgrade=False))
     assert "bn1" not in fake and "scale1" not in fake
     codes = np.frombuffer(deploy["conv1"].blobs[0].int8_data, np.int8).reshape(2, 2, 2, 2)
-    np.testing.assert_array_equal(codes, np.clip(round_away(folded_w / along(sw, 4, 0)), -128, 127))
+    np.testing.assert_array_equal(codes, arq_codes(folded_w, sw, sw.size > 1, 0))
     fake_w = np.array(fake["conv1"].blobs[0].data, np.float32).reshape(2, 2, 2, 2)
     np.testing.assert_array_equal(fake_w, codes.astype(np.float32) * along(sw, 4, 0))
     np.testing.assert_allclose(fake_w, folded_w, atol=float(sw.max()) / 2 + 1e-9)
@@ -770,7 +725,7 @@ def test_reference_caffe_reads_saved_caffemodels(tmp_path, reference_caffe):
 def test_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.prototxt").write_text(MID)
-    float_net = Net(parse(MID), TEST)
+    float_net = Net(parse_net(MID), TEST)
     randomize_params(float_net, 11)
     float_net.save(tmp_path / "m.caffemodel")
     amct.create_quant_retrain_config("config.json", "m.prototxt", "m.caffemodel")

@@ -25,7 +25,7 @@ from amct_caffe.errors import ModelFormatError, RuntimeEngineError, UnsupportedL
 from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.model.io import load_caffemodel
 from amct_caffe.proto import amct_pb2, caffe_pb2
-from tests.reference import reference_python
+from tests.references.real_caffe import reference_python
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
@@ -632,7 +632,7 @@ def cross_check(tmp_path_factory) -> dict:
     """The data, start weights and solvers of the cross-check, and the reference Caffe's results."""
     py = reference_python()
     if py is None:
-        pytest.skip("reference Caffe not installed (set AMCT_REF_CAFFE_PYTHON or run .ci/run)")
+        pytest.skip("reference Caffe not installed (set AMCT_REF_CAFFE_PYTHON or run scripts/test.sh)")
     h5py = pytest.importorskip("h5py")
     root = tmp_path_factory.mktemp("cross")
     rng = np.random.default_rng(7)

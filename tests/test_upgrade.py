@@ -724,7 +724,7 @@ def test_reference_blob_shapes_match_our_engine(reference_views, key):
 
 @pytest.mark.reference
 def test_reference_reads_our_v1_caffemodel_the_same(reference_caffe, tmp_path):
-    from tests.reference import run_reference
+    from tests.references.real_caffe import run_reference
 
     old, arrays = _v1_caffemodel(np.random.default_rng(1))
     path = tmp_path / "old.caffemodel"

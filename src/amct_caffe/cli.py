@@ -246,12 +246,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             inputs[name] = rng.standard_normal(shapes[name]).astype(np.float32)
     net.reshape()
     start = time.perf_counter()
-    outputs = net.forward(**inputs)
+    outputs = net.forward(blobs=None, start=None, end=None, **inputs)
     elapsed = time.perf_counter() - start
     _print_outputs(outputs)
     print(f"forward: {elapsed * 1000:.1f} ms")
     if args.save:
-        np.savez(args.save, **outputs)
+        arrays: dict[str, Any] = dict(outputs)  # numpy's stub would match a blob name to savez's flags
+        np.savez(args.save, **arrays)
         print(f"outputs saved to {args.save}")
     if args.output_dir:
         folder = Path(args.output_dir)

@@ -21,6 +21,27 @@ stock pycaffe without importing torch.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names __getattr__ resolves, for type checkers (importing them here would load torch)
+    from amct_caffe.caffe import io as io
+    from amct_caffe.caffe import proto as proto
+    from amct_caffe.caffe.pycaffe import TEST as TEST
+    from amct_caffe.caffe.pycaffe import TRAIN as TRAIN
+    from amct_caffe.caffe.pycaffe import AdaDeltaSolver as AdaDeltaSolver
+    from amct_caffe.caffe.pycaffe import AdaGradSolver as AdaGradSolver
+    from amct_caffe.caffe.pycaffe import AdamSolver as AdamSolver
+    from amct_caffe.caffe.pycaffe import Blob as Blob
+    from amct_caffe.caffe.pycaffe import NesterovSolver as NesterovSolver
+    from amct_caffe.caffe.pycaffe import Net as Net
+    from amct_caffe.caffe.pycaffe import RMSPropSolver as RMSPropSolver
+    from amct_caffe.caffe.pycaffe import SGDSolver as SGDSolver
+    from amct_caffe.caffe.pycaffe import get_solver as get_solver
+    from amct_caffe.caffe.pycaffe import layer_type_list as layer_type_list
+    from amct_caffe.caffe.pycaffe import set_device as set_device
+    from amct_caffe.caffe.pycaffe import set_mode_cpu as set_mode_cpu
+    from amct_caffe.caffe.pycaffe import set_mode_gpu as set_mode_gpu
+    from amct_caffe.caffe.pycaffe import set_random_seed as set_random_seed
 
 # public name -> module that defines it
 _EXPORTS = {

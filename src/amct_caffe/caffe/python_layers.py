@@ -210,6 +210,9 @@ class _FakeQuantLayer:
     type_name = "?"
     #: ``python_param.param_str``, set by Caffe before ``setup`` (by :class:`StandaloneLayer` outside Caffe).
     param_str: str
+    #: The layer's blobs, provided by the base the concrete classes mix this into (``caffe.Layer`` or
+    #: :class:`StandaloneLayer`); declared here for the type checker.
+    blobs: Any
 
     def _params(self) -> dict[str, Any]:
         text = self.param_str or ""

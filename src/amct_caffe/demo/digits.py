@@ -70,7 +70,7 @@ def _require(module: str, package: str) -> ModuleType:
 
 def deploy_prototxt() -> str:
     """Path of the bundled deploy net ``amct_caffe/data/lenet_digits.prototxt`` (Input 1x1x8x8 -> prob)."""
-    return os.fspath(resources.files("amct_caffe") / "data" / "lenet_digits.prototxt")
+    return str(resources.files("amct_caffe") / "data" / "lenet_digits.prototxt")
 
 
 # -- the data ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.proto import caffe_pb2
@@ -58,7 +59,7 @@ def filter_net(
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     del out.layer[:]
-    out.state.phase = phase
+    out.state.phase = cast(caffe_pb2.Phase, phase)  # an enum field holds the plain int value
     out.state.level = level
     del out.state.stage[:]
     out.state.stage.extend(sorted(stage_set))

@@ -22,6 +22,7 @@ layer. This module works on protobuf messages only (no torch).
 from __future__ import annotations
 
 from google.protobuf import descriptor as pb_descriptor
+from google.protobuf.message import Message
 
 from amct_caffe.errors import ModelFormatError, where
 from amct_caffe.log import get_logger
@@ -266,7 +267,7 @@ def _fold_v0_padding_layers(net: caffe_pb2.NetParameter, path: str) -> list[caff
     return out
 
 
-def _set_field(msg: object, field: str, value: object) -> None:
+def _set_field(msg: Message, field: str, value: object) -> None:
     """Set ``msg.field`` to ``value``: append to a repeated field (conv pad/kernel_size/stride), copy a
     message (fillers), assign a scalar."""
     fd = msg.DESCRIPTOR.fields_by_name[field]

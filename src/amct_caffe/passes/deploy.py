@@ -74,11 +74,11 @@ def caffemodel_with_typed_blobs(
         merged[name] = [np.zeros(0, np.float32) for _ in blobs]  # placeholders, replaced below
     out = weights_to_net(merged, net, like=like)
     for lp in out.layer:
-        blobs = typed.get(lp.name)
-        if blobs is None:
+        layer_blobs = typed.get(lp.name)
+        if layer_blobs is None:
             continue
         del lp.blobs[:]
-        for array, kind in blobs:
+        for array, kind in layer_blobs:
             array_to_blob(array, lp.blobs.add(), kind)
     return out
 

@@ -207,9 +207,10 @@ def find_bn_folds(graph: Graph, weights: Weights) -> list[tuple[BNFold, np.ndarr
                 LOGGER.debug("%s '%s': BatchNorm not folded: %s.", conv.type, conv.name, why)
             continue
         why = _check_phases(fold, graph, views)
+        weight = bias = None
         if not why:
             weight, bias, why = _fold_values(graph, weights, fold)
-        if why:
+        if why or weight is None or bias is None:
             LOGGER.debug("%s '%s': BatchNorm '%s' not folded: %s.", conv.type, conv.name, fold.batch_norm,
                          why)
             continue

@@ -333,7 +333,8 @@ def insert_retrain_layers(
     record_file = os.fspath(record_file)
 
     # Check everything before the first edit, so that an error leaves graph and weights untouched.
-    new_names, settings, fake = [], [], {}
+    new_names, settings = [], []
+    fake: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}  # layer: (weight, ARQ fake-quant, channel_wise)
     for group in groups:
         settings.append(_group_data_settings(group, config, where))
         new_names.append(group.name)
@@ -345,10 +346,10 @@ def insert_retrain_layers(
             weight = _checked_weight(graph, weights, layer, weights_file)
             channel_wise = bool(config[name].channel_wise)
             try:
-                w_hat, _ = arq_fake_quant(weight, channel_wise, weight_channel_axis(layer.type))
+                quantized, _ = arq_fake_quant(weight, channel_wise, weight_channel_axis(layer.type))
             except AmctError as exc:
                 raise _with_layer(exc, f"Layer '{name}' of {where}, weights from '{weights_file}'") from exc
-            fake[name] = (weight, w_hat.numpy(), channel_wise)
+            fake[name] = (weight, quantized.numpy(), channel_wise)
             new_names += [wts_layer_name(name), shared_weight_name(name)]
     if len(set(new_names)) != len(new_names):
         duplicate = next(n for n in new_names if new_names.count(n) > 1)

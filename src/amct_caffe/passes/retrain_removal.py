@@ -155,7 +155,8 @@ def _clips(weights: Weights, act: caffe_pb2.LayerParameter, where: str) -> tuple
     p = act.retrain_data_quant_param
     stored_max = blobs[0].reshape(-1)[:1].astype(np.float32)
     stored_min = blobs[1].reshape(-1)[:1].astype(np.float32)
-    result = clip_check(stored_max, stored_min, np.float32([p.clip_max]), np.float32([p.clip_min]))
+    result = clip_check(stored_max, stored_min, np.array([p.clip_max], np.float32),
+                        np.array([p.clip_min], np.float32))
     cmax = float(result.clip_max.reshape(-1)[0])
     cmin = float(result.clip_min.reshape(-1)[0])
     stored = (float(blobs[0].reshape(-1)[0]), float(blobs[1].reshape(-1)[0]))
@@ -181,7 +182,7 @@ def _activation_consumers(
     graph: Graph, act: caffe_pb2.LayerParameter, where: str
 ) -> list[tuple[caffe_pb2.LayerParameter, caffe_pb2.LayerParameter | None]]:
     """``(quantized layer, its WeightQAT or None)`` for every reader of the ``ActivationQAT``'s output."""
-    out = []
+    out: list[tuple[caffe_pb2.LayerParameter, caffe_pb2.LayerParameter | None]] = []
     for reader, _ in graph.consumers(act.name, 0):
         if reader.type == WEIGHT_QAT:
             readers = [layer for layer, _ in graph.consumers(reader.name, 0)]
@@ -307,7 +308,8 @@ def read_retrain_factors(graph: Graph, weights: Weights, weights_file: str = "")
         cmax, cmin = _clips(weights, act, where)
         p = act.retrain_data_quant_param
         try:
-            s_d, o_d = ulq_record_factors(np.float32([cmax]), np.float32([cmin]), bool(p.fixed_min))
+            s_d, o_d = ulq_record_factors(np.array([cmax], np.float32), np.array([cmin], np.float32),
+                                          bool(p.fixed_min))
         except AmctError as exc:
             raise with_context(exc, f"Layer '{act.name}' of {where}") from exc
         consumers = []

@@ -296,7 +296,9 @@ def _check_object(
         what = "layer names must be unique" if not layer else "each setting is given once"
         raise rep.error(_json_key(layer, prefix + duplicates[0]), f"appears more than once ({what})",
                         "Keep one entry per key.")
-    for key in obj if allowed is not None else ():
+    if allowed is None:
+        return
+    for key in obj:
         if key not in allowed:
             raise rep.error(_json_key(layer, prefix + key), "unknown key",
                             f"Remove it; the keys allowed here are {', '.join(allowed)}.")

@@ -100,8 +100,8 @@ def ifmr(
     vmin = torch.kthvalue(x, percentile_rank(n, min_percentile)).values
     vmax = torch.clamp(vmax, min=0.0)
     vmin = torch.clamp(vmin, max=0.0)
-    ratios = search_ratios(search_start, search_end, search_step)
-    ratios = torch.tensor(ratios, dtype=x.dtype, device=x.device)
+    ratios = torch.tensor(search_ratios(search_start, search_end, search_step), dtype=x.dtype,
+                          device=x.device)
 
     if with_offset:
         cands = ratios * vmax

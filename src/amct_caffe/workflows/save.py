@@ -152,8 +152,8 @@ def _selected_layers(
         return quantized
     config = load_json_config(config_file, describe_layers(graph), model_file)
     present = set(quantized)
-    for name, cfg in config.items():
-        if cfg.retrain_enable and name not in present:
+    for name, entry in config.items():
+        if entry.retrain_enable and name not in present:
             raise ConfigError(
                 f"QAT config '{config_file}' enables layer '{name}', but retrain model '{model_file}' has no "
                 "retrain layers for it, so nothing was trained to quantize it with. Pass the config the "
@@ -243,8 +243,8 @@ def _input_shapes(
     from amct_caffe.engine.shapes import legacy_chw, shape_net
 
     engine, problem = shape_net(net, TEST)
+    shapes: dict[str, tuple[int, int, int]] = {}
     if engine is not None:
-        shapes = {}
         for group in groups:
             chw = legacy_chw(tuple(engine.tensor(group.bottom).shape))
             if chw is not None:
@@ -257,7 +257,10 @@ def _input_shapes(
             old = read_records(record_file, validate=False)
         except RecordError as exc:
             LOGGER.debug("Record '%s' gives no shapes: %s", record_file, exc)
-    shapes = {name: old[name].shape for name in names if name in old and old[name].shape is not None}
+    for name in names:
+        shape = old[name].shape if name in old else None
+        if shape is not None:
+            shapes[name] = shape
     if len(shapes) < len(names):
         LOGGER.warning(
             "Cannot build the TEST phase of '%s' in the engine to find the input shapes of the quantized "
@@ -265,7 +268,7 @@ def _input_shapes(
             "record lists.",
             model_file, problem, len(shapes),
         )
-    return shapes  # type: ignore[return-value]
+    return shapes
 
 
 def _records(
@@ -364,10 +367,10 @@ def save_quant_retrain_model(
     validate_records(records, paths.record)
     text = prototxt_text(saved).encode("utf-8")
     with AtomicFiles() as files:
-        if fake is not None:
+        if fake is not None and paths.fake_model and paths.fake_weights:
             files.write(paths.fake_model, text)
             files.write(paths.fake_weights, fake.SerializeToString())
-        if deploy is not None:
+        if deploy is not None and paths.deploy_model and paths.deploy_weights:
             files.write(paths.deploy_model, text)
             files.write(paths.deploy_weights, deploy.SerializeToString())
         files.write(paths.record, record_text(records, order).encode("utf-8"))

@@ -168,7 +168,8 @@ class NetSpec:
     def state(self) -> caffe_pb2.NetState:
         """The NetState as Caffe merges it: the phase, then the net's own ``state``, then the solver's."""
         net_param = load_prototxt(self.source) if isinstance(self.source, str) else self.source
-        state = caffe_pb2.NetState(phase=self.phase)
+        state = caffe_pb2.NetState()
+        state.phase = caffe_pb2.Phase.Value(caffe_pb2.Phase.Name(self.phase))
         state.MergeFrom(net_param.state)
         if self.extra_state is not None:
             state.MergeFrom(self.extra_state)

@@ -1,4 +1,4 @@
-"""Runs inside the reference Caffe's venv (see reference.py): forward one net, dump every blob and param."""
+"""Runs inside the real Caffe's venv (see real_caffe.py): forward one net, dump every blob and param."""
 
 import sys
 

@@ -1,8 +1,8 @@
-"""Examples quoted from ../shared/spec/amct-caffe-spec.md, shared by the tests (no imports: the proto tests
-run without torch)."""
+"""AMCT's documented example of a scale/offset record file, as text (no imports: the proto tests run without
+torch)."""
 
-#: The record file example of spec §5.2.
-SPEC_EXAMPLE = """
+#: The record file example of AMCT's documentation: two layers, one with per-channel weight scales.
+RECORD_EXAMPLE = """
 record {
   key: "conv1"
   value {
