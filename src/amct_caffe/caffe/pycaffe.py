@@ -307,7 +307,7 @@ class Net(EngineNet):
             if count < batch:
                 chunk = {k: np.concatenate([v, np.zeros((batch - count,) + v.shape[1:], v.dtype)])
                          for k, v in chunk.items()}
-            result = self.forward(blobs=blobs, **chunk)
+            result = self.forward(blobs, None, None, **chunk)
             for k, v in result.items():
                 outputs.setdefault(k, []).append(np.array(v[:count]))
         return {k: np.concatenate(v) for k, v in outputs.items()}

@@ -9,7 +9,7 @@ import torch
 
 from amct_caffe.errors import RuntimeEngineError
 
-_STATE = {"mode": "cpu", "device_id": 0}
+_STATE: dict[str, str | int] = {"mode": "cpu", "device_id": 0}
 
 
 def set_mode_cpu() -> None:
@@ -35,7 +35,7 @@ def set_device(device_id: int) -> None:
 def current_device() -> torch.device:
     """The torch device new nets are built on."""
     if _STATE["mode"] == "gpu":
-        return torch.device("cuda", _STATE["device_id"])
+        return torch.device("cuda", int(_STATE["device_id"]))
     return torch.device("cpu")
 
 

@@ -22,6 +22,7 @@ import torch
 from amct_caffe.engine.device import current_device, full_float32
 from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
+from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
 from amct_caffe.log import get_logger
@@ -292,9 +293,9 @@ class Net:
             self.input_layer(name).set_input(name, value)
         self._data[name] = value
 
-    def input_layer(self, blob: str) -> Layer:
+    def input_layer(self, blob: str) -> Input:
         for layer, tops in zip(self.engine_layers, self.layer_tops):
-            if layer.type_name == "Input" and blob in tops:
+            if isinstance(layer, Input) and blob in tops:
                 return layer
         raise RuntimeEngineError(f"'{blob}' is not an input blob of net '{self.path or self.param.name}'.")
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,6 +186,7 @@ def _affine_of(layer: Layer) -> tuple[Tensor, Tensor]:
         std = torch.sqrt(var + layer.eps)
         a = 1.0 / std
         return a, -mean * a
+    assert isinstance(layer, Scale)
     gamma = layer.blobs[0].detach().double()
     beta = layer.blobs[1].detach().double() if layer.bias_term else torch.zeros_like(gamma)
     return gamma, beta
@@ -326,7 +328,9 @@ class _ProducerStep(_Cached):
     def __init__(self, index: int, layer: Layer, bottom: str, top: str, chain: list[Layer], last: int,
                  relu: Callable[[Tensor], Tensor] | None, relu_is_plain: bool) -> None:
         self.first, self.last = index, last
-        self.layer, self.bottom, self.top, self.chain = layer, bottom, top, chain
+        # a Convolution or an InnerProduct: their geometry attributes are read below
+        self.layer: Any = layer
+        self.bottom, self.top, self.chain = bottom, top, chain
         self.relu, self.relu_is_plain = relu, relu_is_plain
         self.conv = type(layer) is Convolution
         self.sources = [(lay, i) for lay in [layer, *chain] for i in range(len(lay.blobs))]
@@ -365,8 +369,8 @@ class _ProducerStep(_Cached):
         layer = self.layer
         if x.shape != self.checked:
             if self.conv:
-                layer._check_bottoms([x])  # type: ignore[attr-defined]
-            elif x.dim() <= layer.axis or int(np.prod(x.shape[layer.axis:])) != layer.k:  # type: ignore[attr-defined]
+                layer._check_bottoms([x])
+            elif x.dim() <= layer.axis or int(np.prod(x.shape[layer.axis:])) != layer.k:
                 plan.run_layers(self.first, self.last, data)  # the layer raises its own error
                 return
             self.checked = x.shape
@@ -374,7 +378,7 @@ class _ProducerStep(_Cached):
         if self.conv:
             y = self._conv(plan, fold, x)
         else:
-            y = F.linear(x.flatten(layer.axis), fold.weight, fold.bias)  # type: ignore[attr-defined]
+            y = F.linear(x.flatten(layer.axis), self._dense(fold), fold.bias)
             if self.relu is not None:
                 y = self.relu(y)
         data[self.top] = y
@@ -389,26 +393,26 @@ class _ProducerStep(_Cached):
                 y = self._packed(fold, x)
                 if y is not None:
                     return y
-        y = F.conv2d(x, self._dense(fold), fold.bias, layer.stride, layer.pad, layer.dilation,  # type: ignore[attr-defined]
-                     layer.group)  # type: ignore[attr-defined]
+        y = F.conv2d(x, self._dense(fold), fold.bias, layer.stride, layer.pad, layer.dilation,
+                     layer.group)
         return self.relu(y) if self.relu is not None else y
 
     def _packed(self, fold: _Fold, x: Tensor) -> Tensor | None:
         layer = self.layer
-        pad, stride, dil = list(layer.pad), list(layer.stride), list(layer.dilation)  # type: ignore[attr-defined]
+        pad, stride, dil = list(layer.pad), list(layer.stride), list(layer.dilation)
         key = tuple(x.shape)
         packed = fold.packed.get(key)
         try:
             if packed is None:
                 if len(fold.packed) >= 4:
                     fold.packed.clear()
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    self._dense(fold).to_mkldnn(), pad, stride, dil, layer.group, list(key)  # type: ignore[attr-defined]
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]  # stub lacks input_size
+                    self._dense(fold).to_mkldnn(), pad, stride, dil, layer.group, list(key)
                 )
                 fold.packed[key] = packed
             attr = "relu" if self.relu_is_plain else "none"
             y = torch.ops.mkldnn._convolution_pointwise(
-                x, packed, fold.bias, pad, stride, dil, layer.group, attr, [], ""  # type: ignore[attr-defined]
+                x, packed, fold.bias, pad, stride, dil, layer.group, attr, [], ""
             )
         except (RuntimeError, TypeError) as exc:
             LOGGER.debug("Layer '%s': packed oneDNN convolution unavailable (%s); using F.conv2d.",
@@ -418,8 +422,8 @@ class _ProducerStep(_Cached):
         if self.relu is not None and not self.relu_is_plain:
             y = self.relu(y)
         if self.pack_ok is None:
-            expected = F.conv2d(x, self._dense(fold), fold.bias, layer.stride, layer.pad,  # type: ignore[attr-defined]
-                                layer.dilation, layer.group)  # type: ignore[attr-defined]
+            expected = F.conv2d(x, self._dense(fold), fold.bias, layer.stride, layer.pad,
+                                layer.dilation, layer.group)
             if self.relu is not None:
                 expected = self.relu(expected)
             if expected.shape != y.shape:
@@ -503,7 +507,8 @@ class InferencePlan:
         if j < len(self.layers) and self._in_place(j, name):
             fn = _relu_of(self.layers[j])
             if fn is not None:
-                plain = type(self.layers[j]) is ReLU and float(self.layers[j].negative_slope) == 0.0
+                relu_layer = self.layers[j]
+                plain = type(relu_layer) is ReLU and float(relu_layer.negative_slope) == 0.0
                 return fn, plain
         return None, False
 

@@ -298,7 +298,8 @@ class HDF5Data(_DataSource):
         self._load(int(self.file_perm[0]))
         self.current_row = 0
         self.offset = 0
-        self._top_shapes = [(self.batch_size, *shape) for shape in self._row_shapes or []]
+        rows: list[tuple[int, ...]] = self._row_shapes or []
+        self._top_shapes = [(self.batch_size, *shape) for shape in rows]
 
     def _load(self, index: int) -> None:
         """Caffe's ``LoadHDF5FileData``: read every top's dataset of one file."""

@@ -73,6 +73,7 @@ def _normalization(layer: Layer, default: int) -> int:
     """Caffe's loss normalization: ``normalization`` if set, else the legacy ``normalize`` bool (VALID or
     BATCH_SIZE), else the layer's own default."""
     p = layer.param.loss_param
+    mode: int
     if p.HasField("normalization"):
         mode = p.normalization
     elif p.HasField("normalize"):

@@ -150,7 +150,7 @@ class _NormalizeFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, across_spatial: bool, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: Tensor, across_spatial: bool, eps: float) -> Tensor:
         dims = (1, 2) if across_spatial else (1,)
         norm = torch.sqrt((x * x).sum(dim=dims, keepdim=True) + eps)
         s = scale.reshape(()) if scale.numel() == 1 and scale.dim() <= 1 else scale.reshape(1, -1, 1)
@@ -161,7 +161,7 @@ class _NormalizeFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, s, norm, y = ctx.saved_tensors
         dx = dscale = None
         if ctx.needs_input_grad[0]:
