@@ -12,6 +12,7 @@ _MODULES = (
     "ssd",
     "data_sources",
     "quant",
+    "calibration",
 )
 
 for _name in _MODULES:
