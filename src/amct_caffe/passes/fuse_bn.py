@@ -331,6 +331,41 @@ def fuse_bn(
     return [fold for fold, _, _ in folds]
 
 
+def fuse_bn_one_phase(
+    graph: Graph,
+    weights: Weights,
+    targets: Sequence[str] = FOLD_TARGET_TYPES,
+    skip: Collection[str] = (),
+) -> list[BNFold]:
+    """:func:`fuse_bn` on a graph that is one phase's view already (``model.phase.filter_net``).
+
+    Its include/exclude rules are set aside while the folds are found (``fuse_bn`` would otherwise compare
+    the wiring against a TRAIN view of a TEST-only net) and put back afterwards on the layers that remain.
+    """
+    rules: dict[str, tuple[list[caffe_pb2.NetStateRule], list[caffe_pb2.NetStateRule]]] = {}
+    for layer in graph:
+        if layer.include or layer.exclude:
+            rules[layer.name] = ([_copy_rule(r) for r in layer.include],
+                                 [_copy_rule(r) for r in layer.exclude])
+            del layer.include[:]
+            del layer.exclude[:]
+    try:
+        folds = fuse_bn(graph, weights, targets, skip)
+    finally:
+        for name, (include, exclude) in rules.items():
+            if name in graph:
+                layer = graph.layer(name)
+                layer.include.extend(include)
+                layer.exclude.extend(exclude)
+    return folds
+
+
+def _copy_rule(rule: caffe_pb2.NetStateRule) -> caffe_pb2.NetStateRule:
+    out = caffe_pb2.NetStateRule()
+    out.CopyFrom(rule)
+    return out
+
+
 def _adopt_bias_spec(conv: caffe_pb2.LayerParameter, scale: caffe_pb2.LayerParameter) -> None:
     """Give a convolution's new bias the learning-rate settings of the Scale's beta, which it replaces."""
     if len(scale.param) < 2 or len(conv.param) > 1:
