@@ -535,9 +535,10 @@ def _check_calibration(source: amct_pb2.CalibrationConfig, rep: ConfigReporter, 
         raise rep.error(f"{where}.nuq_quantize", "non-uniform weight quantization (nuq_quantize) is not "
                         "implemented in amct-caffe", "Use arq_quantize { channel_wise: ... } instead.")
     ifmr = source.ifmr_quantize
-    _check_percentile(ifmr.max_percentile, rep, f"{where}.ifmr_quantize.max_percentile")
-    _check_percentile(ifmr.min_percentile, rep, f"{where}.ifmr_quantize.min_percentile")
-    _check_search(ifmr.search_range_start, ifmr.search_range_end, ifmr.search_step, rep,
+    _check_percentile(float32_value(ifmr.max_percentile), rep, f"{where}.ifmr_quantize.max_percentile")
+    _check_percentile(float32_value(ifmr.min_percentile), rep, f"{where}.ifmr_quantize.min_percentile")
+    _check_search(float32_value(ifmr.search_range_start), float32_value(ifmr.search_range_end),
+                  float32_value(ifmr.search_step), rep,
                   lambda key: f"{where}.ifmr_quantize.{key}",
                   ("search_range_start", "search_range_end", "search_step"))
     arq = source.arq_quantize
