@@ -426,9 +426,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
-    """Rewrite a fake-quant prototxt's Quant/DeQuant/AntiQuant layers into Caffe Python layers
-    (amct_caffe.caffe.python_layers), so that a stock pycaffe built with Python layers runs it with the
-    unchanged fake-quant caffemodel; that Caffe's Python needs amct_caffe importable (numpy only)."""
+    """Rewrite a fake-quant prototxt's Quant/DeQuant/AntiQuant layers (or a calibration model's IFMR layers)
+    into Caffe Python layers (amct_caffe.caffe.python_layers, python_calibration), so that a stock pycaffe
+    built with Python layers runs it with the unchanged caffemodel; that Caffe's Python needs amct_caffe
+    importable (numpy only)."""
     from amct_caffe.caffe.rewrite import rewrite_fake_quant_for_pycaffe
 
     counts = rewrite_fake_quant_for_pycaffe(args.model_in, args.model_out)

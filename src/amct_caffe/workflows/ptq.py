@@ -378,13 +378,14 @@ def _check_outputs(api: str, outputs: Mapping[str, str], inputs: Mapping[str, st
 
 
 def _fold(graph: Graph, weights: Weights, config: QuantConfig) -> tuple[list[BNFold], list[str]]:
-    """Fold as the config says; returns the folds made and the layers whose fold the config skipped."""
-    possible = {fold.conv for fold in fuse_bn_one_phase(Graph(graph.net, graph.path), dict(weights),
-                                                        FOLDABLE_TYPES)}
-    if not config.do_fusion:
-        return [], sorted(possible)
-    folds = fuse_bn_one_phase(graph, weights, FOLDABLE_TYPES, config.skip_fusion_layers)
-    return folds, sorted(possible - {fold.conv for fold in folds})
+    """Fold as the config says; returns the folds made and the layers whose fold the config skipped (a
+    BatchNorm still reads their output; the record says ``skip_fusion`` for them)."""
+    skip = set(config.skip_fusion_layers) if config.do_fusion else {
+        layer.name for layer in graph if layer.type in FOLDABLE_TYPES}
+    folds = fuse_bn_one_phase(graph, weights, FOLDABLE_TYPES, skip) if config.do_fusion else []
+    skipped = [name for name in sorted(skip) if name in graph and graph.layer(name).type in FOLDABLE_TYPES
+               and any(reader.type == "BatchNorm" for reader, _ in graph.consumers(name, 0))]
+    return folds, skipped
 
 
 def _layer_info(graph: Graph, weights: Weights, config: QuantConfig, name: str) -> QuantLayerInfo:
