@@ -99,7 +99,8 @@ def test_calibration_without_data_is_one_line_error(tmp_path, form):
         args = ["--model", "m.prototxt", "--weights", "w.caffemodel", "--save_path", "./result/m",
                 "--batch_num", "2"]
     proc = run_amct_script("calibration", *args, cwd=tmp_path)
-    assert_one_line_error(proc, "calibration data is missing", "--input_shape", "--evaluator", prog="amct_caffe")
+    assert_one_line_error(proc, "calibration data is missing", "--input_shape", "--evaluator",
+                          prog="amct_caffe")
     assert not (tmp_path / "result").exists()
 
 

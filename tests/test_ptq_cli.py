@@ -47,8 +47,8 @@ def test_calibration_from_bin_files(tmp_path, capsys, form):
     model, weights = write_net(tmp_path)
     data = write_bins(tmp_path / "bins", 4)
     options = {"--model": model, "--weights": weights, "--save_path": str(tmp_path / "out" / "m"),
-               "--input_shape": "data:2,3,6,6", "--data_dir": str(tmp_path / "bins"), "--data_types": "float32",
-               "--batch_num": "3"}
+               "--input_shape": "data:2,3,6,6", "--data_dir": str(tmp_path / "bins"),
+               "--data_types": "float32", "--batch_num": "3"}
     args = ([f"{k}={v}" for k, v in options.items()] if form == "equals"
             else [x for kv in options.items() for x in kv])
     code, err = run(args, capsys)
@@ -63,7 +63,8 @@ def test_calibration_from_bin_files(tmp_path, capsys, form):
     import json
 
     assert json.loads((tmp_path / "out" / "m_quant_config.json").read_text())["batch_num"] == 3
-    assert any(layer.type == "Quant" for layer in load_net(tmp_path / "out" / "m_deploy_model.prototxt").layer)
+    deploy = load_net(tmp_path / "out" / "m_deploy_model.prototxt")
+    assert any(layer.type == "Quant" for layer in deploy.layer)
 
 
 def test_uint8_data_cfg_batch_num_and_folder_save_path(tmp_path, capsys):
@@ -85,7 +86,8 @@ def test_uint8_data_cfg_batch_num_and_folder_save_path(tmp_path, capsys):
 BAD = [
     ("wrong size", lambda d: (d / "bins" / "batch_001.bin").write_bytes(b"\0" * 100),
      ["batch_001.bin", "100 bytes", "864 bytes", "float32"]),
-    ("too few files", lambda d: os.remove(d / "bins" / "batch_002.bin"), ["2 .bin file(s)", "batch_num is 3"]),
+    ("too few files", lambda d: os.remove(d / "bins" / "batch_002.bin"),
+     ["2 .bin file(s)", "batch_num is 3"]),
     ("no folder", lambda d: os.rename(d / "bins", d / "other"), ["does not exist"]),
 ]
 
@@ -118,7 +120,8 @@ def test_bad_options(tmp_path, capsys, args, words):
     model, weights = write_net(tmp_path)
     write_bins(tmp_path / "bins", 1, shape=(2, 3, 6, 6))
     options = {"--model": model, "--weights": weights, "--save_path": str(tmp_path / "out" / "m"),
-               "--input_shape": "data:2,3,6,6", "--data_dir": str(tmp_path / "bins"), "--data_types": "float32"}
+               "--input_shape": "data:2,3,6,6", "--data_dir": str(tmp_path / "bins"),
+               "--data_types": "float32"}
     for key, value in zip(args[::2], args[1::2]):
         options[key] = value
     argv = [x for kv in options.items() for x in kv]
@@ -191,7 +194,8 @@ def test_amct_caffe_spelling_in_a_subprocess(tmp_path):
 
 
 def test_parsers():
-    assert parse_input_shape("data:1,3,224,224;im_info:1,3") == [("data", (1, 3, 224, 224)), ("im_info", (1, 3))]
+    assert parse_input_shape("data:1,3,224,224;im_info:1,3") == [("data", (1, 3, 224, 224)),
+                                                                  ("im_info", (1, 3))]
     assert parse_input_shape("ns:data:2,2") == [("ns:data", (2, 2))]
     assert [d.name for d in parse_data_types("float32;uint8", 2)] == ["float32", "uint8"]
     for text in ("data", "data:", ":1,2", "data:1,-2", "a:1;a:2", "data:1;"):

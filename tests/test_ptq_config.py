@@ -157,7 +157,8 @@ override_layer_configs {
 def test_cfg_priority(tmp_path):
     """override_layer_configs > override_layer_types > common_config, each a whole calibration_config: fc1
     takes its own override (AMCT's defaults where it is silent, not the type override's max_percentile),
-    pool_ave the Pooling override (arq_quantize on a Pooling is accepted and ignored), conv1 the common one."""
+    pool_ave the Pooling override (arq_quantize on a Pooling is accepted and ignored), conv1 the common
+    one."""
     model, weights = write_model(tmp_path)
     cfg = tmp_path / "quant.cfg"
     cfg.write_text(CFG)
@@ -243,7 +244,8 @@ BAD_CFGS = [
     ("syntax", "batch_num: 2 nonsense {", ["cannot parse"]),
     ("unknown field", "batch_size: 2", ["cannot parse", "batch_size"]),
     ("batch_num 0", "batch_num: 0", ["batch_num", "> 0"]),
-    ("missing required", 'override_layer_configs { layer_name: "conv1" }', ["required", "calibration_config"]),
+    ("missing required", 'override_layer_configs { layer_name: "conv1" }',
+     ["required", "calibration_config"]),
     ("nuq", "common_config { nuq_quantize { num_steps: 16 } }", ["nuq_quantize", "not implemented"]),
     ("skip unknown", 'skip_layers: "nope"', ["skip_layers 'nope'", "no layer"]),
     ("skip type", 'skip_layer_types: "ReLU"', ["skip_layer_types 'ReLU'"]),
@@ -287,11 +289,12 @@ def test_invalid_cfg_writes_nothing(tmp_path, name, text, words):
 
 
 def test_cfg_direct_parse_global_channel_wise_on_inner_product():
-    config = parse_cfg_config("common_config { arq_quantize { channel_wise: true } }", "x.cfg", model_layers())
+    text = "common_config { arq_quantize { channel_wise: true } }"
+    config = parse_cfg_config(text, "x.cfg", model_layers())
     assert config.layers["fc1"].channel_wise is False and config.layers["conv1"].channel_wise is True
 
 
-# -- invalid JSON files (read by init) -------------------------------------------------------------------------
+# -- invalid JSON files (read by init) -----------------------------------------------------------------------
 def _set(path: str, value):
     def edit(cfg: dict) -> None:
         keys = path.split(".")
@@ -322,7 +325,8 @@ BAD_JSON = [
     ("skip_fusion type", _set("skip_fusion_layers", "conv1"), ["skip_fusion_layers", "list"]),
     ("skip_fusion unknown", _set("skip_fusion_layers", ["nope"]), ["skip_fusion_layers 'nope'"]),
     ("skip_fusion pooling", _set("skip_fusion_layers", ["pool_ave"]), ["Pooling"]),
-    ("another model", _set("conv9", {"quant_enable": True}), ["layer 'conv9'", "no layer", "create_quant_config"]),
+    ("another model", _set("conv9", {"quant_enable": True}),
+     ["layer 'conv9'", "no layer", "create_quant_config"]),
     ("unquantizable", _set("pool_max", {}), ["pool_max", "cannot be quantized"]),
     ("train-only layer", _set("fc_train", {}), ["fc_train", "TEST-phase"]),
     ("unknown key", _set("conv1.wts_algo", "x"), ["layer 'conv1', key 'wts_algo'", "unknown key"]),
@@ -346,7 +350,8 @@ BAD_JSON = [
     ("ip channel_wise", _set("fc1.weight_quant_params.channel_wise", True), ["fc1", "channel_wise"]),
     ("channel_wise type", _set("conv1.weight_quant_params.channel_wise", 1), ["channel_wise", "bool"]),
     ("unknown weight key", _set("conv1.weight_quant_params.algo", "arq"), ["algo", "unknown key"]),
-    ("nothing enabled", lambda c: [c[n].update(quant_enable=False) for n in QUANTIZABLE], ["enables no layer"]),
+    ("nothing enabled", lambda c: [c[n].update(quant_enable=False) for n in QUANTIZABLE],
+     ["enables no layer"]),
     ("layer not an object", _set("conv1", True), ["layer 'conv1'", "object"]),
     ("drop act", _drop("conv1.activation_quant_params"), None),  # valid: defaults
 ]

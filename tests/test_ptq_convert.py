@@ -75,10 +75,12 @@ def test_convert_model_by_hand(tmp_path):
     assert layers["conv2b_quant_layer"].quant_param.scale == 16.0
     assert layers["conv2b_quant_layer"].quant_param.offset == bytes([256 - 100])
     assert list(layers["conv2b_quant_layer"].bottom) == ["pool1"]
-    assert layers["ip1_quant_layer"].quant_param.scale == 4.0 and layers["ip1_quant_layer"].quant_param.offset == b"\n"
+    ip1_quant = layers["ip1_quant_layer"].quant_param
+    assert ip1_quant.scale == 4.0 and ip1_quant.offset == b"\n"
     assert layers["conv1_quant_layer"].quant_param.offset == bytes([253])
-    assert [layers[f"{n}_dequant_layer"].dequant_param.channel_wise for n in ("conv1", "conv2a", "conv2b")] == [
-        True, False, True]
+    channel_wise = [layers[f"{n}_dequant_layer"].dequant_param.channel_wise
+                    for n in ("conv1", "conv2a", "conv2b")]
+    assert channel_wise == [True, False, True]
     assert list(layers["ip1_dequant_layer"].top) == ["ip1"]  # skip_fusion: the BatchNorm reads ip1 still
 
     float_blobs = caffemodel_blobs(weights)
@@ -93,7 +95,8 @@ def test_convert_model_by_hand(tmp_path):
         w = blobs[0]
         shape = [-1] + [1] * (w.ndim - 1) if channel_wise else [1] * w.ndim
         codes = np.clip(round_away(w / s_w.reshape(shape)), -128, 127).astype(np.int8)
-        np.testing.assert_array_equal(np.frombuffer(deploy[name][0].int8_data, np.int8).reshape(w.shape), codes)
+        int8 = np.frombuffer(deploy[name][0].int8_data, np.int8).reshape(w.shape)
+        np.testing.assert_array_equal(int8, codes)
         np.testing.assert_array_equal(fake[name][0], codes.astype(np.float32) * s_w.reshape(shape))
         deq = np.float32(s_d) * s_w  # powers of two: exact
         np.testing.assert_array_equal(_u64_to_f32(deploy[f"{name}_dequant_layer"][0].uint64_data), deq)
@@ -123,7 +126,8 @@ def test_convert_matches_save_model_on_a_ptq_record(tmp_path):
 
 
 BAD_RECORDS = [
-    ("shift_bit", RECORD.replace('offset_d: -128 scale_w: 0.015625', 'offset_d: -128 scale_w: 0.015625 shift_bit: 3'),
+    ("shift_bit", RECORD.replace("offset_d: -128 scale_w: 0.015625",
+                                 "offset_d: -128 scale_w: 0.015625 shift_bit: 3"),
      RecordError, ["conv2a", "shift_bit is not supported"]),
     ("unknown layer", RECORD + 'record { key: "conv9" value { scale_d: 1 offset_d: 0 scale_w: 1 } }',
      RecordError, ["conv9", "no such layer"]),
@@ -133,12 +137,15 @@ BAD_RECORDS = [
      ["ip1", "scale_d missing"]),
     ("no scale_w", RECORD.replace("offset_d: 10 scale_w: 0.0078125", "offset_d: 10"), RecordError,
      ["ip1", "scale_w missing"]),
-    ("ip channel-wise", RECORD.replace("offset_d: 10 scale_w: 0.0078125", "offset_d: 10 " + "scale_w: 1 " * 5),
+    ("ip channel-wise", RECORD.replace("offset_d: 10 scale_w: 0.0078125",
+                                       "offset_d: 10 " + "scale_w: 1 " * 5),
      RecordError, ["ip1", "scale_w has 5 values", "InnerProduct is per tensor"]),
-    ("conv count", RECORD.replace("-128 scale_w: 0.015625 offset_w: 0", "-128 scale_w: 0.015625 scale_w: 0.015625"),
+    ("conv count", RECORD.replace("-128 scale_w: 0.015625 offset_w: 0", "-128 scale_w: 0.015625 scale_w: "
+                                                                        "0.015625"),
      RecordError,
      ["conv2a", "scale_w has 2 values", "1 or 3"]),
-    ("offset_w", RECORD.replace("scale_w: 0.015625 offset_w: 0", "scale_w: 0.015625 offset_w: 2"), RecordError,
+    ("offset_w", RECORD.replace("scale_w: 0.015625 offset_w: 0", "scale_w: 0.015625 offset_w: 2"),
+     RecordError,
      ["conv2a", "offset_w"]),
     ("offset_d range", RECORD.replace("offset_d: 10", "offset_d: 200"), RecordError, ["ip1", "offset_d"]),
     ("not a record", "record { key: ", RecordError, ["Cannot parse"]),

@@ -21,7 +21,8 @@ HALF_POINT = 0.005 + 1e-9
 
 
 def _digits():
-    pytest.importorskip("sklearn", reason="the digits data comes from scikit-learn (pip install scikit-learn)")
+    pytest.importorskip("sklearn", reason="the digits data comes from scikit-learn (pip install "
+                                          "scikit-learn)")
     pytest.importorskip("h5py", reason="the digits nets read HDF5 data (pip install h5py)")
     from amct_caffe.demo import digits
 
@@ -82,7 +83,7 @@ def test_record_and_quant_info(ptq_digits):
 
     record = read_record(record_file)
     assert list(record) == ["conv1", "conv2", "pool2", "ip1", "ip2"]
-    for name, rec in record.items():
+    for rec in record.values():
         assert rec.HasField("scale_d") and rec.scale_d > 0 and -128 <= rec.offset_d <= 127
     # inputs after a ReLU (conv2 reads a MAX pooling of a ReLU, pool2 and ip2 a ReLU) never go below 0
     assert [record[n].offset_d for n in ("conv2", "pool2", "ip2")] == [-128, -128, -128]

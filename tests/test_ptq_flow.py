@@ -31,7 +31,6 @@ from amct_caffe.errors import (
     NotImplementedFeatureError,
     RecordError,
 )
-from amct_caffe.model.blobs import blob_to_array
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.workflows.ptq import CalibrationGraph
 from tests.ptq_util import (
@@ -66,7 +65,8 @@ def expected_calibration_prototxt(record: str) -> str:
                 + f" {params} }}\n")
     return (
         'name: "ptqnet"\n'
-        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }\n'
+        'layer { name: "data" type: "Input" top: "data" '
+        'input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }\n'
         + ifmr("conv1_ifmr_layer", ["data"], ["conv1"])
         + 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
           'convolution_param { num_output: 4 bias_term: true pad: 1 kernel_size: 3 } }\n'
@@ -227,8 +227,8 @@ class ListRecorder:
         self.results.append(result)
 
 
-@pytest.mark.parametrize("with_offset, percentiles", [(True, (0.999999, 0.999999)), (False, (0.999999, 0.999999)),
-                                                      (True, (0.95, 0.9))])
+@pytest.mark.parametrize("with_offset, percentiles", [
+    (True, (0.999999, 0.999999)), (False, (0.999999, 0.999999)), (True, (0.95, 0.9))])
 def test_ifmr_layer_state_and_result(with_offset, percentiles):
     net = _net_with_one_ifmr(4, with_offset, bottoms=2, percentiles=percentiles)
     layer = net.engine_layers[net.layer_index("cal")]
@@ -294,16 +294,16 @@ def _u64_to_f32(words: list[int]) -> np.ndarray:
 def test_saved_files(calibrated):
     flow, _, _, _ = calibrated
     out = flow.folder / "out"
-    assert sorted(os.listdir(out)) == sorted(["m_fake_quant_model.prototxt", "m_fake_quant_weights.caffemodel",
-                                              "m_deploy_model.prototxt", "m_deploy_weights.caffemodel",
-                                              "m_quant.json"])
+    assert sorted(os.listdir(out)) == sorted([
+        "m_fake_quant_model.prototxt", "m_fake_quant_weights.caffemodel", "m_deploy_model.prototxt",
+        "m_deploy_weights.caffemodel", "m_quant.json"])
     fake_net = load_net(out / "m_fake_quant_model.prototxt")
     assert fake_net == load_net(out / "m_deploy_model.prototxt")
     names = [layer.name for layer in fake_net.layer]
-    assert names == ["data", "conv1_quant_layer", "conv1", "conv1_dequant_layer", "relu1", "pool1_quant_layer",
-                     "pool1", "pool1_dequant_layer", "conv2a_quant_layer", "conv2a", "conv2a_dequant_layer",
-                     "conv2b", "conv2b_dequant_layer", "sum", "ip1_quant_layer", "ip1", "ip1_dequant_layer",
-                     "prob"]
+    assert names == ["data", "conv1_quant_layer", "conv1", "conv1_dequant_layer", "relu1",
+                     "pool1_quant_layer", "pool1", "pool1_dequant_layer", "conv2a_quant_layer", "conv2a",
+                     "conv2a_dequant_layer", "conv2b", "conv2b_dequant_layer", "sum", "ip1_quant_layer",
+                     "ip1", "ip1_dequant_layer", "prob"]
     assert not any(layer.type == "IFMR" for layer in fake_net.layer)
     record = read_record(flow.record)
     layers = {layer.name: layer for layer in fake_net.layer}
@@ -354,7 +354,8 @@ def test_quant_info_json(calibrated):
     by_layer = {entry["layer"]: entry for entry in info["quantized_layers"]}
     assert list(by_layer) == QUANTIZED
     assert by_layer["conv2b"] == {
-        "layer": "conv2b", "type": "Convolution", "quant_layer": "conv2a_quant_layer", "quant_bottom": "pool1",
+        "layer": "conv2b", "type": "Convolution", "quant_layer": "conv2a_quant_layer",
+        "quant_bottom": "pool1",
         "dequant_layer": "conv2b_dequant_layer", "dequant_top": "conv2b",
         "scale_d": float(np.float32(record["conv2b"].scale_d)), "offset_d": record["conv2b"].offset_d,
         "channel_wise": True}
@@ -366,9 +367,10 @@ def test_fake_quant_and_deploy_run_close_to_float(calibrated):
     out = flow.folder / "out"
     x = batches(seed=9)[0]
     scores = {}
-    for kind, model, weights in (("float", flow.model, flow.weights),
-                                 ("fake", out / "m_fake_quant_model.prototxt", out / "m_fake_quant_weights.caffemodel"),
-                                 ("deploy", out / "m_deploy_model.prototxt", out / "m_deploy_weights.caffemodel")):
+    models = (("float", flow.model, flow.weights),
+              ("fake", out / "m_fake_quant_model.prototxt", out / "m_fake_quant_weights.caffemodel"),
+              ("deploy", out / "m_deploy_model.prototxt", out / "m_deploy_weights.caffemodel"))
+    for kind, model, weights in models:
         net = caffe.Net(str(model), caffe.TEST, weights=str(weights))
         scores[kind] = net.forward(data=x)["prob"].copy()
     assert np.abs(scores["fake"] - scores["float"]).max() < 0.05
@@ -443,7 +445,8 @@ def test_save_before_calibration_is_a_record_error(tmp_path):
     with pytest.raises(RecordError) as info:
         amct.save_model(graph, "Both", str(tmp_path / "out" / "m"))
     message = str(info.value)
-    assert "calibration has not run" in message and "calibration.prototxt" in message and "2 time(s)" in message
+    for words in ("calibration has not run", "calibration.prototxt", "2 time(s)"):
+        assert words in message
     flow.calibrate(batches()[:1])  # one batch of two: still no factors
     with pytest.raises(RecordError, match="calibration has not run"):
         amct.save_model(graph, "Both", str(tmp_path / "out" / "m"))
@@ -459,7 +462,8 @@ def test_graph_reused_after_its_files_changed(tmp_path):
         original = Path(path).read_bytes()
         Path(path).write_bytes(original + b"\n")
         for call in (lambda: amct.save_model(graph, "Both", str(tmp_path / "o" / "m")),
-                     lambda: amct.quantize_model(graph, str(tmp_path / "x.prototxt"), str(tmp_path / "x.cm"))):
+                     lambda: amct.quantize_model(graph, str(tmp_path / "x.prototxt"),
+                                                 str(tmp_path / "x.cm"))):
             with pytest.raises(GraphStateError) as info:
                 call()
             assert os.path.basename(path) in str(info.value) and "init()" in str(info.value)

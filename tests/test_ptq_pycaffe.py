@@ -72,7 +72,8 @@ def test_record_text_update_keeps_other_fields(tmp_path):
     # the text is what protobuf writes (field-number order, float32 values)
     msg = text_format.Merge(path.read_text(), amct_pb2.ScaleOffsetRecord())
     assert path.read_text() == text_format.MessageToString(msg)
-    assert parse_record_text('record: { value { scale_d: 1 } key: "a" } # note\n') == [("a", [("scale_d", "1")])]
+    text = 'record: { value { scale_d: 1 } key: "a" } # note\n'
+    assert parse_record_text(text) == [("a", [("scale_d", "1")])]
     with pytest.raises(ValueError):
         parse_record_text("record { key: ")
 

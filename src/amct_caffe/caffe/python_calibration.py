@@ -265,7 +265,7 @@ class _IFMRLogic(_FakeQuantLayer):
         if not self.object_layers or len(bottom) not in (1, len(self.object_layers)):
             raise ValueError("IFMR Python layer: give one object_layer name per bottom (or one bottom).")
         keys = ("max_percentile", "min_percentile", "search_range_start", "search_range_end", "search_step")
-        self.search = tuple(float(params[k]) for k in keys)
+        self.search = tuple(float(params[k]) for k in keys)  # the five in ifmr_numpy's order
         self.with_offset = bool(params.get("with_offset", True))
         self.record_file_path = str(params.get("record_file_path", ""))
         self.distinct = [int(i) for i in params.get("distinct", range(len(bottom)))]
@@ -293,7 +293,8 @@ class _IFMRLogic(_FakeQuantLayer):
     def calibrate(self, bottom: Any) -> tuple[float, int, dict[str, tuple[int, int, int] | None]]:
         """Step 2: IFMR over every gathered value; the gathered data is released."""
         try:
-            s, o = ifmr_numpy(self.gathered, *self.search, with_offset=self.with_offset)
+            max_p, min_p, start, end, step = self.search
+            s, o = ifmr_numpy(self.gathered, max_p, min_p, start, end, step, self.with_offset)
         finally:
             self.gathered = []
         shapes = {}

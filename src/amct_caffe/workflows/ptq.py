@@ -671,8 +671,8 @@ def save_model(
         models = build_saved_models(calibration.net, calibration.weights, groups, save_type, api, graph.like)
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc
-    info = quant_info(groups, calibration.folds, models.net)
-    extra = {info_path: (json.dumps(info, indent=4) + "\n").encode("utf-8"), **(extra_files or {})}
+    placement = quant_info(groups, calibration.folds, models.net)
+    extra = {info_path: (json.dumps(placement, indent=4) + "\n").encode("utf-8"), **(extra_files or {})}
     write_saved_models(paths, models, extra)
     for group in groups:
         for layer in group.layers:
