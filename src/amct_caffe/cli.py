@@ -479,10 +479,10 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     subcommand (both scripts have it)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="amct-caffe: AMCT for Caffe (quantization-aware training) with its own Caffe engine on "
-                    "PyTorch. Exit codes: 0 success, 2 usage error, 1 failure.",
+        description="amct-caffe: AMCT for Caffe (quantization-aware training and post-training quantization) "
+                    "with its own Caffe engine on PyTorch. Exit codes: 0 success, 2 usage error, 1 failure.",
         epilog=f"'{prog} COMMAND --help' describes each command. QAT flow: retrain-config -> retrain-model "
-               "-> train -> save-retrain (-> compare).",
+               "-> train -> save-retrain (-> compare). Post-training quantization: calibration.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     # also accepted after the subcommand; SUPPRESS keeps a value given before it
