@@ -158,9 +158,9 @@ def rewrite_net_for_pycaffe(net: caffe_pb2.NetParameter, path: str = "") -> tupl
         counts[kind] = counts.get(kind, 0) + 1
     if not any(counts.values()):
         raise ModelFormatError(
-            f"Model{where} has no Quant, DeQuant, AntiQuant or IFMR layer; give the "
-            "*_fake_quant_model.prototxt that save_quant_retrain_model/save_model writes, or the calibration "
-            "model of quantize_model."
+            f"Model{where} has no Quant, DeQuant or AntiQuant layer (nor an IFMR calibration layer); give "
+            "the *_fake_quant_model.prototxt that save_quant_retrain_model/save_model writes, or the "
+            "calibration model of quantize_model."
         )
     return out, counts
 
