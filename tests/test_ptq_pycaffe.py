@@ -26,7 +26,7 @@ from amct_caffe.caffe.python_layers import StandaloneBlob
 from amct_caffe.caffe.rewrite import PYCAFFE_CALIBRATION_MODULE, rewrite_fake_quant_for_pycaffe
 from amct_caffe.proto import amct_pb2
 from amct_caffe.quant.ifmr import ifmr_gathered
-from amct_caffe.quant.record import LayerRecord, read_records, write_records
+from amct_caffe.quant.record import LayerRecord, read_records, record_text
 from tests import ptq_util
 from tests.ptq_util import load_net, read_record
 from tests.reference import REPO
@@ -58,8 +58,8 @@ def test_numpy_ifmr_is_the_torch_ifmrs_twin(with_offset, percentiles, search):
 
 def test_record_text_update_keeps_other_fields(tmp_path):
     path = tmp_path / "record.txt"
-    write_records(path, {"conv1": LayerRecord(scale_w=[0.5, 0.25], offset_w=[0, 0], skip_fusion=True),
-                         "fc": LayerRecord(scale_w=[0.125], offset_w=[0])})
+    path.write_text(record_text({"conv1": LayerRecord(scale_w=[0.5, 0.25], offset_w=[0, 0], skip_fusion=True),
+                                 "fc": LayerRecord(scale_w=[0.125], offset_w=[0])}))
     update_record_text(str(path), {"conv1": {"scale_d": 0.1, "offset_d": -3, "channels": 3, "height": 8,
                                              "width": 8},
                                    "new": {"scale_d": 0.5, "offset_d": 0}})

@@ -253,14 +253,29 @@ class _IFMRLogic(_FakeQuantLayer):
 
     type_name = "IFMR"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # From param_str, which Caffe sets after construction: parsed by setup.
+        self.batch_num = 0
+        self.object_layers: list[str] = []
+        self.search: tuple[float, ...] = ()
+        self.with_offset = True
+        self.record_file_path = ""
+        self.distinct: list[int] = []
+        # The calibration's state: the gathered values, how many batches, the result once done.
+        self.gathered: list[np.ndarray] = []
+        self.batches_gathered = 0
+        self.result: tuple[float, int, dict[str, tuple[int, int, int] | None]] | None = None
+
     def setup(self, bottom: Any, top: Any) -> None:
         if len(top) != 0 or len(bottom) < 1:
             raise ValueError(f"IFMR Python layer takes 1 or more bottoms and no top (got {len(bottom)} and "
                              f"{len(top)}).")
         params = self._params()
-        self.batch_num = params.get("batch_num")
-        if isinstance(self.batch_num, bool) or not isinstance(self.batch_num, int) or self.batch_num <= 0:
-            raise ValueError(f"IFMR Python layer: batch_num must be an integer > 0, got {self.batch_num!r}.")
+        batch_num = params.get("batch_num")
+        if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num <= 0:
+            raise ValueError(f"IFMR Python layer: batch_num must be an integer > 0, got {batch_num!r}.")
+        self.batch_num = batch_num
         self.object_layers = [str(n) for n in params.get("object_layer", [])]
         if not self.object_layers or len(bottom) not in (1, len(self.object_layers)):
             raise ValueError("IFMR Python layer: give one object_layer name per bottom (or one bottom).")
@@ -269,9 +284,9 @@ class _IFMRLogic(_FakeQuantLayer):
         self.with_offset = bool(params.get("with_offset", True))
         self.record_file_path = str(params.get("record_file_path", ""))
         self.distinct = [int(i) for i in params.get("distinct", range(len(bottom)))]
-        self.gathered: list[np.ndarray] = []
+        self.gathered = []
         self.batches_gathered = 0
-        self.result: tuple[float, int, dict[str, tuple[int, int, int] | None]] | None = None
+        self.result = None
 
     def reshape(self, bottom: Any, top: Any) -> None:
         """No tops to shape."""
@@ -279,6 +294,8 @@ class _IFMRLogic(_FakeQuantLayer):
     def forward(self, bottom: Any, top: Any) -> None:
         if self.result is not None:
             return
+        if not self.batch_num:
+            raise ValueError("IFMR Python layer: forward before setup (Caffe calls setup first).")
         self.gather(bottom)
         if self.batches_gathered == self.batch_num:
             self.result = self.calibrate(bottom)

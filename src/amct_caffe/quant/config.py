@@ -181,7 +181,7 @@ def dumps_json(config: Mapping[str, LayerRetrainConfig]) -> str:
 
 
 # -- reading the JSON -----------------------------------------------------------------------------------
-class JsonObject(dict):
+class _JsonObject(dict):
     """A JSON object that remembers keys given more than once (``json`` would keep the last silently)."""
 
     def __init__(self, pairs: list[tuple[str, Any]]) -> None:
@@ -194,10 +194,10 @@ class JsonObject(dict):
             seen.add(key)
 
 
-class ConfigReporter:
+class _Reporter:
     """Formats the errors of one config file: the file, where in it, what is wrong, how to fix it.
 
-    ``kind`` names the file in messages ("QAT config", "PTQ config", "simplified PTQ config", ...).
+    ``kind`` names the file in messages ("QAT config", "PTQ config", ...).
     """
 
     def __init__(self, path: str, model_file: str = "", kind: str = "QAT config") -> None:
@@ -214,8 +214,7 @@ class ConfigReporter:
         return f"model '{self.model_file}'" if self.model_file else "the model"
 
 
-def read_config_text(path: str, kind: str = "QAT config") -> str:
-    """The text of a config file; a missing or unreadable file is a ConfigError naming it."""
+def _read_config_text(path: str, kind: str = "QAT config") -> str:
     if not os.path.isfile(path):
         raise ConfigError(f"{kind} '{path}' does not exist; check the config file path.")
     try:
@@ -229,7 +228,7 @@ def load_json_config(
 ) -> RetrainConfig:
     """Read and validate a QAT JSON config against the model's layers (see :func:`parse_json_config`)."""
     path = str(path)
-    return parse_json_config(read_config_text(path), path, model, model_file)
+    return parse_json_config(_read_config_text(path), path, model, model_file)
 
 
 def parse_json_config(
@@ -253,16 +252,16 @@ def parse_json_config(
             ``arq_retrain``; ``clip_max`` <= 0, ``clip_min`` >= 0 or only one of them; ``channel_wise``
             true on a layer that is not a Convolution/Deconvolution; weight settings on an AVE Pooling.
     """
-    rep = ConfigReporter(path, model_file)
+    rep = _Reporter(path, model_file)
     try:
-        root = json.loads(text, object_pairs_hook=JsonObject)
+        root = json.loads(text, object_pairs_hook=_JsonObject)
     except json.JSONDecodeError as exc:
         raise rep.error(
             f"line {exc.lineno} column {exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax."
         ) from exc
     if not isinstance(root, dict):
         raise rep.error("", "the file must hold one JSON object", 'Write {"version": 1, "<layer>": {...}}.')
-    check_json_object(root, None, rep, "", "")
+    _check_object(root, None, rep, "", "")
     by_name = {layer.name: layer for layer in model}
     config: RetrainConfig = {}
     for key, value in root.items():
@@ -287,27 +286,25 @@ def parse_json_config(
     return config
 
 
-def json_key(layer: str, path: str) -> str:
+def _json_key(layer: str, path: str) -> str:
     """Where a JSON key is: ``layer 'conv1', key 'retrain_data_config.clip_max'``."""
     return f"layer '{layer}', key '{path}'" if layer else f"key '{path}'"
 
 
-def check_json_object(
-    obj: dict, allowed: Sequence[str] | None, rep: ConfigReporter, layer: str, prefix: str
-) -> None:
+def _check_object(obj: dict, allowed: Sequence[str] | None, rep: _Reporter, layer: str, prefix: str) -> None:
     """No key twice (``json`` would keep the last one silently); with ``allowed``, no unknown key."""
     duplicates = getattr(obj, "duplicates", [])
     if duplicates:
         what = "layer names must be unique" if not layer else "each setting is given once"
-        raise rep.error(json_key(layer, prefix + duplicates[0]), f"appears more than once ({what})",
+        raise rep.error(_json_key(layer, prefix + duplicates[0]), f"appears more than once ({what})",
                         "Keep one entry per key.")
     for key in obj if allowed is not None else ():
         if key not in allowed:
-            raise rep.error(json_key(layer, prefix + key), "unknown key",
+            raise rep.error(_json_key(layer, prefix + key), "unknown key",
                             f"Remove it; the keys allowed here are {', '.join(allowed)}.")
 
 
-def expect_json(value: Any, kind: str, rep: ConfigReporter, where: str) -> None:
+def _expect(value: Any, kind: str, rep: _Reporter, where: str) -> None:
     """Check a JSON value's type (``bool`` is not a number here, and a number is not a bool)."""
     ok = {
         "bool": type(value) is bool,
@@ -320,27 +317,27 @@ def expect_json(value: Any, kind: str, rep: ConfigReporter, where: str) -> None:
         raise rep.error(where, f"must be a JSON {kind}, got {json.dumps(value)}", f"Write {example}.")
 
 
-def _check_dst_type(value: Any, rep: ConfigReporter, where: str) -> None:
-    expect_json(value, "string", rep, where)
+def _check_dst_type(value: Any, rep: _Reporter, where: str) -> None:
+    _expect(value, "string", rep, where)
     if value != "INT8":
         raise rep.error(where, f"dst_type '{value}' is not supported for Caffe (INT8 only)",
                         'Write "INT8" or remove dst_type.')
 
 
-def _layer_from_json(value: Any, layer: ModelLayer, rep: ConfigReporter) -> LayerRetrainConfig:
+def _layer_from_json(value: Any, layer: ModelLayer, rep: _Reporter) -> LayerRetrainConfig:
     name = layer.name
 
     def at(path: str) -> str:
-        return json_key(name, path)
+        return _json_key(name, path)
 
-    expect_json(value, "object", rep, f"layer '{name}'")
-    check_json_object(value, _LAYER_KEYS, rep, name, "")
+    _expect(value, "object", rep, f"layer '{name}'")
+    _check_object(value, _LAYER_KEYS, rep, name, "")
     enable = value.get("retrain_enable", True)
-    expect_json(enable, "bool", rep, at("retrain_enable"))
+    _expect(enable, "bool", rep, at("retrain_enable"))
 
     data = value.get("retrain_data_config", {})
-    expect_json(data, "object", rep, at("retrain_data_config"))
-    check_json_object(data, _DATA_KEYS, rep, name, "retrain_data_config.")
+    _expect(data, "object", rep, at("retrain_data_config"))
+    _check_object(data, _DATA_KEYS, rep, name, "retrain_data_config.")
     algo = data.get("algo", DATA_ALGO)
     if algo != DATA_ALGO:
         raise rep.error(at("retrain_data_config.algo"),
@@ -352,10 +349,10 @@ def _layer_from_json(value: Any, layer: ModelLayer, rep: ConfigReporter) -> Laye
     clip_min = data.get("clip_min")
     for key, bound in (("clip_max", clip_max), ("clip_min", clip_min)):
         if bound is not None:
-            expect_json(bound, "number", rep, at(f"retrain_data_config.{key}"))
+            _expect(bound, "number", rep, at(f"retrain_data_config.{key}"))
     clip_max, clip_min = _check_clips(clip_max, clip_min, rep, lambda key: at(f"retrain_data_config.{key}"))
     fixed_min = data.get("fixed_min", layer.default_fixed_min)
-    expect_json(fixed_min, "bool", rep, at("retrain_data_config.fixed_min"))
+    _expect(fixed_min, "bool", rep, at("retrain_data_config.fixed_min"))
 
     weights = value.get("retrain_weight_config")
     channel_wise = default_channel_wise(layer.layer_type)
@@ -364,8 +361,8 @@ def _layer_from_json(value: Any, layer: ModelLayer, rep: ConfigReporter) -> Laye
             raise rep.error(at("retrain_weight_config"), f"a {layer.layer_type} layer has no weights",
                             "Remove retrain_weight_config from this layer.")
     elif weights is not None:
-        expect_json(weights, "object", rep, at("retrain_weight_config"))
-        check_json_object(weights, _WEIGHT_KEYS, rep, name, "retrain_weight_config.")
+        _expect(weights, "object", rep, at("retrain_weight_config"))
+        _check_object(weights, _WEIGHT_KEYS, rep, name, "retrain_weight_config.")
         algo = weights.get("algo", WEIGHT_ALGO)
         if algo != WEIGHT_ALGO:
             raise rep.error(at("retrain_weight_config.algo"), f"unknown weight retrain algorithm "
@@ -374,8 +371,8 @@ def _layer_from_json(value: Any, layer: ModelLayer, rep: ConfigReporter) -> Laye
             _check_dst_type(weights["dst_type"], rep, at("retrain_weight_config.dst_type"))
         if "channel_wise" in weights:
             channel_wise = weights["channel_wise"]
-            expect_json(channel_wise, "bool", rep, at("retrain_weight_config.channel_wise"))
-            check_channel_wise(channel_wise, layer, rep, at("retrain_weight_config.channel_wise"))
+            _expect(channel_wise, "bool", rep, at("retrain_weight_config.channel_wise"))
+            _check_channel_wise(channel_wise, layer, rep, at("retrain_weight_config.channel_wise"))
     return LayerRetrainConfig(
         name=name,
         layer_type=layer.layer_type,
@@ -388,7 +385,7 @@ def _layer_from_json(value: Any, layer: ModelLayer, rep: ConfigReporter) -> Laye
 
 
 def _check_clips(
-    clip_max: float | None, clip_min: float | None, rep: ConfigReporter, at: Callable[[str], str]
+    clip_max: float | None, clip_min: float | None, rep: _Reporter, at: Callable[[str], str]
 ) -> tuple[float | None, float | None]:
     """AMCT's rules on initial clip bounds: both or neither, finite, ``clip_max > 0 > clip_min``.
 
@@ -411,7 +408,7 @@ def _check_clips(
     return float(clip_max), float(clip_min)
 
 
-def check_channel_wise(channel_wise: bool, layer: ModelLayer, rep: ConfigReporter, where: str) -> None:
+def _check_channel_wise(channel_wise: bool, layer: ModelLayer, rep: _Reporter, where: str) -> None:
     if channel_wise and layer.layer_type not in CHANNEL_WISE_TYPES:
         raise rep.error(
             where, f"channel_wise true is not supported for {layer.layer_type} layer '{layer.name}' "
@@ -426,7 +423,7 @@ def load_cfg_config(
 ) -> RetrainConfig:
     """Build the QAT config from a simplified ``.cfg`` file (see :func:`parse_cfg_config`)."""
     path = str(path)
-    return parse_cfg_config(read_config_text(path), path, model, model_file)
+    return parse_cfg_config(_read_config_text(path), path, model, model_file)
 
 
 def parse_cfg_config(
@@ -449,7 +446,7 @@ def parse_cfg_config(
             in the model; an overridden layer or type cannot be quantized by QAT; a layer or type is
             overridden twice; bad clip bounds; ``dst_type`` other than INT8.
     """
-    rep = ConfigReporter(path, model_file)
+    rep = _Reporter(path, model_file)
     cfg = amct_pb2.AMCTRetrainConfig()
     try:
         text_format.Merge(text, cfg)
@@ -518,12 +515,12 @@ def parse_cfg_config(
     return config
 
 
-def float32_value(value: float) -> float:
+def _float32_value(value: float) -> float:
     """A proto float (float32) as the shortest decimal that reads back to it (0.3, not 0.30000001192...)."""
     return float(str(np.float32(value)))
 
 
-def _check_settings(source: Any, rep: ConfigReporter, where: str, layer_type: str | None) -> None:
+def _check_settings(source: Any, rep: _Reporter, where: str, layer_type: str | None) -> None:
     """Check the activation and weight settings of an override (``layer_type`` given) or the global ones."""
     prefix = f"{where}, " if where else ""
     ulq = source.retrain_data_quant_config.ulq_quantize
@@ -551,8 +548,8 @@ def _layer_from_cfg(layer: ModelLayer, source: Any, enable: bool) -> LayerRetrai
     ulq = source.retrain_data_quant_config.ulq_quantize
     clip_max = clip_min = None
     if ulq.HasField("clip_max_min"):
-        clip_max = float32_value(ulq.clip_max_min.clip_max)
-        clip_min = float32_value(ulq.clip_max_min.clip_min)
+        clip_max = _float32_value(ulq.clip_max_min.clip_max)
+        clip_min = _float32_value(ulq.clip_max_min.clip_min)
     fixed_min = ulq.fixed_min if ulq.HasField("fixed_min") else layer.default_fixed_min
     channel_wise = default_channel_wise(layer.layer_type)
     arq = source.retrain_weight_quant_config.arq_retrain
@@ -573,3 +570,15 @@ def _layer_from_cfg(layer: ModelLayer, source: Any, enable: bool) -> LayerRetrai
         fixed_min=bool(fixed_min),
         channel_wise=channel_wise,
     )
+
+
+# -- shared with the PTQ config (quant.ptq_config) -----------------------------------------------------------
+#: The JSON readers and message helpers above, under the names the PTQ config imports them by.
+ConfigReporter = _Reporter
+JsonObject = _JsonObject
+check_json_object = _check_object
+expect_json = _expect
+json_key = _json_key
+read_config_text = _read_config_text
+float32_value = _float32_value
+check_channel_wise = _check_channel_wise

@@ -388,7 +388,7 @@ def _layer_from_json(value: Any, layer: ModelLayer, rep: ConfigReporter) -> Laye
     enable = value.get("quant_enable", True)
     expect_json(enable, "bool", rep, at("quant_enable"))
 
-    act = value.get("activation_quant_params", {})
+    act = value.get("activation_quant_params", JsonObject([]))
     expect_json(act, "object", rep, at("activation_quant_params"))
     check_json_object(act, _ACTIVATION_KEYS, rep, name, "activation_quant_params.")
     defaults = IfmrParams()

@@ -290,6 +290,23 @@ def write_records(
         atomic_write(path, record_text(records, order).encode("utf-8"))
 
 
+def update_shapes(path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, int, int]]) -> None:
+    """Set ``channels/height/width`` of the given layers in the record file ``path`` (update-or-append).
+
+    A layer already in the file keeps every other field (all its entries are updated when it is listed
+    more than once); a new layer is appended as a shape-only entry; other layers are untouched. A missing
+    file is created (:func:`update_layers`).
+
+    Raises:
+        RecordError: the existing file does not parse (it is left unchanged).
+    """
+    updates = {}
+    for name, shape in shapes.items():
+        channels, height, width = (int(v) for v in shape)
+        updates[name] = LayerRecord(channels=channels, height=height, width=width)
+    update_layers(path, updates)
+
+
 def legacy_chw(shape: Sequence[int]) -> tuple[int, int, int] | None:
     """The record's ``(channels, height, width)`` of a blob shape: Caffe's ``channels()/height()/width()``
     (axes 1, 2, 3, each 1 when the blob has fewer axes); None for blobs of more than 4 axes, which Caffe's
@@ -341,20 +358,3 @@ def update_layers(path: str | os.PathLike[str], updates: Mapping[str, LayerRecor
             for entry in entries:
                 _set_fields(entry.value, rec)
         atomic_write(path, text_format.MessageToString(msg).encode("utf-8"))
-
-
-def update_shapes(path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, int, int]]) -> None:
-    """Set ``channels/height/width`` of the given layers in the record file ``path`` (update-or-append).
-
-    A layer already in the file keeps every other field (all its entries are updated when it is listed
-    more than once); a new layer is appended as a shape-only entry; other layers are untouched. A missing
-    file is created (see :func:`update_layers`).
-
-    Raises:
-        RecordError: the existing file does not parse (it is left unchanged).
-    """
-    updates = {}
-    for name, shape in shapes.items():
-        channels, height, width = (int(v) for v in shape)
-        updates[name] = LayerRecord(channels=channels, height=height, width=width)
-    update_layers(path, updates)
