@@ -90,7 +90,7 @@ def round_away(v: np.ndarray) -> np.ndarray:
 
 
 def arq_numpy(w: np.ndarray, channel_wise: bool, axis: int = 0) -> np.ndarray:
-    """ARQ weight scales (spec §8.2): the largest-magnitude element m per row; m/127 or m/-128."""
+    """ARQ weight scales (AMCT reference §8.2): the largest-magnitude element m per row; m/127 or m/-128."""
     w = np.asarray(w, np.float32)
     rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if channel_wise else w.reshape(1, -1)
     out = []
@@ -104,7 +104,7 @@ def arq_numpy(w: np.ndarray, channel_wise: bool, axis: int = 0) -> np.ndarray:
 
 def fold_bn_numpy(w: np.ndarray, b: np.ndarray | None, bn: list[np.ndarray], scale: list[np.ndarray],
                   axis: int = 0, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-    """Conv/IP + BatchNorm + Scale folding (spec §2.2) in float64, stored as float32."""
+    """Conv/IP + BatchNorm + Scale folding (AMCT reference §2.2) in float64, stored as float32."""
     factor = float(bn[2].reshape(-1)[0])
     mean = bn[0].astype(np.float64) / factor
     var = bn[1].astype(np.float64) / factor
@@ -119,7 +119,7 @@ def fold_bn_numpy(w: np.ndarray, b: np.ndarray | None, bn: list[np.ndarray], sca
 def ifmr_numpy(x: np.ndarray, max_percentile: float = 0.999999, min_percentile: float = 0.999999,
                start: float = 0.7, end: float = 1.3, step: float = 0.01,
                with_offset: bool = True) -> tuple[np.float32, int, float]:
-    """IFMR (spec §8.4) over all of ``x``, every candidate in float32; returns ``(s, o, loss gap)``.
+    """IFMR (AMCT reference §8.4) over all of ``x``, every candidate in float32; returns ``(s, o, loss gap)``.
 
     The gap is the relative distance between the best and the second-best loss (a clear winner cannot be
     flipped by a different float64 summation order).

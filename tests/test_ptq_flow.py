@@ -145,7 +145,7 @@ def test_calibration_prototxt_by_hand(calibrated):
 
 
 def test_ifmr_param_field_numbers():
-    """AMCT's numbers (spec §3.2): LayerParameter.ifmr_param = 200001, IFMRParameter 1..9."""
+    """AMCT's numbers (AMCT reference §3.2): LayerParameter.ifmr_param = 200001, IFMRParameter 1..9."""
     assert caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name["ifmr_param"].number == 200001
     fields = caffe_pb2.IFMRParameter.DESCRIPTOR.fields_by_name
     numbers = {name: fields[name].number for name in fields}

@@ -248,8 +248,9 @@ def _legacy_chw(shape: Sequence[int]) -> tuple[int, int, int] | None:
 
 
 class _IFMRLogic(_FakeQuantLayer):
-    """AMCT ``IFMR`` (spec §3.1-3.2): gathers its bottoms over ``batch_num`` forwards, then IFMR over all of
-    them, then the record file (see the module docstring). No tops; nothing to propagate backwards."""
+    """AMCT ``IFMR`` (AMCT reference §3.1-3.2): gathers its bottoms over ``batch_num`` forwards, then IFMR
+    over all of them, then the record file (see the module docstring). No tops; nothing to propagate
+    backwards."""
 
     type_name = "IFMR"
 

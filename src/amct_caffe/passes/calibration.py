@@ -1,4 +1,5 @@
-"""Insert AMCT's ``IFMR`` calibration layers in front of the quantized inputs (``quantize_model``, spec §1.2).
+"""Insert AMCT's ``IFMR`` calibration layers in front of the quantized inputs (``quantize_model``; AMCT
+reference §1.2).
 
 For each input value ``x`` read by layers the PTQ config enables (Convolution, Deconvolution, InnerProduct,
 AVE Pooling) and each distinct ``activation_quant_params`` among those readers: one ``IFMR`` layer named

@@ -11,8 +11,8 @@ computed in float64 and stored as float32:
 * ``k_c = gamma_c / sqrt(var_c + eps)``; ``W'[c] = W[c] * k_c``; ``b'_c = (b_c - mean_c) * k_c + beta_c``
   (``b_c = 0`` when the convolution had no bias; the folded layer gets ``bias_term: true``);
 * Deconvolution weights are ``[in, out/group, kh, kw]``: the output channel is weight axis 1;
-* PTQ also folds into InnerProduct (``axis: 1``, no ``transpose``; weight ``[out, in]``), spec §2.2's PTQ
-  column; QAT folds into the convolutions only.
+* PTQ also folds into InnerProduct (``axis: 1``, no ``transpose``; weight ``[out, in]``), as AMCT's fusion
+  table (AMCT reference §2.2) lists for PTQ; QAT folds into the convolutions only.
 
 The pattern: a Convolution or Deconvolution with one bottom and one top whose output value is read by a
 BatchNorm only; then, if the BatchNorm's output value is read by a one-bottom Scale only (``axis: 1``,
@@ -48,7 +48,8 @@ from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("passes.fuse_bn")
 
-#: Layer types a BatchNorm (+ Scale) after them is folded into (QAT; PTQ adds InnerProduct, spec §2.2).
+#: Layer types a BatchNorm (+ Scale) after them is folded into (QAT; PTQ adds InnerProduct: AMCT reference
+#: §2.2).
 FOLD_TARGET_TYPES = ("Convolution", "Deconvolution")
 #: Every layer type the fold supports.
 FOLDABLE_TYPES = ("Convolution", "Deconvolution", "InnerProduct")

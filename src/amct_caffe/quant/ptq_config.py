@@ -78,7 +78,7 @@ LOGGER = get_logger("quant.ptq_config")
 #: How the PTQ JSON config and the simplified PTQ config are named in messages.
 JSON_KIND = "PTQ config"
 CFG_KIND = "Simplified PTQ config"
-#: The layer types PTQ quantizes (the same family as QAT: spec §2.1).
+#: The layer types PTQ quantizes (the same family as QAT: AMCT reference §2.1).
 PTQ_LAYER_TYPES = QAT_LAYER_TYPES
 #: The layer types a BatchNorm (+ Scale) after them is folded into by PTQ (``skip_fusion_layers`` names them).
 FUSION_LAYER_TYPES = ("Convolution", "Deconvolution", "InnerProduct")

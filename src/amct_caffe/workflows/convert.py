@@ -1,4 +1,4 @@
-"""``convert_model``: fake-quant and deploy models from a record the user wrote (spec §1.2, §5.1).
+"""``convert_model``: fake-quant and deploy models from a record the user wrote (AMCT reference §1.2, §5.1).
 
 The quantization factors come from outside (another tool, a hand computation); the record lists every layer
 to quantize with ``scale_d``, ``offset_d`` and -- for layers with weights -- ``scale_w`` (one value, or one

@@ -1,4 +1,4 @@
-"""The post-training quantization (PTQ, "calibration") flow of AMCT for Caffe (spec §1.2, §5.3).
+"""The post-training quantization (PTQ, "calibration") flow of AMCT for Caffe (AMCT reference §1.2, §5.3).
 
 ``create_quant_config`` -> ``init`` -> ``quantize_model`` -> the user runs ``batch_num`` forward batches of
 the calibration model -> ``save_model``:

@@ -1,4 +1,4 @@
-"""AMCT's post-training calibration layer ``IFMR`` (``ifmr_param``, spec §3.1-3.2, §5.3, §8.4).
+"""AMCT's post-training calibration layer ``IFMR`` (``ifmr_param``, AMCT reference §3.1-3.2, §5.3, §8.4).
 
 ``quantize_model`` puts one ``IFMR`` layer in front of every quantized input value of the calibration model:
 its bottoms are that value (once per quantized layer reading it, as AMCT's C++ layer pairs bottom ``i``
