@@ -26,8 +26,8 @@ from tests.references.layers import conv2d, inner_product
 from tests.references.metrics import cosine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SUBCOMMANDS = ["retrain-config", "retrain-model", "train", "save-retrain", "run", "inspect", "compare",
-               "demo", "pycaffe-rewrite"]
+SUBCOMMANDS = ["calibration", "retrain-config", "retrain-model", "train", "save-retrain", "run", "inspect",
+               "compare", "demo", "pycaffe-rewrite"]
 
 
 def _env() -> dict[str, str]:
@@ -73,14 +73,14 @@ def test_help_texts():
 def test_amct_caffe_script_help_lists_calibration_and_the_same_commands():
     proc = run_amct_script("--help")
     assert proc.returncode == 0 and "usage: amct_caffe" in proc.stdout
-    for name in ["calibration", *SUBCOMMANDS]:
+    for name in SUBCOMMANDS:
         assert name in proc.stdout
-    proc = run_amct_script("calibration", "--help")
-    assert proc.returncode == 0
-    for option in ("--model", "--weights", "--save_path", "--input_shape", "--data_dir", "--evaluator",
-                   "--calibration_config", "--batch_num", "--gpu_id"):
-        assert option in proc.stdout
-    # amct-caffe has no calibration command
+    for proc in (run_amct_script("calibration", "--help"), run_cli("calibration", "--h")):
+        assert proc.returncode == 0
+        for option in ("--model", "--weights", "--save_path", "--input_shape", "--data_dir", "--data_types",
+                       "--evaluator", "--calibration_config", "--batch_num", "--gpu_id"):
+            assert option in proc.stdout
+    # --model, --weights and --save_path are required
     assert run_cli("calibration", "--model", "m").returncode == 2
 
 
@@ -93,15 +93,15 @@ def test_usage_error_exit_code():
 
 
 @pytest.mark.parametrize("form", ["equals", "space"])
-def test_calibration_is_not_implemented(tmp_path, form):
+def test_calibration_without_data_is_one_line_error(tmp_path, form):
     if form == "equals":
         args = ["--model=m.prototxt", "--weights=w.caffemodel", "--save_path=./result/m"]
     else:
         args = ["--model", "m.prototxt", "--weights", "w.caffemodel", "--save_path", "./result/m",
                 "--batch_num", "2"]
     proc = run_amct_script("calibration", *args, cwd=tmp_path)
-    assert_one_line_error(proc, "post-training quantization (calibration) is not implemented yet",
-                          "amct-caffe retrain-config/retrain-model/train/save-retrain", prog="amct_caffe")
+    assert_one_line_error(proc, "calibration data is missing", "--input_shape", "--evaluator",
+                          prog="amct_caffe")
     assert not (tmp_path / "result").exists()
 
 

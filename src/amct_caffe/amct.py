@@ -9,13 +9,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from amct_caffe.errors import ConfigError
+from amct_caffe.errors import ConfigError, NotImplementedFeatureError
+from amct_caffe.workflows import convert as _convert
+from amct_caffe.workflows import ptq as _ptq
 from amct_caffe.workflows import qat as _qat
 from amct_caffe.workflows import save as _save
+from amct_caffe.workflows.ptq import CalibrationGraph
 
 __all__ = [
+    "CalibrationGraph",
+    "auto_decomposition",
+    "auto_nuq",
+    "convert_model",
+    "create_quant_config",
     "create_quant_retrain_config",
     "create_quant_retrain_model",
+    "init",
+    "quantize_model",
+    "save_model",
     "save_quant_retrain_model",
     "set_cpu_mode",
     "set_gpu_mode",
@@ -231,4 +242,236 @@ def save_quant_retrain_model(
     _save.save_quant_retrain_model(
         retrained_model_file, retrained_weights_file, save_type, save_path, scale_offset_record_file,
         config_file,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Post-training quantization (calibration)
+# ---------------------------------------------------------------------------------------------------------
+def create_quant_config(
+    config_file: str,
+    model_file: str,
+    weights_file: str,
+    skip_layers: list[str] | None = None,
+    batch_num: int = 1,
+    activation_offset: bool = True,
+    config_defination: str | None = None,
+) -> None:
+    """Find the layers post-training quantization can quantize and write the PTQ config file.
+
+    The config is a JSON file: the calibration settings, then one entry per quantizable layer of the model's
+    TEST-phase view (Convolution with a 4-D filter, Deconvolution with group 1 and dilation 1, InnerProduct
+    with axis 1 and no transpose, AVE Pooling that is not global)::
+
+        {"version": 1, "batch_num": 1, "activation_offset": true, "do_fusion": true,
+         "skip_fusion_layers": [],
+         "conv1": {"quant_enable": true,
+                   "activation_quant_params": {"max_percentile": 0.999999, "min_percentile": 0.999999,
+                                               "search_range": [0.7, 1.3], "search_step": 0.01},
+                   "weight_quant_params": {"channel_wise": true}}, ...}
+
+    Args:
+        config_file: path of the JSON config to write; an existing file is overwritten, missing folders
+            are created.
+        model_file: the float model (.prototxt), inference-ready.
+        weights_file: its float weights (.caffemodel); it must exist and parse.
+        skip_layers: names of layers to keep float (written with ``quant_enable: false``).
+        batch_num: calibration batches (> 0); ``batch_num`` x batch size images are calibrated on, all held
+            in memory by the calibration layers, so keep it small.
+        activation_offset: True: asymmetric activations (with an offset); False: symmetric (offset 0).
+        config_defination: a simplified config (proto text of ``AMCTConfig``, AMCT's
+            ``calibration_config_caffe.proto``). When given, ``skip_layers``, ``batch_num`` and
+            ``activation_offset`` are ignored and must be set in that file (``common_config``,
+            ``override_layer_types``, ``override_layer_configs`` in increasing priority; ``skip_layers``,
+            ``skip_layer_types``, ``do_fusion``, ``skip_fusion_layers``).
+
+    Returns:
+        None. Output: ``config_file``.
+
+    Raises:
+        ConfigError: an argument has the wrong type or value (e.g. ``batch_num`` <= 0, a skip layer the
+            model lacks); the model has nothing to quantize or already holds AMCT layers;
+            ``config_defination`` is invalid (the message names the file, the field or layer and the fix).
+            No config is written then, and an existing one is left untouched.
+        ModelFormatError: the prototxt or caffemodel is missing or cannot be parsed.
+    """
+    api = "create_quant_config"
+    _check_path(api, "config_file", config_file)
+    _check_path(api, "model_file", model_file)
+    _check_path(api, "weights_file", weights_file)
+    _check_path(api, "config_defination", config_defination, optional=True)
+    if skip_layers is not None and (isinstance(skip_layers, str) or not all(
+            isinstance(name, str) for name in skip_layers)):
+        raise ConfigError(f"{api}: argument 'skip_layers' must be a list of layer names (str) or None, got "
+                          f"{skip_layers!r}.")
+    if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num <= 0:
+        raise ConfigError(f"{api}: argument 'batch_num' must be an integer > 0, got {batch_num!r}.")
+    if not isinstance(activation_offset, bool):
+        raise ConfigError(f"{api}: argument 'activation_offset' must be True or False, got "
+                          f"{activation_offset!r}.")
+    _ptq.create_quant_config(config_file, model_file, weights_file, skip_layers, batch_num, activation_offset,
+                             config_defination)
+
+
+def init(
+    config_file: str, model_file: str, weights_file: str, scale_offset_record_file: str
+) -> CalibrationGraph:
+    """Parse the model for post-training quantization and create the record file.
+
+    The model's inference view is used: its TEST phase, with every BatchNorm on its stored statistics. The
+    config is validated against it (a config made for another model is an error), the caffemodel is checked
+    against the prototxt, and ``scale_offset_record_file`` is created empty (an existing file is
+    overwritten).
+
+    Args:
+        config_file: the PTQ config from ``create_quant_config`` (possibly edited).
+        model_file: the float model (.prototxt) the config was made for.
+        weights_file: its float weights (.caffemodel).
+        scale_offset_record_file: the record file to create; ``quantize_model`` writes the weight scales into
+            it and the calibration model's IFMR layers the activation factors.
+
+    Returns:
+        The graph (``CalibrationGraph``) to pass to ``quantize_model`` and ``save_model``. It remembers the
+        three input files; once one of them changes, the graph is refused (call ``init`` again).
+
+    Raises:
+        ConfigError: an argument has the wrong type; the config does not fit the model or enables no layer;
+            the model already holds AMCT layers; the record path is an input file or a folder.
+        ModelFormatError: a file is missing or malformed; the caffemodel does not fit the prototxt.
+    """
+    api = "init"
+    for name, value in (("config_file", config_file), ("model_file", model_file),
+                        ("weights_file", weights_file),
+                        ("scale_offset_record_file", scale_offset_record_file)):
+        _check_path(api, name, value)
+    return _ptq.init(config_file, model_file, weights_file, scale_offset_record_file)
+
+
+def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_weights_file: str) -> None:
+    """Write the calibration model: fusions applied, weight scales recorded, IFMR layers inserted.
+
+    BatchNorm (+ Scale) after a Convolution, Deconvolution or InnerProduct is folded into it (``do_fusion``,
+    except ``skip_fusion_layers``); the ARQ weight scales of every quantized layer go into the record
+    (``scale_w``, ``offset_w``); an ``IFMR`` layer is placed in front of every quantized input. Then run the
+    modified model forward ``batch_num`` times on calibration data, e.g.::
+
+        net = caffe.Net(modified_model_file, caffe.TEST, weights=modified_weights_file)
+        for batch in batches:
+            net.forward(data=batch)
+
+    (in ``amct_caffe.caffe``, or in a stock pycaffe after ``amct-caffe pycaffe-rewrite``). The IFMR layers
+    gather their input over ALL ``batch_num`` batches and, after the last, write ``scale_d``, ``offset_d``
+    and the input shape of each quantized layer into the record.
+
+    Args:
+        graph: the graph ``init`` returned.
+        modified_model_file: the calibration prototxt to write.
+        modified_weights_file: the calibration caffemodel to write (folded float weights).
+
+    Returns:
+        None. Outputs: ``modified_model_file``, ``modified_weights_file`` and the record file (weight scales
+        only; a calibration of an earlier ``quantize_model`` is discarded), written all-or-nothing.
+
+    Raises:
+        GraphStateError: the config, model or weights file changed since ``init``.
+        ConfigError: an argument has the wrong type, or an output is an input file or another output.
+        ModelFormatError: a quantized layer has no weights; an inserted name is taken.
+    """
+    api = "quantize_model"
+    _check_path(api, "modified_model_file", modified_model_file)
+    _check_path(api, "modified_weights_file", modified_weights_file)
+    _ptq.quantize_model(graph, modified_model_file, modified_weights_file)
+
+
+def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
+    """Save the calibrated model as a fake-quant model for Caffe and/or a deploy model for ATC.
+
+    The record must hold every quantized layer's ``scale_d``/``offset_d``: the calibration model of
+    ``quantize_model`` has run its ``batch_num`` forward batches. ``Quant`` (``<first layer>_quant_layer``,
+    one per quantized input) and ``DeQuant`` (``<layer>_dequant_layer``) layers are inserted into the folded
+    model, in the formats ``save_quant_retrain_model`` writes: the fake-quant model holds float32 weights
+    ``int8 code * scale_w`` and bias ``round(b / (scale_d * scale_w)) * scale_d * scale_w``; the deploy
+    model INT8 weights, INT32 bias and the packed ``deq_scale``.
+
+    Args:
+        graph: the graph ``init`` returned, after ``quantize_model`` and the calibration.
+        save_type: ``'Fakequant'``, ``'Deploy'`` or ``'Both'`` (exactly so spelled).
+        save_path: folder plus file-name prefix, e.g. ``./result/model``; missing folders are created.
+
+    Returns:
+        None. Outputs: ``<save_path>_fake_quant_model.prototxt`` / ``_fake_quant_weights.caffemodel``
+        ('Fakequant', 'Both'), ``<save_path>_deploy_model.prototxt`` / ``_deploy_weights.caffemodel``
+        ('Deploy', 'Both') and ``<save_path>_quant.json`` (where the quant layers went, which fusions were
+        done), all written together: on any error none is written.
+
+    Raises:
+        RecordError: the calibration has not run (no ``quantize_model`` on this graph, or the record lacks
+            the activation factors: run the modified model ``batch_num`` times first).
+        GraphStateError: the config, model or weights file changed since ``init``.
+        ConfigError: a bad argument; a quantized bias does not fit INT32 (``BiasOverflowError``: set
+            ``quant_enable`` false for that layer in the config).
+    """
+    api = "save_model"
+    if not isinstance(save_type, str):
+        raise ConfigError(f"{api}: argument 'save_type' must be 'Fakequant', 'Deploy' or 'Both', got "
+                          f"{save_type!r}.")
+    _check_path(api, "save_path", save_path)
+    _ptq.save_model(graph, save_type, save_path)
+
+
+def convert_model(model_file: str, weights_file: str, scale_offset_record_file: str, save_path: str) -> None:
+    """Build the fake-quant and deploy models of a float model from a record of externally computed factors.
+
+    Each layer of the record (Convolution, Deconvolution, InnerProduct, AVE Pooling) is quantized with its
+    ``scale_d``, ``offset_d`` and ``scale_w`` (one value, or one per output channel for convolutions; every
+    ``offset_w`` 0). BatchNorm (+ Scale) is folded into the layer before it unless the record sets
+    ``skip_fusion: true`` for that layer (the factors refer to the folded weights).
+
+    Args:
+        model_file: the float model (.prototxt); it must not hold Quant/DeQuant/AntiQuant layers already.
+        weights_file: its float weights (.caffemodel).
+        scale_offset_record_file: the record (protobuf text of ``ScaleOffsetRecord``); ``shift_bit`` is not
+            supported.
+        save_path: folder plus file-name prefix of the outputs.
+
+    Returns:
+        None. Outputs: the fake-quant and deploy prototxt/caffemodel pairs (as ``save_model`` 'Both'),
+        written all-or-nothing.
+
+    Raises:
+        RecordError: the record is missing or malformed, sets ``shift_bit``, names a layer the model lacks or
+            cannot quantize, or lacks a layer's factors.
+        ConfigError: the model already holds AMCT layers (it was quantized); a bad argument; a quantized bias
+            does not fit INT32.
+        ModelFormatError: the prototxt or caffemodel is missing or malformed.
+    """
+    api = "convert_model"
+    for name, value in (("model_file", model_file), ("weights_file", weights_file),
+                        ("scale_offset_record_file", scale_offset_record_file), ("save_path", save_path)):
+        _check_path(api, name, value)
+    _convert.convert_model(model_file, weights_file, scale_offset_record_file, save_path)
+
+
+def auto_nuq(*args: Any, **kwargs: Any) -> None:
+    """AMCT's non-uniform weight quantization search: not implemented in amct-caffe.
+
+    Raises:
+        NotImplementedFeatureError: always.
+    """
+    raise NotImplementedFeatureError(
+        "auto_nuq (non-uniform quantization) is not implemented in amct-caffe; AMCT documents no performance "
+        "gain from it on current products. Use uniform post-training quantization (create_quant_config, "
+        "init, quantize_model, save_model) or QAT instead."
+    )
+
+
+def auto_decomposition(*args: Any, **kwargs: Any) -> None:
+    """AMCT's tensor decomposition: not implemented in amct-caffe.
+
+    Raises:
+        NotImplementedFeatureError: always.
+    """
+    raise NotImplementedFeatureError(
+        "auto_decomposition (tensor decomposition) is not implemented in amct-caffe; quantize the model as "
+        "it is (post-training quantization or QAT)."
     )

@@ -5,8 +5,8 @@ shows the traceback).
 
 Each subcommand is thin: it parses its options, calls the public API (``amct_caffe.amct``, ``caffe``,
 ``workflows.report``, ``demo.run``) and prints what was done. A second console script, ``amct_caffe``
-(AMCT's own spelling), offers the same subcommands plus AMCT's ``calibration`` (post-training quantization),
-which is not implemented yet and says so.
+(AMCT's own spelling), offers the same subcommands; both have AMCT's ``calibration`` (post-training
+quantization, ``workflows.calibration_run``) with AMCT's option names.
 """
 
 from __future__ import annotations
@@ -347,9 +347,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
-    """Rewrite a fake-quant prototxt's Quant/DeQuant/AntiQuant layers into Caffe Python layers
-    (amct_caffe.caffe.python_layers), so that a stock pycaffe built with Python layers runs it with the
-    unchanged fake-quant caffemodel; that Caffe's Python needs amct_caffe importable (numpy only)."""
+    """Rewrite a fake-quant prototxt's Quant/DeQuant/AntiQuant layers (or a calibration model's IFMR layers)
+    into Caffe Python layers (amct_caffe.caffe.python_layers, python_calibration), so that a stock pycaffe
+    built with Python layers runs it with the unchanged caffemodel; that Caffe's Python needs amct_caffe
+    importable (numpy only)."""
     from amct_caffe.caffe.rewrite import rewrite_fake_quant_for_pycaffe
 
     counts = rewrite_fake_quant_for_pycaffe(args.model_in, args.model_out)
@@ -359,8 +360,18 @@ def cmd_pycaffe_rewrite(args: argparse.Namespace) -> int:
 
 
 def cmd_calibration(args: argparse.Namespace) -> int:
-    """AMCT's post-training quantization (calibration) command; not implemented yet in amct-caffe."""
-    raise AmctError(CALIBRATION_MESSAGE)
+    """AMCT's post-training quantization: config, calibration model, batch_num calibration batches from raw
+    .bin files (--input_shape, --data_dir, --data_types) or an evaluator script (--evaluator), then the
+    fake-quant and deploy models (workflows.calibration_run). AMCT's options: --key=value or --key value."""
+    from amct_caffe.workflows.calibration_run import run_calibration
+
+    written = run_calibration(args.model, args.weights, args.save_path, args.input_shape, args.data_dir,
+                              args.data_types, args.evaluator, args.calibration_config, args.batch_num,
+                              args.gpu_id)
+    print("calibration done:")
+    for path in written:
+        print(f"  {path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,15 +395,15 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_te
     return parser
 
 
-def build_parser(prog: str = PROG, calibration: bool = False) -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.ArgumentParser:
     """The argument parser of ``amct-caffe`` (``prog``); ``calibration`` adds AMCT's ``calibration``
-    subcommand (the ``amct_caffe`` script)."""
+    subcommand (both scripts have it)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="amct-caffe: AMCT for Caffe (quantization-aware training) with its own Caffe engine on "
-                    "PyTorch. Exit codes: 0 success, 2 usage error, 1 failure.",
+        description="amct-caffe: AMCT for Caffe (quantization-aware training and post-training quantization) "
+                    "with its own Caffe engine on PyTorch. Exit codes: 0 success, 2 usage error, 1 failure.",
         epilog=f"'{prog} COMMAND --help' describes each command. QAT flow: retrain-config -> retrain-model "
-               "-> train -> save-retrain (-> compare).",
+               "-> train -> save-retrain (-> compare). Post-training quantization: calibration.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     # also accepted after the subcommand; SUPPRESS keeps a value given before it
@@ -403,17 +414,19 @@ def build_parser(prog: str = PROG, calibration: bool = False) -> argparse.Argume
 
     if calibration:
         p = _add(sub, "calibration", cmd_calibration,
-                 "AMCT's post-training quantization (not implemented yet; use the QAT flow)", debug)
+                 "AMCT's post-training quantization (calibration) of a float model", debug)
         for option, text in (("--model", "the float .prototxt"), ("--weights", "the float .caffemodel"),
                              ("--save_path", "folder and file-name prefix of the results"),
-                             ("--input_shape", "input shapes, e.g. 'data:1,3,224,224'"),
-                             ("--data_dir", "folder of the calibration .bin files"),
-                             ("--data_types", "data types of the inputs, e.g. 'float32'"),
-                             ("--evaluator", "a Python file with an evaluator class"),
-                             ("--calibration_config", "a simplified calibration .cfg"),
-                             ("--batch_num", "number of calibration batches"),
-                             ("--gpu_id", "GPU to use")):
-            p.add_argument(option, help=text)
+                             ("--input_shape", "input shapes, e.g. 'data:1,3,224,224;info:1,3'"),
+                             ("--data_dir", "one folder of calibration .bin files per input, ';'-separated"),
+                             ("--data_types", "data type of each input, e.g. 'float32;float32'"),
+                             ("--evaluator", "a Python file defining `evaluator` (calibration(model, "
+                                             "weights) runs the batches); instead of the data options"),
+                             ("--calibration_config", "a simplified PTQ .cfg")):
+            p.add_argument(option, help=text, required=option in ("--model", "--weights", "--save_path"))
+        p.add_argument("--batch_num", type=_positive_int, help="number of calibration batches (default: the "
+                                                                ".cfg's batch_num, else 1)")
+        p.add_argument("--gpu_id", type=int, help="calibrate on CUDA device GPU_ID")
 
     p = _add(sub, "retrain-config", cmd_retrain_config,
              "write the QAT config of a float model (create_quant_retrain_config)", debug)
@@ -515,7 +528,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run the command line (``argv`` without the program name); returns the exit code."""
-    parser = build_parser(prog, calibration=prog == AMCT_PROG)
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     debug = bool(args.debug)
     try:
@@ -537,7 +550,7 @@ def main_amct(argv: Sequence[str] | None = None) -> int:
     return main(argv, prog=AMCT_PROG)
 
 
-__all__ = ["CALIBRATION_MESSAGE", "build_parser", "load_image_input", "main", "main_amct"]
+__all__ = ["build_parser", "load_image_input", "main", "main_amct"]
 
 
 if __name__ == "__main__":

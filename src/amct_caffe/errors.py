@@ -31,6 +31,18 @@ class RecordError(AmctError):
     """A scale/offset record file is missing, malformed or inconsistent with the model."""
 
 
+class CalibrationDataError(ConfigError):
+    """Calibration input files that do not fit the model (missing, too few, or of the wrong size)."""
+
+
+class GraphStateError(AmctError):
+    """A graph returned by ``init`` is used after the files it was built from changed."""
+
+
+class NotImplementedFeatureError(AmctError):
+    """An AMCT API that amct-caffe does not implement (e.g. ``auto_nuq``)."""
+
+
 class RuntimeEngineError(AmctError):
     """The engine cannot run a net as asked (missing input, wrong input shape, device unavailable)."""
 

@@ -1,4 +1,4 @@
-"""Rewrite a fake-quant prototxt so that a STOCK pycaffe (built with Python layers) can run it.
+"""Rewrite a fake-quant (or calibration) prototxt so that a STOCK pycaffe (built with Python layers) runs it.
 
 AMCT's fake-quant model uses the custom layer types ``Quant``, ``DeQuant`` and ``AntiQuant`` of AMCT's
 patched Caffe. :func:`rewrite_fake_quant_for_pycaffe` turns each of them into a Caffe Python layer backed by
@@ -21,6 +21,11 @@ gradient is zero, but decay still shrinks ``deq_scale``) if the rewritten model 
 
 Only the prototxt is rewritten. Use it with the FAKE-QUANT caffemodel: the deploy caffemodel stores one
 packed uint64 DeQuant blob and int8 weights, which a float Caffe cannot use.
+
+The calibration model of ``quantize_model`` is rewritten the same way: each ``IFMR`` layer becomes a Python
+layer of :mod:`amct_caffe.caffe.python_calibration` whose ``param_str`` carries its ``ifmr_param`` (plus the
+indices of its distinct bottom names), so ``batch_num`` forward batches in a stock pycaffe write the record
+file as the engine does.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
 from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
-from amct_caffe.model.layer_types import ANTI_QUANT, DEQUANT, FAKE_QUANT_TYPES, QUANT, RETRAIN_TYPES
+from amct_caffe.model.layer_types import ANTI_QUANT, DEQUANT, FAKE_QUANT_TYPES, IFMR, QUANT, RETRAIN_TYPES
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.numerics import offset_byte
 
@@ -41,10 +46,14 @@ LOGGER = get_logger("caffe.rewrite")
 
 #: The module Caffe imports for the rewritten layers (``python_param.module``).
 PYCAFFE_LAYERS_MODULE = "amct_caffe.caffe.python_layers"
+#: The module of the rewritten ``IFMR`` calibration layers.
+PYCAFFE_CALIBRATION_MODULE = "amct_caffe.caffe.python_calibration"
+#: Every layer type rewritten, each into the Python layer class of the same name.
+REWRITTEN_TYPES = (*FAKE_QUANT_TYPES, IFMR)
 #: The layer types rewritten, each into the Python layer class of the same name.
 #: Layer types that mark a retrain (QAT) model, which must be saved before it can be rewritten.
 #: The AMCT parameter messages a rewritten layer drops (a stock caffe.proto lacks them).
-_AMCT_PARAM_FIELDS = ("quant_param", "dequant_param")
+_AMCT_PARAM_FIELDS = ("quant_param", "dequant_param", "ifmr_param")
 
 
 def _layer_error(layer: caffe_pb2.LayerParameter, message: str) -> ModelFormatError:
@@ -79,8 +88,21 @@ def _dequant_params(layer: caffe_pb2.LayerParameter) -> dict[str, Any]:
     return params
 
 
+def _ifmr_params(layer: caffe_pb2.LayerParameter) -> dict[str, Any]:
+    p = layer.ifmr_param
+    first: dict[str, int] = {}
+    for i, name in enumerate(layer.bottom):
+        first.setdefault(name, i)
+    params: dict[str, Any] = {name: float(getattr(p, name)) for name in (
+        "search_range_start", "search_range_end", "search_step", "max_percentile", "min_percentile")}
+    params.update(batch_num=int(p.batch_num), with_offset=bool(p.with_offset),
+                  object_layer=list(p.object_layer), record_file_path=p.record_file_path,
+                  distinct=list(first.values()))
+    return params
+
+
 def pycaffe_param_str(layer: caffe_pb2.LayerParameter) -> str:
-    """The JSON ``param_str`` that carries a Quant/DeQuant/AntiQuant layer's parameters.
+    """The JSON ``param_str`` that carries a Quant/DeQuant/AntiQuant/IFMR layer's parameters.
 
     Raises:
         ModelFormatError: a Quant layer's scale is not a finite value > 0 (the engine refuses it too).
@@ -91,6 +113,8 @@ def pycaffe_param_str(layer: caffe_pb2.LayerParameter) -> str:
         params = _dequant_params(layer)
     elif layer.type == ANTI_QUANT:
         params = {}
+    elif layer.type == IFMR:
+        params = _ifmr_params(layer)
     else:
         raise ValueError(f"layer '{layer.name}' of type {layer.type} is not a fake-quant layer")
     return json.dumps(params, sort_keys=True, allow_nan=False)
@@ -98,7 +122,7 @@ def pycaffe_param_str(layer: caffe_pb2.LayerParameter) -> str:
 
 def rewrite_net_for_pycaffe(net: caffe_pb2.NetParameter, path: str = "") -> tuple[caffe_pb2.NetParameter,
                                                                                     dict[str, int]]:
-    """A copy of ``net`` with every Quant/DeQuant/AntiQuant layer turned into a pycaffe Python layer.
+    """A copy of ``net`` with every Quant/DeQuant/AntiQuant/IFMR layer turned into a pycaffe Python layer.
 
     Returns the new net and the number of layers rewritten per type.
 
@@ -115,26 +139,28 @@ def rewrite_net_for_pycaffe(net: caffe_pb2.NetParameter, path: str = "") -> tupl
         )
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
-    counts = dict.fromkeys(FAKE_QUANT_TYPES, 0)
+    counts = dict.fromkeys(FAKE_QUANT_TYPES, 0)  # IFMR counted only when present
     for layer in out.layer:
-        if layer.type not in FAKE_QUANT_TYPES:
+        if layer.type not in REWRITTEN_TYPES:
             continue
         kind = layer.type
         param_str = pycaffe_param_str(layer)
         for name in _AMCT_PARAM_FIELDS:
             layer.ClearField(name)
         layer.type = "Python"
-        layer.python_param.module = PYCAFFE_LAYERS_MODULE
+        module = PYCAFFE_CALIBRATION_MODULE if kind == IFMR else PYCAFFE_LAYERS_MODULE
+        layer.python_param.module = module
         layer.python_param.layer = kind
         layer.python_param.param_str = param_str
         if kind == DEQUANT and not layer.param:
             for _ in range(3):
                 layer.param.add(lr_mult=0.0, decay_mult=0.0)
-        counts[kind] += 1
+        counts[kind] = counts.get(kind, 0) + 1
     if not any(counts.values()):
         raise ModelFormatError(
-            f"Model{where} has no Quant, DeQuant or AntiQuant layer; give the *_fake_quant_model.prototxt "
-            "that save_quant_retrain_model writes."
+            f"Model{where} has no Quant, DeQuant or AntiQuant layer (nor an IFMR calibration layer); give "
+            "the *_fake_quant_model.prototxt that save_quant_retrain_model/save_model writes, or the "
+            "calibration model of quantize_model."
         )
     return out, counts
 

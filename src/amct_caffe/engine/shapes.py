@@ -1,16 +1,18 @@
 """Blob shapes of a net by running the engine's shape pass, as the record file needs them.
 
 AMCT has no whole-net shape inference and records each quantized layer's input (channels, height, width);
-the engine's shape pass gives every blob's shape, so the workflows ask it here.
+the engine's shape pass gives every blob's shape, so the workflows ask it here. ``legacy_chw`` (the record's
+view of a shape) lives with the record (``quant.record``) and is re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.quant.record import legacy_chw
+
+__all__ = ["batch_one", "legacy_chw", "shape_net"]
 
 #: Data-layer parameters whose ``batch_size`` sets the batch of their tops.
 _BATCH_SIZE_PARAMS = ("data_param", "image_data_param", "memory_data_param", "hdf5_data_param",
@@ -37,15 +39,6 @@ def batch_one(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
             if layer.HasField(field) and getattr(layer, field).HasField("batch_size"):
                 getattr(layer, field).batch_size = 1
     return out
-
-
-def legacy_chw(shape: Sequence[int]) -> tuple[int, int, int] | None:
-    """(channels, height, width) as Caffe's ``Blob::channels()/height()/width()`` give them: axes 1, 2, 3,
-    each 1 when the blob has fewer axes (``LegacyShape``); None for blobs of more than 4 axes."""
-    if len(shape) > 4:
-        return None
-    dims = list(shape) + [1] * (4 - len(shape))
-    return int(dims[1]), int(dims[2]), int(dims[3])
 
 
 def shape_net(

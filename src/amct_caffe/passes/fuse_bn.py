@@ -10,7 +10,9 @@ computed in float64 and stored as float32:
 * Scale's blobs are ``[gamma]`` or ``[gamma, beta]`` (``bias_term``); no Scale means gamma 1, beta 0;
 * ``k_c = gamma_c / sqrt(var_c + eps)``; ``W'[c] = W[c] * k_c``; ``b'_c = (b_c - mean_c) * k_c + beta_c``
   (``b_c = 0`` when the convolution had no bias; the folded layer gets ``bias_term: true``);
-* Deconvolution weights are ``[in, out/group, kh, kw]``: the output channel is weight axis 1.
+* Deconvolution weights are ``[in, out/group, kh, kw]``: the output channel is weight axis 1;
+* PTQ also folds into InnerProduct (``axis: 1``, no ``transpose``; weight ``[out, in]``), as AMCT's fusion
+  table (AMCT reference §2.2) lists for PTQ; QAT folds into the convolutions only.
 
 The pattern: a Convolution or Deconvolution with one bottom and one top whose output value is read by a
 BatchNorm only; then, if the BatchNorm's output value is read by a one-bottom Scale only (``axis: 1``,
@@ -32,7 +34,7 @@ Choices (beyond AMCT's documented ``Conv + BatchNorm + Scale`` pattern):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,8 +48,11 @@ from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("passes.fuse_bn")
 
-#: Layer types a BatchNorm (+ Scale) after them is folded into.
+#: Layer types a BatchNorm (+ Scale) after them is folded into (QAT; PTQ adds InnerProduct: AMCT reference
+#: §2.2).
 FOLD_TARGET_TYPES = ("Convolution", "Deconvolution")
+#: Every layer type the fold supports.
+FOLDABLE_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 NO_BATCH_NORM = "no BatchNorm reads its output"
 
 
@@ -138,23 +143,22 @@ def _fold_values(
 ) -> tuple[np.ndarray, np.ndarray, str] | tuple[None, None, str]:
     """The folded (weight, bias) as float32, or (None, None, why) when the blobs do not allow it."""
     conv = graph.layer(fold.conv)
-    p = conv.convolution_param
-    if p.axis != 1:
-        return None, None, f"its convolution_param axis is {p.axis} (BatchNorm normalises axis 1)"
-    if conv.type == "Deconvolution" and p.group != 1:
-        return None, None, f"it is a Deconvolution with group {p.group} (grouped deconvolution is not folded)"
+    why = _unfoldable_params(conv)
+    if why:
+        return None, None, why
+    bias_term = _has_bias(conv)
     conv_blobs = weights.get(fold.conv, [])
     if not conv_blobs:
         return None, None, "the caffemodel has no weights for it"
-    if len(conv_blobs) != (2 if p.bias_term else 1):
+    if len(conv_blobs) != (2 if bias_term else 1):
         return None, None, (f"it has {len(conv_blobs)} blob(s) in the caffemodel but bias_term "
-                            f"{str(p.bias_term).lower()}")
+                            f"{str(bias_term).lower()}")
     weight = conv_blobs[0].astype(np.float64)
     axis = 1 if conv.type == "Deconvolution" else 0
     if weight.ndim < 2:
         return None, None, f"its weight has shape {weight.shape}"
     channels = weight.shape[axis]
-    bias = _vector(conv_blobs, 1, channels) if p.bias_term else np.zeros(channels)
+    bias = _vector(conv_blobs, 1, channels) if bias_term else np.zeros(channels)
     if bias is None:
         return None, None, f"its bias does not have {channels} values"
 
@@ -194,12 +198,59 @@ def _fold_values(
     return new_weight.astype(np.float32), new_bias.astype(np.float32), ""
 
 
-def find_bn_folds(graph: Graph, weights: Weights) -> list[tuple[BNFold, np.ndarray, np.ndarray]]:
-    """Every fold that applies in ``graph`` with its folded weight and bias; the others are logged (DEBUG)."""
+def _unfoldable_params(layer: caffe_pb2.LayerParameter) -> str:
+    """Why the layer's own parameters rule a fold out ('' when they allow it)."""
+    if layer.type == "InnerProduct":
+        p = layer.inner_product_param
+        if p.axis != 1:
+            return f"its inner_product_param axis is {p.axis} (BatchNorm normalises axis 1)"
+        if p.transpose:
+            return "it has transpose: true (its weight is [in, out])"
+        return ""
+    cp = layer.convolution_param
+    if cp.axis != 1:
+        return f"its convolution_param axis is {cp.axis} (BatchNorm normalises axis 1)"
+    if layer.type == "Deconvolution" and cp.group != 1:
+        return f"it is a Deconvolution with group {cp.group} (grouped deconvolution is not folded)"
+    return ""
+
+
+def _has_bias(layer: caffe_pb2.LayerParameter) -> bool:
+    if layer.type == "InnerProduct":
+        return bool(layer.inner_product_param.bias_term)
+    return bool(layer.convolution_param.bias_term)
+
+
+def _set_bias_term(layer: caffe_pb2.LayerParameter) -> None:
+    if layer.type == "InnerProduct":
+        layer.inner_product_param.bias_term = True
+    else:
+        layer.convolution_param.bias_term = True
+
+
+def find_bn_folds(
+    graph: Graph,
+    weights: Weights,
+    targets: Sequence[str] = FOLD_TARGET_TYPES,
+    skip: Collection[str] = (),
+) -> list[tuple[BNFold, np.ndarray, np.ndarray]]:
+    """Every fold that applies in ``graph`` with its folded weight and bias; the others are logged (DEBUG).
+
+    ``targets``: the layer types folded into (a subset of ``FOLDABLE_TYPES``); ``skip``: layer names whose
+    BatchNorm is left alone (PTQ's ``skip_fusion_layers``, the record's ``skip_fusion``).
+    """
+    unknown = set(targets) - set(FOLDABLE_TYPES)
+    if unknown:
+        raise ValueError(f"find_bn_folds: cannot fold into {sorted(unknown)}")
     views = phase_views(graph)
     found = []
     for conv in list(graph):
-        if conv.type not in FOLD_TARGET_TYPES:
+        if conv.type not in targets:
+            continue
+        if conv.name in skip:
+            if _match(graph, conv.name)[0] is not None:
+                LOGGER.debug("%s '%s': BatchNorm not folded (fusion skipped for this layer).", conv.type,
+                             conv.name)
             continue
         fold, why = _match(graph, conv.name)
         if fold is None:
@@ -241,8 +292,16 @@ def _renamable(graph: Graph, fold: BNFold) -> bool:
     return True
 
 
-def fuse_bn(graph: Graph, weights: Weights) -> list[BNFold]:
+def fuse_bn(
+    graph: Graph,
+    weights: Weights,
+    targets: Sequence[str] = FOLD_TARGET_TYPES,
+    skip: Collection[str] = (),
+) -> list[BNFold]:
     """Fold every Convolution/Deconvolution + BatchNorm (+ Scale) of ``graph`` (see the module docstring).
+
+    ``targets`` adds InnerProduct for PTQ (the same math, the weight ``[out, in]``: output channel on axis
+    0); ``skip`` names layers left unfolded (see :func:`find_bn_folds`).
 
     Edits ``graph`` (BatchNorm/Scale layers removed, the convolution gets ``bias_term: true`` and, when the
     folded layers were not in place, the last one's top name) and ``weights`` (the convolution's blobs
@@ -251,13 +310,13 @@ def fuse_bn(graph: Graph, weights: Weights) -> list[BNFold]:
     Returns:
         The folds made, in file order.
     """
-    folds = find_bn_folds(graph, weights)
+    folds = find_bn_folds(graph, weights, targets, skip)
     for fold, weight, bias in folds:
         conv = graph.layer(fold.conv)
         final = _last_top(graph, fold)
         old_top = conv.top[0]
-        had_bias = conv.convolution_param.bias_term
-        conv.convolution_param.bias_term = True
+        had_bias = _has_bias(conv)
+        _set_bias_term(conv)
         if not had_bias and fold.scale is not None:
             _adopt_bias_spec(conv, graph.layer(fold.scale))
         for name in (fold.scale, fold.batch_norm):
@@ -272,6 +331,41 @@ def fuse_bn(graph: Graph, weights: Weights) -> list[BNFold]:
     if folds:
         LOGGER.info("Folded %d BatchNorm layer(s) into the convolutions before them.", len(folds))
     return [fold for fold, _, _ in folds]
+
+
+def fuse_bn_one_phase(
+    graph: Graph,
+    weights: Weights,
+    targets: Sequence[str] = FOLD_TARGET_TYPES,
+    skip: Collection[str] = (),
+) -> list[BNFold]:
+    """:func:`fuse_bn` on a graph that is one phase's view already (``model.phase.filter_net``).
+
+    Its include/exclude rules are set aside while the folds are found (``fuse_bn`` would otherwise compare
+    the wiring against a TRAIN view of a TEST-only net) and put back afterwards on the layers that remain.
+    """
+    rules: dict[str, tuple[list[caffe_pb2.NetStateRule], list[caffe_pb2.NetStateRule]]] = {}
+    for layer in graph:
+        if layer.include or layer.exclude:
+            rules[layer.name] = ([_copy_rule(r) for r in layer.include],
+                                 [_copy_rule(r) for r in layer.exclude])
+            del layer.include[:]
+            del layer.exclude[:]
+    try:
+        folds = fuse_bn(graph, weights, targets, skip)
+    finally:
+        for name, (include, exclude) in rules.items():
+            if name in graph:
+                layer = graph.layer(name)
+                layer.include.extend(include)
+                layer.exclude.extend(exclude)
+    return folds
+
+
+def _copy_rule(rule: caffe_pb2.NetStateRule) -> caffe_pb2.NetStateRule:
+    out = caffe_pb2.NetStateRule()
+    out.CopyFrom(rule)
+    return out
 
 
 def _adopt_bias_spec(conv: caffe_pb2.LayerParameter, scale: caffe_pb2.LayerParameter) -> None:

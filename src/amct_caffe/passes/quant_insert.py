@@ -88,6 +88,8 @@ class QuantGroup:
     scale_d: float
     offset_d: int
     layers: tuple[QuantizedLayer, ...]
+    #: ``quant_param.with_offset``: false for PTQ's symmetric activations (``activation_offset: false``).
+    with_offset: bool = True
 
     @property
     def name(self) -> str:
@@ -97,6 +99,30 @@ class QuantGroup:
     @property
     def object_layer(self) -> str:
         return "-".join(layer.name for layer in self.layers)
+
+
+def readers_by_value(graph: Graph, names: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """Group the one-bottom layers ``names`` of ``graph`` by the value they read.
+
+    Two layers read the same value when their bottom has the same producer layer and top (an in-place layer
+    between them makes two values of one blob name); net inputs are keyed by blob name. Returns
+    ``(blob, readers)`` pairs, each group's readers and the groups in file order of their first reader.
+    """
+    groups: dict[tuple, list[str]] = {}
+    bottoms: dict[tuple, str] = {}
+    wanted = set(names)
+    for layer in graph:
+        if layer.name not in wanted:
+            continue
+        blob = layer.bottom[0]
+        producer = graph.producer(layer.name, 0)
+        if producer is None:
+            key: tuple = ("<net input>", blob)
+        else:
+            key = (producer.name, list(producer.top).index(blob) if blob in producer.top else blob)
+        groups.setdefault(key, []).append(layer.name)
+        bottoms[key] = blob
+    return [(bottoms[key], tuple(readers)) for key, readers in groups.items()]
 
 
 # -- numbers shared by both caffemodels ----------------------------------------------------------------------
@@ -141,7 +167,7 @@ def quant_layer(group: QuantGroup) -> caffe_pb2.LayerParameter:
     p = layer.quant_param
     p.scale = float(np.float32(1.0) / np.float32(group.scale_d))
     p.offset = bytes([int(group.offset_d) & 0xFF])
-    p.with_offset = True
+    p.with_offset = group.with_offset
     p.object_layer = group.object_layer
     return layer
 

@@ -42,6 +42,7 @@ from amct_caffe.model.graph import Graph
 from amct_caffe.model.layer_types import ACTIVATION_QAT
 from amct_caffe.model.weights import Weights
 from amct_caffe.passes.fuse_bn import phase_views
+from amct_caffe.passes.quant_insert import readers_by_value
 from amct_caffe.passes.quantizable import check_not_quantized
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.arq import arq_fake_quant, weight_channel_axis
@@ -91,22 +92,8 @@ def shared_weight_name(layer: str) -> str:
 # -- planning ----------------------------------------------------------------------------------------------
 def _groups_in(graph: Graph, enabled: Sequence[str]) -> list[ActivationGroup]:
     """Group the enabled layers of ``graph`` by the value they read (producer layer and top, or blob name)."""
-    groups: dict[tuple, list[str]] = {}
-    bottoms: dict[tuple, str] = {}
-    wanted = set(enabled)
-    for layer in graph:
-        if layer.name not in wanted:
-            continue
-        blob = layer.bottom[0]
-        producer = graph.producer(layer.name, 0)
-        if producer is None:
-            key: tuple = ("<net input>", blob)
-        else:
-            key = (producer.name, list(producer.top).index(blob) if blob in producer.top else blob)
-        groups.setdefault(key, []).append(layer.name)
-        bottoms[key] = blob
-    return [ActivationGroup(act_layer_name(names[0]), bottoms[key], tuple(names))
-            for key, names in groups.items()]
+    return [ActivationGroup(act_layer_name(readers[0]), blob, readers)
+            for blob, readers in readers_by_value(graph, enabled)]
 
 
 def plan_activation_groups(

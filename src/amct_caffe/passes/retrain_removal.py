@@ -42,7 +42,7 @@ from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.layer_types import ACTIVATION_QAT, WEIGHT_QAT
 from amct_caffe.model.weights import Weights
-from amct_caffe.passes.fuse_bn import BNFold, fuse_bn
+from amct_caffe.passes.fuse_bn import BNFold, fuse_bn_one_phase
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.arq import WEIGHT_CHANNEL_AXIS, arq_scale, weight_channel_axis
 from amct_caffe.quant.ulq import clip_check, ulq_record_factors
@@ -369,31 +369,6 @@ def remove_retrain_layers(graph: Graph, weights: Weights, factors: RetrainFactor
 
 
 def fold_batch_norms(graph: Graph, weights: Weights) -> list[BNFold]:
-    """Fold every Convolution/Deconvolution + BatchNorm (+ Scale) of the TEST-phase ``graph`` (``fuse_bn``).
-
-    The graph is one phase's view already, so include/exclude rules are set aside while ``fuse_bn`` looks at
-    the wiring (it would otherwise compare against a TRAIN view of a TEST-only net) and put back afterwards
-    on the layers that remain.
-    """
-    rules: dict[str, tuple[list, list]] = {}
-    for layer in graph:
-        if layer.include or layer.exclude:
-            rules[layer.name] = ([_copy_rule(r) for r in layer.include],
-                                 [_copy_rule(r) for r in layer.exclude])
-            del layer.include[:]
-            del layer.exclude[:]
-    try:
-        folds = fuse_bn(graph, weights)
-    finally:
-        for name, (include, exclude) in rules.items():
-            if name in graph:
-                layer = graph.layer(name)
-                layer.include.extend(include)
-                layer.exclude.extend(exclude)
-    return folds
-
-
-def _copy_rule(rule: caffe_pb2.NetStateRule) -> caffe_pb2.NetStateRule:
-    out = caffe_pb2.NetStateRule()
-    out.CopyFrom(rule)
-    return out
+    """Fold every Convolution/Deconvolution + BatchNorm (+ Scale) of the TEST-phase ``graph``
+    (``fuse_bn.fuse_bn_one_phase``)."""
+    return fuse_bn_one_phase(graph, weights)

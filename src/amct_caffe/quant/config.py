@@ -195,28 +195,32 @@ class _JsonObject(dict):
 
 
 class _Reporter:
-    """Formats the errors of one config file: the file, where in it, what is wrong, how to fix it."""
+    """Formats the errors of one config file: the file, where in it, what is wrong, how to fix it.
 
-    def __init__(self, path: str, model_file: str = "") -> None:
+    ``kind`` names the file in messages ("QAT config", "PTQ config", ...).
+    """
+
+    def __init__(self, path: str, model_file: str = "", kind: str = "QAT config") -> None:
         self.path = path
         self.model_file = model_file
+        self.kind = kind
 
     def error(self, where: str, problem: str, fix: str) -> ConfigError:
         place = f", {where}" if where else ""
-        return ConfigError(f"QAT config '{self.path}'{place}: {problem}. {fix}")
+        return ConfigError(f"{self.kind} '{self.path}'{place}: {problem}. {fix}")
 
     @property
     def model(self) -> str:
         return f"model '{self.model_file}'" if self.model_file else "the model"
 
 
-def _read_config_text(path: str) -> str:
+def _read_config_text(path: str, kind: str = "QAT config") -> str:
     if not os.path.isfile(path):
-        raise ConfigError(f"QAT config '{path}' does not exist; check the config file path.")
+        raise ConfigError(f"{kind} '{path}' does not exist; check the config file path.")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"QAT config '{path}' cannot be read as UTF-8 text ({exc}).") from exc
+        raise ConfigError(f"{kind} '{path}' cannot be read as UTF-8 text ({exc}).") from exc
 
 
 def load_json_config(
@@ -570,3 +574,15 @@ def _layer_from_cfg(layer: ModelLayer, source: Any, enable: bool) -> LayerRetrai
         fixed_min=bool(fixed_min),
         channel_wise=channel_wise,
     )
+
+
+# -- shared with the PTQ config (quant.ptq_config) -----------------------------------------------------------
+#: The JSON readers and message helpers above, under the names the PTQ config imports them by.
+ConfigReporter = _Reporter
+JsonObject = _JsonObject
+check_json_object = _check_object
+expect_json = _expect
+json_key = _json_key
+read_config_text = _read_config_text
+float32_value = _float32_value
+check_channel_wise = _check_channel_wise

@@ -25,6 +25,7 @@ by 128 instead of 127 when the negative extreme dominates.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -60,9 +61,11 @@ def search_ratios(search_start: float, search_end: float, search_step: float) ->
     return [search_start + i * search_step for i in range(count + 1)]
 
 
-def _check_params(
+def check_params(
     max_percentile: float, min_percentile: float, search_start: float, search_end: float, search_step: float
 ) -> None:
+    """The IFMR parameters the algorithm can run with (``ConfigError`` otherwise); the configs check AMCT's
+    narrower documented ranges themselves."""
     for name, p in (("max_percentile", max_percentile), ("min_percentile", min_percentile)):
         if not 0.0 < p <= 1.0:
             raise ConfigError(f"IFMR {name} must be in (0, 1], got {p}.")
@@ -73,6 +76,11 @@ def _check_params(
             f"IFMR search range must satisfy 0 < search_range_start <= search_range_end, got "
             f"[{search_start}, {search_end}]."
         )
+
+
+#: Elements of the (candidates x data) block the loss search evaluates at once: bounds the temporary
+#: memory of the vectorised search (about 16 MiB per float32 temporary) whatever the data size.
+LOSS_BLOCK_ELEMENTS = 1 << 22
 
 
 def ifmr(
@@ -89,19 +97,41 @@ def ifmr(
     Returns 0-d tensors in the data's floating dtype (``o`` integer-valued). Data with inf/NaN, or no data,
     raises :class:`~amct_caffe.quant.numerics.QuantDataError`; bad parameters raise ``ConfigError``.
     """
-    _check_params(max_percentile, min_percentile, search_start, search_end, search_step)
-    x = as_float_tensor(data).reshape(-1)
-    n = x.numel()
+    return ifmr_gathered([as_float_tensor(data)], max_percentile, min_percentile, search_start, search_end,
+                         search_step, with_offset)
+
+
+def ifmr_gathered(
+    chunks: Sequence[Tensor],
+    max_percentile: float = 0.999999,
+    min_percentile: float = 0.999999,
+    search_start: float = 0.7,
+    search_end: float = 1.3,
+    search_step: float = 0.01,
+    with_offset: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """IFMR over the concatenation of ``chunks`` without concatenating them (the calibration batches).
+
+    The result is that of :func:`ifmr` on ``torch.cat([c.reshape(-1) for c in chunks])``: the percentile
+    values are the k-th largest/smallest of all values (from each chunk's top-k), and the loss of every
+    candidate is summed over the chunks. The search is vectorised over the candidates: blocks of
+    ``LOSS_BLOCK_ELEMENTS`` (candidate, value) pairs run as single tensor operations on the chunks' device.
+    A chunk listed twice counts twice. Chunks must share one floating dtype and device.
+    """
+    check_params(max_percentile, min_percentile, search_start, search_end, search_step)
+    flat = [c.reshape(-1) for c in chunks if c.numel()]
+    n = sum(c.numel() for c in flat)
     if n == 0:
         raise QuantDataError("IFMR calibration got an empty tensor; there is no data to calibrate on.")
-    check_finite(x, "calibration data")
+    for c in flat:
+        check_finite(c, "calibration data")
 
-    vmax = torch.kthvalue(x, n - percentile_rank(n, max_percentile) + 1).values
-    vmin = torch.kthvalue(x, percentile_rank(n, min_percentile)).values
+    vmax = _kth_extreme(flat, percentile_rank(n, max_percentile), largest=True)
+    vmin = _kth_extreme(flat, percentile_rank(n, min_percentile), largest=False)
     vmax = torch.clamp(vmax, min=0.0)
     vmin = torch.clamp(vmin, max=0.0)
-    ratios = torch.tensor(search_ratios(search_start, search_end, search_step), dtype=x.dtype,
-                          device=x.device)
+    ratios = torch.tensor(search_ratios(search_start, search_end, search_step), dtype=vmax.dtype,
+                          device=vmax.device)
 
     if with_offset:
         cands = ratios * vmax
@@ -112,15 +142,40 @@ def ifmr(
         scales = process_scale(div_exact(cands, INT8_MAX), "activation")
         lows = -cands
 
-    losses = torch.empty(len(cands), dtype=torch.float64, device=x.device)
-    for i in range(len(cands)):
-        q = round_away(torch.clamp(x, lows[i], cands[i]) / scales[i]) * scales[i]
-        losses[i] = torch.sum((q - x) ** 2, dtype=torch.float64)  # n * MSE: same argmin
-    best = int(torch.argmin(losses))
+    losses = torch.zeros(len(cands), dtype=torch.float64, device=vmax.device)
+    for c in flat:
+        losses += _clip_losses(c, lows, cands, scales)
+    best = int(torch.argmin(losses))  # the first candidate of least loss
 
     if with_offset:
         return data_scale_offset(vmin, cands[best])
     return scales[best], torch.zeros_like(scales[best])
+
+
+def _kth_extreme(flat: Sequence[Tensor], k: int, largest: bool) -> Tensor:
+    """The k-th largest (or smallest) value of all chunks together (1-based ``k``), as a 0-d tensor."""
+    if len(flat) == 1:
+        x = flat[0]
+        return torch.kthvalue(x, x.numel() - k + 1 if largest else k).values
+    tops = torch.cat([torch.topk(c, min(k, c.numel()), largest=largest).values for c in flat])
+    return torch.topk(tops, k, largest=largest).values[-1]
+
+
+def _clip_losses(x: Tensor, lows: Tensor, highs: Tensor, scales: Tensor) -> Tensor:
+    """``sum((round_away(clamp(x, low_i, high_i) / s_i) * s_i - x)^2)`` for every candidate ``i`` (float64).
+
+    Each block is one broadcast over (candidates, values); the quantization runs in ``x``'s dtype, the sums
+    in float64.
+    """
+    count = len(highs)
+    lo, hi, s = lows.reshape(-1, 1), highs.reshape(-1, 1), scales.reshape(-1, 1)
+    step = max(1, LOSS_BLOCK_ELEMENTS // count)
+    total = torch.zeros(count, dtype=torch.float64, device=x.device)
+    for start in range(0, x.numel(), step):
+        block = x[start:start + step].reshape(1, -1)
+        q = round_away(torch.minimum(torch.maximum(block, lo), hi) / s) * s
+        total += torch.sum((q - block) ** 2, dim=1, dtype=torch.float64)  # n * MSE: same argmin
+    return total
 
 
 def ifmr_to_clips(s: ArrayLike, o: ArrayLike) -> tuple[Tensor, Tensor]:

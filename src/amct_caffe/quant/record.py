@@ -275,24 +275,66 @@ def update_shapes(path: str | os.PathLike[str], shapes: Mapping[str, tuple[int, 
 
     A layer already in the file keeps every other field (all its entries are updated when it is listed
     more than once); a new layer is appended as a shape-only entry; other layers are untouched. A missing
-    file is created. The read-modify-write runs under a process-wide lock and the write is atomic, so two
-    nets of one process writing their shapes cannot lose each other's entries.
+    file is created (:func:`update_layers`).
 
     Raises:
         RecordError: the existing file does not parse (it is left unchanged).
     """
+    updates = {}
+    for name, shape in shapes.items():
+        channels, height, width = (int(v) for v in shape)
+        updates[name] = LayerRecord(channels=channels, height=height, width=width)
+    update_layers(path, updates)
+
+
+def legacy_chw(shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """The record's ``(channels, height, width)`` of a blob shape: Caffe's ``channels()/height()/width()``
+    (axes 1, 2, 3, each 1 when the blob has fewer axes); None for blobs of more than 4 axes, which Caffe's
+    legacy accessors refuse."""
+    if len(shape) > 4:
+        return None
+    dims = [int(d) for d in shape] + [1] * (4 - len(shape))
+    return dims[1], dims[2], dims[3]
+
+
+def _set_fields(msg: amct_pb2.SingleLayerRecord, rec: LayerRecord) -> None:
+    """Write the fields ``rec`` sets into ``msg`` (non-empty repeated fields replace); others stay."""
+    for name in ("scale_d", "offset_d", "channels", "height", "width"):
+        value = getattr(rec, name)
+        if value is not None:
+            setattr(msg, name, value)
+    for name in ("scale_w", "offset_w", "shift_bit"):
+        values = getattr(rec, name)
+        if values:
+            field_values = getattr(msg, name)
+            del field_values[:]
+            field_values.extend(values)
+    if rec.skip_fusion:
+        msg.skip_fusion = True
+
+
+def update_layers(path: str | os.PathLike[str], updates: Mapping[str, LayerRecord]) -> None:
+    """Set the fields each ``LayerRecord`` of ``updates`` sets in the record file ``path`` (update or append).
+
+    A layer already in the file keeps every field the update leaves unset (all its entries are updated when
+    it is listed more than once); a new layer is appended; other layers are untouched. A missing file is
+    created. The read-modify-write runs under a process-wide lock and the write is atomic, so nets of one
+    process writing their entries cannot lose each other's.
+
+    Raises:
+        RecordError: the existing file does not parse (it is left unchanged), or an update is invalid.
+    """
     path = str(path)
+    for name, rec in updates.items():
+        validate_layer(name, rec, path)
     with _FILE_LOCK:
         msg = read_record_proto(path) if os.path.exists(path) else amct_pb2.ScaleOffsetRecord()
-        for name, shape in shapes.items():
-            channels, height, width = (int(v) for v in shape)
+        for name, rec in updates.items():
             entries = [e for e in msg.record if e.key == name]
             if not entries:
                 entry = msg.record.add()
                 entry.key = name
                 entries = [entry]
             for entry in entries:
-                entry.value.channels = channels
-                entry.value.height = height
-                entry.value.width = width
+                _set_fields(entry.value, rec)
         atomic_write(path, text_format.MessageToString(msg).encode("utf-8"))

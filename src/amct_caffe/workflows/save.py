@@ -89,14 +89,38 @@ class SavePaths:
         return [(what, path) for what, path in named if path is not None]
 
 
-def check_save_type(save_type: object) -> str:
+def check_save_type(save_type: object, api: str = "save_quant_retrain_model") -> str:
     """``save_type`` must be exactly one of 'Fakequant', 'Deploy', 'Both' (AMCT's spellings)."""
     if not isinstance(save_type, str) or save_type not in SAVE_TYPES:
         raise ConfigError(
-            f"save_quant_retrain_model: save_type {save_type!r} is not supported; use one of "
+            f"{api}: save_type {save_type!r} is not supported; use one of "
             f"{', '.join(repr(t) for t in SAVE_TYPES)} (exactly so spelled)."
         )
     return save_type
+
+
+def model_paths(
+    save_path: str, save_type: str, api: str = "save_quant_retrain_model"
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """``(fake model, fake weights, deploy model, deploy weights)`` for ``save_path`` (folder + file-name
+    prefix) and ``save_type``; None for the files ``save_type`` leaves out.
+
+    Raises:
+        ConfigError: ``save_path`` has no file-name prefix (it ends with a path separator).
+    """
+    if not os.path.basename(save_path):
+        raise ConfigError(
+            f"{api}: save_path '{save_path}' has no file-name prefix; give a folder plus "
+            "a prefix, e.g. './result/model' writes './result/model_fake_quant_model.prototxt', ..."
+        )
+    fake = save_type in ("Fakequant", "Both")
+    deploy = save_type in ("Deploy", "Both")
+    return (
+        save_path + "_fake_quant_model.prototxt" if fake else None,
+        save_path + "_fake_quant_weights.caffemodel" if fake else None,
+        save_path + "_deploy_model.prototxt" if deploy else None,
+        save_path + "_deploy_weights.caffemodel" if deploy else None,
+    )
 
 
 def output_paths(save_path: str, save_type: str, record_file: str | None) -> SavePaths:
@@ -105,23 +129,11 @@ def output_paths(save_path: str, save_type: str, record_file: str | None) -> Sav
     Raises:
         ConfigError: ``save_path`` has no file-name prefix (it ends with a path separator).
     """
-    if not os.path.basename(save_path):
-        raise ConfigError(
-            f"save_quant_retrain_model: save_path '{save_path}' has no file-name prefix; give a folder plus "
-            "a prefix, e.g. './result/model' writes './result/model_fake_quant_model.prototxt', ..."
-        )
-    fake = save_type in ("Fakequant", "Both")
-    deploy = save_type in ("Deploy", "Both")
+    models = model_paths(save_path, save_type)
     if record_file is None:
         last = last_retrain_paths()
         record_file = last.record_file if last is not None else save_path + RECORD_SUFFIX
-    return SavePaths(
-        save_path + "_fake_quant_model.prototxt" if fake else None,
-        save_path + "_fake_quant_weights.caffemodel" if fake else None,
-        save_path + "_deploy_model.prototxt" if deploy else None,
-        save_path + "_deploy_weights.caffemodel" if deploy else None,
-        record_file,
-    )
+    return SavePaths(*models, record_file)
 
 
 def _check_paths(paths: SavePaths, inputs: Mapping[str, str | None]) -> None:

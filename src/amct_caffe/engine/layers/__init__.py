@@ -6,6 +6,7 @@ functions from here (``from amct_caffe.engine.layers import layer_class``) so th
 
 from amct_caffe.engine.layers import (  # noqa: F401  (imported to register their layers)
     activation,
+    calibration,
     data,
     data_sources,
     loss,
