@@ -1,6 +1,6 @@
 """Time and peak memory of ``save_quant_retrain_model`` on a ResNet-50-sized retrain model.
 
-Preparation (not timed): ResNet-50 from ``../shared/models/resnet50`` gets random weights
+Preparation (not timed): ResNet-50 from the sibling ``shared/models/resnet50`` gets random weights
 (``randomize_params``, seed 0) saved by our ``Net``; ``create_quant_retrain_config`` and
 ``create_quant_retrain_model`` make its retrain model; the retrain net runs ONE forward in the TRAIN phase on
 random data so that IFMR initialises every clip pair, and ``net.save`` writes the "retrained" caffemodel.

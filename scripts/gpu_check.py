@@ -2,9 +2,9 @@
 """CUDA check of the engine: the same nets on CPU and on the GPU must agree.
 
 Run on a machine with a CUDA build of torch: ``PYTHONPATH=src python scripts/gpu_check.py [--models DIR]``
-(default: ../shared/models). For every model
-of ../shared/models (random weights) it compares every blob of a TEST forward on CPU and CUDA (the optimised
-TEST path included). Prints one line per model and exits 1 if any disagrees.
+(default: the sibling shared/models). For every model
+of the sibling shared/models (random weights) it compares every blob of a TEST forward on CPU and CUDA (the
+optimised TEST path included). Prints one line per model and exits 1 if any disagrees.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up and runs the test suite: lint (ruff), the type check (mypy, configured in pyproject.toml),
-# then pytest (with the reference-Caffe cross-checks when ../shared/tools/reference-caffe is present; they are
-# skipped where ../shared does not exist).
+# then pytest (with the reference-Caffe cross-checks when the sibling shared/tools/reference-caffe is present;
+# they are skipped where the sibling shared/ folder does not exist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -162,7 +162,8 @@ class Pair:
     @staticmethod
     def _dequant(deploy: caffe_pb2.NetParameter, fake: caffe_pb2.NetParameter, name: str,
                  deq: np.ndarray) -> None:
-        packed = deq.astype(np.float32).view(np.uint32).astype(np.uint64)  # spec §7.3, by hand
+        # packed by hand (AMCT reference §7.3)
+        packed = deq.astype(np.float32).view(np.uint32).astype(np.uint64)
         array_to_blob(packed, deploy.layer.add(name=f"{name}_dequant_layer").blobs.add(), kind="uint64")
         f_layer = fake.layer.add(name=f"{name}_dequant_layer")
         for values in (deq, np.zeros_like(deq), np.zeros_like(deq)):

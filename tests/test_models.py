@@ -1,4 +1,4 @@
-"""Every real model in ../shared/models loads, runs, and matches the real Caffe blob by blob."""
+"""Every real model in the sibling shared/models loads, runs, and matches the real Caffe blob by blob."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ SPLIT_BLOB = re.compile(r"_split_\d+$")
 
 
 def _model_cases() -> list[tuple[str, str | None]]:
-    """(prototxt, caffemodel or None) for every prototxt of ../shared/models (empty when it is absent)."""
+    """(prototxt, caffemodel or None) for every prototxt of the sibling shared/models
+    (empty when it is absent)."""
     cases = []
     if not MODELS_DIR.is_dir():
         return cases
@@ -35,7 +36,7 @@ IDS = [str(Path(p).relative_to(MODELS_DIR)) for p, _ in CASES]
 TRAINED = [(p, w) for p, w in CASES if w]
 TRAINED_IDS = [str(Path(p).relative_to(MODELS_DIR)) for p, _ in TRAINED]
 
-pytestmark = pytest.mark.skipif(not CASES, reason="../shared/models is not present")
+pytestmark = pytest.mark.skipif(not CASES, reason="the sibling shared/models is not present")
 
 
 def _batch_one_inputs(net: caffe.Net, seed: int) -> dict[str, np.ndarray]:

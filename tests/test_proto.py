@@ -1,9 +1,9 @@
 """Tests of the protobuf schemas in ``src/amct_caffe/proto``.
 
 The field numbers are checked against sources that do not depend on our own descriptor:
-real caffemodels / prototxts written by other people (``../shared/models``), the real reference Caffe's
-generated module (``AMCT_REF_CAFFE_PYTHON``, optional), and hand-decoded wire bytes compared with the
-numbers written down in the AMCT spec (sections 3.2 and 5.1).
+real caffemodels / prototxts written by other people (the sibling ``shared/models``), the real reference
+Caffe's generated module (``AMCT_REF_CAFFE_PYTHON``, optional), and hand-decoded wire bytes compared with the
+numbers written down in docs/amct-reference.md (§3.2 and §5.1).
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def test_matches_reference_caffe_descriptor() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# (d) AMCT extensions: numbers checked on the wire against spec sections 3.2 / 5.1
+# (d) AMCT extensions: numbers checked on the wire against AMCT reference §3.2 / §5.1
 
 
 def test_blobproto_amct_fields_on_the_wire() -> None:
@@ -438,7 +438,7 @@ def _amct_layer() -> caffe_pb2.LayerParameter:
     return layer
 
 
-# Spec section 3.2: parameter field number -> {inner field number: wire type}.
+# AMCT reference §3.2: parameter field number -> {inner field number: wire type}.
 AMCT_LAYER_SPEC = {
     208: {1: WT_VARINT, 2: WT_I32, 3: WT_LEN, 4: WT_LEN},  # QuantParameter
     200000: {
@@ -506,7 +506,7 @@ def test_amct_layer_params_roundtrip_and_defaults() -> None:
     again = caffe_pb2.LayerParameter.FromString(layer.SerializeToString())
     assert again == layer
     assert text_format.Parse(text_format.MessageToString(layer), caffe_pb2.LayerParameter()) == layer
-    # Defaults of spec section 3.2.
+    # Defaults of AMCT reference §3.2.
     data = caffe_pb2.RetrainDataQuantParameter()
     assert (data.clip_max, data.clip_min, data.ifmr_init, data.with_offset, data.fixed_min) == (
         3.0,
@@ -556,7 +556,7 @@ def test_record_schema_on_the_wire() -> None:
     entry = field_map(payload)
     assert entry[1] == [(WT_LEN, b"conv1")]
     fields = field_map(entry[2][0][1])
-    assert set(fields) == set(range(1, 10))  # SingleLayerRecord fields 1..9 (spec section 5.1)
+    assert set(fields) == set(range(1, 10))  # SingleLayerRecord fields 1..9 (AMCT reference §5.1)
     assert as_float(fields[1][0][1]) == 0.5
     assert fields[2][0][1] == 2**64 - 14  # int32 -14 as a 64-bit two's-complement varint
     assert repeated_floats(fields[3]) == [0.25, 0.125]
@@ -564,7 +564,7 @@ def test_record_schema_on_the_wire() -> None:
     assert amct_pb2.SingleLayerRecord().skip_fusion is False
 
 
-# the record example of spec §5.2
+# the record example of AMCT reference §5.2
 from tests.references.records import RECORD_EXAMPLE as RECORD_TEXT  # noqa: E402
 
 

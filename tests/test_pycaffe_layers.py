@@ -1,8 +1,8 @@
 """The fake-quant layers as Caffe Python layers (amct_caffe.caffe.python_layers) and the pycaffe rewrite.
 
-Expected values are hand computations (spec §6.2 Quant, §6.3 DeQuant) and, for the numpy twins of
-amct_caffe.quant.numerics / the engine's layers, the torch implementations on many random values with ties
-(one formula, two array libraries: they must agree bit for bit). The end-to-end checks run a hand-built
+Expected values are hand computations (docs/amct-reference.md §6.2 Quant, §6.3 DeQuant) and, for the numpy
+twins of amct_caffe.quant.numerics / the engine's layers, the torch implementations on many random values with
+ties (one formula, two array libraries: they must agree bit for bit). The end-to-end checks run a hand-built
 fake-quant model (and, when available, one written by save_quant_retrain_model) rewritten for pycaffe in
 the REAL reference Caffe and compare it with the original model in our engine.
 """

@@ -1,7 +1,7 @@
 """create_quant_retrain_config: quantizable layers, default fixed_min, the QAT JSON and the simplified .cfg.
 
-Every expected config below is written out by hand from AMCT's rules (spec §2.1, §4.1, §4.2), not taken from
-the code under test.
+Every expected config below is written out by hand from AMCT's rules (docs/amct-reference.md §2.1, §4.1,
+§4.2), not taken from the code under test.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ EXPECTED_DEFAULT = {
     "fc2": {"retrain_enable": True, "retrain_data_config": data(True), "retrain_weight_config": FC},
 }
 
-# Spec §4.2's example, adapted to NET, plus a type override.
+# AMCT reference §4.2's example, adapted to NET, plus a type override.
 CFG = """
 batch_num: 2
 retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 6.0 clip_min: -6.0 } } }

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parent / "samples" / "retrain_sample.py"
 FLOAT_ITERATIONS = 600
 RETRAIN_ITERATIONS = 100
-#: The five layers of the digits net that QAT quantizes (spec §2.1): two convolutions, the AVE pooling and
-#: the two inner products (MAX pooling, ReLU and Softmax stay float).
+#: The five layers of the digits net that QAT quantizes (docs/amct-reference.md §2.1): two convolutions, the
+#: AVE pooling and the two inner products (MAX pooling, ReLU and Softmax stay float).
 DIGITS_QUANTIZED = ["conv1", "conv2", "pool2", "ip1", "ip2"]
 ONE_POINT = 0.01 + 1e-9
 

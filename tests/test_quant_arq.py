@@ -1,5 +1,5 @@
-"""quant.arq: ARQ weight scales, codes and fake quantization (spec §8.2), against hand values and the loop
-reference of tests/references/quant.py."""
+"""quant.arq: ARQ weight scales, codes and fake quantization (docs/amct-reference.md §8.2), against hand
+values and the loop reference of tests/references/quant.py."""
 
 from __future__ import annotations
 

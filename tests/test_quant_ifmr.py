@@ -1,5 +1,5 @@
-"""quant.ifmr: IFMR calibration (spec §8.4) against hand cases and the brute-force numpy search of
-tests/references/quant.py."""
+"""quant.ifmr: IFMR calibration (docs/amct-reference.md §8.4) against hand cases and the brute-force numpy
+search of tests/references/quant.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Tests of the scale/offset record file (spec §5): parsing, plain view, writing, shape updates, validation.
+"""Tests of the scale/offset record file (docs/amct-reference.md §5): parsing, plain view, writing,
+shape updates, validation.
 
-Expected values are written by hand from the spec's §5.2 example (float fields are float32 in the file, so
-the expected values are the float32 roundings of the decimal text).
+Expected values are written by hand from the example of AMCT reference §5.2 (float fields are float32 in the
+file, so the expected values are the float32 roundings of the decimal text).
 """
 
 from __future__ import annotations

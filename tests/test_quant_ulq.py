@@ -1,5 +1,5 @@
-"""quant.ulq: ClipCheck, ULQ forward/backward (spec §3.4-3.5), the autograd Function, and finite-difference
-checks of the clip gradients.
+"""quant.ulq: ClipCheck, ULQ forward/backward (docs/amct-reference.md §3.4-3.5), the autograd Function, and
+finite-difference checks of the clip gradients.
 
 The references are the loop implementations of tests/references/quant.py (numpy float32, AMCT's
 operation order), hand cases, and central finite differences in float64.
@@ -72,7 +72,8 @@ def test_ulq_forward_matches_loop_reference() -> None:
 
 
 def test_ulq_two_forms_identical_and_record_factors() -> None:
-    """Spec §3.4: clamp-then-rint on the grid-aligned bounds equals the record form with (s_d, o_d)."""
+    """AMCT reference §3.4: clamp-then-rint on the grid-aligned bounds equals the record
+    form with (s_d, o_d)."""
     rng = np.random.default_rng(6)
     for _ in range(20):
         cmax = float(rng.uniform(0.05, 8))
@@ -134,7 +135,7 @@ def test_ulq_function_autograd(device: str, fixed_min: bool) -> None:
 #  1. the true forward, for elements clipped at the top with cmin = 0: y = s*(o_ulq + 255) = cmax exactly
 #     (o_ulq stays 0), dy/dcmax = 1 = D(0) + 1; clipped at the bottom, y = 0 and D(0) = 0;
 #  2. the surrogate y = v + s*r, v = clamp(x, cmin, cmax), rounding residual r frozen at the base point,
-#     whose exact derivatives are the spec's formulas for every element and both clips.
+#     whose exact derivatives are AMCT's formulas for every element and both clips.
 def _sum_forward(x: torch.Tensor, dy: torch.Tensor, cmax: float, cmin: float) -> float:
     t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
     return float((ulq_forward(x, t(cmax), t(cmin)) * dy).sum())

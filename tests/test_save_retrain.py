@@ -36,7 +36,7 @@ from tests.references.real_caffe import run_reference
 TEST = caffe_pb2.TEST
 
 # ---------------------------------------------------------------------------------------------------------
-# The hand-built tiny retrain model (the retrain-layer conventions of the QAT design notes)
+# The hand-built tiny retrain model (the retrain-layer conventions of docs/decisions.md §5)
 # ---------------------------------------------------------------------------------------------------------
 TINY = """
 name: "tiny"

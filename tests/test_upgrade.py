@@ -1,7 +1,7 @@
 """Upgrading old net formats (V0, V1, net inputs, BatchNorm params) as Caffe's UpgradeNetAsNeeded does.
 
-Expected values are written by hand from the files under ../shared/models and from the nets built here;
-the reference Caffe (when installed) checks the upgraded view it builds itself.
+Expected values are written by hand from the files under the sibling shared/models and from the nets built
+here; the reference Caffe (when installed) checks the upgraded view it builds itself.
 """
 
 from __future__ import annotations

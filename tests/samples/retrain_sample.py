@@ -2,7 +2,7 @@
 
 It uses only what an AMCT-Caffe user's script uses: ``caffe`` (here ``from amct_caffe import caffe``),
 ``caffe_pb2`` with ``google.protobuf.text_format`` to edit nets and write the solver, and AMCT's QAT API
-(``from amct_caffe import amct``). The steps (spec §9.4):
+(``from amct_caffe import amct``). The steps (docs/amct-reference.md §9.4):
 
 0. edit the data layers of the training prototxt (TRAIN layer 0, TEST layer 1: source and batch size) and
    test the float model in Caffe's TEST phase;

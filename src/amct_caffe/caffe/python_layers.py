@@ -129,7 +129,7 @@ def _per_channel(blob: np.ndarray, x: np.ndarray, who: str) -> np.ndarray:
 
 
 def shift_n(x: np.ndarray, deq: np.ndarray, shift: np.ndarray, who: str = "DeQuant") -> np.ndarray:
-    """DeQuant's shift-N requantisation emulation, per channel, in float32 (spec §6.3).
+    """DeQuant's shift-N requantisation emulation, per channel, in float32 (docs/amct-reference.md §6.3).
 
     ``t = round_away(x / deq)``, ``t = round_away(t / 2^N)``, ``t = clamp(t, -32768, 32767)``,
     ``y = t * deq * 2^N``: the INT32 accumulator is divided by ``2^N`` and saturated to INT16 as the old
@@ -246,7 +246,7 @@ class _FakeQuantLayer:
 
 
 class _QuantLogic(_FakeQuantLayer):
-    """AMCT ``Quant``, float emulation (spec §6.2).
+    """AMCT ``Quant``, float emulation (AMCT reference §6.2).
 
     param_str: ``{"scale": 1/s_d, "offset": o_d}`` (plus ``with_offset``/``object_layer``, informative).
     ``offset`` is ``quant_param.offset``'s first byte as a signed int (-128..127); like AMCT's layer and
@@ -281,7 +281,8 @@ class _QuantLogic(_FakeQuantLayer):
 
 
 class _DeQuantLogic(_FakeQuantLayer):
-    """AMCT ``DeQuant``, float emulation (spec §6.3), owning the blobs ``[deq_scale, shift_bit, offset_w]``.
+    """AMCT ``DeQuant``, float emulation (AMCT reference §6.3), owning the blobs
+    ``[deq_scale, shift_bit, offset_w]``.
 
     param_str: ``{"channel_wise": bool, ...}``. The blobs have shape ``[C]`` (the bottom's channels) when
     ``channel_wise`` is true and the bottom is 4-D, else ``[1]`` -- AMCT's shape rule, which decides whether

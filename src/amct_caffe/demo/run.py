@@ -8,7 +8,7 @@ wants to see:
    with the engine's SGD solver;
 2. ``amct.create_quant_retrain_config`` -> ``amct.create_quant_retrain_model``;
 3. retraining of the retrain model with the engine's solver (``caffe.get_solver``, ``net.copy_from``,
-   ``solve()``: the official sample's flow, spec §9.4);
+   ``solve()``: the official sample's flow, docs/amct-reference.md §9.4);
 4. ``amct.save_quant_retrain_model(..., 'Both', ...)``: fake-quant and deploy models and the record;
 5. evaluation of the float, fake-quant and deploy models on the held-out split, each through
    ``caffe.Net(prototxt, caffemodel, caffe.TEST)`` reading the held-out HDF5 file (the deploy model runs in

@@ -1,5 +1,5 @@
 """Integer emulation of the deploy model: what the NPU computes for ``<prefix>_deploy_model.prototxt`` +
-``<prefix>_deploy_weights.caffemodel`` (spec §7, §8).
+``<prefix>_deploy_weights.caffemodel`` (docs/amct-reference.md §7, §8).
 
 How a deploy model runs (the choice)
 ------------------------------------
@@ -11,7 +11,8 @@ and when it stores ``int8_data``/``int32_data``/``uint64_data`` blobs it checks 
 DeQuant`` pattern and builds the net with these variants for exactly those layers. Everything else -- the
 layers before the first Quant, after each DeQuant -- are the ordinary float layers. There is no separate
 net class: the prototxts of the fake-quant and the deploy model are the same, the caffemodel's storage
-decides, exactly as it decides the data types for ATC (spec §7.2). Integer emulation is inference only.
+decides, exactly as it decides the data types for ATC (AMCT reference §7.2). Integer
+emulation is inference only.
 
 A quantized layer reads the offset of the Quant that produced its codes: the net hands it its producers
 when it is built (:meth:`_IntegerCube.link`), so no layer looks into the net.
@@ -21,16 +22,16 @@ Semantics (one formula per layer)
 * ``Quant`` -> INT8 codes, carried as a ``torch.int8`` tensor (the blob's value is the code). Two formulas
   exist for the same layer (:data:`QUANT_FORMULAS`), which differ only next to rounding boundaries:
 
-  - ``"ascend"`` (AscendQuant's formula as spec §7.1 states it): ``q = sat8(round(x*scale + offset))``
-    with ``scale = quant_param.scale`` (= 1/s_d, float32), evaluated in float32: the product
-    ``fl32(x*scale)``, then ``fl32(. + offset)``, then rounding half away from zero (the NPU's tie rule
-    is not published; DECISIONS row 9 picks half away for every ``Quant``);
-  - ``"caffe"`` (default; what the fake-quant ``Quant`` layer computes, spec §6.2):
+  - ``"ascend"`` (AscendQuant's formula as AMCT reference §7.1 states it):
+    ``q = sat8(round(x*scale + offset))`` with ``scale = quant_param.scale`` (= 1/s_d, float32), evaluated in
+    float32: the product ``fl32(x*scale)``, then ``fl32(. + offset)``, then rounding half away from zero (the
+    NPU's tie rule is not published; docs/decisions.md row 9 picks half away for every ``Quant``);
+  - ``"caffe"`` (default; what the fake-quant ``Quant`` layer computes, AMCT reference §6.2):
     ``q = clamp(round_away(x / s_d) + o_d, -128, 127)`` with ``s_d = 1/(double)scale``, in double.
 
   The default is the fake-quant layer's formula: the NPU's precision and tie rule for AscendQuant are not
-  published (spec §8.6), so the emulation keeps the activation codes of the fake-quant model and isolates
-  what the deploy model certainly changes, the integer accumulation and the INT32 bias. ``"ascend"``
+  published (AMCT reference §8.6), so the emulation keeps the activation codes of the fake-quant model and
+  isolates what the deploy model certainly changes, the integer accumulation and the INT32 bias. ``"ascend"``
   shows how sensitive a model is to the other reading.
 
   They differ (i) where the float32 product ``x*scale`` (or the float32 sum with the offset) rounds onto
@@ -43,9 +44,9 @@ Semantics (one formula per layer)
   :func:`~amct_caffe.analysis.compare.compare_models`. A NaN input is coded as the real zero (``o_d``).
 * ``Convolution`` / ``Deconvolution`` / ``InnerProduct``: INT8 codes ``q_x`` (offset ``o_d`` of the Quant
   that produced them), INT8 weights ``q_w`` (``int8_data``), INT32 bias ``b_q`` (``int32_data``), and the
-  INT32 accumulator ``acc = sum((q_x - o_d) * q_w) + b_q``: ATC's offset handling (spec §7.2: the conv
-  gets ``offset_x = o_d``; its bias optimisation folds ``-o_d * sum(q_w)`` into the bias, which is the same
-  sum). The real zero of the input is the code ``o_d``, so the convolution's zero padding pads ``o_d``:
+  INT32 accumulator ``acc = sum((q_x - o_d) * q_w) + b_q``: ATC's offset handling (AMCT reference §7.2: the
+  conv gets ``offset_x = o_d``; its bias optimisation folds ``-o_d * sum(q_w)`` into the bias, which is the
+  same sum). The real zero of the input is the code ``o_d``, so the convolution's zero padding pads ``o_d``:
   the codes are centred (``q_x - o_d``) *before* padding. Deconvolution's padding crops its output, and
   its weight holds output channels on axis 1. The top is a ``torch.int32`` tensor.
 
@@ -63,8 +64,8 @@ Semantics (one formula per layer)
   of the float layer, computed in float64 (the sum is exact) and rounded once to float32: the top is the
   float32 average in units of ``s_d`` (DeQuant's ``deq_scale = s_d`` turns it into the real value).
 * ``DeQuant``: one ``uint64_data`` blob, shape ``[C]`` (per channel, axis 1) or ``[1]``; bits 0-31 are the
-  float32 ``deq_scale`` (spec §7.3, :func:`~amct_caffe.quant.numerics.unpack_deq_scale`); shift N and
-  ``offset_w`` must be 0 (every QAT flow). ``y = fl32(acc * deq_scale)`` -- the exact product rounded
+  float32 ``deq_scale`` (AMCT reference §7.3, :func:`~amct_caffe.quant.numerics.unpack_deq_scale`); shift N
+  and ``offset_w`` must be 0 (every QAT flow). ``y = fl32(acc * deq_scale)`` -- the exact product rounded
   once (AscendDequant may output float16 on the device; the emulation keeps float32).
 
 Blob values are therefore codes (Quant tops), accumulators (the quantized layer's top, i.e.

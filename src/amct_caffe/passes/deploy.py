@@ -1,4 +1,5 @@
-"""The deploy model's weights (spec §7.2-7.3; the lead's "Save" decisions): what ATC converts for the NPU.
+"""The deploy model's weights (docs/amct-reference.md §7.2-7.3; docs/decisions.md §6): what
+ATC converts for the NPU.
 
 For every quantized layer ``L`` of the plan (``passes.quant_insert``):
 

@@ -1,11 +1,12 @@
-"""The fake-quant model's weights (spec §6; the lead's "Save" decisions): float32 blobs Caffe can run.
+"""The fake-quant model's weights (docs/amct-reference.md §6; docs/decisions.md §6):
+float32 blobs Caffe can run.
 
 For every quantized layer ``L`` of the plan (``passes.quant_insert``):
 
 * ``L``'s weight is ``w_hat = codes * s_w[c]`` with the INT8 ARQ codes of its float weight
   (``quant_insert.fake_quant_weight``), stored in the ordinary float ``data`` field, same shape;
 * ``L``'s bias (if any) is ``round_away(b / (s_d * s_w[c])) * deq_scale[c]`` (``quant.numerics.
-  fake_quant_bias``, DECISIONS.md §3 row 7), so the fake-quant and the deploy model differ only in the order
+  fake_quant_bias``, docs/decisions.md row 7), so the fake-quant and the deploy model differ only in the order
   of their accumulations; an INT32 overflow is a :class:`~amct_caffe.quant.numerics.BiasOverflowError`;
 * ``<L>_dequant_layer`` gets three float blobs ``[deq_scale, shift_bit = 0, offset_w = 0]``, each of shape
   ``[C_out]`` when ``channel_wise`` (the patched Caffe's DeQuant allocates them that way for a 4-D bottom),

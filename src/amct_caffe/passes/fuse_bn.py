@@ -1,7 +1,8 @@
-"""Fold BatchNorm (and the Scale that follows it) into the Convolution/Deconvolution before it (spec §2.2).
+"""Fold BatchNorm (and the Scale that follows it) into the Convolution/Deconvolution before it
+(docs/amct-reference.md §2.2).
 
 AMCT applies this fusion before it inserts the QAT retrain layers, so QAT trains the folded convolution
-(DECISIONS.md §3 row 2), and again when it saves quantized models. The math, per output channel ``c``,
+(docs/decisions.md row 2), and again when it saves quantized models. The math, per output channel ``c``,
 computed in float64 and stored as float32:
 
 * Caffe's BatchNorm blobs are ``[mean_sum, var_sum, factor]``: ``mean = mean_sum * s``,

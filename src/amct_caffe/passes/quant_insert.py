@@ -1,8 +1,9 @@
 """The topology shared by the fake-quant and the deploy model: ``Quant``/``DeQuant`` insertion and naming.
 
-Both saved models have the same layers and names (spec §6.1, §7.1; DECISIONS.md §3 rows 5 and 6); they
-differ only in their caffemodels (``passes.fake_quant``, ``passes.deploy``). For every quantized input value
-``x`` (one :class:`QuantGroup`) and every quantized layer ``L`` reading it (one :class:`QuantizedLayer`):
+Both saved models have the same layers and names (docs/amct-reference.md §6.1, §7.1; docs/decisions.md rows 5
+and 6); they differ only in their caffemodels (``passes.fake_quant``, ``passes.deploy``). For every quantized
+input value ``x`` (one :class:`QuantGroup`) and every quantized layer ``L`` reading it (one
+:class:`QuantizedLayer`):
 
 * ONE ``Quant`` named ``<first consumer>_quant_layer``, top of the same name, bottom ``x``, placed just before
   the first consumer and read by all the group's consumers; ``quant_param { scale: 1/s_d (float32) offset:

@@ -3,7 +3,7 @@
 Works on the prototxt alone (no weights): filter ranks come from the convolution parameters. Pass the
 TEST-phase view of the net (``model.phase.filter_net(net, TEST)``), which is what AMCT's config lists.
 
-The rules are AMCT's table for QAT on Caffe (spec §2.1):
+The rules are AMCT's table for QAT on Caffe (docs/amct-reference.md §2.1):
 
 ======================  ===========================================================
 ``InnerProduct``        ``transpose: false`` and ``axis: 1``

@@ -1,6 +1,6 @@
 """Insert the QAT retrain layers (``ActivationQAT``, ``WeightQAT``) for the layers a QAT config enables.
 
-The wiring is DECISIONS.md §3 row 2 as made concrete in the lead's QAT design notes:
+The wiring is docs/decisions.md row 2, made concrete in its §5:
 
 * For each input value ``x`` read by enabled layers (Convolution, Deconvolution, InnerProduct, AVE Pooling):
   one ``ActivationQAT`` named ``<c1>_act_retrain`` (``c1``: the first enabled reader in file order), bottom

@@ -1,8 +1,8 @@
 """Read the quantization factors out of a retrained net and take its retrain layers out again.
 
-This is the first half of ``save_quant_retrain_model`` (DECISIONS.md §3 rows 3 and 14; the lead's "Save"
-decisions in the QAT design notes). It works on the TEST-phase view of the retrain prototxt written by
-``create_quant_retrain_model`` (``passes.retrain``) and the weights of a trained snapshot of it:
+This is the first half of ``save_quant_retrain_model`` (docs/decisions.md rows 3 and 14; §6). It works on the
+TEST-phase view of the retrain prototxt written by ``create_quant_retrain_model`` (``passes.retrain``) and the
+weights of a trained snapshot of it:
 
 * :func:`read_retrain_factors` is one pure step from (net, weights) to the factors of every quantized layer:
 
@@ -24,9 +24,10 @@ decisions in the QAT design notes). It works on the TEST-phase view of the retra
   trailing all-default ``param {}`` is dropped) and removes the retrain layers' blobs from the weights.
 * :func:`fold_batch_norms` then folds any Convolution/Deconvolution + BatchNorm (+ Scale) still in the net
   (a retrain model built by hand, or a fold ``create_quant_retrain_model`` had to skip) with
-  ``passes.fuse_bn`` -- AMCT's fusion pass runs on the whole net before quantization (spec §2.2). The saved
-  weight scales of a folded layer are ARQ of the folded shadow weight: for ``channel_wise`` that equals
-  ``|k_c| * s_w[c]`` (ARQ is equivariant to a per-channel factor), for per-tensor scales ARQ is recomputed.
+  ``passes.fuse_bn`` -- AMCT's fusion pass runs on the whole net before quantization
+  (docs/amct-reference.md §2.2). The saved weight scales of a folded layer are ARQ of the folded shadow
+  weight: for ``channel_wise`` that equals ``|k_c| * s_w[c]`` (ARQ is equivariant to a per-channel factor),
+  for per-tensor scales ARQ is recomputed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ARQ: AMCT's symmetric INT8 weight quantization (spec §3.6, §8.2).
+"""ARQ: AMCT's symmetric INT8 weight quantization (docs/amct-reference.md §3.6, §8.2).
 
 Per output channel (``channel_wise``) or for the whole tensor, the element of largest magnitude ``m`` sets
 the scale: ``s_w = m / 127`` when ``m > 0``, else ``s_w = m / -128`` (= |m| / 128, so a dominant negative
@@ -12,7 +12,7 @@ InnerProduct (``[out, in]``) and on axis 1 for Deconvolution (``[in, out/g, kh, 
 0/1, quantizes per row and transposes back, which is the same as reducing along axis 1):
 :func:`weight_channel_axis`.
 
-Idempotence (spec §8.2 claims ARQ is idempotent, which the save path relies on when it re-quantizes
+Idempotence (AMCT reference §8.2 claims ARQ is idempotent, which the save path relies on when it re-quantizes
 already fake-quantized weights): the extreme element maps to exactly ``127`` (or ``-128``), so re-running
 ARQ on ``w_hat`` gives the same codes; the recomputed scale ``fl(fl(127*s)/127)`` may differ from ``s`` by
 one float32 ulp (never for a negative extreme, where /128 is exact). One exception: when the positive and
@@ -100,7 +100,7 @@ def arq_quantize(w: ArrayLike, s_w: ArrayLike, axis: int = 0) -> Tensor:
     """INT8 weight codes ``clamp(round_away(w / s_w[c]), -128, 127)`` (int8 tensor of ``w``'s shape).
 
     ``s_w`` is per channel along ``axis`` or a single value; this is what the deploy caffemodel stores in
-    ``int8_data`` (spec §7.2).
+    ``int8_data`` (AMCT reference §7.2).
     """
     w = as_float_tensor(w)
     s = _broadcast_scale(as_tensor(s_w, like=w), w, axis)
@@ -108,7 +108,8 @@ def arq_quantize(w: ArrayLike, s_w: ArrayLike, axis: int = 0) -> Tensor:
 
 
 def arq_fake_quant(w: ArrayLike, channel_wise: bool = True, axis: int = 0) -> tuple[Tensor, Tensor]:
-    """ARQ fake quantization: ``(w_hat, s_w)`` with ``w_hat = codes * s_w`` in ``w``'s dtype (spec §8.5).
+    """ARQ fake quantization: ``(w_hat, s_w)`` with ``w_hat = codes * s_w`` in ``w``'s
+    dtype (AMCT reference §8.5).
 
     Not differentiable (the codes are rounded); the ``WeightQAT`` layer applies the straight-through
     estimator itself by copying the gradient of ``w_hat`` to the float shadow weight.

@@ -1,9 +1,9 @@
 """AMCT's QAT configuration: per-layer retrain settings, the JSON config file and the simplified ``.cfg``.
 
-This module is pure data: it knows AMCT's file formats (spec §4.1, §4.2) and their rules, not graphs. The
-model is described to it by :class:`ModelLayer` records (``passes.quantizable.describe_layers`` makes them
-from a graph), so every check that needs the model ("is there such a layer", "can QAT quantize it") works
-on plain names and types.
+This module is pure data: it knows AMCT's file formats (docs/amct-reference.md §4.1, §4.2) and their rules,
+not graphs. The model is described to it by :class:`ModelLayer` records
+(``passes.quantizable.describe_layers`` makes them from a graph), so every check that needs the model ("is
+there such a layer", "can QAT quantize it") works on plain names and types.
 
 The JSON file (written by ``create_quant_retrain_config``, read by ``create_quant_retrain_model``)::
 
@@ -20,7 +20,7 @@ The JSON file (written by ``create_quant_retrain_config``, read by ``create_quan
         }
     }
 
-Choices where AMCT's documentation is silent (see also DECISIONS.md):
+Choices where AMCT's documentation is silent (see also docs/decisions.md):
 
 * The generated file always states ``fixed_min`` (the graph's default: the input comes from a ReLU), so
   the user sees what AMCT decided; when a file read back omits it, the graph default is used, as AMCT
@@ -28,7 +28,8 @@ Choices where AMCT's documentation is silent (see also DECISIONS.md):
 * AVE ``Pooling`` has no weights, so its entry has no ``retrain_weight_config`` (a file that gives one for
   a Pooling layer is rejected: the setting would have no effect).
 * ``channel_wise`` is generated true for Convolution/Deconvolution and false for InnerProduct; true on an
-  InnerProduct is an error (DECISIONS row 12: the record supports channel-wise factors for conv/deconv only).
+  InnerProduct is an error (docs/decisions.md row 12: the record supports channel-wise
+  factors for conv/deconv only).
 * ``dst_type`` (newer AMCT docs) is accepted with the value ``"INT8"`` only; it is not written.
 * Layers skipped by a ``.cfg`` (``skip_layers``/``quant_skip_layers``) are written with
   ``retrain_enable: false``, so the file lists every layer QAT could quantize.
@@ -58,9 +59,10 @@ JSON_VERSION = 1
 #: The only activation retrain algorithm (ULQ) and weight retrain algorithm (ARQ) of AMCT-Caffe QAT.
 DATA_ALGO = "ulq_quantize"
 WEIGHT_ALGO = "arq_retrain"
-#: The Caffe types QAT can quantize (spec §2.1); each layer of them still has per-parameter constraints.
+#: The Caffe types QAT can quantize (AMCT reference §2.1); each layer of them still has
+#: per-parameter constraints.
 QAT_LAYER_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Pooling")
-#: Types whose weights may be quantized per output channel (spec §9.5; DECISIONS row 12).
+#: Types whose weights may be quantized per output channel (AMCT reference §9.5; docs/decisions.md row 12).
 CHANNEL_WISE_TYPES = frozenset({"Convolution", "Deconvolution"})
 #: Types QAT quantizes without weights (AVE Pooling: activation only).
 WEIGHTLESS_TYPES = frozenset({"Pooling"})

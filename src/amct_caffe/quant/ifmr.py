@@ -1,4 +1,5 @@
-"""IFMR: AMCT's activation calibration by clip search (spec §8.4), used to initialise ULQ clips.
+"""IFMR: AMCT's activation calibration by clip search (docs/amct-reference.md §8.4), used
+to initialise ULQ clips.
 
 Algorithm, on the flattened data ``x`` (n values, sorted ascending as ``x_(1) <= ... <= x_(n)``):
 
@@ -179,7 +180,7 @@ def _clip_losses(x: Tensor, lows: Tensor, highs: Tensor, scales: Tensor) -> Tens
 
 
 def ifmr_to_clips(s: ArrayLike, o: ArrayLike) -> tuple[Tensor, Tensor]:
-    """ULQ clip initialisation from IFMR factors (spec §3.4 step 3): ``(cmin, cmax)``.
+    """ULQ clip initialisation from IFMR factors (AMCT reference §3.4 step 3): ``(cmin, cmax)``.
 
     ``cmin = -(o + 128)*s``, ``cmax = cmin + 255*s`` -- the GPU build's order (AMCT's CPU build computes
     ``cmax`` from the stale ``cmin``, a bug not reproduced). The clips are grid-aligned, so

@@ -6,10 +6,10 @@ numpy arrays or Python numbers; they are converted at the boundary by :func:`as_
 their dtype, Python numbers become float32, the engine's dtype). Results are tensors, except the
 ``deq_scale`` packing helpers, which work on numpy ``uint64`` arrays because only files use that format.
 
-Rounding (DECISIONS row 9, spec §8.6): AMCT's C++ library rounds with C ``round()`` -- half away from zero
--- everywhere (``Quant`` layer, ARQ, IFMR search, offsets, bias) except in the ULQ training forward, which
-uses ``rint()`` -- half to even. :func:`round_away` and :func:`round_even` are the only two rounding
-functions of the project.
+Rounding (docs/decisions.md row 9, docs/amct-reference.md §8.6): AMCT's C++ library rounds with C ``round()``
+-- half away from zero -- everywhere (``Quant`` layer, ARQ, IFMR search, offsets, bias) except in the ULQ
+training forward, which uses ``rint()`` -- half to even. :func:`round_away` and :func:`round_even` are the
+only two rounding functions of the project.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def div_exact(a: Tensor, k: float) -> Tensor:
 
 
 def check_finite(x: Tensor, what: str) -> None:
-    """Raise :class:`QuantDataError` if ``x`` holds inf or NaN (AMCT refuses such data, spec §1.4)."""
+    """Raise :class:`QuantDataError` if ``x`` holds inf or NaN (AMCT refuses such data,
+    AMCT reference §1.4)."""
     if not bool(torch.isfinite(x).all()):
         raise QuantDataError(
             f"The {what} to be quantized contains inf or NaN values; check the model's weights and the "
@@ -135,7 +136,7 @@ def round_away(x: ArrayLike) -> Tensor:
 def round_even(x: ArrayLike) -> Tensor:
     """``rint()`` in the default FP mode: nearest integer, ties to even (``2.5 -> 2``, ``-0.5 -> -0``).
 
-    Only AMCT's ULQ training forward rounds this way (spec §3.4, §8.6).
+    Only AMCT's ULQ training forward rounds this way (AMCT reference §3.4, §8.6).
     """
     x = as_tensor(x)
     return torch.round(x) if x.is_floating_point() else x
@@ -143,7 +144,7 @@ def round_even(x: ArrayLike) -> Tensor:
 
 # -- scales and activation factors ------------------------------------------------------------------------
 def process_scale(scale: ArrayLike, what: str = "quantization") -> Tensor:
-    """AMCT's ``ProcessScale`` (spec §1.4), elementwise.
+    """AMCT's ``ProcessScale`` (AMCT reference §1.4), elementwise.
 
     A scale below FLT_EPSILON (zero and negative ones included) is replaced by 1.0, because such a scale
     comes from an all-zero (or nearly so) tensor, where any scale quantizes exactly. inf/NaN, or a scale
@@ -165,7 +166,7 @@ def process_scale(scale: ArrayLike, what: str = "quantization") -> Tensor:
 
 
 def data_scale_offset(clip_min: ArrayLike, clip_max: ArrayLike) -> tuple[Tensor, Tensor]:
-    """Asymmetric per-tensor activation factors ``(s_d, o_d)`` from clip bounds (spec §8.1).
+    """Asymmetric per-tensor activation factors ``(s_d, o_d)`` from clip bounds (AMCT reference §8.1).
 
     ``cmin <= 0 <= cmax`` is enforced by clamping (the INT8 grid must contain 0 exactly, and AMCT's kernels
     clamp the same way); ``s_d = (cmax - cmin) / 255``; ``o_d = -round_away(cmin / s_d) - 128``, which lies
@@ -206,7 +207,8 @@ def dequantize(q: Tensor, scale: ArrayLike, offset: ArrayLike = 0) -> Tensor:
 def fake_quant_data(
     x: ArrayLike, s_d: ArrayLike, o_d: ArrayLike, rounding: Rounding = round_away
 ) -> Tensor:
-    """Activation fake quantization ``(clamp(rounding(x / s_d) + o_d, -128, 127) - o_d) * s_d`` (spec §8.5).
+    """Activation fake quantization
+    ``(clamp(rounding(x / s_d) + o_d, -128, 127) - o_d) * s_d`` (AMCT reference §8.5).
 
     ``round_away`` is the ``Quant`` layer's rounding; ULQ's training forward is the same formula with
     ``round_even`` (see :mod:`amct_caffe.quant.ulq`). Result in ``x``'s dtype.
@@ -220,8 +222,8 @@ def quant_step(scale: float) -> float:
     """``s_d`` as AMCT's ``Quant`` layer recovers it from ``quant_param.scale`` (which holds ``1/s_d``).
 
     The field is float32: the value is rounded to float32 first (a JSON number or a hand-written value may
-    carry more digits), then widened exactly to double and inverted in double (spec §6.2). The caller checks
-    that the float32 value is finite and > 0.
+    carry more digits), then widened exactly to double and inverted in double (AMCT reference §6.2). The
+    caller checks that the float32 value is finite and > 0.
     """
     return 1.0 / float(np.float32(scale))
 
@@ -236,7 +238,7 @@ def offset_byte(value: bytes) -> int:
 
 
 def quant_codes(x: Tensor, scale_d: float, offset_d: int, clamp: bool = True) -> Tensor:
-    """The ``Quant`` layer's INT8 codes ``clamp(round_away(x / s_d) + o_d, -128, 127)`` (spec §6.2).
+    """The ``Quant`` layer's INT8 codes ``clamp(round_away(x / s_d) + o_d, -128, 127)`` (AMCT reference §6.2).
 
     Computed in double precision from ``x`` (as the patched Caffe's quant layer does), returned as a float64
     tensor of integer values. ``clamp=False`` gives the codes before the clamp, which tell saturation.
@@ -250,10 +252,10 @@ def quant_codes(x: Tensor, scale_d: float, offset_d: int, clamp: bool = True) ->
 
 # -- bias and deq_scale ------------------------------------------------------------------------------------
 def deq_scale(s_d: ArrayLike, s_w: ArrayLike) -> Tensor:
-    """``deq_scale[c] = s_d * s_w[c]`` as float32 (spec §8.3), one value per entry of ``s_w``.
+    """``deq_scale[c] = s_d * s_w[c]`` as float32 (AMCT reference §8.3), one value per entry of ``s_w``.
 
     Computed as the exact float64 product of the float32 factors, rounded once to float32 -- the same
-    value a float32 multiplication gives. AVE pooling uses ``s_w = 1`` (DECISIONS row 10).
+    value a float32 multiplication gives. AVE pooling uses ``s_w = 1`` (docs/decisions.md row 10).
     """
     sd = as_tensor(s_d).to(torch.float32).to(torch.float64)
     sw = as_tensor(s_w).to(torch.float32).to(torch.float64).reshape(-1)
@@ -261,7 +263,8 @@ def deq_scale(s_d: ArrayLike, s_w: ArrayLike) -> Tensor:
 
 
 def quantize_bias(b: ArrayLike, s_d: ArrayLike, s_w: ArrayLike, layer: str | None = None) -> Tensor:
-    """Deploy bias ``b_q[c] = round_away(b[c] / (s_d * s_w[c]))`` as an int32 tensor (spec §7.2, §8.3).
+    """Deploy bias ``b_q[c] = round_away(b[c] / (s_d * s_w[c]))`` as an int32 tensor
+    (AMCT reference §7.2, §8.3).
 
     Computed in float64 from the given values (the float32 factors' product is exact there), so the
     division adds a single rounding. ``s_w`` has one entry per channel of ``b`` or a single entry
@@ -290,7 +293,7 @@ def quantize_bias(b: ArrayLike, s_d: ArrayLike, s_w: ArrayLike, layer: str | Non
 
 
 def fake_quant_bias(b: ArrayLike, s_d: ArrayLike, s_w: ArrayLike, layer: str | None = None) -> Tensor:
-    """Fake-quant bias ``round_away(b / (s_d * s_w)) * deq_scale`` as float32 (DECISIONS row 7).
+    """Fake-quant bias ``round_away(b / (s_d * s_w)) * deq_scale`` as float32 (docs/decisions.md row 7).
 
     The product of the INT32 code and the float32 ``deq_scale`` is rounded once to float32: exactly the
     bias term the deploy model's ``acc * deq_scale`` contributes, so fake-quant and deploy differ only by
@@ -304,7 +307,8 @@ def fake_quant_bias(b: ArrayLike, s_d: ArrayLike, s_w: ArrayLike, layer: str | N
 def pack_deq_scale(
     deq: ArrayLike, shift: ArrayLike | None = None, offset_w: ArrayLike | None = None
 ) -> np.ndarray:
-    """Pack ``deq_scale`` values into AscendDequant's uint64 words (spec §7.3, DECISIONS row 11).
+    """Pack ``deq_scale`` values into AscendDequant's uint64 words (AMCT reference §7.3,
+    docs/decisions.md row 11).
 
     Bits 0-31: the IEEE-754 float32 bit pattern of ``deq``; bits 32-39: shift N (uint8); bits 40-47:
     ``offset_w`` (int8, two's complement); bits 48-63: 0. Every current flow has N = 0 and ``offset_w = 0``

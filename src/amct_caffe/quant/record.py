@@ -1,4 +1,5 @@
-"""The scale/offset record file (spec §5): read, validate, write, and the training-time shape updates.
+"""The scale/offset record file (docs/amct-reference.md §5): read, validate, write, and the
+training-time shape updates.
 
 The file is protobuf TEXT format of ``amct.ScaleOffsetRecord`` -- a list-encoded map from layer name to a
 ``SingleLayerRecord`` (``scale_d``, ``offset_d``, ``scale_w[]``, ``offset_w[]``, ``shift_bit[]``,
@@ -12,7 +13,7 @@ Two views:
   and all; :func:`update_shapes` edits it so that every other field survives unchanged;
 * plain data (:func:`read_records`, :func:`records_from_proto`): ``{layer name: LayerRecord}``. A layer
   listed twice is merged entry by entry in file order, a later entry's set fields winning (protobuf's
-  "last value wins" for duplicated optional fields, spec §5.1), with a warning.
+  "last value wins" for duplicated optional fields, AMCT reference §5.1), with a warning.
 
 Validation (:func:`validate_records`) enforces what AMCT's readers require: ``offset_w`` all 0 (weight
 offsets are unsupported) and as long as ``scale_w``; ``scale_w`` of length 1 or C_out, finite and > 0;

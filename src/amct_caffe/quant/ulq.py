@@ -1,4 +1,5 @@
-"""ULQ: AMCT's activation quantization with learnable clip bounds, used by ``ActivationQAT`` (spec §3.4-3.5).
+"""ULQ: AMCT's activation quantization with learnable clip bounds, used by ``ActivationQAT``
+(docs/amct-reference.md §3.4-3.5).
 
 Forward, per call, with ``cmax``/``cmin`` the layer's two blobs after ClipCheck (and ``cmin = 0`` when
 ``fixed_min``): ``s = (cmax - cmin) / 255``, ``o_ulq = round_away(cmin / s)`` (an integer <= 0), and
@@ -62,7 +63,7 @@ class ClipCheckResult(NamedTuple):
 def clip_check(
     cmax: ArrayLike, cmin: ArrayLike, cmax_pre: ArrayLike, cmin_pre: ArrayLike
 ) -> ClipCheckResult:
-    """AMCT's ClipCheck on learned clips against the previous good values (spec §3.4 step 2).
+    """AMCT's ClipCheck on learned clips against the previous good values (AMCT reference §3.4 step 2).
 
     * ``cmax <= cmin``: restore both from the previous values;
     * else ``cmax < 0``: restore ``cmax``; accept ``cmin`` (it becomes the new previous min);
@@ -85,7 +86,8 @@ def clip_check(
 
 
 def ulq_record_factors(cmax: ArrayLike, cmin: ArrayLike, fixed_min: bool = False) -> tuple[Tensor, Tensor]:
-    """Record-form activation factors ``(s_d, o_d)`` of a ULQ layer (``scale_d``/``offset_d``, spec §8.1).
+    """Record-form activation factors ``(s_d, o_d)`` of a ULQ layer
+    (``scale_d``/``offset_d``, AMCT reference §8.1).
 
     ``fixed_min`` forces ``cmin = 0`` as the layer's forward does. Tensors of the clips' dtype.
     """
@@ -118,7 +120,8 @@ def ulq_forward(x: ArrayLike, cmax: ArrayLike, cmin: ArrayLike, fixed_min: bool 
 def ulq_backward(
     x: ArrayLike, dy: ArrayLike, cmax: ArrayLike, cmin: ArrayLike
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ULQ straight-through gradients ``(dx, dcmax, dcmin)`` (spec §3.5; formulas in the module docstring).
+    """ULQ straight-through gradients ``(dx, dcmax, dcmin)`` (AMCT reference §3.5; formulas
+    in the module docstring).
 
     ``cmax``/``cmin`` are the values the forward used (pass ``cmin = 0`` for ``fixed_min``; a ``cmin > 0``
     or ``cmax < 0`` is clamped to 0 as in the forward). ``dcmax``/``dcmin`` are 0-d tensors, summed over

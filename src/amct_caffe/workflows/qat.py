@@ -94,7 +94,7 @@ def create_quant_retrain_config(
 class RetrainPaths:
     """The files the last successful ``create_quant_retrain_model`` of this process used (absolute paths).
 
-    ``save_quant_retrain_model`` falls back on them for its ``None`` arguments (DECISIONS.md §3 row 3b).
+    ``save_quant_retrain_model`` falls back on them for its ``None`` arguments (docs/decisions.md row 3b).
     """
 
     record_file: str

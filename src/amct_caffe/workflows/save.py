@@ -1,6 +1,7 @@
-"""``save_quant_retrain_model``: the fake-quant and deploy models of a retrained QAT net (spec §1.3.3, §10).
+"""``save_quant_retrain_model``: the fake-quant and deploy models of a retrained QAT net
+(docs/amct-reference.md §1.3.3, §10).
 
-The flow (DECISIONS.md §3 rows 3, 3b, 5-7, 10, 11, 14; the lead's "Save" decisions):
+The flow (docs/decisions.md rows 3, 3b, 5-7, 10, 11, 14; §6):
 
 1. check ``save_type`` ('Fakequant' | 'Deploy' | 'Both') and the paths; resolve the record path (``None``:
    the one ``create_quant_retrain_model`` used earlier in this process, else
@@ -217,7 +218,7 @@ def build_plan(
         layers = []
         for name in sorted((n for n in act.consumers if n in chosen), key=order.__getitem__):
             wf = factors.weights.get(name)
-            if wf is None:  # AVE Pooling: scale_w 1, per tensor (DECISIONS row 10)
+            if wf is None:  # AVE Pooling: scale_w 1, per tensor (docs/decisions.md row 10)
                 layers.append(QuantizedLayer(name, graph.layer(name).type, act.scale_d, act.offset_d,
                                              np.ones(1, np.float32), False))
                 continue
