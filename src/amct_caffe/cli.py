@@ -28,10 +28,6 @@ AMCT_PROG = "amct_caffe"
 #: File extensions ``run --input NAME=FILE`` reads as images (anything else is read as .npy).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".pnm"})
-CALIBRATION_MESSAGE = (
-    "post-training quantization (calibration) is not implemented yet in amct-caffe; use the QAT flow "
-    "(amct-caffe retrain-config/retrain-model/train/save-retrain)"
-)
 
 
 # ---------------------------------------------------------------------------------------------------------
