@@ -1,8 +1,11 @@
 """Shared test helpers that are not references: building one engine layer, reading the files the code
-writes, and the tolerances of the cross-checks against the real Caffe."""
+writes (prototxts, records, caffemodels, DeQuant words), and the tolerances of the cross-checks against the
+real Caffe."""
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +40,20 @@ def parse_net(text: str) -> caffe_pb2.NetParameter:
     return text_format.Merge(text, caffe_pb2.NetParameter())
 
 
+def read_net(path: str | Path) -> caffe_pb2.NetParameter:
+    """A NetParameter from a prototxt file."""
+    return parse_net(Path(path).read_text())
+
+
+def parse_record(text: str) -> dict[str, amct_pb2.SingleLayerRecord]:
+    """A scale/offset record's text as ``{layer: record}``, parsed strictly (no field may repeat)."""
+    msg = text_format.Parse(text, amct_pb2.ScaleOffsetRecord())
+    return {entry.key: entry.value for entry in msg.record}
+
+
 def read_record(path: str | Path) -> dict[str, amct_pb2.SingleLayerRecord]:
     """A scale/offset record file as ``{layer: record}``, parsed strictly (no field may repeat)."""
-    msg = text_format.Parse(Path(path).read_text(), amct_pb2.ScaleOffsetRecord())
-    return {entry.key: entry.value for entry in msg.record}
+    return parse_record(Path(path).read_text())
 
 
 def caffemodel_blobs(path: str | Path, keep_empty: bool = False) -> dict[str, list[np.ndarray]]:
@@ -48,6 +61,17 @@ def caffemodel_blobs(path: str | Path, keep_empty: bool = False) -> dict[str, li
     ``keep_empty``."""
     return {layer.name: [blob_to_array(b) for b in layer.blobs] for layer in load_caffemodel(str(path)).layer
             if layer.blobs or keep_empty}
+
+
+def caffemodel_raw_blobs(path: str | Path) -> dict[str, list[caffe_pb2.BlobProto]]:
+    """``{layer: [BlobProto]}`` of a caffemodel as stored (the deploy model's ``int8_data``, ``int32_data``
+    and ``uint64_data`` included), layers with blobs only."""
+    return {layer.name: list(layer.blobs) for layer in load_caffemodel(str(path)).layer if layer.blobs}
+
+
+def low_words_as_float32(words: Iterable[int]) -> np.ndarray:
+    """The float32 values whose bit patterns are the low 32 bits of ``uint64`` words (a DeQuant blob)."""
+    return np.array([struct.unpack("<f", struct.pack("<I", w & 0xFFFFFFFF))[0] for w in words], np.float32)
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, name: str, rtol: float = 1e-4,

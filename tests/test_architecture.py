@@ -9,7 +9,9 @@ Every import counts: module level, inside functions, under ``if TYPE_CHECKING:``
   ``errors``/``log`` usable everywhere; ``emulation`` and ``analysis`` may use the engine, the engine uses
   none of them;
 * ``caffe/python_layers.py`` imports nothing of ours (it runs inside a stock pycaffe, without torch);
-* the engine's layer package imports every layer family, so the registry it exports is complete.
+* the engine's layer package imports every layer family, so the registry it exports is complete;
+* in ``tests/``, no module imports a test module (``tests/test_*.py``): what tests share lives in
+  ``tests/helpers.py``, the other helper modules and ``tests/references/``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 
 ROOT = "amct_caffe"
 SRC = Path(__file__).resolve().parent.parent / "src" / ROOT
+TESTS = Path(__file__).resolve().parent
 
 #: Generated protobuf modules: not ours to lay out (they import only google.protobuf).
 GENERATED_SUFFIX = "_pb2"
@@ -229,3 +232,66 @@ def test_layer_package_imports_every_family():
         f"{package}.base", f"{package}.registry"
     }
     assert families <= set(GRAPH[package].imports), sorted(families - set(GRAPH[package].imports))
+
+
+# -- the tests' own modules ----------------------------------------------------------------------------------
+def _test_module_name(path: Path) -> str:
+    """The dotted name of a module under ``tests/`` (``tests.references.quant``)."""
+    parts = path.relative_to(TESTS.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_test_module(name: str) -> bool:
+    """A ``test_*`` module of a package (``tests.test_x``, not a name ``test_x`` inside ``tests.helpers``),
+    or a bare ``test_x`` as imported with ``tests/`` on the path."""
+    *package, last = name.split(".")
+    return last.startswith("test_") and (not package or TESTS.parent.joinpath(*package).is_dir())
+
+
+def imported_test_modules(path: Path, tree: ast.Module) -> Iterator[tuple[str, int]]:
+    """The test modules ``tree`` (the file ``path`` under ``tests/``) imports, with their lines."""
+    module = Module(_test_module_name(path), path, path.name == "__init__.py")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve_from(module, node)
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Call) and _is_dynamic_import(node) and node.args:
+            arg = node.args[0]
+            names = [arg.value] if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else []
+        else:
+            continue
+        for name in names:
+            if _is_test_module(name):
+                yield name, node.lineno
+
+
+def test_no_test_module_imports_a_test_module():
+    found = []
+    for path in sorted(TESTS.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found += [f"{path.relative_to(TESTS.parent)}:{line} imports {name}"
+                  for name, line in imported_test_modules(path, tree)]
+    assert not found, ("test modules import test modules (move what they share to tests/helpers.py or "
+                       "tests/references/):\n" + "\n".join(found))
+
+
+def test_test_import_finder_sees_every_form():
+    """The check above is only as good as its parser: each way of importing a test module is found."""
+    source = (
+        "import tests.test_a\n"
+        "from tests.test_b import x\n"
+        "from tests import test_c, helpers\n"
+        "from .test_d import y\n"
+        "from . import test_e\n"
+        "def f():\n"
+        "    import test_f\n"
+        "    importlib.import_module('tests.test_g')\n"
+        "from tests.helpers import test_like_name_in_a_helper\n"
+        "from tests.references import quant\n"
+    )
+    found = {name for name, _ in imported_test_modules(TESTS / "x.py", ast.parse(source))}
+    assert {"tests.test_a", "tests.test_b", "tests.test_c", "tests.test_d", "tests.test_e", "test_f",
+            "tests.test_g"} <= found
+    assert not {n for n in found if "helpers" in n or "references" in n}, found

@@ -15,7 +15,9 @@ import pytest
 from amct_caffe import cli
 from amct_caffe.errors import CalibrationDataError, ConfigError
 from amct_caffe.workflows.calibration_run import parse_data_types, parse_input_shape
-from tests.ptq_util import ifmr_numpy, load_net, read_record, write_net
+from tests.helpers import read_net, read_record
+from tests.references import quant
+from tests.references.nets import write_random_net
 
 OUTPUTS = ["m_fake_quant_model.prototxt", "m_fake_quant_weights.caffemodel", "m_deploy_model.prototxt",
            "m_deploy_weights.caffemodel", "m_quant.json", "m_quant_config.json", "m_scale_offset_record.txt"]
@@ -44,7 +46,7 @@ def run(args: list[str], capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("form", ["equals", "space"])
 def test_calibration_from_bin_files(tmp_path, capsys, form):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     data = write_bins(tmp_path / "bins", 4)
     options = {"--model": model, "--weights": weights, "--save_path": str(tmp_path / "out" / "m"),
                "--input_shape": "data:2,3,6,6", "--data_dir": str(tmp_path / "bins"),
@@ -55,20 +57,20 @@ def test_calibration_from_bin_files(tmp_path, capsys, form):
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "out")) == sorted(OUTPUTS)
     record = read_record(tmp_path / "out" / "m_scale_offset_record.txt")
-    s, o, gap = ifmr_numpy(np.concatenate([x.ravel() for x in data[:3]]))  # the first 3 files, by name
-    assert gap > 1e-9
-    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (s, o)
+    ref = quant.ifmr(np.concatenate([x.ravel() for x in data[:3]]))  # the first 3 files, by name
+    assert ref.gap > 1e-9
+    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (ref.s, ref.o)
     assert set(record) == {"conv1", "pool1", "conv2a", "conv2b", "ip1"}
     assert all(r.HasField("scale_d") for r in record.values())
     import json
 
     assert json.loads((tmp_path / "out" / "m_quant_config.json").read_text())["batch_num"] == 3
-    deploy = load_net(tmp_path / "out" / "m_deploy_model.prototxt")
+    deploy = read_net(tmp_path / "out" / "m_deploy_model.prototxt")
     assert any(layer.type == "Quant" for layer in deploy.layer)
 
 
 def test_uint8_data_cfg_batch_num_and_folder_save_path(tmp_path, capsys):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     data = write_bins(tmp_path / "bins", 2, "uint8")
     cfg = tmp_path / "quant.cfg"
     cfg.write_text("batch_num: 2\nactivation_offset: true\n")
@@ -79,8 +81,8 @@ def test_uint8_data_cfg_batch_num_and_folder_save_path(tmp_path, capsys):
     assert code == 0, err
     # a folder as save_path: the model file's name is the prefix
     record = read_record(tmp_path / "results" / "model_scale_offset_record.txt")
-    s, o, _ = ifmr_numpy(np.concatenate([x.astype(np.float32).ravel() for x in data]))
-    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (s, o)
+    ref = quant.ifmr(np.concatenate([x.astype(np.float32).ravel() for x in data]))
+    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (ref.s, ref.o)
 
 
 BAD = [
@@ -94,7 +96,7 @@ BAD = [
 
 @pytest.mark.parametrize("name, edit, words", BAD, ids=[b[0] for b in BAD])
 def test_bad_data_dir_writes_nothing(tmp_path, capsys, name, edit, words):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     write_bins(tmp_path / "bins", 3)
     edit(tmp_path)
     code, err = run(["--model", model, "--weights", weights, "--save_path", str(tmp_path / "out" / "m"),
@@ -117,7 +119,7 @@ def test_bad_data_dir_writes_nothing(tmp_path, capsys, name, edit, words):
     (["--batch_num", "0"], None),  # argparse: usage error, exit 2
 ])
 def test_bad_options(tmp_path, capsys, args, words):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     write_bins(tmp_path / "bins", 1, shape=(2, 3, 6, 6))
     options = {"--model": model, "--weights": weights, "--save_path": str(tmp_path / "out" / "m"),
                "--input_shape": "data:2,3,6,6", "--data_dir": str(tmp_path / "bins"),
@@ -152,7 +154,7 @@ evaluator = Evaluator()
 
 
 def test_evaluator_script(tmp_path, capsys):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     rng = np.random.default_rng(4)
     data = rng.standard_normal((2, 2, 3, 6, 6)).astype(np.float32)
     np.save(tmp_path / "data.npy", data)
@@ -162,8 +164,8 @@ def test_evaluator_script(tmp_path, capsys):
                      "--evaluator", str(script), "--batch_num", "2"], capsys)
     assert code == 0, err
     record = read_record(tmp_path / "out" / "m_scale_offset_record.txt")
-    s, o, _ = ifmr_numpy(data.ravel())
-    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (s, o)
+    ref = quant.ifmr(data.ravel())
+    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (ref.s, ref.o)
     (tmp_path / "empty.py").write_text("x = 1\n")
     code, err = run(["--model", model, "--weights", weights, "--save_path", str(tmp_path / "o2" / "m"),
                      "--evaluator", str(tmp_path / "empty.py")], capsys)
@@ -171,7 +173,7 @@ def test_evaluator_script(tmp_path, capsys):
 
 
 def test_evaluator_running_too_few_batches_is_a_record_error(tmp_path, capsys):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     np.save(tmp_path / "data.npy", np.zeros((2, 2, 3, 6, 6), np.float32))
     script = tmp_path / "evaluator.py"
     script.write_text(f"DATA = {str(tmp_path / 'data.npy')!r}\n" + EVALUATOR)
@@ -181,7 +183,7 @@ def test_evaluator_running_too_few_batches_is_a_record_error(tmp_path, capsys):
 
 
 def test_amct_caffe_spelling_in_a_subprocess(tmp_path):
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     write_bins(tmp_path / "bins", 1)
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                AMCT_LOG_LEVEL="ERROR")

@@ -6,7 +6,6 @@ written."""
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,11 @@ import pytest
 
 from amct_caffe import amct
 from amct_caffe.errors import ConfigError, RecordError
-from tests.ptq_util import (
-    arq_numpy,
-    caffemodel_blobs,
-    fold_bn_numpy,
-    load_net,
-    raw_blobs,
-    round_away,
-    write_net,
-)
+from tests.helpers import caffemodel_blobs, caffemodel_raw_blobs, low_words_as_float32, read_net
+from tests.ptq_helpers import PtqFlow, calibration_batches
+from tests.references import quant
+from tests.references.layers import fold_batchnorm
+from tests.references.nets import write_random_net
 
 S_W_CONV1 = [2.0**-7, 2.0**-6, 2.0**-7, 2.0**-8]
 S_W_CONV2B = [2.0**-6, 2.0**-7, 2.0**-6]
@@ -46,12 +41,8 @@ FILES = ["m_fake_quant_model.prototxt", "m_fake_quant_weights.caffemodel", "m_de
          "m_deploy_weights.caffemodel"]
 
 
-def _u64_to_f32(words) -> np.ndarray:
-    return np.array([struct.unpack("<f", struct.pack("<I", w & 0xFFFFFFFF))[0] for w in words], np.float32)
-
-
 def _setup(tmp_path: Path, record: str = RECORD) -> tuple[str, str, str]:
-    model, weights = write_net(tmp_path)
+    model, weights = write_random_net(tmp_path)
     path = tmp_path / "record.txt"
     path.write_text(record)
     return model, weights, str(path)
@@ -63,8 +54,8 @@ def test_convert_model_by_hand(tmp_path):
     amct.convert_model(model, weights, record, str(tmp_path / "out" / "m"))
     assert sorted(os.listdir(tmp_path / "out")) == sorted(FILES)  # no _quant.json, the record only read
     assert Path(record).read_text() == record_before
-    net = load_net(tmp_path / "out" / "m_fake_quant_model.prototxt")
-    assert net == load_net(tmp_path / "out" / "m_deploy_model.prototxt")
+    net = read_net(tmp_path / "out" / "m_fake_quant_model.prototxt")
+    assert net == read_net(tmp_path / "out" / "m_deploy_model.prototxt")
     layers = {layer.name: layer for layer in net.layer}
     assert [layer.name for layer in net.layer] == [
         "data", "conv1_quant_layer", "conv1", "conv1_dequant_layer", "relu1", "pool1_quant_layer", "pool1",
@@ -84,41 +75,42 @@ def test_convert_model_by_hand(tmp_path):
     assert list(layers["ip1_dequant_layer"].top) == ["ip1"]  # skip_fusion: the BatchNorm reads ip1 still
 
     float_blobs = caffemodel_blobs(weights)
-    w1, b1 = fold_bn_numpy(*float_blobs["conv1"], float_blobs["bn1"], float_blobs["scale1"])
+    conv1 = {"conv": float_blobs["conv1"], "bn": float_blobs["bn1"], "scale": float_blobs["scale1"]}
+    w1, b1 = fold_batchnorm(conv1, conv_bias=True, scale=True, scale_bias=True, axis=0, eps=1e-5)
     source = {"conv1": [w1, b1], "conv2a": float_blobs["conv2a"], "conv2b": float_blobs["conv2b"],
               "ip1": float_blobs["ip1"]}
     fake = caffemodel_blobs(tmp_path / "out" / "m_fake_quant_weights.caffemodel")
-    deploy = raw_blobs(tmp_path / "out" / "m_deploy_weights.caffemodel")
+    deploy = caffemodel_raw_blobs(tmp_path / "out" / "m_deploy_weights.caffemodel")
     for name, blobs in source.items():
         s_d, _, scale_w, channel_wise = FACTORS[name]
         s_w = np.array(scale_w, np.float32)
         w = blobs[0]
         shape = [-1] + [1] * (w.ndim - 1) if channel_wise else [1] * w.ndim
-        codes = np.clip(round_away(w / s_w.reshape(shape)), -128, 127).astype(np.int8)
+        codes = quant.arq_codes(w, s_w, channel_wise).astype(np.int8)
         int8 = np.frombuffer(deploy[name][0].int8_data, np.int8).reshape(w.shape)
         np.testing.assert_array_equal(int8, codes)
         np.testing.assert_array_equal(fake[name][0], codes.astype(np.float32) * s_w.reshape(shape))
         deq = np.float32(s_d) * s_w  # powers of two: exact
-        np.testing.assert_array_equal(_u64_to_f32(deploy[f"{name}_dequant_layer"][0].uint64_data), deq)
+        np.testing.assert_array_equal(low_words_as_float32(deploy[f"{name}_dequant_layer"][0].uint64_data),
+                                      deq)
         if len(blobs) > 1:
-            b_q = round_away(blobs[1].astype(np.float64) / deq.astype(np.float64))
+            b_q = quant.round_away(blobs[1].astype(np.float64) / deq.astype(np.float64))
             np.testing.assert_array_equal(np.array(deploy[name][1].int32_data), b_q.astype(np.int64))
     # the kept BatchNorm/Scale stay float in both models
     for name in ("bn_ip", "scale_ip"):
         for got, want in zip(fake[name], float_blobs[name]):
             np.testing.assert_array_equal(got, want)
         assert all(len(b.data) and not b.int8_data for b in deploy[name])
-    np.testing.assert_array_equal(_u64_to_f32(deploy["pool1_dequant_layer"][0].uint64_data), [0.03125])
+    np.testing.assert_array_equal(low_words_as_float32(deploy["pool1_dequant_layer"][0].uint64_data),
+                                  [0.03125])
 
 
 def test_convert_matches_save_model_on_a_ptq_record(tmp_path):
     """The record of a PTQ run, converted, gives the same four files as save_model (same code path for the
     models, so this pins that convert_model reads the record as save_model does)."""
-    from tests.test_ptq_flow import Flow, batches
-
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     graph = flow.quantize()
-    flow.calibrate(batches()[:1])
+    flow.calibrate(calibration_batches()[:1])
     amct.save_model(graph, "Both", str(tmp_path / "ptq" / "m"))
     amct.convert_model(flow.model, flow.weights, flow.record, str(tmp_path / "conv" / "m"))
     for name in FILES:
@@ -191,5 +183,5 @@ def test_arq_reference_agrees_on_power_of_two_weights():
     """The numpy ARQ used as reference: a channel whose extreme is -2 gets 2/128, one whose extreme is 0.5
     gets 0.5/127 (hand values)."""
     w = np.array([[[[-2.0]], [[1.0]]], [[[0.5]], [[0.25]]]], np.float32)
-    np.testing.assert_array_equal(arq_numpy(w, True), np.array([2 / 128, np.float32(0.5) / np.float32(127)],
-                                                               np.float32))
+    np.testing.assert_array_equal(quant.arq_scales(w, True),
+                                  np.array([2 / 128, np.float32(0.5) / np.float32(127)], np.float32))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from amct_caffe import amct, caffe
+from tests.helpers import read_record
 
 FLOAT_ITERATIONS = 600
 CALIBRATION_BATCHES = 4
@@ -79,8 +80,6 @@ def test_deploy_agrees_with_fake_quant_on_top1(ptq_digits):
 
 def test_record_and_quant_info(ptq_digits):
     _, _, _, _, save_path, record_file = ptq_digits
-    from tests.ptq_util import read_record
-
     record = read_record(record_file)
     assert list(record) == ["conv1", "conv2", "pool2", "ip1", "ip2"]
     for rec in record.values():

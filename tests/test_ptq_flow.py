@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +31,20 @@ from amct_caffe.errors import (
     RecordError,
 )
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.workflows.ptq import CalibrationGraph
-from tests.ptq_util import (
-    NET,
-    QUANTIZED,
-    arq_numpy,
+from tests.helpers import (
     caffemodel_blobs,
-    fold_bn_numpy,
-    ifmr_numpy,
-    load_net,
+    caffemodel_raw_blobs,
+    low_words_as_float32,
     parse_net,
-    raw_blobs,
+    parse_record,
+    read_net,
     read_record,
-    round_away,
-    write_net,
 )
+from tests.ptq_helpers import BATCH_NUM, PtqFlow, calibration_batches
+from tests.references import quant
+from tests.references.layers import fold_batchnorm
+from tests.references.nets import PTQ_NET, PTQ_QUANTIZED, one_ifmr_net, write_random_net
 
-BATCH_NUM = 3
 IFMR_PARAM = """ifmr_param {{ batch_num: {n} with_offset: true search_range_start: 0.7 search_range_end: 1.3
     search_step: 0.01 max_percentile: 0.999999 min_percentile: 0.999999 {objects}
     record_file_path: "{record}" }}"""
@@ -87,52 +83,14 @@ def expected_calibration_prototxt(record: str) -> str:
     )
 
 
-def batches(seed: int = 1) -> list[np.ndarray]:
-    """Three calibration batches of different ranges: the last one alone gives other factors."""
-    rng = np.random.default_rng(seed)
-    return [(rng.standard_normal((2, 3, 6, 6)) * scale + shift).astype(np.float32)
-            for scale, shift in ((3.0, 0.5), (1.0, -0.2), (0.5, 0.0))]
-
-
-class Flow:
-    """The files of one PTQ run on the small net."""
-
-    def __init__(self, folder: Path, batch_num: int = BATCH_NUM, **config_kw) -> None:
-        self.folder = folder
-        self.model, self.weights = write_net(folder)
-        self.config = str(folder / "config.json")
-        self.record = str(folder / "record.txt")
-        self.cal_model = str(folder / "calibration.prototxt")
-        self.cal_weights = str(folder / "calibration.caffemodel")
-        amct.create_quant_config(self.config, self.model, self.weights, batch_num=batch_num, **config_kw)
-
-    def init(self) -> CalibrationGraph:
-        return amct.init(self.config, self.model, self.weights, self.record)
-
-    def quantize(self) -> CalibrationGraph:
-        graph = self.init()
-        amct.quantize_model(graph, self.cal_model, self.cal_weights)
-        return graph
-
-    def calibrate(self, data: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
-        """Run the calibration model on ``data`` (pycaffe style); returns every quantized input per batch."""
-        net = caffe.Net(self.cal_model, caffe.TEST, weights=self.cal_weights)
-        seen: dict[str, list[np.ndarray]] = {"data": [], "conv1": [], "pool1": [], "sum": []}
-        for x in data:
-            net.forward(data=x)
-            for name in seen:
-                seen[name].append(net.blobs[name].data.copy())
-        return seen
-
-
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """The small net through quantize_model and three calibration batches, then save_model('Both')."""
     folder = tmp_path_factory.mktemp("ptq_flow")
-    flow = Flow(folder)
+    flow = PtqFlow(folder)
     graph = flow.quantize()
     record_after_quantize = Path(flow.record).read_text()
-    seen = flow.calibrate(batches())
+    seen = flow.calibrate(calibration_batches())
     amct.save_model(graph, "Both", str(folder / "out" / "m"))
     return flow, graph, record_after_quantize, seen
 
@@ -141,7 +99,7 @@ def calibrated(tmp_path_factory):
 def test_calibration_prototxt_by_hand(calibrated):
     flow, _, _, _ = calibrated
     expected = parse_net(expected_calibration_prototxt(os.path.abspath(flow.record)))
-    assert load_net(flow.cal_model) == expected
+    assert read_net(flow.cal_model) == expected
 
 
 def test_ifmr_param_field_numbers():
@@ -160,25 +118,19 @@ def test_folded_weights_and_weight_scales_in_the_record(calibrated):
     float_blobs = caffemodel_blobs(flow.weights)
     folded = caffemodel_blobs(flow.cal_weights)
     assert not {"bn1", "scale1", "bn_ip", "scale_ip"} & set(folded)
-    w, b = fold_bn_numpy(*float_blobs["conv1"], float_blobs["bn1"], float_blobs["scale1"])
-    np.testing.assert_allclose(folded["conv1"][0], w, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(folded["conv1"][1], b, rtol=1e-6, atol=1e-7)
-    w, b = fold_bn_numpy(*float_blobs["ip1"], float_blobs["bn_ip"], float_blobs["scale_ip"])
-    np.testing.assert_allclose(folded["ip1"][0], w, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(folded["ip1"][1], b, rtol=1e-6, atol=1e-7)
+    for conv, bn, scale in (("conv1", "bn1", "scale1"), ("ip1", "bn_ip", "scale_ip")):
+        w, b = fold_batchnorm({"conv": float_blobs[conv], "bn": float_blobs[bn], "scale": float_blobs[scale]},
+                              conv_bias=True, scale=True, scale_bias=True, axis=0, eps=1e-5)
+        np.testing.assert_allclose(folded[conv][0], w, rtol=1e-6, atol=1e-7, err_msg=conv)
+        np.testing.assert_allclose(folded[conv][1], b, rtol=1e-6, atol=1e-7, err_msg=conv)
     for name in ("conv2a", "conv2b"):
         for got, want in zip(folded[name], float_blobs[name]):
             np.testing.assert_array_equal(got, want)
 
-    from google.protobuf import text_format
-
-    from amct_caffe.proto import amct_pb2
-
-    msg = text_format.Merge(record_after_quantize, amct_pb2.ScaleOffsetRecord())
-    record = {e.key: e.value for e in msg.record}
-    assert list(record) == QUANTIZED
+    record = parse_record(record_after_quantize)
+    assert list(record) == PTQ_QUANTIZED
     for name, channel_wise in (("conv1", True), ("conv2a", True), ("conv2b", True), ("ip1", False)):
-        expected = arq_numpy(folded[name][0], channel_wise)
+        expected = quant.arq_scales(folded[name][0], channel_wise)
         np.testing.assert_array_equal(np.array(record[name].scale_w, np.float32), expected)
         assert list(record[name].offset_w) == [0] * len(expected)
         assert not record[name].HasField("scale_d") and not record[name].skip_fusion
@@ -192,31 +144,16 @@ def test_record_after_calibration_is_ifmr_over_all_batches(calibrated):
     inputs = {"conv1": "data", "pool1": "conv1", "conv2a": "pool1", "conv2b": "pool1", "ip1": "sum"}
     for layer, blob in inputs.items():
         data = np.concatenate([x.ravel() for x in seen[blob]])
-        s, o, gap = ifmr_numpy(data)
-        assert gap > 1e-9, "no clear winner: summation order could flip the choice"
-        assert np.float32(record[layer].scale_d) == s, layer
-        assert record[layer].offset_d == o, layer
+        ref = quant.ifmr(data)
+        assert ref.gap > 1e-9, "no clear winner: summation order could flip the choice"
+        assert np.float32(record[layer].scale_d) == ref.s, layer
+        assert record[layer].offset_d == ref.o, layer
         c, h, w = seen[blob][0].shape[1:] + (1,) * (4 - seen[blob][0].ndim)
         assert (record[layer].channels, record[layer].height, record[layer].width) == (c, h, w)
     # the shared input gives both readers the same factors; the data input's last batch alone would not
     assert record["conv2a"].scale_d == record["conv2b"].scale_d
-    s_last, _, _ = ifmr_numpy(seen["data"][-1])
-    assert s_last != np.float32(record["conv1"].scale_d)
+    assert quant.ifmr(seen["data"][-1]).s != np.float32(record["conv1"].scale_d)
     assert record["conv1"].offset_d != -128 and record["pool1"].offset_d == -128  # ReLU'd input: min 0
-
-
-def _net_with_one_ifmr(batch_num: int, with_offset: bool = True, bottoms: int = 1, record: str = "",
-                       percentiles: tuple[float, float] = (0.999999, 0.999999)) -> Net:
-    objects = " ".join(f'object_layer: "c{i}"' for i in range(bottoms))
-    text = (
-        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 2 dim: 3 } } }\n'
-        'layer { name: "cal" type: "IFMR" ' + 'bottom: "data" ' * bottoms
-        + f"ifmr_param {{ batch_num: {batch_num} with_offset: {str(with_offset).lower()} "
-        f"search_range_start: 0.7 search_range_end: 1.3 search_step: 0.01 max_percentile: {percentiles[0]} "
-        f"min_percentile: {percentiles[1]} {objects} "
-        + (f'record_file_path: "{record}" ' if record else "") + "} }\n"
-    )
-    return Net(parse_net(text))
 
 
 class ListRecorder:
@@ -230,7 +167,7 @@ class ListRecorder:
 @pytest.mark.parametrize("with_offset, percentiles", [
     (True, (0.999999, 0.999999)), (False, (0.999999, 0.999999)), (True, (0.95, 0.9))])
 def test_ifmr_layer_state_and_result(with_offset, percentiles):
-    net = _net_with_one_ifmr(4, with_offset, bottoms=2, percentiles=percentiles)
+    net = one_ifmr_net(4, with_offset, bottoms=2, percentiles=percentiles)
     layer = net.engine_layers[net.layer_index("cal")]
     assert isinstance(layer, IFMR) and layer.recorder is None  # no record_file_path
     assert layer.gathered == [] and layer.batches_gathered == 0  # the shape pass gathered nothing
@@ -246,10 +183,10 @@ def test_ifmr_layer_state_and_result(with_offset, percentiles):
             assert layer.batches_gathered == i + 1 and len(layer.gathered) == i + 1 and not layer.done
     assert layer.done and layer.gathered == [] and len(recorder.results) == 1
     result = recorder.results[0]
-    s, o, gap = ifmr_numpy(np.concatenate([x.ravel() for x in data[:4]]), *percentiles,
-                           with_offset=with_offset)
-    assert gap > 1e-9
-    assert (np.float32(result.scale_d), result.offset_d) == (s, o)
+    ref = quant.ifmr(np.concatenate([x.ravel() for x in data[:4]]), with_offset,
+                     max_percentile=percentiles[0], min_percentile=percentiles[1])
+    assert ref.gap > 1e-9
+    assert (np.float32(result.scale_d), result.offset_d) == (ref.s, ref.o)
     assert result.shapes == {"c0": (2, 3, 1), "c1": (2, 3, 1)} and result.batches == 4
     # a fifth batch changes nothing
     net.set_tensor("data", torch.from_numpy(data[4]))
@@ -260,26 +197,26 @@ def test_ifmr_layer_state_and_result(with_offset, percentiles):
 def test_ifmr_layer_writes_the_record_file(tmp_path):
     record = tmp_path / "r.txt"
     record.write_text('record { key: "c0" value { scale_w: 0.5 offset_w: 0 } }\n')
-    net = _net_with_one_ifmr(2, record=str(record))
+    net = one_ifmr_net(2, record=str(record))
     for value in (1.0, -2.0):
         net.set_tensor("data", torch.full((4, 2, 3), value))
         net.run()
     rec = read_record(record)["c0"]
     # the two batches together: 24 ones and 24 minus twos
-    s, o, _ = ifmr_numpy(np.array([1.0] * 24 + [-2.0] * 24, np.float32))
-    assert (np.float32(rec.scale_d), rec.offset_d) == (s, o)
+    ref = quant.ifmr(np.array([1.0] * 24 + [-2.0] * 24, np.float32))
+    assert (np.float32(rec.scale_d), rec.offset_d) == (ref.s, ref.o)
     assert list(rec.scale_w) == [0.5] and (rec.channels, rec.height, rec.width) == (2, 3, 1)
 
 
 def test_ifmr_layer_bad_parameters_and_data():
     with pytest.raises(ModelFormatError, match="batch_num"):
-        _net_with_one_ifmr(0)
+        one_ifmr_net(0)
     with pytest.raises(ModelFormatError, match="object_layer"):
         Net(parse_net('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 } } }\n'
                       'layer { name: "cal" type: "IFMR" bottom: "data" ifmr_param { batch_num: 1 '
                       "search_range_start: 0.7 search_range_end: 1.3 search_step: 0.01 max_percentile: 1 "
                       "min_percentile: 1 } }"))
-    net = _net_with_one_ifmr(1)
+    net = one_ifmr_net(1)
     net.engine_layers[1].recorder = ListRecorder()
     net.set_tensor("data", torch.full((4, 2, 3), float("nan")))
     with pytest.raises(AmctError, match="'cal'.*inf or NaN"):
@@ -287,18 +224,14 @@ def test_ifmr_layer_bad_parameters_and_data():
 
 
 # -- save_model ----------------------------------------------------------------------------------------------
-def _u64_to_f32(words: list[int]) -> np.ndarray:
-    return np.array([struct.unpack("<f", struct.pack("<I", w & 0xFFFFFFFF))[0] for w in words], np.float32)
-
-
 def test_saved_files(calibrated):
     flow, _, _, _ = calibrated
     out = flow.folder / "out"
     assert sorted(os.listdir(out)) == sorted([
         "m_fake_quant_model.prototxt", "m_fake_quant_weights.caffemodel", "m_deploy_model.prototxt",
         "m_deploy_weights.caffemodel", "m_quant.json"])
-    fake_net = load_net(out / "m_fake_quant_model.prototxt")
-    assert fake_net == load_net(out / "m_deploy_model.prototxt")
+    fake_net = read_net(out / "m_fake_quant_model.prototxt")
+    assert fake_net == read_net(out / "m_deploy_model.prototxt")
     names = [layer.name for layer in fake_net.layer]
     assert names == ["data", "conv1_quant_layer", "conv1", "conv1_dequant_layer", "relu1",
                      "pool1_quant_layer", "pool1", "pool1_dequant_layer", "conv2a_quant_layer", "conv2a",
@@ -318,29 +251,29 @@ def test_saved_files(calibrated):
 
     folded = caffemodel_blobs(flow.cal_weights)
     fake = caffemodel_blobs(out / "m_fake_quant_weights.caffemodel")
-    deploy = raw_blobs(out / "m_deploy_weights.caffemodel")
+    deploy = caffemodel_raw_blobs(out / "m_deploy_weights.caffemodel")
     for name in ("conv1", "conv2a", "conv2b", "ip1"):
         rec = record[name]
         s_w = np.array(rec.scale_w, np.float32)
         w = folded[name][0]
         shape = [-1] + [1] * (w.ndim - 1) if s_w.size > 1 else [1] * w.ndim
-        codes = np.clip(round_away(w / s_w.reshape(shape)), -128, 127)
+        codes = quant.arq_codes(w, s_w, channel_wise=s_w.size > 1)
         int8 = np.frombuffer(deploy[name][0].int8_data, np.int8).reshape(w.shape)
         np.testing.assert_array_equal(int8, codes.astype(np.int8))
         np.testing.assert_array_equal(fake[name][0], (int8.astype(np.float32) * s_w.reshape(shape)))
         deq = (np.float64(np.float32(rec.scale_d)) * s_w.astype(np.float64)).astype(np.float32)
         dq = deploy[f"{name}_dequant_layer"]
         assert len(dq) == 1
-        np.testing.assert_array_equal(_u64_to_f32(list(dq[0].uint64_data)), deq)
+        np.testing.assert_array_equal(low_words_as_float32(list(dq[0].uint64_data)), deq)
         assert all(word >> 32 == 0 for word in dq[0].uint64_data)
         np.testing.assert_array_equal(fake[f"{name}_dequant_layer"][0], deq)
         if len(folded[name]) > 1:
-            b_q = round_away(folded[name][1].astype(np.float64) / (np.float64(np.float32(rec.scale_d))
-                                                                   * s_w.astype(np.float64)))
+            b_q = quant.round_away(folded[name][1].astype(np.float64)
+                                   / (np.float64(np.float32(rec.scale_d)) * s_w.astype(np.float64)))
             np.testing.assert_array_equal(np.array(deploy[name][1].int32_data), b_q.astype(np.int64))
             np.testing.assert_array_equal(fake[name][1], (b_q * deq.astype(np.float64)).astype(np.float32))
     assert "conv1_quant_layer" not in fake and "pool1" not in fake
-    np.testing.assert_array_equal(_u64_to_f32(list(deploy["pool1_dequant_layer"][0].uint64_data)),
+    np.testing.assert_array_equal(low_words_as_float32(list(deploy["pool1_dequant_layer"][0].uint64_data)),
                                   [np.float32(record["pool1"].scale_d)])
 
 
@@ -352,7 +285,7 @@ def test_quant_info_json(calibrated):
     assert info["fusions"] == [{"layer": "conv1", "fused_layers": ["bn1", "scale1"]},
                                {"layer": "ip1", "fused_layers": ["bn_ip", "scale_ip"]}]
     by_layer = {entry["layer"]: entry for entry in info["quantized_layers"]}
-    assert list(by_layer) == QUANTIZED
+    assert list(by_layer) == PTQ_QUANTIZED
     assert by_layer["conv2b"] == {
         "layer": "conv2b", "type": "Convolution", "quant_layer": "conv2a_quant_layer",
         "quant_bottom": "pool1",
@@ -365,7 +298,7 @@ def test_quant_info_json(calibrated):
 def test_fake_quant_and_deploy_run_close_to_float(calibrated):
     flow, _, _, _ = calibrated
     out = flow.folder / "out"
-    x = batches(seed=9)[0]
+    x = calibration_batches(seed=9)[0]
     scores = {}
     models = (("float", flow.model, flow.weights),
               ("fake", out / "m_fake_quant_model.prototxt", out / "m_fake_quant_weights.caffemodel"),
@@ -378,28 +311,28 @@ def test_fake_quant_and_deploy_run_close_to_float(calibrated):
 
 
 def test_symmetric_activations(tmp_path):
-    flow = Flow(tmp_path, batch_num=1, activation_offset=False)
+    flow = PtqFlow(tmp_path, batch_num=1, activation_offset=False)
     graph = flow.quantize()
-    assert all(layer.ifmr_param.with_offset is False for layer in load_net(flow.cal_model).layer
+    assert all(layer.ifmr_param.with_offset is False for layer in read_net(flow.cal_model).layer
                if layer.type == "IFMR")
-    seen = flow.calibrate(batches()[:1])
+    seen = flow.calibrate(calibration_batches()[:1])
     record = read_record(flow.record)
-    s, o, _ = ifmr_numpy(seen["data"][0], with_offset=False)
-    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (s, 0)
+    ref = quant.ifmr(seen["data"][0], with_offset=False)
+    assert (np.float32(record["conv1"].scale_d), record["conv1"].offset_d) == (ref.s, 0)
     amct.save_model(graph, "Fakequant", str(tmp_path / "sym"))
-    quant = {layer.name: layer for layer in load_net(tmp_path / "sym_fake_quant_model.prototxt").layer}
-    assert quant["conv1_quant_layer"].quant_param.with_offset is False
-    assert quant["conv1_quant_layer"].quant_param.offset == b"\x00"
+    fake = {layer.name: layer for layer in read_net(tmp_path / "sym_fake_quant_model.prototxt").layer}
+    assert fake["conv1_quant_layer"].quant_param.with_offset is False
+    assert fake["conv1_quant_layer"].quant_param.offset == b"\x00"
     assert (tmp_path / "sym_quant.json").exists() and not (tmp_path / "sym_deploy_model.prototxt").exists()
 
 
 def test_fusion_switches_and_skip_fusion_in_the_record(tmp_path):
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     config = json.loads(Path(flow.config).read_text())
     config["skip_fusion_layers"] = ["ip1"]
     Path(flow.config).write_text(json.dumps(config))
     flow.quantize()
-    names = [layer.name for layer in load_net(flow.cal_model).layer]
+    names = [layer.name for layer in read_net(flow.cal_model).layer]
     assert "bn1" not in names and {"bn_ip", "scale_ip"} <= set(names)
     record = read_record(flow.record)
     assert record["ip1"].skip_fusion and not record["conv1"].skip_fusion
@@ -407,24 +340,24 @@ def test_fusion_switches_and_skip_fusion_in_the_record(tmp_path):
     config["skip_fusion_layers"] = []
     Path(flow.config).write_text(json.dumps(config))
     flow.quantize()
-    names = [layer.name for layer in load_net(flow.cal_model).layer]
+    names = [layer.name for layer in read_net(flow.cal_model).layer]
     assert {"bn1", "scale1", "bn_ip", "scale_ip"} <= set(names)
     record = read_record(flow.record)
     assert record["ip1"].skip_fusion and record["conv1"].skip_fusion and not record["conv2a"].skip_fusion
 
 
 def test_partial_config_keeps_other_layers_float(tmp_path):
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     config = json.loads(Path(flow.config).read_text())
     for name in ("pool1", "conv2b", "ip1"):
         config[name]["quant_enable"] = False
     Path(flow.config).write_text(json.dumps(config))
     graph = flow.quantize()
-    flow.calibrate(batches()[:1])
+    flow.calibrate(calibration_batches()[:1])
     amct.save_model(graph, "Deploy", str(tmp_path / "p"))
-    names = [layer.name for layer in load_net(tmp_path / "p_deploy_model.prototxt").layer]
+    names = [layer.name for layer in read_net(tmp_path / "p_deploy_model.prototxt").layer]
     assert [n for n in names if n.endswith("_quant_layer")] == ["conv1_quant_layer", "conv2a_quant_layer"]
-    deploy = raw_blobs(tmp_path / "p_deploy_weights.caffemodel")
+    deploy = caffemodel_raw_blobs(tmp_path / "p_deploy_weights.caffemodel")
     assert deploy["conv2b"][0].int8_data == b"" and len(deploy["conv2b"][0].data) > 0
     assert set(read_record(flow.record)) == {"conv1", "conv2a"}
 
@@ -435,7 +368,7 @@ def _listing(folder: Path) -> dict[str, bytes]:
 
 
 def test_save_before_calibration_is_a_record_error(tmp_path):
-    flow = Flow(tmp_path, batch_num=2)
+    flow = PtqFlow(tmp_path, batch_num=2)
     graph = flow.init()
     before = _listing(tmp_path)
     with pytest.raises(RecordError, match="quantize_model"):
@@ -447,7 +380,7 @@ def test_save_before_calibration_is_a_record_error(tmp_path):
     message = str(info.value)
     for words in ("calibration has not run", "calibration.prototxt", "2 time(s)"):
         assert words in message
-    flow.calibrate(batches()[:1])  # one batch of two: still no factors
+    flow.calibrate(calibration_batches()[:1])  # one batch of two: still no factors
     with pytest.raises(RecordError, match="calibration has not run"):
         amct.save_model(graph, "Both", str(tmp_path / "out" / "m"))
     assert _listing(tmp_path) == before
@@ -455,9 +388,9 @@ def test_save_before_calibration_is_a_record_error(tmp_path):
 
 
 def test_graph_reused_after_its_files_changed(tmp_path):
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     graph = flow.quantize()
-    flow.calibrate(batches()[:1])
+    flow.calibrate(calibration_batches()[:1])
     for path in (flow.config, flow.model, flow.weights):
         original = Path(path).read_bytes()
         Path(path).write_bytes(original + b"\n")
@@ -476,15 +409,15 @@ def test_graph_reused_after_its_files_changed(tmp_path):
 
 
 def test_init_errors_write_no_record(tmp_path):
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     other = tmp_path / "other"
     other.mkdir()
-    other_model, other_weights = write_net(other, NET.replace('"conv2b"', '"conv2c"'), "other")
+    other_model, other_weights = write_random_net(other, PTQ_NET.replace('"conv2b"', '"conv2c"'), "other")
     record = tmp_path / "new_record.txt"
     with pytest.raises(ConfigError, match="conv2b"):  # the config of another model
         amct.init(flow.config, other_model, other_weights, str(record))
     bad_weights = tmp_path / "bad.caffemodel"
-    net = Net(parse_net(NET.replace("num_output: 5", "num_output: 6")))
+    net = Net(parse_net(PTQ_NET.replace("num_output: 5", "num_output: 6")))
     net.save(bad_weights)
     with pytest.raises(ModelFormatError, match="do not fit"):
         amct.init(flow.config, flow.model, str(bad_weights), str(record))
@@ -496,9 +429,9 @@ def test_init_errors_write_no_record(tmp_path):
 
 
 def test_quantize_and_save_argument_errors(tmp_path):
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     graph = flow.quantize()
-    flow.calibrate(batches()[:1])
+    flow.calibrate(calibration_batches()[:1])
     before = _listing(tmp_path)
     cases = [
         (lambda: amct.quantize_model(graph, flow.model, flow.cal_weights), ConfigError, "model_file"),
@@ -525,9 +458,9 @@ def test_not_implemented_apis_and_package_names():
 
 
 def test_record_changed_after_quantize_is_refused(tmp_path):
-    flow = Flow(tmp_path, batch_num=1)
+    flow = PtqFlow(tmp_path, batch_num=1)
     graph = flow.quantize()
-    flow.calibrate(batches()[:1])
+    flow.calibrate(calibration_batches()[:1])
     lines = Path(flow.record).read_text().splitlines(keepends=True)
     first = next(i for i, line in enumerate(lines) if line.strip().startswith("scale_w:"))  # conv1's
     Path(flow.record).write_text("".join(lines[:first] + lines[first + 1:]))

@@ -27,8 +27,10 @@ from amct_caffe.caffe.rewrite import PYCAFFE_CALIBRATION_MODULE, rewrite_fake_qu
 from amct_caffe.proto import amct_pb2
 from amct_caffe.quant.ifmr import ifmr_gathered
 from amct_caffe.quant.record import LayerRecord, read_records, record_text
-from tests import ptq_util
-from tests.ptq_util import load_net, read_record
+from tests.helpers import read_net, read_record
+from tests.ptq_helpers import PtqFlow, calibration_batches
+from tests.references import quant
+from tests.references.nets import one_ifmr_net
 from tests.references.real_caffe import REPO
 
 SRC = REPO / "src"
@@ -52,8 +54,9 @@ def test_numpy_ifmr_is_the_torch_ifmrs_twin(with_offset, percentiles, search):
         s_n, o_n = ifmr_numpy(chunks, *args)
         assert (np.float32(s_n), o_n) == (np.float32(s_t.item()), int(o_t.item()))
     # and both are IFMR over the concatenation (the tests' own numpy reference)
-    s_ref, o_ref, _ = ptq_util.ifmr_numpy(np.concatenate(chunks), *percentiles, *search, with_offset)
-    assert (np.float32(s_n), o_n) == (s_ref, o_ref)
+    ref = quant.ifmr(np.concatenate(chunks), with_offset, max_percentile=percentiles[0],
+                     min_percentile=percentiles[1], start=search[0], end=search[1], step=search[2])
+    assert (np.float32(s_n), o_n) == (ref.s, ref.o)
 
 
 def test_record_text_update_keeps_other_fields(tmp_path):
@@ -80,10 +83,8 @@ def test_record_text_update_keeps_other_fields(tmp_path):
 
 def test_standalone_layer_writes_what_the_engine_layer_writes(tmp_path):
     """One calibration, two implementations: the engine's IFMR layer and the pycaffe one, same data."""
-    from tests.test_ptq_flow import _net_with_one_ifmr
-
     record_engine, record_py = tmp_path / "engine.txt", tmp_path / "py.txt"
-    net = _net_with_one_ifmr(3, bottoms=2, record=str(record_engine))
+    net = one_ifmr_net(3, bottoms=2, record=str(record_engine))
     params = {"batch_num": 3, "with_offset": True, "search_range_start": 0.7, "search_range_end": 1.3,
               "search_step": 0.01, "max_percentile": 0.999999, "min_percentile": 0.999999,
               "object_layer": ["c0", "c1"], "record_file_path": str(record_py), "distinct": [0]}
@@ -108,10 +109,8 @@ def test_standalone_layer_writes_what_the_engine_layer_writes(tmp_path):
         standalone_ifmr(json.dumps(params)).setup(blobs, [StandaloneBlob(1)])
 
 
-def _calibration_model(tmp_path: Path):
-    from tests.test_ptq_flow import Flow
-
-    flow = Flow(tmp_path, batch_num=3)
+def _calibration_model(tmp_path: Path) -> PtqFlow:
+    flow = PtqFlow(tmp_path, batch_num=3)
     flow.quantize()
     return flow
 
@@ -121,7 +120,7 @@ def test_rewrite_the_calibration_model(tmp_path):
     out = tmp_path / "calibration_pycaffe.prototxt"
     counts = rewrite_fake_quant_for_pycaffe(flow.cal_model, out)
     assert counts == {"Quant": 0, "DeQuant": 0, "AntiQuant": 0, "IFMR": 4}
-    layers = {layer.name: layer for layer in load_net(out).layer}
+    layers = {layer.name: layer for layer in read_net(out).layer}
     shared = layers["conv2a_ifmr_layer"]
     assert shared.type == "Python" and not shared.HasField("ifmr_param")
     assert shared.python_param.module == PYCAFFE_CALIBRATION_MODULE and shared.python_param.layer == "IFMR"
@@ -157,18 +156,16 @@ def test_rewritten_calibration_model_in_reference_caffe(tmp_path, reference_caff
     IFMR over the values that Caffe's net fed the layer in all 3 batches (numpy reference), and equals the
     engine's record where the values are the same (the net input; downstream the two Caffes' convolutions
     round differently in the last bit)."""
-    from tests.test_ptq_flow import batches
-
     flow = _calibration_model(tmp_path)
     weights_only = read_record(flow.record)
-    flow.calibrate(batches())
+    flow.calibrate(calibration_batches())
     engine_record = read_record(flow.record)
     # back to the record quantize_model wrote, then calibrate in the reference Caffe
     Path(flow.record).write_text(text_format.MessageToString(amct_pb2.ScaleOffsetRecord(
         record=[amct_pb2.ScaleOffsetRecord.MapFiledEntry(key=k, value=v) for k, v in weights_only.items()])))
     rewritten = tmp_path / "calibration_pycaffe.prototxt"
     rewrite_fake_quant_for_pycaffe(flow.cal_model, rewritten)
-    np.save(tmp_path / "batches.npy", np.stack(batches()))
+    np.save(tmp_path / "batches.npy", np.stack(calibration_batches()))
     script = tmp_path / "run_batches.py"
     script.write_text(RUN_BATCHES)
     env = dict(os.environ, PYTHONPATH=str(SRC))
@@ -182,9 +179,9 @@ def test_rewritten_calibration_model_in_reference_caffe(tmp_path, reference_caff
     inputs = {"conv1": "data", "pool1": "conv1", "conv2a": "pool1", "conv2b": "pool1", "ip1": "sum"}
     for name, rec in engine_record.items():
         ref = reference_record[name]
-        s, o, gap = ptq_util.ifmr_numpy(seen[inputs[name]].ravel())
-        assert gap > 1e-9
-        assert (np.float32(ref.scale_d), ref.offset_d) == (s, o), name
+        expected = quant.ifmr(seen[inputs[name]].ravel())
+        assert expected.gap > 1e-9
+        assert (np.float32(ref.scale_d), ref.offset_d) == (expected.s, expected.o), name
         np.testing.assert_allclose(ref.scale_d, rec.scale_d, rtol=1e-5, err_msg=name)
         assert ref.offset_d == rec.offset_d, name
         assert (ref.channels, ref.height, ref.width) == (rec.channels, rec.height, rec.width), name

@@ -10,7 +10,8 @@ value never comes from the code under test. The modules:
   BatchNorm folding, in float64 (or int64 for the deploy model's integer arithmetic);
 * ``metrics``: the agreement metrics of the per-layer report (cosine, SNR);
 * ``records``: AMCT's documented example of a scale/offset record file;
-* ``nets``: small test nets built in code (with the proto classes and the engine's shape inference: they
-  are inputs, not expected values) and the numpy forward of the digits demo net;
+* ``nets``: small test nets built in code (with the proto classes and the engine's shape inference, random
+  filler and saving: they are inputs, not expected values), among them the post-training quantization
+  tests' net, and the numpy forward of the digits demo net;
 * ``real_caffe``: the real Caffe, run in a subprocess where it is installed.
 """

@@ -1,15 +1,19 @@
 """Small test nets built in code, and the numpy forward of the digits demo net.
 
-The net builders make test inputs (prototxts); they use the proto classes and, for the output shapes of a
-synthetic training net, the engine's shape inference. Expected values come from :func:`digits_scores`,
-which is written with :mod:`tests.references.layers` only.
+The net builders make test inputs (prototxts, caffemodels of random weights, an engine net with one IFMR
+layer); they use the proto classes and the engine (shape inference, the random filler, saving). Expected
+values come from :func:`digits_scores`, which is written with :mod:`tests.references.layers` only.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from google.protobuf import text_format
 
 from amct_caffe.engine.net import Net
+from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.proto import caffe_pb2
 from tests.references import layers
 
@@ -25,6 +29,63 @@ REAL_NETS: dict[str, tuple[str, str | None, int, tuple[int, int] | None]] = {
     # random weights; 112x112 (its pool6 is global) keeps IFMR over 54 inputs to about a second
     "mobilenet_v2": ("mobilenet_v2/mobilenet_v2_deploy.prototxt", None, 1, (112, 112)),
 }
+
+
+#: The post-training quantization tests' net: conv1 (+ BatchNorm + Scale in place, ReLU) -> AVE pool1 ->
+#: conv2a / conv2b (one input, two readers) -> Eltwise -> ip1 (+ BatchNorm + Scale, not in place) -> Softmax.
+#: Quantizable: conv1, pool1, conv2a, conv2b, ip1 (:data:`PTQ_QUANTIZED`); the IFMR groups: data -> conv1,
+#: conv1 -> pool1, pool1 -> conv2a + conv2b, sum -> ip1.
+PTQ_NET = """
+name: "ptqnet"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "conv2a" type: "Convolution" bottom: "pool1" top: "conv2a"
+        convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "conv2b" type: "Convolution" bottom: "pool1" top: "conv2b"
+        convolution_param { num_output: 3 kernel_size: 1 bias_term: false } }
+layer { name: "sum" type: "Eltwise" bottom: "conv2a" bottom: "conv2b" top: "sum" }
+layer { name: "ip1" type: "InnerProduct" bottom: "sum" top: "ip1" inner_product_param { num_output: 5 } }
+layer { name: "bn_ip" type: "BatchNorm" bottom: "ip1" top: "bn_ip" }
+layer { name: "scale_ip" type: "Scale" bottom: "bn_ip" top: "scale_ip" scale_param { bias_term: true } }
+layer { name: "prob" type: "Softmax" bottom: "scale_ip" top: "prob" }
+"""
+PTQ_QUANTIZED = ["conv1", "pool1", "conv2a", "conv2b", "ip1"]
+
+
+def write_random_net(folder: Path, text: str = PTQ_NET, name: str = "model",
+                     seed: int = 0) -> tuple[str, str]:
+    """``folder/name.prototxt`` holding ``text`` and ``folder/name.caffemodel`` with random (plausible)
+    weights for it, drawn with ``seed``; returns their paths."""
+    proto = folder / f"{name}.prototxt"
+    proto.write_text(text)
+    net = Net(str(proto))
+    randomize_params(net, seed)
+    caffemodel = folder / f"{name}.caffemodel"
+    net.save(caffemodel)
+    return str(proto), str(caffemodel)
+
+
+def one_ifmr_net(batch_num: int, with_offset: bool = True, bottoms: int = 1, record: str = "",
+                 percentiles: tuple[float, float] = (0.999999, 0.999999)) -> Net:
+    """An engine net of a (4, 2, 3) Input ``data`` read by one IFMR layer ``cal`` (AMCT's default search
+    range) listing ``data`` ``bottoms`` times, for the object layers ``c0``, ``c1``...; ``record`` is its
+    record file (none if empty)."""
+    objects = " ".join(f'object_layer: "c{i}"' for i in range(bottoms))
+    text = (
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 2 dim: 3 } } }\n'
+        'layer { name: "cal" type: "IFMR" ' + 'bottom: "data" ' * bottoms
+        + f"ifmr_param {{ batch_num: {batch_num} with_offset: {str(with_offset).lower()} "
+        f"search_range_start: 0.7 search_range_end: 1.3 search_step: 0.01 max_percentile: {percentiles[0]} "
+        f"min_percentile: {percentiles[1]} {objects} "
+        + (f'record_file_path: "{record}" ' if record else "") + "} }\n"
+    )
+    return Net(text_format.Merge(text, caffe_pb2.NetParameter()))
 
 
 def quantizable(layer: caffe_pb2.LayerParameter) -> bool:

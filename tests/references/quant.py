@@ -251,23 +251,48 @@ class IfmrResult(NamedTuple):
     best: int
     losses: np.ndarray
 
+    @property
+    def gap(self) -> float:
+        """The relative distance between the best and the second-best loss (inf for one candidate): a clear
+        winner, which a different float64 summation order cannot flip, has a gap well above 1e-9."""
+        if len(self.losses) < 2:
+            return math.inf
+        ordered = np.sort(self.losses)
+        return float((ordered[1] - ordered[0]) / max(ordered[0], 1e-30))
 
-def ifmr(x: np.ndarray, with_offset: bool = True) -> IfmrResult:
-    """IFMR with AMCT's default parameters, every candidate tried in float32.
 
-    Fewer than 10**6 values, so the 0.999999 percentiles are the extremes: ``max >= 0`` and ``min <= 0``
-    after clamping. For ``i = 0..60`` the candidate clip is ``c = float32(0.7 + 0.01 i) * m`` (``m = max``
-    with offset, else ``max(|max|, |min|)``), the scale ``(c - min) / 255`` (without offset ``c / 127``,
-    clamping to ``[-c, c]``), below FLT_EPSILON 1; the loss is the sum of the squared float32 errors of
+def percentile_rank(n: int, p: float) -> int:
+    """The 1-based rank, counted from the top (or the bottom), of the ``p`` percentile of ``n`` sorted
+    values: ``n - floor(p n)`` within ``[1, n]``; a ``p`` within FLT_EPSILON of 1 is the extreme itself."""
+    if 1.0 - p < 2.0**-23:
+        return 1
+    return min(max(n - math.floor(p * n), 1), n)
+
+
+def ifmr(x: np.ndarray, with_offset: bool = True, *, max_percentile: float = 0.999999,
+         min_percentile: float = 0.999999, start: float = 0.7, end: float = 1.3,
+         step: float = 0.01) -> IfmrResult:
+    """IFMR over all of ``x``, every candidate tried in float32 (AMCT's defaults unless given).
+
+    ``max`` is the value of :func:`percentile_rank` ``(n, max_percentile)`` from the top of the sorted data,
+    ``min`` the one of ``min_percentile`` from the bottom, clamped to ``max >= 0`` and ``min <= 0``
+    (fewer than 10**6 values with the default 0.999999: the extremes). For ``i = 0..floor((end - start) /
+    step)`` the candidate clip is ``c = float32(start + i step) * m`` (``m = max`` with offset, else
+    ``max(|max|, |min|)``), the scale ``(c - min) / 255`` (without offset ``c / 127``, clamping to
+    ``[-c, c]``), below FLT_EPSILON 1; the loss is the sum of the squared float32 errors of
     ``round_away(clamp(x) / s) * s``, summed in float64. The minimum wins (the first on equal losses);
     ``o = -round_away(min / s) - 128`` (0 without offset).
     """
     x = np.asarray(x, np.float32).reshape(-1)
-    vmax, vmin = max(x.max(), np.float32(0)), min(x.min(), np.float32(0))
+    n = x.size
+    ordered = np.sort(x)
+    vmax = max(ordered[n - percentile_rank(n, max_percentile)], np.float32(0))
+    vmin = min(ordered[percentile_rank(n, min_percentile) - 1], np.float32(0))
     m = vmax if with_offset else max(abs(vmax), abs(vmin))
+    count = math.floor((end - start) / step + 1e-9) + 1
     losses, scales = [], []
-    for i in range(61):
-        c = np.float32(0.7 + i * 0.01) * m
+    for i in range(count):
+        c = np.float32(start + i * step) * m
         low = vmin if with_offset else -c
         s = (c - vmin) / np.float32(255) if with_offset else c / np.float32(127)
         if s < FLT_EPSILON:
