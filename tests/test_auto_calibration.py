@@ -219,8 +219,10 @@ def test_plain_ptq_meeting_the_goal_stops_at_once(tmp_path):
     amct.create_quant_config(config, model, weights, None, CALIBRATION_BATCHES)
     evaluator = Evaluator(batches, labels, target_loss=100.0)
     prefix = tmp_path / "out" / "m"
-    amct.accuracy_based_auto_calibration(model, weights, evaluator, config, str(tmp_path / "r.txt"),
-                                         str(prefix))
+    import amct_caffe  # AMCT's spelling: ``import amct_caffe as amct``
+
+    amct_caffe.accuracy_based_auto_calibration(model, weights, evaluator, config, str(tmp_path / "r.txt"),
+                                               str(prefix))
     history = json.loads(Path(str(prefix) + "_fallback_history.json").read_text())
     assert [p["fallback_count"] for p in history["probes"]] == [0] and history["result"]["satisfied"]
     assert json.loads(Path(str(prefix) + "_sensitivity.json").read_text())["computed"] is False
@@ -323,3 +325,22 @@ def test_errors_write_nothing(setup, case, error, words):
                                              sensitivity)
     assert words in str(info.value) and isinstance(info.value, AmctError)
     assert sorted(p.name for p in tmp_path.iterdir()) == before and Path(model).read_bytes() == model_bytes
+
+
+def test_observe_inputs_sees_whole_forwards_only_inside_the_block(tmp_path):
+    from amct_caffe.engine.net import observe_inputs
+
+    model, weights = write_model(tmp_path)
+    net = caffe.Net(model, weights, caffe.TEST)
+    x = np.random.default_rng(2).standard_normal((BATCH, 3, 8, 8)).astype(np.float32)
+    seen: list[tuple[object, np.ndarray]] = []
+
+    def observer(observed, inputs):
+        seen.append((observed, inputs["data"].numpy().copy()))
+
+    with observe_inputs(observer):
+        net.forward(data=x)
+        net.forward(start="conv2")  # not a whole forward
+    net.forward(data=x)
+    assert len(seen) == 1 and seen[0][0] is net
+    np.testing.assert_array_equal(seen[0][1], x)

@@ -136,6 +136,15 @@ class InputCapture:
             self.batches.append({name: value.detach().to("cpu", copy=True) for name, value in inputs.items()})
 
 
+def calibrate_seeing_inputs(evaluator: AutoCalibrationEvaluatorBase, model_file: str,
+                            weights_file: str) -> list[Batch]:
+    """The evaluator's calibration of ``model_file``, returning the inputs it fed to that model."""
+    capture = InputCapture(model_file)
+    with observe_inputs(capture):
+        evaluator.calibration(model_file, weights_file)
+    return capture.batches
+
+
 # -- one probe: PTQ with some layers float, then the evaluation ----------------------------------------------
 @dataclass(frozen=True)
 class Probe:
@@ -149,11 +158,13 @@ class Probe:
 
 @dataclass
 class ProbeRun:
-    """A probe and what it built: the graph (to save from) and the config text it used."""
+    """A probe and what it built: the graph (to save from), the config text it used, and the calibration
+    inputs the evaluator fed (kept only when asked for)."""
 
     probe: Probe
     graph: ptq.CalibrationGraph
     config_text: str
+    inputs: list[Batch]
 
 
 class Prober:
@@ -177,8 +188,9 @@ class Prober:
         self.work = work
         self.history: list[Probe] = []
 
-    def run(self, fallback: Sequence[str], capture: InputCapture | None = None) -> ProbeRun:
-        """PTQ with ``fallback`` kept float, the evaluator's calibration, the fake-quant model evaluated."""
+    def run(self, fallback: Sequence[str], keep_inputs: bool = False) -> ProbeRun:
+        """PTQ with ``fallback`` kept float, the evaluator's calibration (its inputs kept if
+        ``keep_inputs``), the fake-quant model evaluated."""
         folder = os.path.join(self.work, f"probe_{len(self.history)}")
         os.makedirs(folder)
         config = replace(self.config, layers={
@@ -192,12 +204,11 @@ class Prober:
         calibration_files = (os.path.join(folder, "calibration_model.prototxt"),
                              os.path.join(folder, "calibration_weights.caffemodel"))
         ptq.quantize_model(graph, *calibration_files)
-        if capture is None:
-            self.evaluator.calibration(*calibration_files)
+        inputs: list[Batch] = []
+        if keep_inputs:
+            inputs = calibrate_seeing_inputs(self.evaluator, *calibration_files)
         else:
-            capture.model_file = os.path.abspath(calibration_files[0])
-            with observe_inputs(capture):
-                self.evaluator.calibration(*calibration_files)
+            self.evaluator.calibration(*calibration_files)
         prefix = os.path.join(folder, "model")
         ptq.save_model(graph, "Fakequant", prefix)
         fake_model, fake_weights, _, _ = model_paths(prefix, "Fakequant", API)
@@ -209,7 +220,7 @@ class Prober:
         LOGGER.info("Probe %d: %d layer(s) kept float %s: metric %r, loss %g, %s.", len(self.history) - 1,
                     len(fallback), list(fallback), metric, loss,
                     "satisfied" if satisfied else "not satisfied")
-        return ProbeRun(probe, graph, config_text)
+        return ProbeRun(probe, graph, config_text, inputs)
 
 
 # -- sensitivity ---------------------------------------------------------------------------------------------
@@ -413,15 +424,14 @@ def accuracy_based_auto_calibration(
         LOGGER.info("Evaluating the float model '%s'.", model_file)
         original = evaluator.evaluate(model_file, weights_file)
         prober = Prober(model_file, weights_file, config, evaluator, original, work)
-        capture = InputCapture(model_file)
-        plain = prober.run((), capture)
+        plain = prober.run((), keep_inputs=True)
         ranking: list[LayerSensitivity] | None = None
         chosen = plain
         if not plain.probe.satisfied:
             LOGGER.info("Plain PTQ misses the goal (loss %g); ranking %d layer(s) by %s.", plain.probe.loss,
                         len(candidates), measure.name)
-            ranking = cosine_sensitivity(plain.graph, capture.batches)
-            capture.batches.clear()
+            ranking = cosine_sensitivity(plain.graph, plain.inputs)
+            plain.inputs.clear()
             chosen = _search([s.name for s in ranking], prober, plain, search)
         probe = chosen.probe
         extra = {
