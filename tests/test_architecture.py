@@ -6,8 +6,8 @@ Every import counts: module level, inside functions, under ``if TYPE_CHECKING:``
 * no import cycle between modules;
 * the direction of the packages: the top (``amct``, ``cli``, ``caffe``, ``demo``) -> ``workflows`` ->
   ``passes``, ``engine``, ``emulation``, ``analysis`` -> ``quant`` -> ``model`` -> ``proto``, with
-  ``errors``/``log`` usable everywhere; ``emulation`` and ``analysis`` may use the engine, the engine uses
-  none of them;
+  ``errors``/``log`` usable everywhere and ``common`` (classes users subclass) by the workflows and above;
+  ``emulation`` and ``analysis`` may use the engine, the engine uses none of them;
 * ``caffe/python_layers.py`` imports nothing of ours (it runs inside a stock pycaffe, without torch);
 * the engine's layer package imports every layer family, so the registry it exports is complete;
 * in ``tests/``, no module imports a test module (``tests/test_*.py``): what tests share lives in
@@ -33,9 +33,10 @@ GENERATED_SUFFIX = "_pb2"
 #: package -> the packages of ours it may import besides itself. "" is the top-level ``amct_caffe``
 #: package (``__init__.py``); a plain module (``amct.py``, ``cli.py``...) is its own package.
 BASE = {"errors", "log"}
-BELOW_WORKFLOWS = {"passes", "engine", "emulation", "analysis", "quant", "model", "proto"} | BASE
+BELOW_WORKFLOWS = {"common", "passes", "engine", "emulation", "analysis", "quant", "model", "proto"} | BASE
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "common": BASE,
     "log": {"errors"},
     "proto": set(),
     "model": {"proto"} | BASE,

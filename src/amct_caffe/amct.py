@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from amct_caffe.errors import ConfigError, NotImplementedFeatureError
+from amct_caffe.workflows import auto_calibration as _auto_calibration
 from amct_caffe.workflows import convert as _convert
 from amct_caffe.workflows import ptq as _ptq
 from amct_caffe.workflows import qat as _qat
@@ -18,6 +19,7 @@ from amct_caffe.workflows.ptq import CalibrationGraph
 
 __all__ = [
     "CalibrationGraph",
+    "accuracy_based_auto_calibration",
     "auto_decomposition",
     "auto_nuq",
     "convert_model",
@@ -450,6 +452,67 @@ def convert_model(model_file: str, weights_file: str, scale_offset_record_file: 
                         ("scale_offset_record_file", scale_offset_record_file), ("save_path", save_path)):
         _check_path(api, name, value)
     _convert.convert_model(model_file, weights_file, scale_offset_record_file, save_path)
+
+
+def accuracy_based_auto_calibration(
+    model_file: str,
+    weights_file: str,
+    model_evaluator: Any,
+    config_file: str,
+    record_file: str,
+    save_dir: str,
+    strategy: Any = "BinarySearch",
+    sensitivity: Any = "CosineSimilarity",
+) -> None:
+    """Post-training quantization that keeps the most sensitive layers float until the accuracy goal holds.
+
+    The float model is evaluated; then plain PTQ runs with ``config_file`` (``init``, ``quantize_model``,
+    the evaluator's ``calibration`` on the calibration model, a fake-quant model) and its fake-quant model is
+    evaluated. If ``metric_eval`` is not satisfied, every quantized layer's sensitivity is measured (cosine
+    similarity of the net outputs of the float model and of the model with only that layer quantized, over
+    the calibration inputs the evaluator fed) and a binary search finds the fewest most-sensitive layers to
+    keep float (``quant_enable: false``) for ``metric_eval`` to be satisfied, each probe a full calibration
+    and evaluation. When no probe satisfies it, a WARNING says so and the probe with the smallest loss is
+    saved.
+
+    Args:
+        model_file: the float model (.prototxt), inference-ready.
+        weights_file: its float weights (.caffemodel).
+        model_evaluator: an instance of a subclass of
+            ``amct_caffe.common.auto_calibration.AutoCalibrationEvaluatorBase`` with
+            ``calibration(model_file, weights_file)`` (run ``batch_num`` forward batches of the given model,
+            in ``amct_caffe.caffe``), ``evaluate(model_file, weights_file)`` (the metric) and
+            ``metric_eval(original_metric, new_metric)`` (``(satisfied, loss)``, smaller loss is better).
+        config_file: the PTQ config from ``create_quant_config``; it is read, not changed. Layers it leaves
+            float stay float.
+        record_file: the record to write (overwritten) with the factors of the saved models.
+        save_dir: folder plus file-name prefix of the outputs, e.g. ``./result/model``.
+        strategy: ``'BinarySearch'`` or a ``BinarySearchStrategy()``.
+        sensitivity: ``'CosineSimilarity'`` or a ``CosineSimilaritySensitivity()``.
+
+    Returns:
+        None. Outputs, written all-or-nothing at the end: the fake-quant and deploy models and
+        ``<save_dir>_quant.json`` (as ``save_model`` 'Both'), ``record_file``,
+        ``<save_dir>_quant_config.json`` (the config of the saved models), ``<save_dir>_sensitivity.json``
+        (the layers ranked most sensitive first) and ``<save_dir>_fallback_history.json`` (every probe: the
+        layers kept float, the metric, the loss, whether it was satisfied; and the probe saved).
+
+    Raises:
+        EvaluatorError: ``model_evaluator`` is not an instance of a subclass of the base class, does not
+            override a method, or ``metric_eval`` does not return ``(bool, number)``.
+        ConfigError: a bad argument (an unknown strategy or sensitivity, a ``save_dir`` without a file-name
+            prefix or below a file, outputs that are inputs); the config does not fit the model; anything
+            the PTQ flow refuses.
+        ModelFormatError, RecordError: a model file is malformed; the evaluator's calibration did not run
+            the calibration model ``batch_num`` times.
+        On any error no output is written and existing files are left untouched.
+    """
+    api = "accuracy_based_auto_calibration"
+    for name, value in (("model_file", model_file), ("weights_file", weights_file),
+                        ("config_file", config_file), ("record_file", record_file), ("save_dir", save_dir)):
+        _check_path(api, name, value)
+    _auto_calibration.accuracy_based_auto_calibration(
+        model_file, weights_file, model_evaluator, config_file, record_file, save_dir, strategy, sensitivity)
 
 
 def auto_nuq(*args: Any, **kwargs: Any) -> None:

@@ -35,6 +35,12 @@ class CalibrationDataError(ConfigError):
     """Calibration input files that do not fit the model (missing, too few, or of the wrong size)."""
 
 
+class EvaluatorError(AmctError):
+    """An evaluator given to ``accuracy_based_auto_calibration`` that breaks AMCT's contract (not a subclass
+    of ``AutoCalibrationEvaluatorBase``, a method not overridden, ``metric_eval`` not returning
+    ``(bool, number)``)."""
+
+
 class GraphStateError(AmctError):
     """A graph returned by ``init`` is used after the files it was built from changed."""
 

@@ -13,8 +13,9 @@ nothing else; a caffemodel's integer blobs load only into layers that accept the
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +42,23 @@ _STORAGE_KIND = {np.dtype(np.int8): "int8", np.dtype(np.int32): "int32", np.dtyp
 INTEGER_STORAGE_KINDS = frozenset({"int8", "int32", "uint64"})
 
 Tensor = torch.Tensor
+
+#: Who is told the inputs of every whole forward (``run`` from layer 0) of any net: see ``observe_inputs``.
+_INPUT_OBSERVERS: list[Callable[[Net, dict[str, Tensor]], None]] = []
+
+
+@contextlib.contextmanager
+def observe_inputs(observer: Callable[[Net, dict[str, Tensor]], None]) -> Iterator[None]:
+    """Within the block, call ``observer(net, {input blob: value})`` before every whole forward of any net.
+
+    This is how a flow sees the data a user's own code feeds (e.g. an evaluator's calibration batches) without
+    owning the net; the values are the net's live tensors, so an observer that keeps them copies them.
+    """
+    _INPUT_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _INPUT_OBSERVERS.remove(observer)
 
 
 def layer_name(layer: caffe_pb2.LayerParameter, index: int) -> str:
@@ -248,6 +266,8 @@ class Net:
         """Run layers ``start`` .. ``end`` (inclusive) on the current blob values (Caffe's ForwardFromTo)."""
         end = len(self.engine_layers) - 1 if end is None else end
         data = self._data
+        if start == 0 and _INPUT_OBSERVERS:
+            self._tell_observers()
         if self.phase == TEST and self.optimize:
             with torch.no_grad(), full_float32(self.device):
                 self.inference_plan().run(data, start, end)
@@ -260,6 +280,11 @@ class Net:
                 outs = layer.forward([data[b] for b in self.layer_bottoms[i]])
                 for name, value in zip(self.layer_tops[i], outs):
                     data[name] = value
+
+    def _tell_observers(self) -> None:
+        inputs = {name: self._data[name] for name in self.inputs if name in self._data}
+        for observer in list(_INPUT_OBSERVERS):
+            observer(self, inputs)
 
     def loss(self) -> Tensor:
         """The weighted sum of the loss tops from the last run (Caffe's net loss)."""

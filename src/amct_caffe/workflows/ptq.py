@@ -515,6 +515,25 @@ def _calibrated_records(graph: CalibrationGraph, calibration: CalibrationModel) 
     return records
 
 
+def calibrated_factors(
+    graph: CalibrationGraph, calibration: CalibrationModel
+) -> dict[str, tuple[str, float, int, np.ndarray, bool]]:
+    """Each quantized layer's ``(type, scale_d, offset_d, scale_w, channel_wise)`` from the calibrated record,
+    in the form :func:`plan_quant_groups` takes.
+
+    Raises:
+        RecordError: the record lacks the calibration's factors or does not fit the layers.
+    """
+    records = _calibrated_records(graph, calibration)
+    factors = {}
+    for name, info in calibration.layers.items():
+        rec = records[name]
+        scale_w = np.asarray(rec.scale_w, np.float32) if info.has_weights else np.ones(1, np.float32)
+        factors[name] = (info.layer_type, float(rec.scale_d), int(rec.offset_d), scale_w,  # type: ignore[arg-type]
+                         info.channel_wise)
+    return factors
+
+
 def plan_quant_groups(
     graph: Graph,
     layers: Mapping[str, tuple[str, float, int, np.ndarray, bool]],
@@ -656,13 +675,7 @@ def save_model(
                                   "weights_file": graph.weights_file, "record file": graph.record_file,
                                   "modified model": calibration.model_file,
                                   "modified weights": calibration.weights_file})
-    records = _calibrated_records(graph, calibration)
-    factors = {}
-    for name, info in calibration.layers.items():
-        rec = records[name]
-        scale_w = np.asarray(rec.scale_w, np.float32) if info.has_weights else np.ones(1, np.float32)
-        factors[name] = (info.layer_type, float(rec.scale_d), int(rec.offset_d), scale_w,  # type: ignore[arg-type]
-                         info.channel_wise)
+    factors = calibrated_factors(graph, calibration)
     net_graph = Graph(calibration.net, graph.model_file)
     groups = plan_quant_groups(net_graph, factors, graph.config.activation_offset)
     hint = (f"Set \"quant_enable\": false for layer '{{layer}}' in the PTQ config '{graph.config_file}' and "
