@@ -7,7 +7,10 @@ unchanged. This module only checks the arguments and calls the flow in ``amct_ca
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from amct_caffe.errors import ConfigError, NotImplementedFeatureError
 from amct_caffe.workflows import auto_calibration as _auto_calibration
@@ -385,7 +388,14 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
     _ptq.quantize_model(graph, modified_model_file, modified_weights_file)
 
 
-def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
+def save_model(
+    graph: CalibrationGraph,
+    save_type: str,
+    save_path: str,
+    *,
+    refine: str | None = None,
+    calibration_data: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> None:
     """Save the calibrated model as a fake-quant model for Caffe and/or a deploy model for ATC.
 
     The record must hold every quantized layer's ``scale_d``/``offset_d``: the calibration model of
@@ -399,6 +409,13 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
         graph: the graph ``init`` returned, after ``quantize_model`` and the calibration.
         save_type: ``'Fakequant'``, ``'Deploy'`` or ``'Both'`` (exactly so spelled).
         save_path: folder plus file-name prefix, e.g. ``./result/model``; missing folders are created.
+        refine: keyword-only, not part of AMCT's API; None (default) writes exactly AMCT's models.
+            ``"bias_correction"`` first shifts the float bias of every quantized Convolution/Deconvolution/
+            InnerProduct that has one by the per-channel mean of (float output - fake-quant output) on
+            ``calibration_data``, layer after layer; the models keep their structure and the deploy bias is
+            ``round(b' / (scale_d * scale_w))`` as usual (docs/design.md, "Post-training refinement").
+        calibration_data: keyword-only, needed by ``refine``: the calibration batches, a list of
+            ``{input blob name: array}`` (the arrays the calibration model ran on).
 
     Returns:
         None. Outputs: ``<save_path>_fake_quant_model.prototxt`` / ``_fake_quant_weights.caffemodel``
@@ -410,15 +427,16 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
         RecordError: the calibration has not run (no ``quantize_model`` on this graph, or the record lacks
             the activation factors: run the modified model ``batch_num`` times first).
         GraphStateError: the config, model or weights file changed since ``init``.
-        ConfigError: a bad argument; a quantized bias does not fit INT32 (``BiasOverflowError``: set
-            ``quant_enable`` false for that layer in the config).
+        ConfigError: a bad argument (an unknown ``refine``, ``refine`` without ``calibration_data``); a
+            quantized bias does not fit INT32 (``BiasOverflowError``: set ``quant_enable`` false for that
+            layer in the config).
     """
     api = "save_model"
     if not isinstance(save_type, str):
         raise ConfigError(f"{api}: argument 'save_type' must be 'Fakequant', 'Deploy' or 'Both', got "
                           f"{save_type!r}.")
     _check_path(api, "save_path", save_path)
-    _ptq.save_model(graph, save_type, save_path)
+    _ptq.save_model(graph, save_type, save_path, refine=refine, calibration_data=calibration_data)
 
 
 def convert_model(model_file: str, weights_file: str, scale_offset_record_file: str, save_path: str) -> None:

@@ -46,6 +46,13 @@ LOGGER = get_logger("quant.record")
 #: TRAIN and TEST nets -- may update the same file on their first forwards).
 _FILE_LOCK = threading.Lock()
 
+#: The record this process last wrote with :func:`update_layers`, per path: ``(file signature, bytes
+#: written, message)``. The calibration model's IFMR layers each update the file once, all on the last batch;
+#: re-parsing the growing text every time made that quadratic in the number of layers (most of the
+#: calibration time of a 60-layer net). The cached message is used only while the file on disk is still the
+#: one written (same inode, size, modification time), so an edit by anyone else is read as usual.
+_LAST_WRITTEN: dict[str, tuple[tuple[int, int, int], amct_pb2.ScaleOffsetRecord]] = {}
+
 
 @dataclass
 class LayerRecord:
@@ -329,7 +336,7 @@ def update_layers(path: str | os.PathLike[str], updates: Mapping[str, LayerRecor
     for name, rec in updates.items():
         validate_layer(name, rec, path)
     with _FILE_LOCK:
-        msg = read_record_proto(path) if os.path.exists(path) else amct_pb2.ScaleOffsetRecord()
+        msg = _current_record(path)
         for name, rec in updates.items():
             entries = [e for e in msg.record if e.key == name]
             if not entries:
@@ -339,3 +346,22 @@ def update_layers(path: str | os.PathLike[str], updates: Mapping[str, LayerRecor
             for entry in entries:
                 _set_fields(entry.value, rec)
         atomic_write(path, text_format.MessageToString(msg).encode("utf-8"))
+        _LAST_WRITTEN[os.path.abspath(path)] = (_file_signature(path), msg)
+
+
+def _file_signature(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _current_record(path: str) -> amct_pb2.ScaleOffsetRecord:
+    """The record file's message for a read-modify-write: a copy of the one this process last wrote while the
+    file is unchanged since, else parsed from the file (an empty record for a missing file)."""
+    if not os.path.exists(path):
+        return amct_pb2.ScaleOffsetRecord()
+    cached = _LAST_WRITTEN.get(os.path.abspath(path))
+    if cached is not None and cached[0] == _file_signature(path):
+        msg = amct_pb2.ScaleOffsetRecord()
+        msg.CopyFrom(cached[1])
+        return msg
+    return read_record_proto(path)

@@ -77,6 +77,7 @@ from amct_caffe.quant.ptq_config import (
     load_json_config,
 )
 from amct_caffe.quant.record import LayerRecord, read_records, record_text, validate_records
+from amct_caffe.workflows.refine import bias_correction, check_refine
 from amct_caffe.workflows.save import check_save_type, model_paths
 
 LOGGER = get_logger("ptq")
@@ -637,16 +638,37 @@ def write_saved_models(paths: Sequence[str | None], models: SavedModels, extra: 
             files.write(path, data)
 
 
+def _bias_corrected(
+    graph: CalibrationGraph,
+    calibration: CalibrationModel,
+    groups: Sequence[QuantGroup],
+    data: Sequence[Mapping[str, np.ndarray]],
+    api: str,
+) -> Weights:
+    """The calibration's float weights with bias correction applied (``workflows.refine``)."""
+    fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
+    assert fake.fake is not None
+    float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
+    factors = {layer.name: (layer.scale_d, layer.scale_w) for group in groups for layer in group.layers}
+    ordered = {name: factors[name] for name in calibration.layers}
+    return bias_correction(calibration.net, float_weights, fake.net, fake.fake, ordered, calibration.weights,
+                           data, api)
+
+
 def save_model(
     graph: CalibrationGraph,
     save_type: str,
     save_path: str | os.PathLike[str],
     extra_files: Mapping[str, bytes] | None = None,
+    *,
+    refine: str | None = None,
+    calibration_data: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> SavedModels:
     """Write the fake-quant and/or deploy model after the calibration (see ``amct_caffe.amct.save_model``).
 
     ``extra_files`` (path -> bytes) are written in the same all-or-nothing step (the command line's copies of
-    the config and the record).
+    the config and the record). ``refine="bias_correction"`` (off by default) corrects the quantized layers'
+    float biases on ``calibration_data`` before the models are built (``workflows.refine``).
 
     Raises:
         ConfigError: a bad ``save_type``/``save_path``; a quantized bias outside INT32.
@@ -657,6 +679,7 @@ def save_model(
     api = "save_model"
     if not isinstance(graph, CalibrationGraph):
         raise ConfigError(f"{api}: graph must be the object init() returns, got {type(graph).__name__}.")
+    check_refine(refine, calibration_data, api)
     save_type = check_save_type(save_type, api)
     save_path = os.fspath(save_path)
     paths = model_paths(save_path, save_type, api)
@@ -681,7 +704,10 @@ def save_model(
     hint = (f"Set \"quant_enable\": false for layer '{{layer}}' in the PTQ config '{graph.config_file}' and "
             "run init/quantize_model/calibration again (the layer then stays float).")
     try:
-        models = build_saved_models(calibration.net, calibration.weights, groups, save_type, api, graph.like)
+        weights = calibration.weights
+        if refine == "bias_correction" and calibration_data:
+            weights = _bias_corrected(graph, calibration, groups, calibration_data, api)
+        models = build_saved_models(calibration.net, weights, groups, save_type, api, graph.like)
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc
     placement = quant_info(groups, calibration.folds, models.net)

@@ -1,0 +1,150 @@
+"""Optional post-training refinement of the PTQ models: empirical bias correction.
+
+Off by default (``save_model``'s ``refine=None`` writes exactly AMCT's models). With
+``refine="bias_correction"`` the float bias of every quantized Convolution/Deconvolution/InnerProduct that
+has one is shifted, per output channel, by the mean difference between the float model's output of that
+layer and the fake-quant model's output of it on the calibration data:
+
+    b'_c = b_c + mean over (batch, spatial) of (y_float - y_fakequant)_c
+
+Quantization noise of the weights and the input has a non-zero mean per channel (the rounding of a fixed
+weight is the same for every input); the shift removes that mean. The layers are corrected in file order
+in one pass over all the calibration batches together: a layer's difference is measured with every layer
+before it already corrected, so a correction never counts the error an earlier one removed.
+
+The saved models keep their structure: only the float bias changes, and the deploy bias is the usual
+``round(b' / (s_d * s_w))`` in INT32 (a corrected bias that leaves INT32 fails like any other). Layers
+without a bias (``bias_term: false``) and AVE Pooling are left as they are: adding a bias would change the
+layer. See docs/design.md, "Post-training refinement".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from amct_caffe.engine.net import Net
+from amct_caffe.errors import ConfigError
+from amct_caffe.log import get_logger
+from amct_caffe.model.phase import TEST
+from amct_caffe.model.weights import Weights
+from amct_caffe.proto import caffe_pb2
+from amct_caffe.quant.numerics import fake_quant_bias
+
+LOGGER = get_logger("ptq.refine")
+
+#: The refinements ``save_model`` accepts (besides None).
+REFINEMENTS = ("bias_correction",)
+_BIASED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+
+
+def check_refine(refine: str | None, data: Sequence[Mapping[str, np.ndarray]] | None, api: str) -> None:
+    """Raise :class:`ConfigError` for an unknown ``refine`` or a refinement without calibration data."""
+    if refine is None:
+        return
+    if refine not in REFINEMENTS:
+        raise ConfigError(f"{api}: refine must be None or one of {list(REFINEMENTS)}, got {refine!r}.")
+    if not data:
+        raise ConfigError(
+            f"{api}: refine={refine!r} needs calibration_data: the input batches the calibration ran, as a "
+            "list of {input blob name: array} dicts (the same arrays given to net.forward)."
+        )
+
+
+def _stack(
+    data: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[str], api: str
+) -> dict[str, torch.Tensor]:
+    """All batches as one batch per input blob."""
+    out = {}
+    for name in inputs:
+        try:
+            arrays = [np.asarray(batch[name], dtype=np.float32) for batch in data]
+        except KeyError:
+            raise ConfigError(f"{api}: a calibration_data batch has no array for the input blob '{name}'; "
+                              f"every batch needs all of {list(inputs)}.") from None
+        out[name] = torch.from_numpy(np.concatenate(arrays, axis=0))
+    return out
+
+
+def _layer_net(net: caffe_pb2.NetParameter, weights: caffe_pb2.NetParameter) -> Net:
+    engine = Net(net, TEST, weights=weights)
+    engine.optimize = False  # layer by layer: a quantized layer's output is read before in-place layers
+    return engine
+
+
+def _channel_means(diff: torch.Tensor) -> np.ndarray:
+    """Mean over every axis but 1 (the output channels of Convolution/Deconvolution/InnerProduct)."""
+    axes = [a for a in range(diff.dim()) if a != 1]
+    return diff.to(torch.float64).mean(dim=axes).numpy() if axes else diff.to(torch.float64).numpy()
+
+
+def bias_correction(
+    float_net: caffe_pb2.NetParameter,
+    float_weights: caffe_pb2.NetParameter,
+    fake_net: caffe_pb2.NetParameter,
+    fake_weights: caffe_pb2.NetParameter,
+    layers: Mapping[str, tuple[float, np.ndarray]],
+    weights: Weights,
+    data: Sequence[Mapping[str, np.ndarray]],
+    api: str = "save_model",
+) -> Weights:
+    """The float weights with the bias of each of ``layers`` corrected (module docstring).
+
+    Args:
+        float_net, float_weights: the folded float model (what the saved models are built from).
+        fake_net, fake_weights: its fake-quant model (the Quant/DeQuant layers inserted).
+        layers: the quantized layers (file order) with their ``(scale_d, scale_w)``: the fake-quant model
+            holds the bias ``round(b / (scale_d * scale_w)) * scale_d * scale_w``, so a corrected bias is
+            put on that grid before the layers after it are measured, as the saved model will hold it.
+        weights: the float weights by layer name (not changed; the result is a new mapping).
+        data: the calibration batches ``{input blob: array}``.
+
+    Returns:
+        A copy of ``weights`` whose corrected layers have a new bias array.
+
+    Raises:
+        ConfigError: a batch lacks an input blob.
+    """
+    reference = _layer_net(float_net, float_weights)
+    fake = _layer_net(fake_net, fake_weights)
+    stacked = _stack(data, reference.inputs, api)
+    for net in (reference, fake):
+        for name, value in stacked.items():
+            net.set_tensor(name, value)
+    targets = {name for name in layers
+               if name in weights and len(weights[name]) > 1
+               and fake.engine_layers[fake.layer_index(name)].type_name in _BIASED_TYPES}
+    skipped = [name for name in layers if name not in targets]
+    if skipped:
+        LOGGER.info("Bias correction: layer(s) %s have no bias (or are AVE Pooling); left as they are.",
+                    skipped)
+    corrected: Weights = {name: list(blobs) for name, blobs in weights.items()}
+    ref_index = {name: i for i, name in enumerate(reference.layer_names)}
+    done = 0
+    with torch.no_grad():
+        for i, name in enumerate(tqdm(fake.layer_names, desc="bias correction", disable=None)):
+            fake.run(i, i)
+            if name not in targets:
+                continue
+            j = ref_index[name]
+            reference.run(done, j)
+            done = j + 1
+            top = reference.layer_tops[j][0]
+            shift = _channel_means(reference.tensor(top) - fake.tensor(fake.layer_tops[i][0]))
+            # the shift was measured with the bias the fake-quant model holds (on the quantization grid), so
+            # it corrects that value, not the float bias before its rounding
+            bias = fake.engine_layers[i].blobs[1]
+            held = bias.detach().cpu().numpy().astype(np.float64).reshape(-1)
+            new_bias = (held + shift.reshape(-1)).astype(np.float32)
+            corrected[name][1] = new_bias.reshape(corrected[name][1].shape)
+            scale_d, scale_w = layers[name]
+            on_grid = fake_quant_bias(new_bias, np.float32(scale_d), scale_w, name)
+            bias.copy_(on_grid.reshape(bias.shape).to(bias))
+            fake.run(i, i)  # later layers see the corrected output
+            LOGGER.debug("Bias correction of '%s': mean |shift| %.3g.", name, float(np.abs(shift).mean()))
+    LOGGER.info("Bias correction: %d layer(s) corrected on %d calibration batch(es).", len(targets),
+                len(data))
+    return corrected

@@ -1,0 +1,217 @@
+"""Fidelity of post-training quantization on a real super-resolution net, and the opt-in bias correction.
+
+FSRCNN (the sibling shared/models/fsrcnn, trained weights; x3 upscaling of the luma channel in [0, 1]) on
+scikit-learn's two sample photos: the Y channel (ITU-R BT.601, ``16 + 65.481 R + 128.553 G + 24.966 B``
+over 255, as MATLAB's ``rgb2ycbcr``), cropped to a multiple of 3 (HR) and averaged over 3x3 blocks (LR).
+The net's ``3H - 2`` output lines up with the HR image shifted by 2 pixels (measured: the float PSNR peaks
+there); PSNR is taken on that overlap with a 6-pixel border shaved, output clipped to [0, 1].
+
+PTQ (IFMR activations + ARQ weights, calibrated on the two LR images) loses at most 0.5 dB. The bias
+correction of ``save_model(..., refine="bias_correction")`` does not bring it to 0.2 dB on this net
+(measured: china 0.063 -> 0.063 dB, flower 0.407 -> 0.434 dB: the loss is noise, not a mean shift); the
+test keeps it within the same 0.5 dB.
+The correction itself is checked on a small net: the structure is unchanged, the deploy bias is the
+rounded corrected bias, and the corrected layer's mean output error on the calibration data is below half
+its bias quantization step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amct_caffe import amct, caffe
+from amct_caffe.errors import ConfigError
+from tests.helpers import caffemodel_blobs, read_record
+from tests.ptq_util import write_net
+from tests.references.real_caffe import SHARED
+
+FSRCNN = SHARED / "models" / "fsrcnn"
+SCALE = 3
+OFFSET = 2
+SHAVE = 6
+MAX_LOSS_DB = 0.5
+
+
+def psnr(ref: np.ndarray, x: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    mse = float(np.mean((np.asarray(ref, np.float64) - np.asarray(x, np.float64)) ** 2))
+    return 10.0 * np.log10(1.0 / mse)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    v = rgb.astype(np.float64) / 255.0
+    return (16.0 + 65.481 * v[..., 0] + 128.553 * v[..., 1] + 24.966 * v[..., 2]) / 255.0
+
+
+def hr_lr(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = luma(rgb)
+    h, w = y.shape[0] // SCALE * SCALE, y.shape[1] // SCALE * SCALE
+    hr = y[:h, :w]
+    return hr, hr.reshape(h // SCALE, SCALE, w // SCALE, SCALE).mean(axis=(1, 3))
+
+
+def super_resolve(model: str, weights: str, lr: np.ndarray) -> np.ndarray:
+    net = caffe.Net(model, caffe.TEST, weights=weights)
+    net.blobs["data"].reshape(1, 1, *lr.shape)
+    net.reshape()
+    return net.forward(data=lr[None, None].astype(np.float32))["deconv"][0, 0]
+
+
+def sr_psnr(sr: np.ndarray, hr: np.ndarray) -> float:
+    h, w = sr.shape
+    ref = hr[OFFSET:OFFSET + h, OFFSET:OFFSET + w]
+    h, w = ref.shape
+    cut = (slice(SHAVE, h - SHAVE), slice(SHAVE, w - SHAVE))
+    return psnr(ref[cut], np.clip(sr[:h, :w], 0.0, 1.0)[cut])
+
+
+def run_ptq(proto: str, weights: str, folder: Path, data: list[dict[str, np.ndarray]],
+            refine: str | None = None) -> str:
+    config, record = str(folder / "config.json"), str(folder / "record.txt")
+    amct.create_quant_config(config, proto, weights, batch_num=len(data))
+    graph = amct.init(config, proto, weights, record)
+    cal_model, cal_weights = str(folder / "calibration.prototxt"), str(folder / "calibration.caffemodel")
+    amct.quantize_model(graph, cal_model, cal_weights)
+    net = caffe.Net(cal_model, caffe.TEST, weights=cal_weights)
+    for batch in data:
+        for name, value in batch.items():
+            net.blobs[name].reshape(*value.shape)
+        net.reshape()
+        net.forward(**batch)
+    prefix = str(folder / "out" / "model")
+    if refine is None:
+        amct.save_model(graph, "Both", prefix)
+    else:
+        amct.save_model(graph, "Both", prefix, refine=refine, calibration_data=data)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def fsrcnn_psnr(tmp_path_factory):
+    if not FSRCNN.is_dir():
+        pytest.skip("the sibling shared/models is not present")
+    datasets = pytest.importorskip("sklearn.datasets", reason="the sample photos come from scikit-learn")
+    photos = datasets.load_sample_images()
+    images = {Path(name).stem: hr_lr(rgb) for name, rgb in zip(photos.filenames, photos.images)}
+    proto, weights = str(FSRCNN / "FSRCNN_mat.prototxt"), str(FSRCNN / "snapshot_iter_2546000.caffemodel")
+    data = [{"data": lr[None, None].astype(np.float32)} for _, lr in images.values()]
+    results: dict[str, dict[str, float]] = {}
+    prefixes = {}
+    for refine in (None, "bias_correction"):
+        key = refine or "ptq"
+        prefixes[key] = run_ptq(proto, weights, tmp_path_factory.mktemp(key), data, refine)
+    for name, (hr, lr) in images.items():
+        row = {"float": sr_psnr(super_resolve(proto, weights, lr), hr)}
+        for key, prefix in prefixes.items():
+            row[key] = sr_psnr(super_resolve(prefix + "_fake_quant_model.prototxt",
+                                             prefix + "_fake_quant_weights.caffemodel", lr), hr)
+            row[key + "_deploy"] = sr_psnr(super_resolve(prefix + "_deploy_model.prototxt",
+                                                         prefix + "_deploy_weights.caffemodel", lr), hr)
+        results[name] = row
+    return results
+
+
+def test_fsrcnn_float_beats_pixel_repetition(fsrcnn_psnr):
+    # the preprocessing and alignment are right: the float net is a real super-resolution of these images
+    assert fsrcnn_psnr["china"]["float"] > 22.5 and fsrcnn_psnr["flower"]["float"] > 32.5, fsrcnn_psnr
+
+
+@pytest.mark.parametrize("image", ["china", "flower"])
+def test_fsrcnn_ptq_loses_at_most_half_a_db(fsrcnn_psnr, image):
+    row = fsrcnn_psnr[image]
+    assert row["float"] - row["ptq"] <= MAX_LOSS_DB, row
+    assert abs(row["ptq_deploy"] - row["ptq"]) <= 0.01, row
+
+
+@pytest.mark.parametrize("image", ["china", "flower"])
+def test_fsrcnn_bias_correction_stays_within_half_a_db(fsrcnn_psnr, image):
+    row = fsrcnn_psnr[image]
+    assert row["float"] - row["bias_correction"] <= MAX_LOSS_DB, row
+    assert abs(row["bias_correction_deploy"] - row["bias_correction"]) <= 0.01, row
+
+
+# -- the bias correction on a small net ----------------------------------------------------------------------
+TINY = """
+name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 3 kernel_size: 3 bias_term: false } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv2" top: "ip" inner_product_param { num_output: 5 } }
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    proto, weights = write_net(folder, TINY, seed=3)
+    rng = np.random.default_rng(5)
+    data = [{"data": rng.uniform(-1.0, 1.0, (4, 3, 6, 6)).astype(np.float32)} for _ in range(2)]
+    plain = run_ptq(proto, weights, folder / "plain", data)
+    refined = run_ptq(proto, weights, folder / "refined", data, "bias_correction")
+    return proto, weights, data, plain, refined, folder
+
+
+def test_bias_correction_keeps_the_structure(tiny):
+    *_, plain, refined, _ = tiny
+    for suffix in ("_fake_quant_model.prototxt", "_deploy_model.prototxt", "_quant.json"):
+        assert Path(refined + suffix).read_text() == Path(plain + suffix).read_text(), suffix
+    a, b = caffemodel_blobs(plain + "_deploy_weights.caffemodel"), caffemodel_blobs(
+        refined + "_deploy_weights.caffemodel")
+    assert {k: [v.shape for v in vs] for k, vs in a.items()} == \
+        {k: [v.shape for v in vs] for k, vs in b.items()}
+    for name in ("conv1", "conv2", "ip"):
+        np.testing.assert_array_equal(a[name][0], b[name][0])  # same INT8 weights
+    assert len(b["conv2"]) == 1  # bias_term: false stays without a bias
+    assert not np.array_equal(a["ip"][1], b["ip"][1])
+
+
+def test_bias_correction_deploy_bias_is_the_rounded_fake_bias(tiny):
+    *_, refined, folder = tiny
+    record = read_record(folder / "refined" / "record.txt")
+    fake = caffemodel_blobs(refined + "_fake_quant_weights.caffemodel")
+    deploy = caffemodel_blobs(refined + "_deploy_weights.caffemodel")
+    for name in ("conv1", "ip"):
+        step = np.float64(record[name].scale_d) * np.asarray(record[name].scale_w, np.float64)
+        codes = deploy[name][1].astype(np.float64)
+        assert np.all(codes == np.round(codes))
+        np.testing.assert_allclose(fake[name][1], codes * step, rtol=1e-6, atol=1e-12)
+
+
+def test_bias_correction_removes_the_mean_error_of_the_last_layer(tiny):
+    proto, weights, data, plain, refined, folder = tiny
+    x = np.concatenate([batch["data"] for batch in data])
+    float_net = caffe.Net(proto, caffe.TEST, weights=weights)
+    float_net.blobs["data"].reshape(*x.shape)
+    float_net.reshape()
+    ref = float_net.forward(data=x)["ip"].astype(np.float64)
+    record = read_record(folder / "refined" / "record.txt")
+    half_step = 0.5 * np.float64(record["ip"].scale_d) * np.asarray(record["ip"].scale_w, np.float64)
+    errors = {}
+    for key, prefix in (("plain", plain), ("refined", refined)):
+        net = caffe.Net(prefix + "_fake_quant_model.prototxt", caffe.TEST,
+                        weights=prefix + "_fake_quant_weights.caffemodel")
+        net.blobs["data"].reshape(*x.shape)
+        net.reshape()
+        errors[key] = np.mean(ref - net.forward(data=x)["ip"].astype(np.float64), axis=0)
+    assert np.all(np.abs(errors["refined"]) <= half_step * (1 + 1e-4) + 1e-6), (errors, half_step)
+    assert np.abs(errors["refined"]).sum() < np.abs(errors["plain"]).sum(), errors
+    info = json.loads(Path(refined + "_quant.json").read_text())
+    assert [e["layer"] for e in info["quantized_layers"]] == ["conv1", "conv2", "ip"]
+
+
+def test_refine_needs_calibration_data_and_a_known_name(tiny, tmp_path):
+    proto, weights, data, *_ = tiny
+    config, record = str(tmp_path / "config.json"), str(tmp_path / "record.txt")
+    amct.create_quant_config(config, proto, weights)
+    graph = amct.init(config, proto, weights, record)
+    with pytest.raises(ConfigError, match="calibration_data"):
+        amct.save_model(graph, "Both", str(tmp_path / "m"), refine="bias_correction")
+    with pytest.raises(ConfigError, match="refine must be None"):
+        amct.save_model(graph, "Both", str(tmp_path / "m"), refine="adaround", calibration_data=data)
