@@ -26,7 +26,7 @@ import pytest
 from amct_caffe import amct, caffe
 from amct_caffe.errors import ConfigError
 from tests.helpers import caffemodel_blobs, read_record
-from tests.ptq_util import write_net
+from tests.references.nets import write_random_net
 from tests.references.real_caffe import SHARED
 
 FSRCNN = SHARED / "models" / "fsrcnn"
@@ -150,7 +150,7 @@ layer { name: "ip" type: "InnerProduct" bottom: "conv2" top: "ip" inner_product_
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    proto, weights = write_net(folder, TINY, seed=3)
+    proto, weights = write_random_net(folder, TINY, seed=3)
     rng = np.random.default_rng(5)
     data = [{"data": rng.uniform(-1.0, 1.0, (4, 3, 6, 6)).astype(np.float32)} for _ in range(2)]
     plain = run_ptq(proto, weights, folder / "plain", data)
