@@ -25,38 +25,28 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import _measure
+from _measure import worker_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_MODEL = SHARED / "models" / "resnet50" / "ResNet-50-deploy.prototxt"
 
-# The measured operations run in `python -c WORKER <json args>`; they print one JSON line.
-WORKER = r"""
-import json, os, resource, sys, time
-args = json.loads(sys.argv[1])
-sys.path.insert(0, args["src"])
+# The measured operations run in a fresh interpreter (_measure.worker_script); they print one JSON line.
+WORKER = worker_script(
+    setup=r"""
 import numpy as np
 from amct_caffe import amct, caffe
 from amct_caffe.proto import caffe_pb2
-import logging
-logging.getLogger("amct_caffe").setLevel(logging.WARNING)
 data = np.load(args["data"])
 batch = data.shape[1]
-
-def status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 def forwards(model, weights):
     net = caffe.Net(model, caffe.TEST, weights=weights)
@@ -65,10 +55,8 @@ def forwards(model, weights):
     net.reshape()
     for x in data:
         net.forward(**{name: x})
-
-after_imports = status_mb("VmRSS")
-cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-start = time.perf_counter()
+""",
+    body=r"""
 if args["kind"] == "ptq":
     out = args["out"]
     config, record = os.path.join(out, "config.json"), os.path.join(out, "record.txt")
@@ -86,13 +74,8 @@ else:
             net.ParseFromString(f.read())
         with open(os.path.join(args["out"], "copy.caffemodel"), "wb") as f:
             f.write(net.SerializeToString())
-seconds = time.perf_counter() - start
-cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-# VmHWM: the peak RSS of this process image (ru_maxrss would include the parent's RSS copied at fork)
-peak = status_mb("VmHWM")
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak, "imports_mb": after_imports}))
-"""
+""",
+)
 
 KINDS = ("baseline", "float", "ptq")
 
@@ -121,12 +104,7 @@ def prepare(model: Path, folder: Path, batches: int, batch: int) -> tuple[Path, 
 
 
 def run_worker(args: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], capture_output=True, text=True,
-                          env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _measure.run_worker(WORKER, args)
 
 
 def main() -> None:

@@ -26,41 +26,29 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import _measure
+from _measure import worker_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_MODEL = SHARED / "models" / "resnet50" / "ResNet-50-deploy.prototxt"
 
-# The measured operations run in `python -c WORKER <json args>`; they print one JSON line.
-WORKER = r"""
-import json, os, resource, sys, time
-args = json.loads(sys.argv[1])
-sys.path.insert(0, args["src"])
+# The measured operations run in a fresh interpreter (_measure.worker_script); they print one JSON line.
+WORKER = worker_script(
+    setup=r"""
 if args["kind"] == "save":
     from amct_caffe import amct
 else:
     from amct_caffe.proto import caffe_pb2
-import logging
-logging.getLogger("amct_caffe").setLevel(logging.WARNING)
-
-def status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-after_imports = status_mb("VmRSS")
-cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-start = time.perf_counter()
+""",
+    body=r"""
 if args["kind"] == "save":
     amct.save_quant_retrain_model(args["model"], args["weights"], args["save_type"], args["save_path"],
                                   args["record"], None)
@@ -70,13 +58,8 @@ else:
         net.ParseFromString(f.read())
     with open(args["out"], "wb") as f:
         f.write(net.SerializeToString())
-seconds = time.perf_counter() - start
-cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-# VmHWM: the peak RSS of this process image (ru_maxrss would include the parent's RSS copied at fork)
-peak = status_mb("VmHWM")
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak, "imports_mb": after_imports}))
-"""
+""",
+)
 
 
 def prepare(model: Path, folder: Path) -> tuple[Path, Path]:
@@ -110,12 +93,7 @@ def prepare(model: Path, folder: Path) -> tuple[Path, Path]:
 
 
 def run_worker(args: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], capture_output=True, text=True,
-                          env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _measure.run_worker(WORKER, args)
 
 
 def main() -> None:
