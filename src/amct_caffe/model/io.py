@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import message as pb_message
@@ -168,6 +169,37 @@ def save_prototxt(net: pb_message.Message, path: str | os.PathLike[str]) -> None
 def save_caffemodel(net: caffe_pb2.NetParameter, path: str | os.PathLike[str]) -> None:
     """Write ``net`` as a binary caffemodel, atomically (a temporary file renamed into place)."""
     atomic_write(path, net.SerializeToString())
+
+
+@dataclass(frozen=True)
+class OutputConflict:
+    """Why an output path cannot be written: ``kind`` is ``"folder"`` (the path is an existing folder),
+    ``"input"`` (it is the input ``other``) or ``"same"`` (the output ``other`` has the same path)."""
+
+    kind: str
+    name: str
+    path: str
+    other: str = ""
+
+
+def output_conflict(outputs: Iterable[tuple[str, str]],
+                    inputs: Iterable[tuple[str, str | None]]) -> OutputConflict | None:
+    """The first problem with the ``(name, path)`` outputs of one call, checked in order: an output that is
+    an existing folder, one of the ``(name, path)`` inputs, or the same file as an earlier output. None when
+    every output can be written. The callers phrase the error for their API.
+    """
+    sources = {os.path.abspath(p): name for name, p in inputs if p is not None}
+    seen: dict[str, str] = {}
+    for name, path in outputs:
+        target = os.path.abspath(path)
+        if os.path.isdir(target):
+            return OutputConflict("folder", name, path)
+        if target in sources:
+            return OutputConflict("input", name, path, sources[target])
+        if target in seen:
+            return OutputConflict("same", name, path, seen[target])
+        seen[target] = name
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:

@@ -49,6 +49,7 @@ from amct_caffe.engine.net import Net, observe_inputs
 from amct_caffe.errors import ConfigError, EvaluatorError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
+from amct_caffe.model.io import output_conflict
 from amct_caffe.model.weights import weights_to_net
 from amct_caffe.quant.ptq_config import QuantConfig, dumps_json, load_json_config
 from amct_caffe.workflows import ptq
@@ -359,18 +360,17 @@ class AutoCalibrationResult:
 
 def _check_outputs(outputs: Mapping[str, str], inputs: Mapping[str, str]) -> None:
     """Outputs must be distinct files, none of them an input, none in a path blocked by a file."""
-    sources = {os.path.abspath(p): name for name, p in inputs.items()}
-    seen: dict[str, str] = {}
+    conflict = output_conflict(outputs.items(), inputs.items())
+    if conflict is not None:
+        name, path = conflict.name, conflict.path
+        if conflict.kind == "folder":
+            raise ConfigError(f"{API}: the {name} '{path}' is a folder; give a file path.")
+        if conflict.kind == "input":
+            raise ConfigError(f"{API}: the {name} '{path}' is the {conflict.other}; write outputs to new "
+                              "files.")
+        raise ConfigError(f"{API}: the {name} and the {conflict.other} are the same file '{path}'.")
     for name, path in outputs.items():
         target = os.path.abspath(path)
-        if os.path.isdir(target):
-            raise ConfigError(f"{API}: the {name} '{path}' is a folder; give a file path.")
-        if target in sources:
-            raise ConfigError(f"{API}: the {name} '{path}' is the {sources[target]}; write outputs to new "
-                              "files.")
-        if target in seen:
-            raise ConfigError(f"{API}: the {name} and the {seen[target]} are the same file '{path}'.")
-        seen[target] = name
         parent = os.path.dirname(target)
         while parent and not os.path.exists(parent):
             parent = os.path.dirname(parent)

@@ -49,7 +49,14 @@ from amct_caffe.errors import (
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
-from amct_caffe.model.io import AtomicFiles, atomic_write, load_caffemodel, load_prototxt, prototxt_text
+from amct_caffe.model.io import (
+    AtomicFiles,
+    atomic_write,
+    load_caffemodel,
+    load_prototxt,
+    output_conflict,
+    prototxt_text,
+)
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
 from amct_caffe.passes.calibration import CalibrationGroup, insert_calibration_layers, plan_calibration_groups
@@ -363,19 +370,16 @@ def _restore_state(net: caffe_pb2.NetParameter, original: caffe_pb2.NetParameter
 # -- quantize_model ----------------------------------------------------------------------------------------
 def _check_outputs(api: str, outputs: Mapping[str, str], inputs: Mapping[str, str]) -> None:
     """Outputs must be distinct files that are none of the inputs (nor existing folders)."""
-    sources = {os.path.abspath(p): name for name, p in inputs.items()}
-    seen: dict[str, str] = {}
-    for name, path in outputs.items():
-        target = os.path.abspath(path)
-        if os.path.isdir(target):
-            raise ConfigError(f"{api}: {name} '{path}' is a folder; give a file path.")
-        if target in sources:
-            raise ConfigError(f"{api}: {name} '{path}' is the {sources[target]}; write the outputs to new "
-                              "files.")
-        if target in seen:
-            raise ConfigError(f"{api}: {name} and {seen[target]} are the same file '{path}'; give each "
-                              "output its own path.")
-        seen[target] = name
+    conflict = output_conflict(outputs.items(), inputs.items())
+    if conflict is None:
+        return
+    name, path = conflict.name, conflict.path
+    if conflict.kind == "folder":
+        raise ConfigError(f"{api}: {name} '{path}' is a folder; give a file path.")
+    if conflict.kind == "input":
+        raise ConfigError(f"{api}: {name} '{path}' is the {conflict.other}; write the outputs to new files.")
+    raise ConfigError(f"{api}: {name} and {conflict.other} are the same file '{path}'; give each output its "
+                      "own path.")
 
 
 def _fold(graph: Graph, weights: Weights, config: QuantConfig) -> tuple[list[BNFold], list[str]]:

@@ -10,7 +10,14 @@ from amct_caffe.engine.shapes import legacy_chw, shape_net
 from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
-from amct_caffe.model.io import AtomicFiles, atomic_write, load_caffemodel, load_prototxt, prototxt_text
+from amct_caffe.model.io import (
+    AtomicFiles,
+    atomic_write,
+    load_caffemodel,
+    load_prototxt,
+    output_conflict,
+    prototxt_text,
+)
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import weights_from_net, weights_to_net
 from amct_caffe.passes.fuse_bn import fuse_bn
@@ -186,18 +193,17 @@ def create_quant_retrain_model(
 def _check_outputs(outputs: Sequence[str], inputs: Sequence[str]) -> None:
     """The three outputs must be distinct files that are none of the inputs (nor existing folders)."""
     names = ("modified_model_file", "modified_weights_file", "scale_offset_record_file")
-    seen: dict[str, str] = {}
-    for name, path in zip(names, outputs):
-        target = os.path.abspath(path)
-        if os.path.isdir(target):
-            raise ConfigError(f"create_quant_retrain_model: {name} '{path}' is a folder; give a file path.")
-        if target in seen:
-            raise ConfigError(f"create_quant_retrain_model: {name} and {seen[target]} are the same file "
-                              f"'{path}'; give each output its own path.")
-        if target in {os.path.abspath(p) for p in inputs}:
-            raise ConfigError(f"create_quant_retrain_model: {name} '{path}' is one of the input files; write "
-                              "the retrain model to new files.")
-        seen[target] = name
+    conflict = output_conflict(zip(names, outputs), [("input", p) for p in inputs])
+    if conflict is None:
+        return
+    name, path = conflict.name, conflict.path
+    if conflict.kind == "folder":
+        raise ConfigError(f"create_quant_retrain_model: {name} '{path}' is a folder; give a file path.")
+    if conflict.kind == "same":
+        raise ConfigError(f"create_quant_retrain_model: {name} and {conflict.other} are the same file "
+                          f"'{path}'; give each output its own path.")
+    raise ConfigError(f"create_quant_retrain_model: {name} '{path}' is one of the input files; write "
+                      "the retrain model to new files.")
 
 
 def _unique_layer_names(net: caffe_pb2.NetParameter) -> tuple[caffe_pb2.NetParameter, dict[str, str]]:

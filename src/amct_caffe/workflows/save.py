@@ -46,7 +46,7 @@ from amct_caffe.errors import ConfigError, RecordError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
-from amct_caffe.model.io import AtomicFiles, load_caffemodel, load_prototxt, prototxt_text
+from amct_caffe.model.io import AtomicFiles, load_caffemodel, load_prototxt, output_conflict, prototxt_text
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import Weights, weights_from_net
 from amct_caffe.passes.deploy import deploy_caffemodel
@@ -139,20 +139,18 @@ def output_paths(save_path: str, save_type: str, record_file: str | None) -> Sav
 
 def _check_paths(paths: SavePaths, inputs: Mapping[str, str | None]) -> None:
     """Outputs must be distinct, none of the inputs, and not existing folders."""
-    sources = {os.path.abspath(p): name for name, p in inputs.items() if p is not None}
-    seen: dict[str, str] = {}
-    for what, path in paths.all():
-        target = os.path.abspath(path)
-        if os.path.isdir(target):
-            raise ConfigError(f"save_quant_retrain_model: the {what} path '{path}' is a folder; choose "
-                              "another save_path or scale_offset_record_file.")
-        if target in sources:
-            raise ConfigError(f"save_quant_retrain_model: the {what} path '{path}' is the input "
-                              f"{sources[target]}; choose another save_path or scale_offset_record_file.")
-        if target in seen:
-            raise ConfigError(f"save_quant_retrain_model: the {what} and the {seen[target]} would both be "
-                              f"written to '{path}'; choose another scale_offset_record_file.")
-        seen[target] = what
+    conflict = output_conflict(paths.all(), inputs.items())
+    if conflict is None:
+        return
+    what, path = conflict.name, conflict.path
+    if conflict.kind == "folder":
+        raise ConfigError(f"save_quant_retrain_model: the {what} path '{path}' is a folder; choose "
+                          "another save_path or scale_offset_record_file.")
+    if conflict.kind == "input":
+        raise ConfigError(f"save_quant_retrain_model: the {what} path '{path}' is the input "
+                          f"{conflict.other}; choose another save_path or scale_offset_record_file.")
+    raise ConfigError(f"save_quant_retrain_model: the {what} and the {conflict.other} would both be "
+                      f"written to '{path}'; choose another scale_offset_record_file.")
 
 
 # -- which layers are saved quantized ----------------------------------------------------------------------
