@@ -72,3 +72,12 @@ def filter_net(
         if layer_included(layer, phase, level, stage_set):
             out.layer.add().CopyFrom(layer)
     return out
+
+
+def restore_state(view: caffe_pb2.NetParameter, original: caffe_pb2.NetParameter) -> None:
+    """Give a phase view that will be written as a prototxt the original net's ``state`` back
+    (:func:`filter_net` stamps the phase it filtered for into its copy)."""
+    if original.HasField("state"):
+        view.state.CopyFrom(original.state)
+    else:
+        view.ClearField("state")

@@ -57,7 +57,7 @@ from amct_caffe.model.io import (
     output_conflict,
     prototxt_text,
 )
-from amct_caffe.model.phase import TEST, filter_net
+from amct_caffe.model.phase import TEST, filter_net, restore_state
 from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
 from amct_caffe.passes.calibration import CalibrationGroup, insert_calibration_layers, plan_calibration_groups
 from amct_caffe.passes.deploy import deploy_caffemodel
@@ -107,7 +107,7 @@ def inference_view(model_file: str) -> tuple[caffe_pb2.NetParameter, Graph]:
     """
     net = load_prototxt(model_file)
     view = filter_net(net, TEST, path=model_file)
-    _restore_state(view, net)
+    restore_state(view, net)
     graph = Graph(view, path=model_file)
     switched = []
     for layer in graph:
@@ -358,13 +358,6 @@ def init(
                 len(config.enabled), record_file)
     return result
 
-
-def _restore_state(net: caffe_pb2.NetParameter, original: caffe_pb2.NetParameter) -> None:
-    """A written prototxt keeps the original's ``state`` (filter_net stamps TEST into its copy)."""
-    if original.HasField("state"):
-        net.state.CopyFrom(original.state)
-    else:
-        net.ClearField("state")
 
 
 # -- quantize_model ----------------------------------------------------------------------------------------

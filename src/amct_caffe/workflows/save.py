@@ -47,7 +47,7 @@ from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, load_caffemodel, load_prototxt, output_conflict, prototxt_text
-from amct_caffe.model.phase import TEST, filter_net
+from amct_caffe.model.phase import TEST, filter_net, restore_state
 from amct_caffe.model.weights import Weights, weights_from_net
 from amct_caffe.passes.deploy import deploy_caffemodel
 from amct_caffe.passes.fake_quant import fake_quant_caffemodel
@@ -302,13 +302,6 @@ def _has_legacy_shapes(net: caffe_pb2.NetParameter) -> bool:
     return any(has_legacy_shape(blob) for layer in net.layer for blob in layer.blobs)
 
 
-def _restore_state(saved: caffe_pb2.NetParameter, original: caffe_pb2.NetParameter) -> None:
-    """The saved prototxt keeps the original's ``state`` (filter_net stamps TEST into its copy)."""
-    if original.HasField("state"):
-        saved.state.CopyFrom(original.state)
-    else:
-        saved.ClearField("state")
-
 
 # -- the flow ----------------------------------------------------------------------------------------------
 def save_quant_retrain_model(
@@ -359,7 +352,7 @@ def save_quant_retrain_model(
     shapes = _input_shapes(graph.to_net_parameter(), groups, model_file, paths.record)
     insert_quant_layers(graph, groups)
     saved = graph.to_net_parameter()
-    _restore_state(saved, net)
+    restore_state(saved, net)
 
     try:
         codes = all_weight_codes(weights, groups)
