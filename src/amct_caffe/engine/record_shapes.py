@@ -21,9 +21,8 @@ from collections.abc import Sequence
 
 from amct_caffe.engine.layers.quant import ActivationQAT
 from amct_caffe.engine.net import Net
-from amct_caffe.engine.shapes import legacy_chw
 from amct_caffe.log import get_logger
-from amct_caffe.quant.record import update_shapes
+from amct_caffe.quant.record import legacy_chw, update_shapes
 
 LOGGER = get_logger("engine.record_shapes")
 

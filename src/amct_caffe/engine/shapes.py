@@ -1,8 +1,8 @@
 """Blob shapes of a net by running the engine's shape pass, as the record file needs them.
 
 AMCT has no whole-net shape inference and records each quantized layer's input (channels, height, width);
-the engine's shape pass gives every blob's shape, so the workflows ask it here. ``legacy_chw`` (the record's
-view of a shape) lives with the record (``quant.record``) and is re-exported here.
+the engine's shape pass gives every blob's shape, so the workflows ask it here (the record's view of a
+shape, ``legacy_chw``, lives with the record in ``quant.record``).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import AmctError
 from amct_caffe.proto import caffe_pb2
-from amct_caffe.quant.record import legacy_chw
 
-__all__ = ["batch_one", "legacy_chw", "shape_net"]
+__all__ = ["batch_one", "shape_net"]
 
 #: Data-layer parameters whose ``batch_size`` sets the batch of their tops.
 _BATCH_SIZE_PARAMS = ("data_param", "image_data_param", "memory_data_param", "hdf5_data_param",

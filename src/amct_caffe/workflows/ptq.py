@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from amct_caffe.engine.shapes import shape_net
 from amct_caffe.errors import (
     AmctError,
     ConfigError,
@@ -303,8 +304,6 @@ def _check_weights_fit(view: caffe_pb2.NetParameter, caffemodel: caffe_pb2.NetPa
 
     A net the engine cannot build (e.g. data layers whose sources are absent) is not checked here.
     """
-    from amct_caffe.engine.shapes import shape_net
-
     engine, problem = shape_net(view, TEST)
     if engine is None:
         LOGGER.debug("Model '%s' not built in the engine (%s); weights not checked against it.", model_file,

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from amct_caffe.engine.shapes import legacy_chw, shape_net
+from amct_caffe.engine.shapes import shape_net
 from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
@@ -32,7 +32,7 @@ from amct_caffe.quant.config import (
     load_cfg_config,
     load_json_config,
 )
-from amct_caffe.quant.record import LayerRecord, record_text
+from amct_caffe.quant.record import LayerRecord, legacy_chw, record_text
 
 LOGGER = get_logger("qat")
 

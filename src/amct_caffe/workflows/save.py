@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from amct_caffe.engine.shapes import shape_net
 from amct_caffe.errors import ConfigError, RecordError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import has_legacy_shape
@@ -63,7 +64,7 @@ from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.arq import arq_scale
 from amct_caffe.quant.config import load_json_config
 from amct_caffe.quant.numerics import BiasOverflowError
-from amct_caffe.quant.record import LayerRecord, read_records, record_text, validate_records
+from amct_caffe.quant.record import LayerRecord, legacy_chw, read_records, record_text, validate_records
 from amct_caffe.workflows.qat import last_retrain_paths
 
 LOGGER = get_logger("save")
@@ -251,8 +252,6 @@ def _input_shapes(
     missing), from the shapes an existing record file holds (written by ``create_quant_retrain_model`` and
     by the retrain layers during training); else none, with a WARNING.
     """
-    from amct_caffe.engine.shapes import legacy_chw, shape_net
-
     engine, problem = shape_net(net, TEST)
     shapes: dict[str, tuple[int, int, int]] = {}
     if engine is not None:
