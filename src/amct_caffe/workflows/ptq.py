@@ -331,13 +331,12 @@ def init(
     config_file, model_file, weights_file, record_file = (
         os.fspath(p) for p in (config_file, model_file, weights_file, scale_offset_record_file))
     inputs = {"config_file": config_file, "model_file": model_file, "weights_file": weights_file}
-    record_abs = os.path.abspath(record_file)
-    if os.path.isdir(record_abs):
+    conflict = output_conflict([("scale_offset_record_file", record_file)], inputs.items())
+    if conflict is not None and conflict.kind == "folder":
         raise ConfigError(f"init: scale_offset_record_file '{record_file}' is a folder; give a file path.")
-    for name, path in inputs.items():
-        if os.path.abspath(path) == record_abs:
-            raise ConfigError(f"init: scale_offset_record_file '{record_file}' is the {name}; the record is "
-                              "(over)written, give it its own path.")
+    if conflict is not None:
+        raise ConfigError(f"init: scale_offset_record_file '{record_file}' is the {conflict.other}; the "
+                          "record is (over)written, give it its own path.")
     _, graph = inference_view(model_file)
     layers = ptq_model_layers(graph)
     _quantizable_or_fail(layers, model_file)
