@@ -45,6 +45,15 @@ class GraphStateError(AmctError):
     """A graph returned by ``init`` is used after the files it was built from changed."""
 
 
+class OutputWriteError(AmctError):
+    """An output file cannot be written (a folder in its place, a read-only or full disk, no permission, a
+    name too long). No output of the set was changed unless the message says otherwise."""
+
+
+class OutputLockError(OutputWriteError):
+    """Another process kept the output folder locked longer than the lock timeout."""
+
+
 class NotImplementedFeatureError(AmctError):
     """An AMCT API that amct-caffe does not implement (e.g. ``auto_nuq``)."""
 

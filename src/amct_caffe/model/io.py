@@ -7,10 +7,8 @@ V2 nets.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
+from amct_caffe.model.atomic import AtomicFiles as AtomicFiles  # re-exported: the workflows' writer
+from amct_caffe.model.atomic import atomic_write
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("model.io")
@@ -200,76 +200,3 @@ def output_conflict(outputs: Iterable[tuple[str, str]],
             return OutputConflict("same", name, path, seen[target])
         seen[target] = name
     return None
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
-
-    Missing parent folders are created. On any error the temporary file is removed and an existing file at
-    ``path`` is untouched.
-    """
-    with AtomicFiles() as files:
-        files.write(path, data)
-
-
-class AtomicFiles:
-    """Write several output files all-or-nothing.
-
-    Use as a context manager: ``write`` stages each file in a temporary file beside its target; leaving the
-    block without an error renames them all into place, an error removes them all and leaves every existing
-    target untouched.
-    """
-
-    def __init__(self) -> None:
-        self._staged: list[tuple[str, str]] = []
-
-    def write(self, path: str | os.PathLike[str], data: bytes) -> None:
-        target = os.path.abspath(str(path))
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            _remove_quietly([tmp])
-            raise
-        self._staged.append((tmp, target))
-
-    def commit(self) -> None:
-        for tmp, target in self._staged:
-            # mkstemp creates 0600 files: give the output the mode a plain open() would (or the mode of
-            # the file it replaces)
-            os.chmod(tmp, _output_mode(target))
-            os.replace(tmp, target)
-        self._staged.clear()
-
-    def discard(self) -> None:
-        _remove_quietly(tmp for tmp, _ in self._staged)
-        self._staged.clear()
-
-    def __enter__(self) -> AtomicFiles:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-
-
-def _output_mode(target: str) -> int:
-    try:
-        return os.stat(target).st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _remove_quietly(paths: Iterable[str]) -> None:
-    for p in paths:
-        with contextlib.suppress(OSError):
-            os.remove(p)
