@@ -12,6 +12,7 @@ quantization, ``workflows.calibration_run``) with AMCT's option names.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -246,17 +247,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     _print_outputs(outputs)
     print(f"forward: {elapsed * 1000:.1f} ms")
+    _save_outputs(outputs, args.save, args.output_dir)
     if args.save:
-        arrays: dict[str, Any] = dict(outputs)  # numpy's stub would match a blob name to savez's flags
-        np.savez(args.save, **arrays)
         print(f"outputs saved to {args.save}")
     if args.output_dir:
-        folder = Path(args.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, value in outputs.items():
-            np.save(folder / f"{_safe_file_name(name)}.npy", np.asarray(value))
-        print(f"{len(outputs)} output(s) saved as .npy files in {folder}")
+        print(f"{len(outputs)} output(s) saved as .npy files in {args.output_dir}")
     return 0
+
+
+def _save_outputs(outputs: dict[str, Any], npz: str | None, folder: str | None) -> None:
+    """``run --save`` (one .npz; numpy adds the suffix when missing) and ``--output-dir`` (a .npy per blob),
+    written as one all-or-nothing set."""
+    from amct_caffe.model.io import AtomicFiles
+
+    with AtomicFiles() as files:
+        if npz:
+            buffer = io.BytesIO()
+            arrays: dict[str, Any] = dict(outputs)  # numpy's stub would match a blob name to savez's flags
+            np.savez(buffer, **arrays)
+            files.write(npz if npz.endswith(".npz") else npz + ".npz", buffer.getvalue())
+        if folder:
+            for name, value in outputs.items():
+                buffer = io.BytesIO()
+                np.save(buffer, np.asarray(value))
+                files.write(os.path.join(folder, f"{_safe_file_name(name)}.npy"), buffer.getvalue())
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ Requires the optional packages ``scikit-learn`` (the data) and ``h5py`` (the HDF
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError, ModelFormatError
-from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
+from amct_caffe.model.io import AtomicFiles, atomic_write, load_prototxt, prototxt_text
 from amct_caffe.model.phase import TEST, TRAIN, filter_net
 from amct_caffe.proto import caffe_pb2
 
@@ -127,18 +128,18 @@ def write_hdf5_data(workdir: str | os.PathLike[str], seed: int = 0) -> dict[str,
     """
     h5py = _require("h5py", "h5py")
     folder = Path(workdir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, tuple[str, str]] = {}
     for split in SPLITS:
         x, y = load_split(split, seed)
         h5_path = folder / f"digits_{split}.h5"
-        tmp = folder / f".digits_{split}.h5.tmp"
-        with h5py.File(tmp, "w") as handle:
+        buffer = io.BytesIO()  # built in memory (the digits are small) so the pair is written as one set
+        with h5py.File(buffer, "w") as handle:
             handle.create_dataset("data", data=x)
             handle.create_dataset("label", data=y)
-        os.replace(tmp, h5_path)
         list_path = folder / f"digits_{split}_h5.txt"
-        atomic_write(list_path, f"{h5_path}\n".encode())
+        with AtomicFiles() as files:
+            files.write(h5_path, buffer.getvalue())
+            files.write(list_path, f"{h5_path}\n".encode())
         out[split] = (str(h5_path), str(list_path))
     return out
 

@@ -49,7 +49,7 @@ from amct_caffe.engine.net import Net, observe_inputs
 from amct_caffe.errors import ConfigError, EvaluatorError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
-from amct_caffe.model.io import output_conflict
+from amct_caffe.model.io import atomic_write, output_conflict
 from amct_caffe.model.weights import weights_to_net
 from amct_caffe.quant.ptq_config import QuantConfig, dumps_json, load_json_config
 from amct_caffe.workflows import ptq
@@ -200,7 +200,7 @@ class Prober:
         config_text = dumps_json(config)
         config_file = os.path.join(folder, "quant_config.json")
         record_file = os.path.join(folder, "record.txt")
-        Path(config_file).write_text(config_text, encoding="utf-8")
+        atomic_write(config_file, config_text.encode("utf-8"))
         graph = ptq.init(config_file, self.model_file, self.weights_file, record_file)
         calibration_files = (os.path.join(folder, "calibration_model.prototxt"),
                              os.path.join(folder, "calibration_weights.caffemodel"))

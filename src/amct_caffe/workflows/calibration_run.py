@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from amct_caffe.errors import CalibrationDataError, ConfigError
 from amct_caffe.log import get_logger
+from amct_caffe.model.io import atomic_write
 from amct_caffe.quant.ptq_config import dumps_json
 from amct_caffe.workflows import ptq
 
@@ -268,7 +269,7 @@ def run_calibration(
                 LOGGER.warning("--batch_num %d overrides batch_num %d of '%s'.", batch_num, config.batch_num,
                                calibration_config)
             config = replace(config, batch_num=batch_num)
-            Path(config_path).write_text(dumps_json(config), encoding="utf-8")
+            atomic_write(config_path, dumps_json(config).encode("utf-8"))
         run: Callable[[str, str], Any]
         if evaluator is not None:
             run = load_evaluator(evaluator)

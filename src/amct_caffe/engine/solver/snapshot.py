@@ -19,7 +19,7 @@ from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches
-from amct_caffe.model.io import atomic_write, save_caffemodel
+from amct_caffe.model.io import AtomicFiles
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("engine.solver")
@@ -34,11 +34,12 @@ def snapshot_filename(prefix: str, iteration: int, extension: str) -> str:
 
 def write_snapshot(net: Net, param: caffe_pb2.SolverParameter, iteration: int, current_step: int,
                    history: Sequence[Tensor], where: str) -> str:
-    """Write the caffemodel and the solverstate of ``iteration`` (each atomically); returns the caffemodel's
-    path.
+    """Write the caffemodel and the solverstate of ``iteration`` (one all-or-nothing set); returns the
+    caffemodel's path.
 
     Raises:
         UnsupportedLayerError: ``snapshot_format: HDF5``.
+        OutputWriteError: a file cannot be written (neither is then).
     """
     if param.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
         raise UnsupportedLayerError(
@@ -46,17 +47,16 @@ def write_snapshot(net: Net, param: caffe_pb2.SolverParameter, iteration: int, c
             "BINARYPROTO writes .caffemodel and .solverstate files)."
         )
     model_filename = snapshot_filename(param.snapshot_prefix, iteration, ".caffemodel")
-    LOGGER.info("Snapshotting to binary proto file %s", model_filename)
-    if param.snapshot_diff:
-        save_caffemodel(net.to_proto(write_diff=True), model_filename)
-    else:
-        net.save(model_filename)
     state = caffe_pb2.SolverState(iter=iteration, learned_net=model_filename, current_step=current_step)
     for h in history:
         array_to_blob(h.detach().cpu().numpy(), state.history.add())
     state_filename = snapshot_filename(param.snapshot_prefix, iteration, ".solverstate")
+    LOGGER.info("Snapshotting to binary proto file %s", model_filename)
     LOGGER.info("Snapshotting solver state to binary proto file %s", state_filename)
-    atomic_write(state_filename, state.SerializeToString())
+    # one set: a resume never finds a solverstate whose caffemodel is missing or from another snapshot
+    with AtomicFiles() as files:
+        files.write(model_filename, net.to_proto(write_diff=bool(param.snapshot_diff)).SerializeToString())
+        files.write(state_filename, state.SerializeToString())
     return model_filename
 
 
