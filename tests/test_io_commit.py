@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from amct_caffe import amct, caffe
+from amct_caffe import amct, caffe, cli
 from amct_caffe.errors import AmctError, OutputLockError, OutputWriteError
 from amct_caffe.model import atomic
 from amct_caffe.model.atomic import LOCK_NAME, TEMP_PREFIX, AtomicFiles, atomic_write, folder_lock
@@ -424,3 +424,47 @@ def test_lock_timeout_variable_is_checked(tmp_path, monkeypatch):
     with pytest.raises(AmctError, match=atomic.LOCK_TIMEOUT_ENV):
         atomic_write(tmp_path / "f.bin", b"new")
     assert os.listdir(tmp_path) == []
+
+
+# -- path problems through the API and the command line ------------------------------------------------------
+def test_ptq_save_model_path_problems(ptq_graph, tmp_path, monkeypatch):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(OutputWriteError, match="is a file, not a folder"):
+        amct.save_model(ptq_graph, "Both", str(tmp_path / "file" / "sub" / "m"))
+    # 225 + len("_fake_quant_weights.caffemodel") = 255 bytes: written; 226 is one byte too long
+    amct.save_model(ptq_graph, "Fakequant", str(tmp_path / "ok" / ("p" * 225)))
+    assert len(os.listdir(tmp_path / "ok")) == 3  # the two models and the quant.json
+    with pytest.raises(OutputWriteError, match="shorter name") as info:
+        amct.save_model(ptq_graph, "Fakequant", str(tmp_path / "long" / ("p" * 226)))
+    assert "_fake_quant_weights.caffemodel" in str(info.value)
+    real_open = os.open
+
+    def read_only(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(str(tmp_path / "ro")) and args and args[0] & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OutputWriteError, match="read-only"):
+        amct.save_model(ptq_graph, "Both", str(tmp_path / "ro" / "deep" / "m"))
+    assert sorted(os.listdir(tmp_path)) == ["file", "ok"]
+
+
+def test_cli_outputs_that_are_folders_leave_nothing(retrained, tmp_path, capsys, monkeypatch):
+    source, retrain, weights, _ = retrained
+    monkeypatch.setattr(qat, "_LAST_RETRAIN", None)
+    record = tmp_path / "rec.txt"
+    record.write_bytes((source / "rec.txt").read_bytes())
+    amct.save_quant_retrain_model(retrain, weights, "Fakequant", str(tmp_path / "m"), str(record), None)
+    (tmp_path / "float").mkdir()
+    model, float_weights = write_random_net(tmp_path / "float")
+    (tmp_path / "dir").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    capsys.readouterr()
+    fake = str(tmp_path / "m_fake_quant_model.prototxt")
+    assert cli.main(["pycaffe-rewrite", fake, str(tmp_path / "dir")]) == 1
+    assert cli.main(["retrain-config", "--model", model, "--weights", float_weights, "--output",
+                     str(tmp_path / "dir")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("folder" in line and str(tmp_path / "dir") in line for line in lines)
+    assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "dir") == []
