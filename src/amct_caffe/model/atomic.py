@@ -351,7 +351,7 @@ def _back_up(entry: _Staged) -> None:
     backup = _temp_path(entry.target, "bak")
     try:
         os.link(entry.target, backup, follow_symlinks=False)
-    except OSError:
+    except (OSError, NotImplementedError):
         # no hard links here (some network and FAT file systems): a copy restores the same bytes
         try:
             shutil.copy2(entry.target, backup, follow_symlinks=False)
@@ -519,7 +519,7 @@ def folder_lock(folder: str, timeout: float) -> Iterator[None]:
 def _acquire(path: str, deadline: float, timeout: float) -> int:
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_lock_file(path)
         except OSError as exc:
             raise _error(_StepError(os.path.dirname(path), "locking the folder", exc), []) from exc
         try:
@@ -535,6 +535,14 @@ def _acquire(path: str, deadline: float, timeout: float) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _open_lock_file(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        # a lock file another user's killed run left: flock works on a read-only descriptor too
+        return os.open(path, os.O_RDONLY)
 
 
 def _lock_fd(fd: int, path: str, deadline: float, timeout: float) -> bool:
