@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 
 from amct_caffe import amct, caffe, cli
+from amct_caffe.engine.net import Net
+from amct_caffe.engine.solver.snapshot import write_snapshot
 from amct_caffe.errors import AmctError, OutputLockError, OutputWriteError
 from amct_caffe.model import atomic
 from amct_caffe.model.atomic import LOCK_NAME, TEMP_PREFIX, AtomicFiles, atomic_write, folder_lock
+from amct_caffe.proto import caffe_pb2
 from amct_caffe.workflows import qat
 from tests.ptq_helpers import PtqFlow, calibration_batches
 from tests.references.nets import write_random_net
@@ -468,3 +471,20 @@ def test_cli_outputs_that_are_folders_leave_nothing(retrained, tmp_path, capsys,
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all("folder" in line and str(tmp_path / "dir") in line for line in lines)
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "dir") == []
+
+
+def test_solver_snapshot_is_one_set(tmp_path, monkeypatch):
+    """The solverstate's rename fails: the caffemodel of the same snapshot is not left alone either."""
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+        'inner_product_param { num_output: 2 } }\n')
+    net = Net(str(tmp_path / "net.prototxt"), caffe.TEST)
+    param = caffe_pb2.SolverParameter(snapshot_prefix=str(tmp_path / "snap" / "s"))
+    Fault(monkeypatch, "replace", 2)
+    with pytest.raises(OutputWriteError, match="s_iter_7.solverstate"):
+        write_snapshot(net, param, 7, 0, [], "solver")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["net.prototxt"]  # the snap folder it created is gone too
+    assert write_snapshot(net, param, 7, 0, [], "solver") == str(tmp_path / "snap" / "s_iter_7.caffemodel")
+    assert sorted(os.listdir(tmp_path / "snap")) == ["s_iter_7.caffemodel", "s_iter_7.solverstate"]
