@@ -260,12 +260,14 @@ logging.getLogger("amct_caffe").setLevel(logging.WARNING)
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
 
-deploy.ClearField("input_shape")
 result = {}
-engine_param = caffe_pb2.NetParameter()
-engine_param.CopyFrom(deploy)
-if engine_param.layer and engine_param.layer[0].type == "Input":
-    engine_param.layer[0].input_param.shape[0].dim[0] = batch
+engine_param = caffe_pb2.NetParameter(name=deploy.name)
+data = engine_param.layer.add(name="data", type="Input")
+data.top.append("data")
+data.input_param.shape.add().dim.extend(shape)
+for l in deploy.layer:
+    if l.type != "Input":
+        engine_param.layer.add().CopyFrom(l)
 net = Net(engine_param, caffe_pb2.TEST)
 randomize_params(net, seed=0)
 net.input_layer(net.inputs[0]).set_input(net.inputs[0], x)
