@@ -182,43 +182,50 @@ def _use_gpu(device_id: int | None) -> None:
     caffe.set_mode_gpu()
 
 
+def _train_options(args: argparse.Namespace) -> Any:
+    from amct_caffe.workflows.train import TrainOptions
+
+    weights = tuple(w for w in (args.weights or "").split(",") if w)
+    return TrainOptions(args.solver, weights, args.snapshot, args.gpu)
+
+
+def print_train_summary(summary: Any) -> None:
+    """What ``train`` prints when it is done (rank 0's summary in a data-parallel run)."""
+    done = summary.end_iter - summary.start_iter
+    per_step = f", {summary.seconds / done * 1000:.1f} ms/iteration" if done else ""
+    workers = f" on {summary.workers} workers" if summary.workers > 1 else ""
+    print(f"trained {summary.net_name} to iteration {summary.end_iter} ({done} iteration(s) in "
+          f"{summary.seconds:.1f} s{per_step}{workers})", flush=True)
+    for i, results in enumerate(summary.test_results):
+        if results:
+            shown = ", ".join(f"{name} = {value:.6g}" for name, value in results)
+            print(f"test net #{i}: {shown}", flush=True)
+    if summary.snapshot:
+        print(f"snapshot: {summary.snapshot}", flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a net with a Caffe solver prototxt in the amct-caffe engine, as `caffe train` does: optionally
     start from weights (--weights, comma-separated caffemodels copied into the nets by layer name) or resume
-    from a solver state (--snapshot); snapshots and tests follow the solver file."""
-    from amct_caffe import caffe
+    from a solver state (--snapshot); snapshots and tests follow the solver file. --nproc N trains
+    data-parallel on N local workers (torch.distributed; each runs the solver's batch_size); under torchrun
+    the same command runs as one worker of the run torchrun describes."""
+    from amct_caffe.workflows.train import train, train_parallel
 
-    if args.weights and args.snapshot:
-        raise ConfigError("give --snapshot to resume training or --weights to fine-tune, not both "
-                          "(as caffe train)")
-    _check_file(args.solver, "SOLVER")
-    _check_file(args.snapshot, "--snapshot")
-    weights = [w for w in (args.weights or "").split(",") if w]
-    for w in weights:
-        _check_file(w, "--weights")
-    _use_gpu(args.gpu)
-    solver = caffe.get_solver(args.solver)
-    for w in weights:
-        solver.net.copy_from(w)
-        for net in solver.test_nets:
-            net.copy_from(w)
-    if args.snapshot:
-        solver.restore(args.snapshot)  # what solve(resume_file) does first; done here to count the steps
-    start_iter = solver.iter
-    start = time.perf_counter()
-    solver.solve()
-    elapsed = time.perf_counter() - start
-    done = solver.iter - start_iter
-    per_step = f", {elapsed / done * 1000:.1f} ms/iteration" if done else ""
-    print(f"trained {solver.net.param.name or 'net'} to iteration {solver.iter} ({done} iteration(s) in "
-          f"{elapsed:.1f} s{per_step})")
-    for i, results in enumerate(solver.test_results):
-        if results:
-            shown = ", ".join(f"{name} = {value:.6g}" for name, value in results)
-            print(f"test net #{i}: {shown}")
-    snapshot = solver.snapshot_filename(".caffemodel")
-    if os.path.isfile(snapshot):
-        print(f"snapshot: {snapshot}")
+    options = _train_options(args)
+    if args.nproc is not None and args.nproc != 1:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc}: give at least 1 worker")
+        if "WORLD_SIZE" in os.environ:
+            raise ConfigError("--nproc starts local workers; under torchrun leave it out (torchrun's "
+                              "--nproc-per-node sets the workers)")
+        train_parallel(options, args.nproc, report=print_train_summary)
+        return 0
+    summary = train(options)
+    from amct_caffe.engine.distributed import world
+
+    if world().is_root:
+        print_train_summary(summary)
     return 0
 
 
@@ -461,7 +468,12 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="weights to start from (copied by layer name), e.g. the retrain caffemodel")
     p.add_argument("--snapshot", metavar="SOLVERSTATE", help="a .solverstate to resume training from")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
-                   help="train on CUDA device ID (default 0 when given without ID)")
+                   help="train on CUDA device ID (default 0 when given without ID); with --nproc N, "
+                        "worker i uses device ID + i")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel on N local worker processes (torch.distributed: gloo on CPU, "
+                        "NCCL on CUDA); each runs the solver's batch_size, so the effective batch is "
+                        "batch_size x N. Under torchrun leave it out")
 
     p = _add(sub, "save-retrain", cmd_save_retrain,
              "save a retrained model as fake-quant and/or deploy model (save_quant_retrain_model)", debug)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from amct_caffe.engine import distributed
 from amct_caffe.engine.layers.base import TEST, Layer, Tensor
 from amct_caffe.engine.layers.registry import register
 from amct_caffe.engine.transform import COLOR, GRAY, DataTransformer, decode_image, hwc_to_chw, resize_linear
@@ -54,8 +55,9 @@ def _require(layer: Layer, module: str, package: str) -> ModuleType:
 
 
 def _layer_rng(layer: Layer) -> np.random.Generator:
-    """A generator per layer: reproducible after ``torch.manual_seed``, different for each layer name."""
-    seed = int(torch.initial_seed()) & 0xFFFFFFFFFFFFFFFF
+    """A generator per layer: reproducible after ``torch.manual_seed``, different for each layer name, and
+    the same on every worker of a data-parallel run (so their shares of a shuffled source never overlap)."""
+    seed = distributed.data_seed() & 0xFFFFFFFFFFFFFFFF
     return np.random.default_rng([seed, zlib.crc32(layer.name.encode("utf-8"))])
 
 
@@ -64,10 +66,8 @@ def _shard(layer: Layer) -> tuple[int, int]:
     record (``offset % N == rank``); in TEST every rank reads everything. One process: (1, 0)."""
     if layer.phase == TEST:
         return 1, 0
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size()), int(dist.get_rank())
-    return 1, 0
+    w = distributed.world()
+    return w.size, w.rank
 
 
 def _read_text(layer: Layer, path: str, field: str) -> str:
@@ -392,7 +392,9 @@ class ImageData(_DataSource):
     bilinear ``cv::resize`` (see :func:`amct_caffe.engine.transform.resize_linear`; a real OpenCV can
     differ by one grey level at some pixels). Then ``transform_param`` applies. Tops: data (batch_size,
     C, H, W) and label (batch_size,). ``shuffle`` shuffles the list at setup and at every wrap (own RNG);
-    ``rand_skip`` skips a random number ``< rand_skip`` of lines at setup.
+    ``rand_skip`` skips a random number ``< rand_skip`` of lines at setup. In a data-parallel TRAIN run each
+    of N workers keeps every N-th line, as Caffe's Data and HDF5Data layers do (Caffe's ImageDataLayer has no
+    such share and would give every worker the same images).
     """
 
     exact_tops = 2
@@ -420,6 +422,8 @@ class ImageData(_DataSource):
         if self.shuffle:
             self._shuffle()
         self.lines_id = 0
+        #: Lines visited since setup, for the data-parallel share (see :func:`_shard`).
+        self.offset = 0
         if p.rand_skip:
             skip = int(self.rng.integers(1 << 32)) % int(p.rand_skip)
             if len(self.lines) <= skip:
@@ -451,17 +455,24 @@ class ImageData(_DataSource):
             img = resize_linear(img, self.new_height, self.new_width)
         return hwc_to_chw(img)
 
+    def _next_line(self) -> None:
+        self.lines_id += 1
+        self.offset += 1
+        if self.lines_id >= len(self.lines):
+            self.lines_id = 0
+            if self.shuffle:
+                self._shuffle()
+
     def next_batch(self) -> list[np.ndarray]:
+        size, rank = _shard(self)
         items: list[np.ndarray] = []
         labels = np.empty(self.batch_size, dtype=np.float32)
         for i in range(self.batch_size):
+            while size > 1 and self.offset % size != rank:
+                self._next_line()
             items.append(self._read(self.lines_id))
             labels[i] = self.lines[self.lines_id][1]
-            self.lines_id += 1
-            if self.lines_id >= len(self.lines):
-                self.lines_id = 0
-                if self.shuffle:
-                    self._shuffle()
+            self._next_line()
         return [self.transformer.transform_items(items), labels]
 
 

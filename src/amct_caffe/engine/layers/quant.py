@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from amct_caffe.engine.layers.base import Layer, Tensor
+from amct_caffe.engine import distributed
+from amct_caffe.engine.layers.base import TRAIN, Layer, Tensor
 from amct_caffe.engine.layers.registry import register
 from amct_caffe.errors import AmctError, UnsupportedLayerError
 from amct_caffe.log import get_logger
@@ -219,10 +220,17 @@ class ActivationQAT(Layer):
         if min_changed:
             cmin.copy_(new_min)
 
+    def _statistics_input(self, x: Tensor) -> Tensor:
+        """What IFMR initialises the clips from: this batch, or in a data-parallel TRAIN run every worker's
+        batch (so all workers start from the same clips, those one worker with the whole batch would get)."""
+        if self.phase == TRAIN:
+            return distributed.gather(x)
+        return x.detach()
+
     def _ifmr_clips(self, x: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
         """Step 3: clips from IFMR on this batch; they also become the previous good values."""
         try:
-            s, o = ifmr(x.detach())
+            s, o = ifmr(self._statistics_input(x))
         except AmctError as exc:
             raise _with_layer(self, exc) from exc
         cmin, cmax = ifmr_to_clips(s, o)

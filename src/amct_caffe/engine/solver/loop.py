@@ -19,6 +19,16 @@ Record shapes: after each forward of one of its nets the solver runs that net's
 ``ActivationQAT`` layers into the record file their parameter names, once per layer (AMCT's retrain layers
 do that on their first forward); nets without such layers have a hook that does nothing.
 
+Data-parallel training (:mod:`amct_caffe.engine.distributed`): when the environment describes several
+workers (``torchrun``, or ``amct-caffe train --nproc N``) the solver joins their process group when it is
+built, and then follows Caffe's multi-GPU rules: every worker runs ``batch_size`` per iteration and its data
+layers keep every N-th record (:mod:`amct_caffe.engine.layers.data_sources`); rank 0's weights are copied
+to all workers before the first iteration; each iteration's gradients are averaged over the workers before
+``on_gradients_ready`` callbacks and the update, so every worker applies the same update and the weights
+(clip bounds and shadow weights included) stay identical; the loss reported is the workers' mean; tests,
+snapshots, record shapes and log lines are rank 0's alone. ``random_seed`` seeds worker ``r`` with
+``random_seed + r`` (Caffe's rule), and the data layers' shuffles use one seed agreed by all workers.
+
 Progress: a tqdm bar over the iterations of ``step``/``solve`` (with the smoothed loss and the learning
 rate; shown when stderr is a terminal and more than one iteration is asked), and every ``display``
 iterations Caffe's log lines ``Iteration N, loss = X``, ``Train net output #k: ...`` and
@@ -37,7 +47,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from amct_caffe.engine.device import full_float32
+from amct_caffe.engine import distributed
+from amct_caffe.engine.device import current_device, full_float32, set_device
+from amct_caffe.engine.layers.quant import ActivationQAT
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.record_shapes import RecordShapesHook
 from amct_caffe.engine.solver.float32 import f32
@@ -69,6 +81,7 @@ from amct_caffe.engine.solver.snapshot import (
     snapshot_filename,
     write_snapshot,
 )
+from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.proto import caffe_pb2
 
@@ -103,6 +116,7 @@ class Solver:
             nets' forwards (:class:`~amct_caffe.engine.record_shapes.RecordShapesHook`).
         history: the update history, one tensor per learnable blob (two sets for AdaDelta and Adam).
         smoothed_loss: the loss averaged over the last ``average_loss`` iterations of the current step.
+        world: this worker's place in a data-parallel run (one process: rank 0 of 1).
         test_results: per test net, ``[(output name, mean value), ...]`` of the last test.
 
     Raises:
@@ -119,17 +133,21 @@ class Solver:
         check_solver_param(self.param, self._where)
         self.rule.check(self.param, self._where)
         p = self.param
+        self.world = self._join_workers()
         if p.random_seed >= 0:
             from amct_caffe.engine.fillers import set_random_seed
 
-            # Caffe::set_random_seed seeds every generator before the nets (and their fillers) are built
-            set_random_seed(int(p.random_seed))
-            torch.manual_seed(int(p.random_seed))
+            # Caffe::set_random_seed seeds every generator before the nets (and their fillers) are built;
+            # in a multi-GPU run each solver gets random_seed + its rank
+            set_random_seed(int(p.random_seed) + self.world.rank)
+            torch.manual_seed(int(p.random_seed) + self.world.rank)
+        distributed.agree_on_data_seed()
         self.net: Net = self._init_train_net()
         self.test_nets: list[Net] = self._init_test_nets()
         # AMCT's retrain layers update the record file's shapes when they first run: a step after forwards
-        self.train_record_shapes = RecordShapesHook.for_net(self.net)
-        self.test_record_shapes = [RecordShapesHook.for_net(net) for net in self.test_nets]
+        # (rank 0's alone in a data-parallel run: one writer per record file)
+        self.train_record_shapes = self._record_shapes(self.net)
+        self.test_record_shapes = [self._record_shapes(net) for net in self.test_nets]
         self.iter = 0
         self.current_step = 0
         self.rate = 0.0
@@ -137,6 +155,8 @@ class Solver:
         self.smoothed_loss = np.float32(0.0)
         self.test_results: list[list[tuple[str, float]]] = [[] for _ in self.test_nets]
         self.callbacks: list[tuple[Callback | None, Callback | None]] = []
+        #: False until rank 0's weights were copied to every worker (done before the first iteration).
+        self.weights_shared = not self.world.distributed
         self._params = learnable_params(self.net)
         enable_param_grads(self.net, self._params)
         for test_net in self.test_nets:
@@ -146,6 +166,53 @@ class Solver:
             for _ in range(self.rule.history_sets)
             for blob in (blob_of(self.net, lp) for lp in self._params)
         ]
+
+    # -- data-parallel workers ------------------------------------------------------------------------------
+    @staticmethod
+    def _join_workers() -> distributed.World:
+        """Join the workers the environment describes; a CUDA worker computes on ``cuda:LOCAL_RANK``."""
+        wanted = distributed.requested_world()
+        if wanted.distributed and current_device().type == "cuda":
+            set_device(wanted.local_rank)
+        return distributed.init_from_env(current_device())
+
+    def _record_shapes(self, net: Net) -> RecordShapesHook:
+        return RecordShapesHook.for_net(net) if self.world.is_root else RecordShapesHook([])
+
+    def _share_weights(self) -> None:
+        """Copy rank 0's blobs (weights, statistics, clips) and update history to every worker."""
+        if self.weights_shared:
+            return
+        if self._test_due() and not all(
+            layer.clips_ready for layer in self.net.engine_layers if isinstance(layer, ActivationQAT)
+        ):
+            raise ConfigError(
+                f"{self._where}: test_initialization is true but the retrain layers' clips are set by IFMR "
+                "on the first training batch; in a data-parallel run tests run on rank 0 alone, so set "
+                "test_initialization: false (AMCT's rule for retraining)."
+            )
+        blobs: dict[int, Tensor] = {}
+        for layer in self.net.engine_layers:
+            for blob in layer.blobs:
+                blobs.setdefault(id(blob), blob)
+        distributed.broadcast([*blobs.values(), *self.history])
+        self.weights_shared = True
+
+    def _average_gradients(self) -> None:
+        """Replace each learnable blob's gradient by the workers' mean (a missing gradient counts as zeros,
+        which is what the update uses for it)."""
+        if not self.world.distributed:
+            return
+        grads: dict[int, Tensor] = {}
+        for lp in self._params:
+            if not lp.need_grad:
+                continue
+            for li, bi in lp.users:
+                blob = self.net.engine_layers[li].blobs[bi]
+                if blob.grad is None:
+                    blob.grad = torch.zeros_like(blob)
+                grads.setdefault(id(blob), blob.grad)
+        distributed.average(list(grads.values()))
 
     # -- the nets -------------------------------------------------------------------------------------------
     def make_net(self, source: str | caffe_pb2.NetParameter, phase: int, level: int,
@@ -207,7 +274,7 @@ class Solver:
     def apply_update(self) -> None:
         """Caffe's ``SGDSolver::ApplyUpdate`` on the accumulated gradients (see :mod:`.rules`)."""
         self.rate = self.learning_rate()
-        if self._display_now():
+        if self._display_now() and self.world.is_root:
             LOGGER.info("Iteration %d, lr = %g", self.iter, self.rate)
         diffs = [accumulated_gradient(self.net, lp) for lp in self._params]
         clip_gradients(diffs, self.param.clip_gradients)
@@ -252,7 +319,7 @@ class Solver:
         """One iteration of ``step`` (see the module docstring)."""
         p = self.param
         clear_param_grads(self.net, self._params)
-        if self._test_due():
+        if self._test_due() and self.world.is_root:
             self.test_all()
         for on_start, _ in self.callbacks:
             if on_start is not None:
@@ -261,26 +328,29 @@ class Solver:
         loss = f32(0.0)
         for _ in range(p.iter_size):
             loss = f32(loss + f32(self.forward_backward()))
-        self._update_smoothed_loss(f32(loss / f32(p.iter_size)), start_iter, p.average_loss)
-        if display:
+        loss = f32(distributed.mean_value(float(f32(loss / f32(p.iter_size)))))
+        self._update_smoothed_loss(loss, start_iter, p.average_loss)
+        if display and self.world.is_root:
             self._log_train_outputs()
+        self._average_gradients()
         for _, on_gradients_ready in self.callbacks:
             if on_gradients_ready is not None:
                 on_gradients_ready()
         self.apply_update()
         self.iter += 1
-        if p.snapshot and self.iter % p.snapshot == 0:
+        if p.snapshot and self.iter % p.snapshot == 0 and self.world.is_root:
             self.snapshot()
 
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's ``Solver::Step``), with a tqdm progress bar."""
         iters = int(iters)
+        self._share_weights()
         start_iter = self.iter
         stop_iter = self.iter + iters
         self.losses = []
         self.smoothed_loss = f32(0.0)
         bar = tqdm(total=max(iters, 0), desc=f"Training {self.net.param.name or 'net'}", unit="iter",
-                   disable=None if iters > 1 else True, dynamic_ncols=True)
+                   disable=None if iters > 1 and self.world.is_root else True, dynamic_ncols=True)
         with contextlib.ExitStack() as stack:
             stack.callback(bar.close)
             if not bar.disable:
@@ -306,16 +376,18 @@ class Solver:
         start_iter = self.iter
         self.step(self.param.max_iter - self.iter)
         p = self.param
-        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+        root = self.world.is_root
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) and root:
             self.snapshot()
         if self._display_now():
             with torch.no_grad():
                 self.net.run()
                 self.train_record_shapes.after_forward()
-                loss = f32(float(self.net.loss()))
+                loss = f32(distributed.mean_value(float(self.net.loss())))
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
-            LOGGER.info("Iteration %d, loss = %g", self.iter, float(self.smoothed_loss))
-        if p.test_interval and self.iter % p.test_interval == 0:
+            if root:
+                LOGGER.info("Iteration %d, loss = %g", self.iter, float(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0 and root:
             self.test_all()
         LOGGER.info("Optimization Done.")
 
