@@ -336,9 +336,10 @@ class Net:
         Layers of the caffemodel that the net lacks are ignored; layers of the net absent from the
         caffemodel keep their filler values. Both are logged. Where several layers of the net share a name,
         every caffemodel layer of that name is copied into the first of them, as Caffe's linear search
-        does; the later ones keep their filler values (a WARNING names them when they have blobs). Blobs only: the layers stay what the net was
-        built with, so a deploy caffemodel's integer blobs need a net built with the integer variants
-        (:func:`amct_caffe.emulation.loader.load_net`, or ``caffe.Net``).
+        does; the later ones keep their filler values (a WARNING names them when they have blobs).
+        Blobs only: the layers stay what the net was built with, so a deploy caffemodel's integer blobs need
+        a net built with the integer variants (:func:`amct_caffe.emulation.loader.load_net`, or
+        ``caffe.Net``).
 
         Args:
             weights: a caffemodel path or a parsed ``NetParameter``.
@@ -381,7 +382,8 @@ class Net:
             elif layer.blobs and by_name[layer.name] is not layer:
                 LOGGER.warning(
                     "Layer '%s' shares its name with an earlier layer, which got the caffemodel's weights of "
-                    "that name (as in Caffe); this one keeps its filler values. Rename one of them.", layer.name
+                    "that name (as in Caffe); this one keeps its filler values. Rename one of them.",
+                    layer.name,
                 )
 
     @staticmethod

@@ -106,7 +106,8 @@ class Axpy(Layer):
         if x.dim() < 2 or a.dim() != x.dim() or tuple(a.shape[:2]) != tuple(x.shape[:2]) or \
                 any(int(d) != 1 for d in a.shape[2:]):
             raise self.error(
-                f"bottom 0 must be (N, C, 1, 1) for bottoms of shape {tuple(x.shape)}; it is {tuple(a.shape)}."
+                f"bottom 0 must be (N, C, 1, 1) for bottoms of shape {tuple(x.shape)}; it is "
+                f"{tuple(a.shape)}."
             )
         return [a * x + y]
 
@@ -276,7 +277,9 @@ class Upsample(Layer):
                 raise self.error(f"scale must be an integer for max-unpooling (got {scale}).")
             factors = (int(scale), int(scale))
         if min(factors) <= 1:
-            raise self.error(f"the upsampling factors must be greater than 1 (got {factors[0]}x{factors[1]}).")
+            raise self.error(
+                f"the upsampling factors must be greater than 1 (got {factors[0]}x{factors[1]})."
+            )
         pad_out = (int(p.pad_out_h), int(p.pad_out_w))
         for axis, name in ((0, "h"), (1, "w")):
             if pad_out[axis] and factors[axis] != 2:
@@ -314,8 +317,10 @@ class Upsample(Layer):
 
     def _unpool(self, x: Tensor, mask: Tensor) -> Tensor:
         if mask.shape != x.shape:
-            raise self.error(f"the mask (bottom 1, shape {tuple(mask.shape)}) must have the shape of bottom 0 "
-                             f"{tuple(x.shape)}.")
+            raise self.error(
+                f"the mask (bottom 1, shape {tuple(mask.shape)}) must have the shape of bottom 0 "
+                f"{tuple(x.shape)}."
+            )
         n, c, h, w = (int(d) for d in x.shape)
         if self.fixed_size is not None:
             out_h, out_w = self.fixed_size

@@ -352,16 +352,18 @@ class Pooling(Layer):
 
     Output size (Caffe, not torch): ``pooled = ceil((in + 2*pad - k) / stride) + 1`` (``floor`` with
     ``round_mode: FLOOR``, or with the forks' ``ceil_mode: false`` -- BVLC PR 3057, Huawei's ATC proto;
-    giving both with opposite meanings is an error, docs/fork-layers.md); then, only when some pad is nonzero, a last window that would start in the
-    right/bottom padding is dropped (``(pooled-1)*stride >= in + pad``). Without padding Caffe keeps such
-    a window even when it lies wholly outside the image (MAX then yields ``-FLT_MAX``, AVE ``0`` or NaN
-    as Caffe's division by its window size gives).
+    giving both with opposite meanings is an error, docs/fork-layers.md); then, only when some pad is
+    nonzero, a last window that would start in the right/bottom padding is dropped
+    (``(pooled-1)*stride >= in + pad``). Without padding Caffe keeps such a window even when it lies wholly
+    outside the image (MAX then yields ``-FLT_MAX``, AVE ``0`` or NaN as Caffe's division by its window size
+    gives).
 
     MAX ignores positions outside the image. With a second top, MAX also writes Caffe's argmax mask: the
     index ``h * W + w`` of each window's first maximum within its input plane (as float; -1 for a window
-    that covers no input position), the mask that SegNet's ``Upsample`` reads. AVE divides each window's sum over the image by Caffe's
-    ``pool_size``: the window clipped to the padded image ``[-pad, in + pad)``, so the left/top padding
-    counts but the ceil-mode overhang past ``in + pad`` does not.
+    that covers no input position), the mask that SegNet's ``Upsample`` reads. AVE divides each window's
+    sum over the image by Caffe's ``pool_size``: the window clipped to the padded image
+    ``[-pad, in + pad)``, so the left/top padding counts but the ceil-mode overhang past ``in + pad`` does
+    not.
 
     Fast path: torch's ``max_pool2d``/``avg_pool2d`` (``count_include_pad=True``) use the same window and
     divisor rules and the same last-window clipping, so they give Caffe's result whenever their output size
