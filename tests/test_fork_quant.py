@@ -153,9 +153,8 @@ def test_ptq_on_a_net_with_fork_layers(fork_model, tmp_path):
 
 
 def test_convolution_depthwise_without_num_output_is_refused_with_the_fix(tmp_path):
-    text = FORK_DEPLOY.replace('type: "ConvolutionDepthwise" bottom: "conv1" top: "dw"\n  convolution_param { '
-                               'num_output: 8', 'type: "ConvolutionDepthwise" bottom: "conv1" top: "dw"\n  '
-                               'convolution_param {')
+    head = 'type: "ConvolutionDepthwise" bottom: "conv1" top: "dw"\n  convolution_param {'
+    text = FORK_DEPLOY.replace(head + " num_output: 8", head)
     assert text != FORK_DEPLOY
     model = tmp_path / "no_num_output.prototxt"
     model.write_text(text)
