@@ -39,7 +39,7 @@ class ConvolutionDepthwise(Convolution):
     the quantization flows rewrite it to (docs/fork-layers.md).
     """
 
-    origin = "MobileNet ports (farmingyard/caffe-mobilenet conv_dw_layer.cpp)"
+    origin = "MobileNet ports"
     depthwise = True
 
 
@@ -49,7 +49,7 @@ class DepthwiseConvolution(Convolution):
     ``depthwise_conv_layer.cpp``, which computes what ``Convolution`` computes with the same
     ``convolution_param`` (``group`` is normally the channel count)."""
 
-    origin = "MobileNet ports (yonghenglh6/DepthwiseConvolution depthwise_conv_layer.cpp)"
+    origin = "MobileNet ports"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ class ShuffleChannel(Layer):
     ``shuffle_channel_param.group`` (default 1, the identity).
     """
 
-    origin = "ShuffleNet (farmingyard/ShuffleNet shuffle_channel_layer.cpp)"
+    origin = "ShuffleNet"
     exact_bottoms = 1
     exact_tops = 1
 
@@ -94,7 +94,7 @@ class Axpy(Layer):
     broadcast over H and W.
     """
 
-    origin = "SENet (hujie-frank/SENet axpy_layer.cpp)"
+    origin = "SENet"
     exact_bottoms = 3
     exact_tops = 1
 
@@ -123,7 +123,7 @@ class Reorg(Layer):
     (N, C/(s*s), H*s, W*s)). C must be a multiple of s*s and, without ``reverse``, H and W of s.
     """
 
-    origin = "YOLOv2 ports (gklz1982/caffe-yolov2 reorg_layer.cpp)"
+    origin = "YOLOv2 ports"
     exact_bottoms = 1
     exact_tops = 1
 
@@ -172,7 +172,7 @@ class Interp(Layer):
     bilinear (source row ``h * (eff - 1) / (out - 1)``); an output of the effective size is a copy.
     """
 
-    origin = "PSPNet, DeepLab (hszhao/PSPNet interp_layer.cpp, util/interp.cpp)"
+    origin = "PSPNet/DeepLab"
     exact_bottoms = 1
     exact_tops = 1
 
@@ -241,7 +241,7 @@ class Upsample(Layer):
       size factor is the stride and ``scale`` multiplies the values.
     """
 
-    origin = "darknet ports (ChenYingpeng/darknet2caffe upsample_layer); SegNet/ENet (upsample_layer.cpp)"
+    origin = "darknet ports, SegNet/ENet"
     min_bottoms = 1
     max_bottoms = 2
     exact_tops = 1
@@ -364,7 +364,7 @@ class BN(Layer):
       (``lr_mult: 0``); ``frozen`` also fixes slope and bias.
     """
 
-    origin = "SegNet/ENet (alexgkendall/caffe-segnet bn_layer.cpp); PSPNet (hszhao/PSPNet bn_layer.cpp)"
+    origin = "SegNet/ENet, PSPNet"
     exact_bottoms = 1
     exact_tops = 1
 
