@@ -33,7 +33,8 @@ def layer_section() -> str:
         "ssd": "SSD", "quant": "AMCT", "calibration": "AMCT calibration", "fork": "Caffe forks",
     }
     order = list(titles) + sorted(set(groups) - set(titles))
-    lines = [f"- **{titles.get(m, m)}** ({m}.py): " + _listing(groups[m], origins) for m in order if m in groups]
+    lines = [f"- **{titles.get(m, m)}** ({m}.py): " + _listing(groups[m], origins)
+             for m in order if m in groups]
     return "\n".join(lines)
 
 
@@ -44,7 +45,8 @@ def _listing(types: list[str], origins: dict[str, str]) -> str:
     by_origin: dict[str, list[str]] = {}
     for t in types:
         by_origin.setdefault(origins[t] or "BVLC", []).append(t)
-    return "; ".join(f"{origin}: " + ", ".join(f"`{t}`" for t in names) for origin, names in by_origin.items())
+    return "; ".join(f"{origin}: " + ", ".join(f"`{t}`" for t in names)
+                     for origin, names in by_origin.items())
 
 
 def render(readme: str) -> str:
