@@ -18,6 +18,7 @@ from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError, DuplicateLayerNameError
 from amct_caffe.model.io import load_prototxt, prototxt_text, save_caffemodel
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.workflows.inspect import inspect_net
 from tests.helpers import deploy_view, parse_net
 from tests.references.nets import synthetic_training_net
 
@@ -177,3 +178,16 @@ def test_quantization_refuses_duplicate_layer_names_naming_both(fork_model, tmp_
         amct.create_quant_config(str(tmp_path / "c.json"), str(model), weights)
     with pytest.raises(DuplicateLayerNameError, match=expected):
         amct.create_quant_retrain_config(str(tmp_path / "q.json"), str(model), weights)
+
+
+def test_inspect_shows_what_quantization_does_with_fork_layers(fork_model, tmp_path):
+    _, model, _ = fork_model
+    rows = {layer.name: layer for layer in inspect_net(model).layers}
+    assert rows["dw"].type == "ConvolutionDepthwise" and rows["dw"].qat == "yes"
+    assert rows["dw2"].qat == "yes" and rows["bn"].qat == "no" and rows["interp"].qat == "no"
+    dup = tmp_path / "dup.prototxt"
+    dup.write_text(FORK_DEPLOY.replace('name: "dw2"', 'name: "dw"'))
+    rows_by_index = inspect_net(str(dup)).layers
+    assert [r.qat for r in rows_by_index if r.name == "dw"] == ["no: another layer has this name (rename one "
+                                                               "to quantize)"] * 2
+    assert {r.name: r for r in rows_by_index}["conv2"].qat == "yes"
