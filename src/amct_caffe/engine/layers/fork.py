@@ -188,9 +188,10 @@ class Interp(Layer):
         has_shrink, has_zoom = p.HasField("shrink_factor"), p.HasField("zoom_factor")
         if not (has_shrink or has_zoom or (p.HasField("height") and p.HasField("width"))):
             raise self.error("needs shrink_factor, zoom_factor, both, or height and width in interp_param.")
-        for name, given in (("shrink_factor", has_shrink), ("zoom_factor", has_zoom)):
-            if given and getattr(p, name) < 1:
-                raise self.error(f"{name} must be >= 1 (got {getattr(p, name)}).")
+        if has_shrink and p.shrink_factor < 1:
+            raise self.error(f"shrink_factor must be >= 1 (got {p.shrink_factor}).")
+        if has_zoom and p.zoom_factor < 1:
+            raise self.error(f"zoom_factor must be >= 1 (got {p.zoom_factor}).")
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The top's (height, width) for a bottom of ``height x width``."""
@@ -201,16 +202,17 @@ class Interp(Layer):
                              "bottom.")
         has_shrink, has_zoom = p.HasField("shrink_factor"), p.HasField("zoom_factor")
         if has_shrink or has_zoom:
-            out = eff
+            out_h, out_w = eff
             if has_shrink:
-                out = tuple((e - 1) // p.shrink_factor + 1 for e in out)  # type: ignore[assignment]
+                out_h, out_w = (out_h - 1) // p.shrink_factor + 1, (out_w - 1) // p.shrink_factor + 1
             if has_zoom:
-                out = tuple(e + (e - 1) * (p.zoom_factor - 1) for e in out)  # type: ignore[assignment]
+                zoom = int(p.zoom_factor)
+                out_h, out_w = out_h + (out_h - 1) * (zoom - 1), out_w + (out_w - 1) * (zoom - 1)
         else:
-            out = (int(p.height), int(p.width))
-        if min(out) <= 0:
-            raise self.error(f"the output size {out[0]}x{out[1]} must be positive.")
-        return out
+            out_h, out_w = int(p.height), int(p.width)
+        if min(out_h, out_w) <= 0:
+            raise self.error(f"the output size {out_h}x{out_w} must be positive.")
+        return out_h, out_w
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
@@ -380,12 +382,14 @@ class BN(Layer):
             )
         #: PSPNet's four-blob form (else SegNet's two blobs).
         self.pspnet = pspnet or (not segnet and len(param.param) > 2)
+        #: The bottom's channel count, set by :meth:`setup`.
         self.channels: int | None = None
+        #: PSPNet's parameters (unused in SegNet's form).
+        self.momentum, self.eps, self.frozen = float(p.momentum), float(p.eps), bool(p.frozen)
+        #: SegNet's ``bn_mode: INFERENCE`` (unused in PSPNet's form).
+        self.inference = p.bn_mode == caffe_pb2.BNParameter.INFERENCE
         if self.pspnet:
-            self.momentum, self.eps, self.frozen = float(p.momentum), float(p.eps), bool(p.frozen)
             self._fix_learning_rates(param)
-        else:
-            self.inference = p.bn_mode == caffe_pb2.BNParameter.INFERENCE
 
     def _fix_learning_rates(self, param: caffe_pb2.LayerParameter) -> None:
         """As PSPNet's LayerSetUp: the statistics (and, when frozen, slope and bias) get lr_mult 0."""
