@@ -3,8 +3,8 @@ duplicate layer names.
 
 Expected values come from tests/references/fork_layers.py (the canonical C++ loops in numpy), from hand
 computations, and -- for what the reference Caffe implements (Pooling's ceil_mode and argmax mask, darknet's
-Upsample, duplicate layer names) -- from the real Caffe in a subprocess. Backward passes are checked against
-finite differences of the numpy references.
+Upsample, align-corners bilinear as Interp computes it, duplicate layer names) -- from the real Caffe in a
+subprocess. Backward passes are checked against finite differences of the numpy references.
 """
 
 from __future__ import annotations
@@ -484,3 +484,21 @@ def test_quantization_graphs_refuse_duplicate_names_naming_both_layers():
                 r".*rename one")
     with pytest.raises(DuplicateLayerNameError, match=expected):
         Graph(parse_net(DUPLICATE_NET), "dup.prototxt")
+
+
+BILINEAR_REF_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 6 } } }
+layer { name: "bi" type: "BilinearInterpolate" bottom: "data" top: "bi"
+  bilinear_interpolate_param { dst_h: 9 dst_w: 11 align_corners: true } }
+"""
+
+
+@pytest.mark.reference
+def test_interp_matches_the_reference_caffes_align_corners_bilinear(reference_caffe):
+    # The reference fork has no Interp; its BilinearInterpolate with align_corners is the same resize.
+    x = rand(2, 3, 5, 6, seed=51)
+    layer = helpers.make_layer('type: "Interp" interp_param { zoom_factor: 2 }', x)
+    (out,) = forward(layer, x)
+    expected = run_reference(BILINEAR_REF_NET, inputs={"data": x})["blobs"]["bi"]
+    assert out.shape == expected.shape == (2, 3, 9, 11)
+    assert_close(out, expected, "interp")
