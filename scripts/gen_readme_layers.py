@@ -21,18 +21,32 @@ def layer_section() -> str:
     from amct_caffe.engine.layers import layer_class, supported_types
 
     groups: dict[str, list[str]] = {}
+    origins: dict[str, str] = {}
     for name in supported_types():
-        module = layer_class(name).__module__.rsplit(".", 1)[-1]
+        cls = layer_class(name)
+        module = cls.__module__.rsplit(".", 1)[-1]
         groups.setdefault(module, []).append(name)
+        origins[name] = cls.origin
     titles = {
         "data": "Inputs", "data_sources": "Data", "vision": "Vision", "activation": "Activations",
         "normalization": "Normalization", "structure": "Structure", "loss": "Loss and accuracy",
-        "ssd": "SSD", "quant": "AMCT", "calibration": "AMCT calibration",
+        "ssd": "SSD", "quant": "AMCT", "calibration": "AMCT calibration", "fork": "Caffe forks",
     }
     order = list(titles) + sorted(set(groups) - set(titles))
-    lines = [f"- **{titles.get(m, m)}** ({m}.py): " + ", ".join(f"`{t}`" for t in groups[m])
+    lines = [f"- **{titles.get(m, m)}** ({m}.py): " + _listing(groups[m], origins)
              for m in order if m in groups]
     return "\n".join(lines)
+
+
+def _listing(types: list[str], origins: dict[str, str]) -> str:
+    """The types of one module, grouped by the fork they come from when they name one."""
+    if not any(origins[t] for t in types):
+        return ", ".join(f"`{t}`" for t in types)
+    by_origin: dict[str, list[str]] = {}
+    for t in types:
+        by_origin.setdefault(origins[t] or "BVLC", []).append(t)
+    return "; ".join(f"{origin}: " + ", ".join(f"`{t}`" for t in names)
+                     for origin, names in by_origin.items())
 
 
 def render(readme: str) -> str:

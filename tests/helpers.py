@@ -15,7 +15,7 @@ from google.protobuf import text_format
 from amct_caffe.engine.layers import layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.model.blobs import blob_to_array
-from amct_caffe.model.io import load_caffemodel
+from amct_caffe.model.io import load_caffemodel, load_prototxt, save_prototxt
 from amct_caffe.proto import amct_pb2, caffe_pb2
 
 CPU = torch.device("cpu")
@@ -93,3 +93,17 @@ def assert_close_to_scale(ours: np.ndarray, ref: np.ndarray, name: str, rtol: fl
     assert ours.shape == ref.shape, f"{name}: shape {ours.shape} vs reference {ref.shape}"
     scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
     np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol * scale, err_msg=name)
+
+
+def deploy_view(saved: str, deploy: caffe_pb2.NetParameter, out: str) -> None:
+    """The saved model as AMCT's sample prepares it for ATC: the synthetic data layers back to the deploy
+    net's Input layers, the training targets and losses dropped."""
+    net = load_prototxt(saved)
+    inputs = {layer.name: layer for layer in deploy.layer if layer.type == "Input"}
+    kept = caffe_pb2.NetParameter(name=net.name)
+    for layer in net.layer:
+        if layer.name in inputs:
+            kept.layer.add().CopyFrom(inputs[layer.name])
+        elif not (layer.name.endswith("_target") or layer.name.endswith("_loss")):
+            kept.layer.add().CopyFrom(layer)
+    save_prototxt(kept, out)

@@ -9,25 +9,12 @@ from google.protobuf import text_format
 
 from amct_caffe import amct, caffe
 from amct_caffe.analysis.compare import compare_models
-from amct_caffe.model.io import load_prototxt, prototxt_text, save_prototxt
+from amct_caffe.model.io import load_prototxt, prototxt_text
 from amct_caffe.proto import caffe_pb2
+from tests.helpers import deploy_view
 from tests.references.nets import REAL_NETS, synthetic_training_net
 
 NETS = ["mtcnn_det1", "mtcnn_det2", "mtcnn_det3", "lenet_mnist", "resnet50_stem", "fsrcnn"]
-
-
-def deploy_view(saved: str, deploy: caffe_pb2.NetParameter, out: str) -> None:
-    """The saved model as AMCT's sample prepares it for ATC: the synthetic data layers back to the deploy
-    net's Input layers, the training targets and losses dropped."""
-    net = load_prototxt(saved)
-    inputs = {layer.name: layer for layer in deploy.layer if layer.type == "Input"}
-    kept = caffe_pb2.NetParameter(name=net.name)
-    for layer in net.layer:
-        if layer.name in inputs:
-            kept.layer.add().CopyFrom(inputs[layer.name])
-        elif not (layer.name.endswith("_target") or layer.name.endswith("_loss")):
-            kept.layer.add().CopyFrom(layer)
-    save_prototxt(kept, out)
 
 
 @pytest.mark.parametrize("model", NETS)

@@ -450,7 +450,7 @@ def test_pooling_reshape_recomputes_geometry():
 
 @pytest.mark.parametrize("text,tops,fragment,exc", [
     ("pool: STOCHASTIC kernel_size: 2", 1, "STOCHASTIC", UnsupportedLayerError),
-    ("pool: MAX kernel_size: 2", 2, "mask", UnsupportedLayerError),
+    ("pool: MAX kernel_size: 2", 3, "argmax mask", ModelFormatError),  # 2 tops: the mask (SegNet)
     ("pool: AVE kernel_size: 2", 2, "1 top", ModelFormatError),
     ("pool: MAX", 1, "kernel", ModelFormatError),
     ("pool: MAX kernel_h: 2", 1, "kernel_h and kernel_w", ModelFormatError),

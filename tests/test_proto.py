@@ -287,10 +287,19 @@ NUMBER_CLASH_ALLOWED = {
     ("SolverParameter", 41),  # stock: layer_wise_reduce; fork: eval_type
     ("SolverParameter", 42),  # stock: weights; fork: ap_version
     ("DetectionOutputParameter", 12),  # Caffe-SSD: save_file; fork: repeated float thresholds
+    ("UpsampleParameter", 2),  # ATC: stride; fork: dims_num (docs/fork-layers.md)
 }
 # same field, different number
 NUMBER_DIFF_ALLOWED = {
     ("DetectionOutputParameter", "save_file"),  # Caffe-SSD 12; fork 13
+    # fork-layer parameters: ATC's or PSPNet's number here, the fork's own there (docs/fork-layers.md)
+    ("LayerParameter", "bn_param"),  # PSPNet 152; fork 1111
+    ("LayerParameter", "upsample_param"),  # ATC 160; fork 500
+    ("PoolingParameter", "ceil_mode"),  # ours 300000 (BVLC's round_mode keeps 13); fork 13
+}
+# same field, different type
+TYPE_DIFF_ALLOWED = {
+    ("UpsampleParameter", "scale"),  # ATC: float (also a value factor there); darknet fork: int32
 }
 # same field, different default
 DEFAULT_DIFF_ALLOWED = {
@@ -325,7 +334,7 @@ def test_matches_reference_caffe_descriptor() -> None:
             o_num, o_type, o_label, o_ref, o_def = our_fields[name]
             if r_num != o_num and (msg, name) not in NUMBER_DIFF_ALLOWED:
                 problems.append(f"{msg}.{name}: number {o_num}, reference {r_num}")
-            if (r_type, r_label, r_ref) != (o_type, o_label, o_ref):
+            if (r_type, r_label, r_ref) != (o_type, o_label, o_ref) and (msg, name) not in TYPE_DIFF_ALLOWED:
                 problems.append(
                     f"{msg}.{name}: {o_label} type {o_type}/{o_ref}, ref {r_label} {r_type}/{r_ref}"
                 )

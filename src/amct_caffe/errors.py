@@ -19,6 +19,11 @@ class WeightShapeError(ModelFormatError):
     """A caffemodel blob does not have the shape the prototxt asks for."""
 
 
+class DuplicateLayerNameError(ModelFormatError):
+    """Two layers of one phase share a name where a flow needs one layer per name (quantization configs and
+    record files key on layer names). The engine itself runs such nets, as Caffe does."""
+
+
 class UnsupportedLayerError(AmctError):
     """A layer type or a layer option that the engine or a pass does not support."""
 

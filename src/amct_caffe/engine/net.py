@@ -136,15 +136,18 @@ class Net:
     # -- construction --------------------------------------------------------------------------------
     def _build(self) -> None:
         available: set[str] = set()
-        seen_names: set[str] = set()
+        seen_names: dict[str, int] = {}
         for index, lp in enumerate(self.param.layer):
             lp.name = layer_name(lp, index)
             if lp.name in seen_names:
-                raise ModelFormatError(
-                    f"Net '{self.path or self.param.name}' has two layers named '{lp.name}'; "
-                    "layer names must be unique (Caffe matches weights by name)."
+                # Caffe runs such nets (HED, SSDLite ports): see copy_from for which layer gets weights.
+                LOGGER.info(
+                    "Net '%s': layers %d and %d are both named '%s'; a caffemodel's weights of that name "
+                    "load into layer %d (the first), as in Caffe.",
+                    self.path or self.param.name, seen_names[lp.name], index, lp.name, seen_names[lp.name],
                 )
-            seen_names.add(lp.name)
+            else:
+                seen_names[lp.name] = index
             for i, bottom in enumerate(lp.bottom):
                 if bottom not in available:
                     raise ModelFormatError(
@@ -165,7 +168,7 @@ class Net:
                 weight = self._loss_weight(layer, lp, t_index)
                 if weight:
                     self.loss_weights[(index, t_index)] = weight
-        unknown = sorted(set(self._variants) - seen_names)
+        unknown = sorted(set(self._variants) - set(seen_names))
         if unknown:
             raise ConfigError(
                 f"Net '{self.path or self.param.name}': variants are given for layers {unknown}, which the "
@@ -331,9 +334,12 @@ class Net:
         """Copy blobs from a caffemodel into the layers of the same name (Caffe's CopyTrainedLayersFrom).
 
         Layers of the caffemodel that the net lacks are ignored; layers of the net absent from the
-        caffemodel keep their filler values. Both are logged. Blobs only: the layers stay what the net was
-        built with, so a deploy caffemodel's integer blobs need a net built with the integer variants
-        (:func:`amct_caffe.emulation.loader.load_net`, or ``caffe.Net``).
+        caffemodel keep their filler values. Both are logged. Where several layers of the net share a name,
+        every caffemodel layer of that name is copied into the first of them, as Caffe's linear search
+        does; the later ones keep their filler values (a WARNING names them when they have blobs).
+        Blobs only: the layers stay what the net was built with, so a deploy caffemodel's integer blobs need
+        a net built with the integer variants (:func:`amct_caffe.emulation.loader.load_net`, or
+        ``caffe.Net``).
 
         Args:
             weights: a caffemodel path or a parsed ``NetParameter``.
@@ -348,7 +354,9 @@ class Net:
         else:
             path = str(weights)
             source = load_caffemodel(path)
-        by_name = {layer.name: layer for layer in self.engine_layers}
+        by_name: dict[str, Layer] = {}
+        for layer in self.engine_layers:
+            by_name.setdefault(layer.name, layer)
         self._check_storage(source, by_name, path)
         copied: set[str] = set()
         for src in source.layer:
@@ -371,6 +379,12 @@ class Net:
         for layer in self.engine_layers:
             if layer.blobs and layer.name not in copied:
                 LOGGER.info("Layer '%s' not found in the caffemodel; it keeps its filler values.", layer.name)
+            elif layer.blobs and by_name[layer.name] is not layer:
+                LOGGER.warning(
+                    "Layer '%s' shares its name with an earlier layer, which got the caffemodel's weights of "
+                    "that name (as in Caffe); this one keeps its filler values. Rename one of them.",
+                    layer.name,
+                )
 
     @staticmethod
     def _check_storage(source: caffe_pb2.NetParameter, by_name: Mapping[str, Layer], path: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from amct_caffe.errors import ModelFormatError, model_where
+from amct_caffe.errors import DuplicateLayerNameError, ModelFormatError, model_where
 from amct_caffe.proto import caffe_pb2
 
 
@@ -168,7 +168,14 @@ class Graph:
         writer: dict[str, tuple[int, int]] = {}
         for li, layer in enumerate(self.net.layer):
             if layer.name in self._by_name:
-                raise self._error(f"has two layers named '{layer.name}'.")
+                first = self.net.layer[self._by_name[layer.name]]
+                raise DuplicateLayerNameError(
+                    f"{model_where(self.label, 'Net')} has two layers named '{layer.name}': layer "
+                    f"{self._by_name[layer.name]} (type {first.type}) and layer {li} (type {layer.type}). "
+                    "Quantization configs and record files name layers, so each name must be used once in a "
+                    "phase: rename one of the two in the prototxt. (A caffemodel's weights of that name load "
+                    "into the first, as in Caffe.)"
+                )
             self._by_name[layer.name] = li
             producers: list[int | None] = []
             for bi, blob in enumerate(layer.bottom):

@@ -18,3 +18,8 @@ RETRAIN_TYPES = (ACTIVATION_QAT, WEIGHT_QAT)
 FAKE_QUANT_TYPES = (QUANT, DEQUANT, ANTI_QUANT)
 #: Every AMCT layer type: a model holding any of them has been through AMCT already.
 AMCT_LAYER_TYPES = (*FAKE_QUANT_TYPES, *RETRAIN_TYPES, IFMR, SEARCH_N)
+
+#: The forks' depthwise convolutions: ``ConvolutionDepthwise`` (num_output and group are the channel count)
+#: and ``DepthwiseConvolution`` (a grouped Convolution). The quantization flows rewrite both to
+#: ``Convolution`` with ``group`` (docs/fork-layers.md), the form ATC's operator list takes.
+DEPTHWISE_CONVOLUTION_TYPES = ("ConvolutionDepthwise", "DepthwiseConvolution")

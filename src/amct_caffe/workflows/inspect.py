@@ -13,8 +13,9 @@ from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import load_prototxt
-from amct_caffe.model.layer_types import AMCT_LAYER_TYPES
+from amct_caffe.model.layer_types import AMCT_LAYER_TYPES, DEPTHWISE_CONVOLUTION_TYPES
 from amct_caffe.model.phase import filter_net
+from amct_caffe.passes.depthwise import depthwise_as_convolution
 from amct_caffe.passes.quantizable import check_not_quantized, unsupported_reason
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.config import QAT_LAYER_TYPES
@@ -105,7 +106,7 @@ def _pool_summary(p: caffe_pb2.PoolingParameter) -> list[str]:
 def param_summary(lp: caffe_pb2.LayerParameter, blobs: Sequence[torch.Tensor]) -> str:
     """A short summary of a layer's main parameters and of its learnable blobs (``-`` when there is none)."""
     parts: list[str] = []
-    if lp.type in ("Convolution", "Deconvolution"):
+    if lp.type in ("Convolution", "Deconvolution", *DEPTHWISE_CONVOLUTION_TYPES):
         parts += _conv_summary(lp.convolution_param)
     elif lp.type == "InnerProduct":
         parts.append(f"out {lp.inner_product_param.num_output}")
@@ -126,6 +127,29 @@ def _qat_status(graph: Graph, lp: caffe_pb2.LayerParameter, already_quantized: b
     return "yes" if reason is None else f"no: {reason}"
 
 
+#: The QAT status of a layer whose name another layer of the phase has (docs/fork-layers.md).
+_REPEATED = "no: another layer has this name (rename one to quantize)"
+
+
+def _quantization_graph(view: caffe_pb2.NetParameter, model_file: str) -> tuple[Graph, set[str]]:
+    """The graph the quantization flows would see (depthwise convolutions as Convolution with group), with
+    repeated layer names made unique, and the names that repeat."""
+    work = caffe_pb2.NetParameter()
+    work.CopyFrom(view)
+    try:
+        depthwise_as_convolution(work, model_file)
+    except ConfigError:
+        work.CopyFrom(view)  # the flows would refuse it; show it as the engine runs it
+    counts: dict[str, int] = {}
+    for layer in work.layer:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    repeated = {name for name, count in counts.items() if count > 1}
+    for index, layer in enumerate(work.layer):
+        if layer.name in repeated:
+            layer.name = f"{layer.name}#{index}"
+    return Graph(work, path=model_file), repeated
+
+
 def inspect_net(model_file: str, phase: int = caffe_pb2.TEST, build: bool = True) -> NetSummary:
     """Describe the net of ``model_file`` in ``phase``.
 
@@ -142,7 +166,7 @@ def inspect_net(model_file: str, phase: int = caffe_pb2.TEST, build: bool = True
         ModelFormatError, UnsupportedLayerError: the prototxt cannot be read or the net cannot be built.
     """
     view = filter_net(load_prototxt(model_file), phase, path=model_file)
-    graph = Graph(view, path=model_file)
+    graph, repeated = _quantization_graph(view, model_file)
     try:
         check_not_quantized(graph)
         already = False
@@ -160,7 +184,8 @@ def inspect_net(model_file: str, phase: int = caffe_pb2.TEST, build: bool = True
         weights = engine.engine_layers[i].blobs if engine is not None else []
         layers.append(LayerInfo(
             lp.name, lp.type, blobs(lp.bottom), blobs(lp.top), param_summary(lp, weights),
-            sum(int(b.numel()) for b in weights), _qat_status(graph, lp, already),
+            sum(int(b.numel()) for b in weights),
+            _REPEATED if lp.name in repeated else _qat_status(graph, graph.layers[i], already),
         ))
     return NetSummary(
         name=view.name,

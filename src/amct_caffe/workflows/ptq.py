@@ -62,6 +62,7 @@ from amct_caffe.model.phase import TEST, filter_net, restore_state
 from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
 from amct_caffe.passes.calibration import CalibrationGroup, insert_calibration_layers, plan_calibration_groups
 from amct_caffe.passes.deploy import deploy_caffemodel
+from amct_caffe.passes.depthwise import depthwise_as_convolution
 from amct_caffe.passes.fake_quant import fake_quant_caffemodel
 from amct_caffe.passes.fuse_bn import FOLDABLE_TYPES, BNFold, fuse_bn_one_phase
 from amct_caffe.passes.quant_insert import (
@@ -100,6 +101,9 @@ def inference_view(model_file: str) -> tuple[caffe_pb2.NetParameter, Graph]:
     """The prototxt as read and its inference view: the TEST phase (the prototxt's own ``state`` kept, so a
     written model reads as the user's), every BatchNorm on stored statistics.
 
+    The forks' depthwise convolutions are read as the ``Convolution`` with ``group`` they compute
+    (``passes.depthwise``), so they quantize as convolutions.
+
     A BatchNorm whose ``use_global_stats`` is false would normalise with batch statistics in TEST; AMCT needs
     an inference-ready model, so it is set to true (with a WARNING naming the layers).
 
@@ -107,6 +111,7 @@ def inference_view(model_file: str) -> tuple[caffe_pb2.NetParameter, Graph]:
         ModelFormatError: the prototxt is missing or malformed.
     """
     net = load_prototxt(model_file)
+    depthwise_as_convolution(net, model_file)
     view = filter_net(net, TEST, path=model_file)
     restore_state(view, net)
     graph = Graph(view, path=model_file)

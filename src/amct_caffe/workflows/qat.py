@@ -20,6 +20,7 @@ from amct_caffe.model.io import (
 )
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import weights_from_net, weights_to_net
+from amct_caffe.passes.depthwise import depthwise_as_convolution
 from amct_caffe.passes.fuse_bn import fuse_bn
 from amct_caffe.passes.quantizable import check_not_quantized, describe_layers
 from amct_caffe.passes.retrain import ActivationGroup, insert_retrain_layers
@@ -45,6 +46,7 @@ def qat_model_layers(model_file: str) -> list[ModelLayer]:
         ConfigError: the model already holds AMCT layers.
     """
     net = load_prototxt(model_file)
+    depthwise_as_convolution(net, model_file)
     graph = Graph(filter_net(net, TEST, path=model_file), path=model_file)
     return describe_layers(graph)
 
@@ -148,6 +150,7 @@ def create_quant_retrain_model(
     record_path = os.path.abspath(outputs[2])
 
     net = load_prototxt(model_file)
+    depthwise_as_convolution(net, model_file)
     check_not_quantized(Graph(_unique_layer_names(net)[0], path=model_file))
     layers = describe_layers(Graph(filter_net(net, TEST, path=model_file), path=model_file))
     config = load_json_config(config_file, layers, model_file)

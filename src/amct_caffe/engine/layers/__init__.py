@@ -9,6 +9,7 @@ from amct_caffe.engine.layers import (  # noqa: F401  (imported to register thei
     calibration,
     data,
     data_sources,
+    fork,
     loss,
     normalization,
     quant,

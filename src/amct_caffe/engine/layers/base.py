@@ -36,6 +36,7 @@ class Layer:
 
     Class attributes a subclass may set:
         type_name: the Caffe type string (set by ``registry.register``).
+        origin: the Caffe fork a layer outside BVLC Caffe comes from (the models that use it).
         loss_layer: True for layers whose top is a loss (default ``loss_weight`` 1 for top 0, as Caffe).
         in_place_ok: False for layers that must not run with top == bottom (informational).
         exact_bottoms / min_bottoms / max_bottoms / exact_tops: counts checked at build time.
@@ -45,6 +46,9 @@ class Layer:
     """
 
     type_name: str = ""
+    #: Which public models' Caffe fork a layer type outside BVLC Caffe comes from (its docstring names the
+    #: source file it follows), for the README's layer list; empty for BVLC's and AMCT's layers.
+    origin: str = ""
     loss_layer: bool = False
     exact_bottoms: int | None = None
     min_bottoms: int | None = None

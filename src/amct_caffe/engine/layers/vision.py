@@ -77,6 +77,9 @@ class _ConvolutionBase(Layer):
     min_tops = 1
     #: Deconvolution swaps the roles of input and output channels in the weight layout.
     reverse_dimensions: bool = False
+    #: A depthwise layer (the forks' ConvolutionDepthwise) ignores num_output and group: both become the
+    #: bottom's channel count in :meth:`setup`.
+    depthwise: bool = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, phase: int, device: torch.device) -> None:
         super().__init__(param, phase, device)
@@ -109,15 +112,16 @@ class _ConvolutionBase(Layer):
             raise self.error(f"dilation must be positive (got {dilation[0]}x{dilation[1]}).")
         self.kernel, self.stride, self.pad, self.dilation = kernel, stride, pad, dilation
         self.num_output = int(p.num_output)
-        if self.num_output <= 0:
-            raise self.error("num_output must be greater than 0.")
         self.group = int(p.group)
-        if self.group <= 0:
-            raise self.error(f"group must be positive (got {self.group}).")
-        if self.num_output % self.group != 0:
-            raise self.error(
-                f"num_output {self.num_output} should be a multiple of group {self.group}."
-            )
+        if not self.depthwise:
+            if self.num_output <= 0:
+                raise self.error("num_output must be greater than 0.")
+            if self.group <= 0:
+                raise self.error(f"group must be positive (got {self.group}).")
+            if self.num_output % self.group != 0:
+                raise self.error(
+                    f"num_output {self.num_output} should be a multiple of group {self.group}."
+                )
         self.bias_term = bool(p.bias_term)
         #: The bottoms' channel count (axis 1), set by :meth:`setup`.
         self.channels: int | None = None
@@ -139,6 +143,8 @@ class _ConvolutionBase(Layer):
                 "(N, C, H, W) bottoms is supported."
             )
         channels = int(x.shape[1])
+        if self.depthwise:
+            self.num_output = self.group = channels
         if channels % self.group != 0:
             raise self.error(f"the bottom's {channels} channels are not a multiple of group {self.group}.")
         self.channels = channels
@@ -345,14 +351,19 @@ class Pooling(Layer):
     """Caffe's PoolingLayer (MAX and AVE; STOCHASTIC is rejected).
 
     Output size (Caffe, not torch): ``pooled = ceil((in + 2*pad - k) / stride) + 1`` (``floor`` with
-    ``round_mode: FLOOR``); then, only when some pad is nonzero, a last window that would start in the
-    right/bottom padding is dropped (``(pooled-1)*stride >= in + pad``). Without padding Caffe keeps such
-    a window even when it lies wholly outside the image (MAX then yields ``-FLT_MAX``, AVE ``0`` or NaN
-    as Caffe's division by its window size gives).
+    ``round_mode: FLOOR``, or with the forks' ``ceil_mode: false`` -- BVLC PR 3057, Huawei's ATC proto;
+    giving both with opposite meanings is an error, docs/fork-layers.md); then, only when some pad is
+    nonzero, a last window that would start in the right/bottom padding is dropped
+    (``(pooled-1)*stride >= in + pad``). Without padding Caffe keeps such a window even when it lies wholly
+    outside the image (MAX then yields ``-FLT_MAX``, AVE ``0`` or NaN as Caffe's division by its window size
+    gives).
 
-    MAX ignores positions outside the image. AVE divides each window's sum over the image by Caffe's
-    ``pool_size``: the window clipped to the padded image ``[-pad, in + pad)``, so the left/top padding
-    counts but the ceil-mode overhang past ``in + pad`` does not.
+    MAX ignores positions outside the image. With a second top, MAX also writes Caffe's argmax mask: the
+    index ``h * W + w`` of each window's first maximum within its input plane (as float; -1 for a window
+    that covers no input position), the mask that SegNet's ``Upsample`` reads. AVE divides each window's
+    sum over the image by Caffe's ``pool_size``: the window clipped to the padded image
+    ``[-pad, in + pad)``, so the left/top padding counts but the ceil-mode overhang past ``in + pad`` does
+    not.
 
     Fast path: torch's ``max_pool2d``/``avg_pool2d`` (``count_include_pad=True``) use the same window and
     divisor rules and the same last-window clipping, so they give Caffe's result whenever their output size
@@ -370,21 +381,31 @@ class Pooling(Layer):
             raise _unsupported(self, "STOCHASTIC pooling is not supported by amct-caffe; use MAX or AVE.")
         if p.pool not in (_MAX, _AVE):
             raise self.error(f"unknown pooling method {p.pool}.")
-        if len(param.top) > 1:
-            if p.pool == _MAX and len(param.top) == 2:
-                raise _unsupported(
-                    self,
-                    "has 2 tops; the second top (MAX pooling's argmax mask) is not supported by "
-                    "amct-caffe. Remove the second top."
-                )
-            raise self.error(f"has {len(param.top)} tops; {self._method_name()} pooling produces 1 top.")
+        if len(param.top) > 1 and not (p.pool == _MAX and len(param.top) == 2):
+            produced = "1 top, or 2 for MAX (the output and its argmax mask)"
+            raise self.error(f"has {len(param.top)} tops; {self._method_name()} pooling produces {produced}.")
+        #: MAX with a second top: also write the argmax mask.
+        self.with_mask = len(param.top) == 2
         self.method = int(p.pool)
         self.global_pooling = bool(p.global_pooling)
         #: (kh, kw); None with global pooling, whose window is the whole input.
         self.kernel = self._kernel()
         self.pad, self.stride = self._pad_stride()
-        self.ceil_mode = p.round_mode != _FLOOR
+        self.ceil_mode = self._rounds_up()
         self._plans: dict[tuple[int, int], _PoolPlan] = {}
+
+    def _rounds_up(self) -> bool:
+        """Whether the output size rounds up: BVLC's ``round_mode`` or the forks' ``ceil_mode``, whichever is
+        given (both default to rounding up); both given with opposite meanings is an error."""
+        p = self.param.pooling_param
+        by_round_mode = p.round_mode != _FLOOR
+        if p.HasField("ceil_mode") and p.HasField("round_mode") and p.ceil_mode != by_round_mode:
+            mode = caffe_pb2.PoolingParameter.RoundMode.Name(p.round_mode)
+            raise self.error(
+                f"ceil_mode: {str(p.ceil_mode).lower()} and round_mode: {mode} disagree; give one of them "
+                "(ceil_mode: false is round_mode: FLOOR)."
+            )
+        return p.ceil_mode if p.HasField("ceil_mode") else by_round_mode
 
     def _method_name(self) -> str:
         return "MAX" if self.param.pooling_param.pool == _MAX else "AVE"
@@ -488,6 +509,8 @@ class Pooling(Layer):
                 f"input must have 4 axes (num, channels, height, width); the bottom has {x.dim()}."
             )
         plan = self._plan(int(x.shape[2]), int(x.shape[3]))
+        if self.with_mask:
+            return self._max_with_mask(x, plan)
         if plan.global_:
             if self.method == _AVE:
                 return [x.mean(dim=(2, 3), keepdim=True)]
@@ -510,3 +533,25 @@ class Pooling(Layer):
         padded = F.pad(x, (pw, ew, ph, eh))
         sums = F.avg_pool2d(padded, plan.kernel, self.stride, divisor_override=1)[:, :, :oh, :ow]
         return sums / plan.divisor(x.device).to(x.dtype)
+
+    def _max_with_mask(self, x: Tensor, plan: _PoolPlan) -> list[Tensor]:
+        """MAX pooling and Caffe's argmax mask (torch's indices are per plane and also pick the first
+        maximum; the explicit path's indices are mapped back from the padded plane)."""
+        if plan.global_:
+            top, index = F.max_pool2d(x, plan.kernel, return_indices=True)
+            return [top, index.to(x.dtype)]
+        if plan.native:
+            top, index = F.max_pool2d(x, plan.kernel, self.stride, self.pad, ceil_mode=plan.ceil_mode,
+                                      return_indices=True)
+            return [top, index.to(x.dtype)]
+        (ph, pw), (eh, ew) = self.pad, plan.extra
+        oh, ow = plan.pooled
+        height, width = int(x.shape[2]), int(x.shape[3])
+        padded = F.pad(x, (pw, ew, ph, eh), value=-_FLT_MAX)
+        top, index = F.max_pool2d(padded, plan.kernel, self.stride, return_indices=True)
+        top, index = top[:, :, :oh, :ow], index[:, :, :oh, :ow]
+        padded_width = width + pw + ew
+        h, w = index // padded_width - ph, index % padded_width - pw
+        inside = (h >= 0) & (h < height) & (w >= 0) & (w < width)
+        mask = torch.where(inside, h * width + w, torch.full_like(index, -1))
+        return [top, mask.to(x.dtype)]

@@ -1,0 +1,55 @@
+"""Rewrite the forks' depthwise convolutions as the ``Convolution`` with ``group`` they compute.
+
+``ConvolutionDepthwise`` (farmingyard/caffe-mobilenet) ignores ``num_output`` and ``group``: both are the
+input's channel count, so its weight ``[C, 1, kh, kw]`` is that of a ``Convolution`` with ``num_output: C``
+and ``group: C``. ``DepthwiseConvolution`` (yonghenglh6) is a grouped ``Convolution`` already. The
+quantization flows run this pass on the prototxt as read, before anything else, so every later pass, the
+record, the deploy emulation and ATC see a plain ``Convolution`` (docs/fork-layers.md); the weights are
+unchanged.
+
+The pass works without shapes, so it takes C from ``num_output``, which public models set to the channel
+count; a ``ConvolutionDepthwise`` without ``num_output`` is refused with the fix.
+"""
+
+from __future__ import annotations
+
+from amct_caffe.errors import ConfigError
+from amct_caffe.log import get_logger
+from amct_caffe.model.layer_types import DEPTHWISE_CONVOLUTION_TYPES
+from amct_caffe.proto import caffe_pb2
+
+LOGGER = get_logger("passes.depthwise")
+
+
+def depthwise_as_convolution(net: caffe_pb2.NetParameter, model_file: str) -> list[str]:
+    """Rewrite, in place, every depthwise convolution of ``net`` as a ``Convolution`` with ``group``.
+
+    Args:
+        net: the net as read (both phases); edited in place.
+        model_file: the prototxt, for messages.
+
+    Returns:
+        The names of the rewritten layers, in net order.
+
+    Raises:
+        ConfigError: a ``ConvolutionDepthwise`` without ``num_output``.
+    """
+    rewritten = []
+    for layer in net.layer:
+        if layer.type not in DEPTHWISE_CONVOLUTION_TYPES:
+            continue
+        p = layer.convolution_param
+        if layer.type == "ConvolutionDepthwise":
+            if p.num_output <= 0:
+                raise ConfigError(
+                    f"Layer '{layer.name}' (type ConvolutionDepthwise) of model '{model_file}' has no "
+                    "num_output; quantization rewrites it as a Convolution with group = num_output, so set "
+                    "num_output to the layer's input channel count."
+                )
+            p.group = p.num_output
+        layer.type = "Convolution"
+        rewritten.append(layer.name)
+    if rewritten:
+        LOGGER.info("Model '%s': depthwise convolution(s) %s are quantized as Convolution with group.",
+                    model_file, rewritten)
+    return rewritten
