@@ -27,7 +27,8 @@ def layer_section() -> str:
     titles = {
         "data": "Inputs", "data_sources": "Data", "vision": "Vision", "activation": "Activations",
         "normalization": "Normalization", "structure": "Structure", "loss": "Loss and accuracy",
-        "ssd": "SSD", "quant": "AMCT", "calibration": "AMCT calibration",
+        "ssd": "SSD", "region": "Region-based detection (Fast R-CNN, R-FCN, py-faster-rcnn)",
+        "python": "Python layers (pycaffe's, on opt-in)", "quant": "AMCT", "calibration": "AMCT calibration",
     }
     order = list(titles) + sorted(set(groups) - set(titles))
     lines = [f"- **{titles.get(m, m)}** ({m}.py): " + ", ".join(f"`{t}`" for t in groups[m])
