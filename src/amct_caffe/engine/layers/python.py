@@ -213,6 +213,7 @@ class PythonLayer(Layer):
         self.tops = [PyBlob() for _ in param.top]
         self.impl: Any = _import_layer_class(param)(param)
         self.impl.param_str = param.python_param.param_str
+        self.impl.param_str_ = param.python_param.param_str  # the name older pycaffe forks used
         self.impl.phase = phase
         self.impl.blobs = ParamBlobVec(self)
 

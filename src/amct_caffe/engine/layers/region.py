@@ -16,7 +16,6 @@ numbers). A roi is a row ``(batch index, x1, y1, x2, y2)`` in input-image pixels
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Mapping, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from amct_caffe.engine.layers.base import TRAIN, Layer, Tensor
+from amct_caffe.engine.layers.param_str import parse_param_str
 from amct_caffe.engine.layers.registry import register
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
@@ -370,42 +370,6 @@ def _nms(boxes: np.ndarray, threshold: float) -> np.ndarray:
 
 
 # -- py-faster-rcnn's Python proposal layer ----------------------------------------------------------
-def parse_param_str(text: str, where: str) -> dict[str, object]:
-    """A py-faster-rcnn ``param_str`` (a YAML mapping such as ``'feat_stride': 16``) as a dict, read as
-    Python literals only (``ast.literal_eval``: no code runs). Accepts ``{...}``, ``key: value`` pairs
-    separated by commas, or one pair per line (keys quoted or not).
-
-    Raises:
-        ModelFormatError: the text is not such a mapping (``where`` names the layer).
-    """
-    body = text.strip()
-    if not body:
-        return {}
-    lines = [line.strip() for line in body.splitlines() if line.strip()]
-    for candidate in (body, "{" + body + "}", "{" + ", ".join(lines) + "}"):
-        value = _literal(candidate)
-        if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
-    pairs: dict[str, object] = {}
-    for line in lines:
-        key, sep, raw = line.partition(":")
-        value = _literal(raw.strip()) if sep else None
-        if value is None:
-            break
-        pairs[key.strip().strip("'\"")] = value
-    else:
-        return pairs
-    raise ModelFormatError(f"{where}: param_str {text!r} is not a mapping such as \"'feat_stride': 16\".")
-
-
-def _literal(text: str) -> object:
-    """``text`` as a Python literal, or None when it is not one (nothing is evaluated but literals)."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-
-
 def _number_list(value: object, key: str, where: str) -> list[float]:
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
