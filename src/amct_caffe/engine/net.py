@@ -26,7 +26,13 @@ from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.layers.python import allow_python_layers as python_layer_choice
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
-from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
+from amct_caffe.errors import (
+    ConfigError,
+    ModelFormatError,
+    PythonLayerNotAllowedError,
+    RuntimeEngineError,
+    WeightShapeError,
+)
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
@@ -162,7 +168,10 @@ class Net:
                     )
             variant = self._variants.get(lp.name, LayerVariant())
             cls = layer_class(lp.type, lp.name, self.path, variant.name)
-            layer = cls.create(lp, self.phase, self.device, variant.options)
+            try:
+                layer = cls.create(lp, self.phase, self.device, variant.options)
+            except PythonLayerNotAllowedError as exc:  # the layer cannot know the file; name it here
+                raise PythonLayerNotAllowedError(f"Net '{self.path or self.param.name}': {exc}") from None
             self.engine_layers.append(layer)
             self.layer_names.append(lp.name)
             self.layer_bottoms.append(list(lp.bottom))
