@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 
 from amct_caffe.errors import ModelFormatError
+
+#: A key of the YAML block style: a plain name.
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
 def parse_param_str(text: str, where: str) -> dict[str, object]:
@@ -40,9 +44,10 @@ def parse_param_str(text: str, where: str) -> dict[str, object]:
     pairs: dict[str, object] = {}
     for line in lines:
         key, sep, raw = line.partition(":")
-        if not sep or not key.strip() or not raw.strip():
+        key = key.strip().strip("'\"")
+        if not sep or not _KEY.fullmatch(key) or not raw.strip():
             break
-        pairs[key.strip().strip("'\"")] = _scalar(raw.strip())
+        pairs[key] = _scalar(raw.strip())
     else:
         return pairs
     raise ModelFormatError(f"{where}: param_str {text!r} is not a mapping such as \"'feat_stride': 16\" or "
