@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
 
 from amct_caffe import amct, caffe
 from amct_caffe.analysis.compare import compare_models
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
+from amct_caffe.proto import caffe_pb2
 from tests.helpers import assert_close, caffemodel_raw_blobs, read_net
 from tests.references import roi_layers as ref
 
@@ -130,3 +132,52 @@ def test_ptq_keeps_region_layers_float(model_files: tuple[str, str], tmp_path: P
     for blob in ("rpn_cls_prob_reshape", "rpn_bbox_pred"):
         scale = float(np.abs(fake.blobs[blob].data).max()) or 1.0
         assert rows[blob].max_abs_diff <= 1e-3 * scale, (blob, rows[blob])
+
+
+#: Training-only loss for QAT: the squared sum of the class scores (gradients flow back through ROIPooling
+#: and PSROIPooling into the backbone; the Proposal layer gives none, as py-faster-rcnn's).
+TRAIN_LOSS = """
+layer { name: "loss" type: "Reduction" bottom: "cls_score" top: "loss" include { phase: TRAIN }
+        reduction_param { operation: SUMSQ coeff: 0.01 } loss_weight: 1 }
+layer { name: "loss_rfcn" type: "Reduction" bottom: "cls_score_rfcn" top: "loss_rfcn"
+        include { phase: TRAIN }
+        reduction_param { operation: SUMSQ coeff: 0.01 } loss_weight: 1 }
+"""
+
+
+def test_qat_trains_through_region_layers(tmp_path: Path) -> None:
+    model = tmp_path / "model.prototxt"
+    model.write_text(FASTER_RCNN + RFCN_HEAD + TRAIN_LOSS)
+    float_net = Net(str(model))
+    randomize_params(float_net, 6)
+    weights = str(tmp_path / "model.caffemodel")
+    float_net.save(weights)
+    config, record = str(tmp_path / "config.json"), str(tmp_path / "record.txt")
+    amct.create_quant_retrain_config(config, str(model), weights)
+    r_model, r_weights = str(tmp_path / "retrain.prototxt"), str(tmp_path / "retrain.caffemodel")
+    amct.create_quant_retrain_model(str(model), weights, config, r_model, r_weights, record)
+    param = caffe_pb2.SolverParameter(net=r_model, base_lr=0.01, lr_policy="fixed", momentum=0.9, max_iter=2,
+                                      random_seed=0, display=0, snapshot_prefix=str(tmp_path / "s"))
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(text_format.MessageToString(param))
+    solver = caffe.SGDSolver(str(solver_file))
+    solver.net.copy_from(r_weights)
+    shadows = ("conv2_wts_retrain", "rfcn_cls_wts_retrain")
+    before = {name: solver.net.params[name][1].data.copy() for name in shadows}
+    for seed in (5, 6):
+        for name, value in _inputs(seed).items():
+            solver.net.blobs[name].data[...] = value
+        solver.step(1)
+    for name, old in before.items():  # the float shadow weights moved: gradients came through the ROI layers
+        assert not np.allclose(solver.net.params[name][1].data, old), name
+    trained = str(tmp_path / "trained.caffemodel")
+    solver.net.save(trained)
+    prefix = str(tmp_path / "out" / "m")
+    amct.save_quant_retrain_model(r_model, trained, "Both", prefix, record, config)
+    deploy = read_net(f"{prefix}_deploy_model.prototxt")
+    types = {layer.name: layer.type for layer in deploy.layer}
+    assert (types["proposal"], types["roi_pool5"], types["psroipooled_cls_rois"]) == (
+        "Python", "ROIPooling", "PSROIPooling")
+    net = caffe.Net(f"{prefix}_deploy_model.prototxt", f"{prefix}_deploy_weights.caffemodel", caffe.TEST)
+    out = net.forward(**_inputs(7))
+    assert np.isfinite(out["cls_prob"]).all() and out["cls_prob"].shape[1] == 3
