@@ -62,8 +62,8 @@ class ROIPooling(Layer):
     Each roi corner is ``round(coordinate * spatial_scale)`` (C ``round``); the roi spans at least one
     cell; bin ``(ph, pw)`` covers rows ``floor(ph * h / pooled_h)`` to ``ceil((ph + 1) * h / pooled_h)``
     (float32 arithmetic) offset by the roi start and clipped to the map; the top is the bin's maximum, 0
-    for an empty bin. The gradient goes to the position of each bin's maximum (the first one in row-major
-    order on ties), as Caffe's backward; the rois get none.
+    for an empty bin. The gradient goes to the position of each bin's maximum, as Caffe's backward (on
+    exact ties to one of the tied cells, which need not be Caffe's first); the rois get none.
 
     ``spatial_scale`` must be written: Fast R-CNN's proto defaults it to 1, ATC's to 0.0625.
     ``spatial_scale_h``/``spatial_scale_w`` (ATC) replace it for one axis when set.
