@@ -30,7 +30,9 @@ def layer_section() -> str:
     titles = {
         "data": "Inputs", "data_sources": "Data", "vision": "Vision", "activation": "Activations",
         "normalization": "Normalization", "structure": "Structure", "loss": "Loss and accuracy",
-        "ssd": "SSD", "quant": "AMCT", "calibration": "AMCT calibration", "fork": "Caffe forks",
+        "ssd": "SSD", "region": "Region-based detection (Fast R-CNN, R-FCN, py-faster-rcnn)",
+        "python": "Python layers (pycaffe's, on opt-in)", "quant": "AMCT", "calibration": "AMCT calibration",
+        "fork": "Caffe forks",
     }
     order = list(titles) + sorted(set(groups) - set(titles))
     lines = [f"- **{titles.get(m, m)}** ({m}.py): " + _listing(groups[m], origins)

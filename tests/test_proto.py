@@ -288,6 +288,10 @@ NUMBER_CLASH_ALLOWED = {
     ("SolverParameter", 42),  # stock: weights; fork: ap_version
     ("DetectionOutputParameter", 12),  # Caffe-SSD: save_file; fork: repeated float thresholds
     ("UpsampleParameter", 2),  # ATC: stride; fork: dims_num (docs/fork-layers.md)
+    # ATC's region-layer numbers (docs/decisions.md row 17); the fork keeps the SSD fork's fields there
+    ("LayerParameter", 201),  # ATC: proposal_param; fork (SSD): multibox_loss_param
+    ("LayerParameter", 207),  # ATC: psroi_pooling_param; fork (SSD): video_data_param
+    ("ProposalParameter", 8),  # ATC: iou_threshold; fork: nms_thresh (same meaning and default)
 }
 # same field, different number
 NUMBER_DIFF_ALLOWED = {
@@ -296,16 +300,29 @@ NUMBER_DIFF_ALLOWED = {
     ("LayerParameter", "bn_param"),  # PSPNet 152; fork 1111
     ("LayerParameter", "upsample_param"),  # ATC 160; fork 500
     ("PoolingParameter", "ceil_mode"),  # ours 300000 (BVLC's round_mode keeps 13); fork 13
+    ("LayerParameter", "proposal_param"),  # ATC 201; fork 1000
+    ("LayerParameter", "psroi_pooling_param"),  # ATC 207; fork 149
 }
-# same field, different type
+# same field, different type or label: the region messages follow ATC's caffe.proto (row 17), whose
+# `required` PSROIPooling fields are optional here and whose Proposal sizes are float/int32 (fork: uint32)
 TYPE_DIFF_ALLOWED = {
     ("UpsampleParameter", "scale"),  # ATC: float (also a value factor there); darknet fork: int32
+    ("PSROIPoolingParameter", "spatial_scale"),
+    ("PSROIPoolingParameter", "output_dim"),
+    ("PSROIPoolingParameter", "group_size"),
+    ("ProposalParameter", "feat_stride"),
+    ("ProposalParameter", "base_size"),
+    ("ProposalParameter", "min_size"),
+    ("ProposalParameter", "pre_nms_topn"),
+    ("ProposalParameter", "post_nms_topn"),
 }
 # same field, different default
 DEFAULT_DIFF_ALLOWED = {
     ("ConvolutionParameter", "stride_h"),  # stock: none; fork: 1
     ("ConvolutionParameter", "stride_w"),
     ("PriorBoxParameter", "clip"),  # Caffe-SSD: false; fork: true
+    ("ProposalParameter", "pre_nms_topn"),  # ATC: 3000; fork: 6000
+    ("ProposalParameter", "post_nms_topn"),  # ATC: 304; fork: 300
 }
 
 

@@ -2,6 +2,10 @@
 
 Every function keeps AMCT's name, argument order, defaults and output files, so an AMCT-Caffe script runs
 unchanged. This module only checks the arguments and calls the flow in ``amct_caffe.workflows``.
+
+Beyond AMCT, it also offers the engine's extension points: ``register_layer``/``CustomLayer`` (a layer type
+of your own in Python and torch) and ``allow_python_layers`` (a block inside which nets may import their
+``type: "Python"`` layers' modules), also reachable as ``amct_caffe.register_layer`` and so on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from amct_caffe.engine.layers import CustomLayer, allow_python_layers, register_layer, unregister_layer
 from amct_caffe.errors import ConfigError, NotImplementedFeatureError
 from amct_caffe.workflows import auto_calibration as _auto_calibration
 from amct_caffe.workflows import convert as _convert
@@ -22,6 +27,10 @@ from amct_caffe.workflows.ptq import CalibrationGraph
 
 __all__ = [
     "CalibrationGraph",
+    "CustomLayer",
+    "allow_python_layers",
+    "register_layer",
+    "unregister_layer",
     "accuracy_based_auto_calibration",
     "auto_decomposition",
     "auto_nuq",

@@ -12,6 +12,7 @@ quantization, ``workflows.calibration_run``) with AMCT's option names.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -412,6 +413,10 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_te
     return parser
 
 
+_PYTHON_LAYERS_HELP = ("let the model's type: \"Python\" layers import and run their modules (also: "
+                       "AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1); only for models and modules you trust")
+
+
 def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.ArgumentParser:
     """The argument parser of ``amct-caffe`` (``prog``); ``calibration`` adds AMCT's ``calibration``
     subcommand (both scripts have it)."""
@@ -423,10 +428,13 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                "-> train -> save-retrain (-> compare). Post-training quantization: calibration.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--allow-python-layers", action="store_true", help=_PYTHON_LAYERS_HELP)
     # also accepted after the subcommand; SUPPRESS keeps a value given before it
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error")
+    debug.add_argument("--allow-python-layers", action="store_true", default=argparse.SUPPRESS,
+                       help=_PYTHON_LAYERS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     if calibration:
@@ -553,8 +561,15 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     debug = bool(args.debug)
+    # the opt-in for type: "Python" layers; without the flag the environment variable still decides
+    python_layers: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if args.allow_python_layers:
+        from amct_caffe.engine.layers.python import allow_python_layers
+
+        python_layers = allow_python_layers(True)
     try:
-        return int(args.func(args))
+        with python_layers:
+            return int(args.func(args))
     except KeyboardInterrupt:
         if debug:
             raise

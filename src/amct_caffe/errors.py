@@ -63,6 +63,12 @@ class NotImplementedFeatureError(AmctError):
     """An AMCT API that amct-caffe does not implement (e.g. ``auto_nuq``)."""
 
 
+class PythonLayerNotAllowedError(AmctError):
+    """A net has a ``type: "Python"`` layer and the caller did not opt in to importing its module (the
+    message says how: ``allow_python_layers=True``, ``--allow-python-layers`` or
+    ``AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1``)."""
+
+
 class RuntimeEngineError(AmctError):
     """The engine cannot run a net as asked (missing input, wrong input shape, device unavailable)."""
 

@@ -2,15 +2,15 @@
 
 ``caffe.Net``, the solvers (``caffe.SGDSolver``, ``NesterovSolver``, ``AdaGradSolver``, ``RMSPropSolver``,
 ``AdaDeltaSolver``, ``AdamSolver``, ``caffe.get_solver``), ``caffe.TRAIN``/``caffe.TEST``,
-``caffe.set_mode_cpu()``/``set_mode_gpu()``/``set_device()``,
-``caffe.set_random_seed()``, ``caffe.layer_type_list()``, ``caffe.io`` and ``caffe.proto.caffe_pb2`` (our
-own generated schema, BVLC-compatible plus AMCT's extensions) run on the amct-caffe engine; no Caffe build
-is involved.
+``caffe.set_mode_cpu()``/``set_mode_gpu()``/``set_device()``, ``caffe.set_random_seed()``,
+``caffe.layer_type_list()``, ``caffe.Layer``, ``caffe.io`` and ``caffe.proto.caffe_pb2`` (our own generated
+schema, BVLC-compatible plus AMCT's extensions) run on the amct-caffe engine; no Caffe build is involved.
 
 This package gathers everything pycaffe-shaped, laid out as real pycaffe is:
 
 - ``pycaffe``: ``Net``, ``Blob`` and the solver classes over the engine;
 - ``io``: blob <-> array conversion; ``proto``: the generated schema;
+- ``layer``: ``caffe.Layer``, the base class of pycaffe Python layers (``type: "Python"``, run on opt-in);
 - ``python_layers``: the fake-quant layers as Caffe Python layers for a *stock* pycaffe (numpy only);
 - ``rewrite``: rewrites a fake-quant prototxt to use those Python layers.
 
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the names __getattr__ resolves, for type checkers (importing them here would load torch)
     from amct_caffe.caffe import io as io
     from amct_caffe.caffe import proto as proto
+    from amct_caffe.caffe.layer import Layer as Layer
     from amct_caffe.caffe.pycaffe import TEST as TEST
     from amct_caffe.caffe.pycaffe import TRAIN as TRAIN
     from amct_caffe.caffe.pycaffe import AdaDeltaSolver as AdaDeltaSolver
@@ -51,6 +52,7 @@ _EXPORTS = {
     "AdaGradSolver": "pycaffe",
     "AdamSolver": "pycaffe",
     "Blob": "pycaffe",
+    "Layer": "layer",
     "NesterovSolver": "pycaffe",
     "Net": "pycaffe",
     "RMSPropSolver": "pycaffe",

@@ -30,7 +30,7 @@ from amct_caffe.emulation.loader import plan_net
 from amct_caffe.engine import solver as _solver
 from amct_caffe.engine.device import full_float32, set_device, set_mode_cpu, set_mode_gpu
 from amct_caffe.engine.fillers import set_random_seed
-from amct_caffe.engine.layers import supported_types
+from amct_caffe.engine.layers import supported_types, user_types
 from amct_caffe.engine.layers.base import Layer
 from amct_caffe.engine.net import Net as EngineNet
 from amct_caffe.engine.optimize import note_param_array
@@ -172,12 +172,17 @@ class Net(EngineNet):
         Net(prototxt, phase)
         Net(prototxt, caffemodel, phase)
         Net(prototxt, phase, weights=caffemodel, level=0, stages=[...])
+
+    ``allow_python_layers=True`` (ours) lets ``type: "Python"`` layers import their modules (see
+    :mod:`amct_caffe.engine.layers.python`); without it (or ``AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1``) such a
+    net raises :class:`~amct_caffe.errors.PythonLayerNotAllowedError` before importing anything.
     """
 
     def __init__(self, network_file: Any, *args: Any, **kwargs: Any) -> None:
         weights = kwargs.pop("weights", None)
         level = kwargs.pop("level", 0)
         stages = kwargs.pop("stages", None) or ()
+        allow_python_layers = kwargs.pop("allow_python_layers", None)
         if kwargs:
             raise TypeError(f"Net() got unexpected keyword arguments {sorted(kwargs)}")
         if len(args) == 1:
@@ -192,7 +197,8 @@ class Net(EngineNet):
             network_file = network_file.decode()
         stages = tuple(stages)
         plan = plan_net(network_file, weights, phase, level=level, stages=stages)
-        super().__init__(network_file, phase, level=level, stages=stages, variants=plan.variants)
+        super().__init__(network_file, phase, level=level, stages=stages, variants=plan.variants,
+                         allow_python_layers=allow_python_layers)
         plan.copy_weights(self)
         if phase == TRAIN:
             # Caffe's Net::Init decides which blobs get gradients (own lr_mult != 0), so backward() works
@@ -383,8 +389,9 @@ class Net(EngineNet):
 
 
 def layer_type_list() -> list[str]:
-    """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``)."""
-    return supported_types()
+    """Every layer type the engine can run (pycaffe's ``caffe.layer_type_list()``): the built-in types,
+    then the user's registered ones (``amct_caffe.register_layer``)."""
+    return supported_types() + user_types()
 
 
 # -- solvers ------------------------------------------------------------------------------------------------

@@ -24,8 +24,15 @@ from amct_caffe.engine.device import current_device, full_float32
 from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.layers.data import Input
+from amct_caffe.engine.layers.python import allow_python_layers as python_layer_choice
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
-from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
+from amct_caffe.errors import (
+    ConfigError,
+    ModelFormatError,
+    PythonLayerNotAllowedError,
+    RuntimeEngineError,
+    WeightShapeError,
+)
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
@@ -79,11 +86,15 @@ class Net:
         variants: ``{layer name: variant}`` -- the registered implementation (a variant name or a
             :class:`~amct_caffe.engine.layers.registry.LayerVariant` with options) to build for that layer
             instead of its type's default; a type without the variant builds its default.
+        allow_python_layers: True lets ``type: "Python"`` layers import their modules, False refuses,
+            None (default) leaves it to ``allow_python_layers()`` blocks and the environment
+            (:mod:`amct_caffe.engine.layers.python`).
 
     Raises:
         ModelFormatError: the net is malformed (unknown bottom, bad layer parameters).
         ConfigError: ``variants`` names a layer the net does not have.
         UnsupportedLayerError: a layer type the engine does not implement.
+        PythonLayerNotAllowedError: a Python layer without the opt-in.
         WeightShapeError: a caffemodel blob's shape differs from the layer's.
     """
 
@@ -97,6 +108,7 @@ class Net:
         level: int = 0,
         stages: Iterable[str] = (),
         variants: Mapping[str, str | LayerVariant] | None = None,
+        allow_python_layers: bool | None = None,
     ) -> None:
         if isinstance(model, caffe_pb2.NetParameter):
             self.path = ""
@@ -124,7 +136,10 @@ class Net:
         self._data: dict[str, Tensor] = {}
         self._set_up = False
         self._plan: InferencePlan | None = None
-        self._build()
+        # an explicit choice for this net only; None keeps the caller's block or the environment
+        choice = allow_python_layers
+        with contextlib.nullcontext() if choice is None else python_layer_choice(choice):
+            self._build()
         self._link()
         self.inputs: list[str] = self._input_blobs()
         self.outputs: list[str] = self._output_blobs()
@@ -156,7 +171,10 @@ class Net:
                     )
             variant = self._variants.get(lp.name, LayerVariant())
             cls = layer_class(lp.type, lp.name, self.path, variant.name)
-            layer = cls.create(lp, self.phase, self.device, variant.options)
+            try:
+                layer = cls.create(lp, self.phase, self.device, variant.options)
+            except PythonLayerNotAllowedError as exc:  # the layer cannot know the file; name it here
+                raise PythonLayerNotAllowedError(f"Net '{self.path or self.param.name}': {exc}") from None
             self.engine_layers.append(layer)
             self.layer_names.append(lp.name)
             self.layer_bottoms.append(list(lp.bottom))

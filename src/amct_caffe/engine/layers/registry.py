@@ -9,6 +9,10 @@ variant a type does not have falls back to the type's default implementation.
 Registering the same type and variant twice is an error: two modules would silently disagree about which
 class runs a layer.
 
+A user's own layers (:func:`amct_caffe.engine.layers.custom.register_layer`) live beside the built-in ones:
+a built-in type cannot be replaced, a user type can be registered again (the new class wins), and
+:func:`supported_types` lists the built-in types only (:func:`user_types` the others).
+
 Use the names through :mod:`amct_caffe.engine.layers`, whose import registers every layer family.
 """
 
@@ -24,6 +28,7 @@ from amct_caffe.errors import UnsupportedLayerError
 DEFAULT_VARIANT = "default"
 
 _REGISTRY: dict[tuple[str, str], type[Layer]] = {}
+_USER: dict[str, type[Layer]] = {}
 
 
 @dataclass(frozen=True)
@@ -84,14 +89,40 @@ def layer_class(
     Raises:
         UnsupportedLayerError: the engine implements no such type.
     """
-    cls = _REGISTRY.get((type_name, variant)) or _REGISTRY.get((type_name, DEFAULT_VARIANT))
+    cls = (_REGISTRY.get((type_name, variant)) or _REGISTRY.get((type_name, DEFAULT_VARIANT))
+           or _USER.get(type_name))
     if cls is None:
         where = f" in '{path}'" if path else ""
         raise UnsupportedLayerError(
             f"Layer '{layer_name}'{where} has type '{type_name}', which the amct-caffe engine does not "
-            f"implement. Supported types: {', '.join(supported_types())}."
+            f"implement. Supported types: {', '.join(supported_types())}; a layer of your own can be "
+            "registered with amct_caffe.register_layer (README, 'Your own layers')."
         )
     return cls
+
+
+def register_user(type_name: str, cls: type[Layer]) -> None:
+    """Register a user's layer class under ``type_name`` (replacing an earlier user class of that type).
+
+    Raises:
+        ValueError: ``type_name`` is empty or a built-in type.
+    """
+    if not type_name:
+        raise ValueError("register_layer needs a non-empty Caffe type string")
+    if any(name == type_name for name, _ in _REGISTRY):
+        raise ValueError(f"'{type_name}' is a built-in layer type of the engine; give your layer another "
+                         "type.")
+    _USER[type_name] = cls
+
+
+def unregister_user(type_name: str) -> None:
+    """Forget the user's layer of ``type_name`` (nothing happens if there is none)."""
+    _USER.pop(type_name, None)
+
+
+def user_types() -> list[str]:
+    """The types of the user's registered layers, sorted."""
+    return sorted(_USER)
 
 
 def supported_types() -> list[str]:
