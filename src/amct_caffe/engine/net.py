@@ -26,7 +26,14 @@ from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
-from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
+from amct_caffe.errors import (
+    ConfigError,
+    ModelFormatError,
+    RuntimeEngineError,
+    UnknownLayerError,
+    UnknownNameError,
+    WeightShapeError,
+)
 from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
@@ -265,7 +272,7 @@ class Net:
         try:
             return self.layer_names.index(name)
         except ValueError:
-            raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
+            raise UnknownLayerError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
 
     #: TEST phase: run through the optimised plan of :mod:`amct_caffe.engine.optimize` (BatchNorm/Scale
     #: folding, fused in-place ReLU, packed channels-last convolutions). Every blob keeps the value the
@@ -455,7 +462,7 @@ class Net:
         try:
             value = self._data[name]
         except KeyError:
-            raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
+            raise UnknownNameError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
         if value.dim() == 4 and not value.is_contiguous() and \
                 value.is_contiguous(memory_format=torch.channels_last):
             # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW
