@@ -508,11 +508,31 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and the solvers (default 0)")
     p.add_argument("--no-report", action="store_true", help="skip the per-layer report")
 
+    p = _add(sub, "exec", cmd_exec, "run an unchanged pycaffe script (import caffe) on the engine", debug)
+    p.add_argument("script", metavar="SCRIPT.py", help="the Python script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's arguments")
+
     p = _add(sub, "pycaffe-rewrite", cmd_pycaffe_rewrite,
              "make a fake-quant model runnable in a stock pycaffe (Python layers)", debug)
     p.add_argument("model_in", metavar="MODEL_IN", help="the *_fake_quant_model.prototxt")
     p.add_argument("model_out", metavar="MODEL_OUT", help="the rewritten .prototxt to write")
     return parser
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """Run a Python script that does `import caffe` with `caffe` bound to amct-caffe's pycaffe facade, for
+    this run only (a plain `import caffe` elsewhere never finds the facade); the script's exit code is the
+    command's."""
+    from amct_caffe.caffe.script import run_script
+
+    try:
+        run_script(args.script, args.script_args)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:

@@ -221,6 +221,29 @@ class Net(EngineNet):
         return list(self.layer_names)
 
     @property
+    def _blob_names(self) -> list[str]:
+        """pycaffe's blob names in blob order (the keys of ``blobs``)."""
+        return list(self.blob_names)
+
+    @property
+    def _inputs(self) -> list[int]:
+        """pycaffe's indices (into ``_blob_names``) of the input blobs."""
+        return [self.blob_names.index(name) for name in self.inputs]
+
+    @property
+    def _outputs(self) -> list[int]:
+        """pycaffe's indices (into ``_blob_names``) of the output blobs."""
+        return [self.blob_names.index(name) for name in self.outputs]
+
+    def _bottom_ids(self, index: int) -> list[int]:
+        """pycaffe's blob indices of layer ``index``'s bottoms."""
+        return [self.blob_names.index(name) for name in self.layer_bottoms[index]]
+
+    def _top_ids(self, index: int) -> list[int]:
+        """pycaffe's blob indices of layer ``index``'s tops."""
+        return [self.blob_names.index(name) for name in self.layer_tops[index]]
+
+    @property
     def blob_loss_weights(self) -> OrderedDict[str, float]:
         weights = OrderedDict((name, 0.0) for name in self.blob_names)
         for (li, ti), w in self.loss_weights.items():
@@ -350,8 +373,8 @@ class Net(EngineNet):
         names += [d for d in (diffs or []) if d not in names]
         if kwargs:
             if set(kwargs) != set(self.outputs):
-                raise RuntimeEngineError(f"Top diff arguments {sorted(kwargs)} do not match the net's outputs "
-                                         f"{self.outputs}.")
+                raise RuntimeEngineError(f"Top diff arguments {sorted(kwargs)} do not match the net's "
+                                         f"outputs {self.outputs}.")
             for top, value in kwargs.items():
                 value = np.asarray(value)
                 target = Blob(self, top).diff

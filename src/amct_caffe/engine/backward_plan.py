@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from amct_caffe.engine.layers.base import Layer
+from amct_caffe.proto.caffe_pb2 import LayerParameter
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class BackwardPlan:
 def _allows_force_backward(layer: Layer, bottom_index: int) -> bool:
     # Caffe's LossLayer::AllowForceBackward: labels (bottom 1) never take a diff
     return not (layer.loss_layer and bottom_index == 1)
+
+
+def _lr_mult(lp: LayerParameter, index: int) -> float:
+    if index < len(lp.param) and lp.param[index].HasField("lr_mult"):
+        return float(lp.param[index].lr_mult)
+    return 1.0
 
 
 def plan_backward(
@@ -71,10 +78,7 @@ def plan_backward(
             if len(lp.propagate_down) > 0:
                 need = bool(lp.propagate_down[j]) if j < len(lp.propagate_down) else need
             needs.append(need)
-        params = [
-            (float(lp.param[p].lr_mult) if p < len(lp.param) and lp.param[p].HasField("lr_mult") else 1.0) != 0.0
-            for p in range(len(layer.blobs))
-        ]
+        params = [_lr_mult(lp, p) != 0.0 for p in range(len(layer.blobs))]
         need_layer = any(blob_needs.get(name, False) for name in layer_bottoms) or any(params)
         for name in layer_tops:
             blob_needs[name] = blob_needs.get(name, False) or need_layer
@@ -101,7 +105,8 @@ def plan_backward(
     if force_backward:
         for i, layer in enumerate(layers):
             layer_need[i] = True
-            bottom_need[i] = [need or _allows_force_backward(layer, j) for j, need in enumerate(bottom_need[i])]
+            bottom_need[i] = [need or _allows_force_backward(layer, j)
+                              for j, need in enumerate(bottom_need[i])]
             param_need[i] = [True] * len(param_need[i])
     else:
         param_need = [[need and layer_need[i] for need in params] for i, params in enumerate(param_need)]

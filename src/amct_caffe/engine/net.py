@@ -146,7 +146,8 @@ class Net:
         self.reshape()
         self._share_params()
         self.backward_plan = plan_backward(
-            self.engine_layers, self.layer_bottoms, self.layer_tops, set(self.loss_weights), self.force_backward
+            self.engine_layers, self.layer_bottoms, self.layer_tops, set(self.loss_weights),
+            self.force_backward,
         )
         if weights is not None:
             self.copy_from(weights)
@@ -312,7 +313,8 @@ class Net:
                 bottoms = []
                 for j, name in enumerate(self.layer_bottoms[i]):
                     value = data[name]
-                    if self.backward_plan.bottom[i][j] and not value.requires_grad and value.is_floating_point():
+                    leaf = not value.requires_grad and value.is_floating_point()
+                    if self.backward_plan.bottom[i][j] and leaf:
                         value = data[name] = value.detach().requires_grad_(True)
                     bottoms.append(value)
                 outs = self.engine_layers[i].forward(bottoms)
@@ -323,8 +325,9 @@ class Net:
 
     # -- backward --------------------------------------------------------------------------------------------
     def diff(self, name: str) -> Tensor:
-        """Blob ``name``'s diff (Caffe's ``Blob::diff``): a host float32 tensor of the blob's shape, zeros until a
-        backward pass or the caller writes it; a loss top's diff holds its loss weight, as Caffe seeds it.
+        """Blob ``name``'s diff (Caffe's ``Blob::diff``): a host float32 tensor of the blob's shape, zeros
+        until a backward pass or the caller writes it; a loss top's diff holds its loss weight, as Caffe
+        seeds it.
 
         Raises:
             RuntimeEngineError: the net has no blob ``name``.
@@ -374,7 +377,8 @@ class Net:
 
     @contextlib.contextmanager
     def _params_with_grad(self) -> Iterator[None]:
-        """Let the parameters that take diffs record a graph for the block (a TEST net's do not by default)."""
+        """Let the parameters that take diffs record a graph for the block (a TEST net's do not by
+        default)."""
         switched = []
         for layer, needs in zip(self.engine_layers, self.backward_plan.param):
             for blob, need in zip(layer.blobs, needs):
@@ -401,7 +405,8 @@ class Net:
         finally:
             self._tape, self._data = saved_tape, saved_data
 
-    def _backprop(self, tape: Sequence[tuple[list[Tensor], list[Tensor]] | None], start: int, end: int) -> None:
+    def _backprop(self, tape: Sequence[tuple[list[Tensor], list[Tensor]] | None], start: int,
+                  end: int) -> None:
         grads: dict[int, Tensor] = {}  # id of a blob value (one version of a name) -> its diff
         plan = self.backward_plan
         for i in range(start, end - 1, -1):
@@ -414,7 +419,7 @@ class Net:
             for name, top in zip(self.layer_tops[i], tops):
                 if top.requires_grad:
                     outs.append(top)
-                    out_grads.append(grads.get(id(top), None))
+                    out_grads.append(grads.get(id(top)))
                     if out_grads[-1] is None:
                         out_grads[-1] = self.diff(name).to(top.device).reshape(top.shape)
             wanted = [(j, b) for j, b in enumerate(bottoms) if plan.bottom[i][j] and b.requires_grad]
