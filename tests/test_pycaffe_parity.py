@@ -258,3 +258,68 @@ def test_plain_import_caffe_never_finds_the_facade() -> None:
 
 def test_exec_refuses_a_missing_script(tmp_path: Path) -> None:
     assert main(["exec", str(tmp_path / "nope.py")]) == 1
+
+
+# -- `run` with classify.py's image options ----------------------------------------------------------------
+IDENTITY_NET = ('layer { name: "data" type: "Input" top: "data" '
+                'input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n'
+                'layer { name: "id" type: "Power" bottom: "data" top: "out" }\n')
+
+PREPROCESS_SCRIPT = """import sys
+import numpy as np
+import caffe
+t = caffe.io.Transformer({"data": (1, 3, 4, 4)})
+t.set_transpose("data", (2, 0, 1))
+t.set_channel_swap("data", (2, 1, 0))
+t.set_raw_scale("data", 255.0)
+t.set_mean("data", np.array([104.0, 117.0, 123.0], np.float32))
+t.set_input_scale("data", 0.5)
+np.save(sys.argv[1], t.preprocess("data", caffe.io.load_image(sys.argv[2])))
+"""
+
+
+def write_rgb(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    rgb = (np.random.RandomState(3).rand(*shape, 3) * 255).astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(path)
+    return rgb
+
+
+def test_run_images_as_classify_py_by_hand(tmp_path: Path) -> None:
+    rgb = write_rgb(tmp_path / "a.png", (4, 4))
+    (tmp_path / "n.prototxt").write_text(IDENTITY_NET)
+    code = main(["run", str(tmp_path / "n.prototxt"), "--input", f"data={tmp_path / 'a.png'}",
+                 "--input", f"data={tmp_path / 'a.png'}", "--input-shape", "data:2,3,4,4",
+                 "--mean", "1,2,3", "--raw-scale", "10", "--scale", "0.5", "--channel-swap", "2,1,0",
+                 "--output-dir", str(tmp_path / "o")])
+    assert code == 0
+    got = np.load(tmp_path / "o" / "out.npy")
+    expected = np.empty((3, 4, 4), np.float64)
+    for c, source in enumerate((2, 1, 0)):
+        expected[c] = (rgb[:, :, source] / 255.0 * 10 - (1, 2, 3)[c]) * 0.5
+    assert got.shape == (2, 3, 4, 4)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], got[0])
+
+
+def test_run_image_options_refuse_bad_values(tmp_path: Path) -> None:
+    write_rgb(tmp_path / "a.png", (4, 4))
+    (tmp_path / "n.prototxt").write_text(IDENTITY_NET)
+    base = ["run", str(tmp_path / "n.prototxt"), "--input", f"data={tmp_path / 'a.png'}"]
+    assert main([*base, "--mean", "1,2"]) == 1  # 2 values for 3 channels
+    assert main([*base, "--channel-swap", "a,b,c"]) == 1
+    assert main([*base, "--input-shape", "label:1,3,4,4"]) == 1
+
+
+@pytest.mark.reference
+def test_run_images_equal_reference_transformer(reference_caffe: str, tmp_path: Path) -> None:
+    write_rgb(tmp_path / "a.png", (7, 6))  # resized to 4x4 (anti-aliased, as scikit-image)
+    (tmp_path / "n.prototxt").write_text(IDENTITY_NET)
+    (tmp_path / "pre.py").write_text(PREPROCESS_SCRIPT)
+    run_reference_script(tmp_path / "pre.py", str(tmp_path / "ref.npy"), str(tmp_path / "a.png"))
+    code = main(["run", str(tmp_path / "n.prototxt"), "--input", f"data={tmp_path / 'a.png'}",
+                 "--mean", "104,117,123", "--scale", "0.5", "--output-dir", str(tmp_path / "o")])
+    assert code == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "out.npy")[0], np.load(tmp_path / "ref.npy"),
+                               rtol=1e-5, atol=1e-4)

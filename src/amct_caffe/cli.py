@@ -70,15 +70,55 @@ def load_image_input(path: str, shape: Sequence[int]) -> np.ndarray:
     return hwc_to_chw(img).astype(np.float32)[None]
 
 
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} '{text}' must be comma-separated numbers, e.g. 104,117,123") from None
+
+
+def _image_transformer(args: argparse.Namespace, name: str, shape: Sequence[int]) -> Any:
+    """The ``caffe.io.Transformer`` that ``run``'s classify.py options (--mean, --raw-scale, --scale,
+    --channel-swap) ask for, for input ``name`` of ``shape``; None when none of them is given (images then
+    feed as Caffe's ImageData does)."""
+    if args.mean is None and args.raw_scale is None and args.scale is None and args.channel_swap is None:
+        return None
+    from amct_caffe.caffe.io import Transformer
+
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise ConfigError(f"image input '{name}': the input blob has shape {tuple(shape)}; an image fits an "
+                          "N x C x H x W blob with C = 1 or 3 (set it with --input-shape)")
+    transformer = Transformer({name: shape})
+    transformer.set_transpose(name, (2, 0, 1))
+    # classify.py's defaults: an image in [0, 1] RGB becomes Caffe's 0..255 BGR
+    swap = args.channel_swap if args.channel_swap is not None else ("2,1,0" if shape[1] == 3 else "0")
+    transformer.set_channel_swap(name, [int(v) for v in _float_list(swap, "--channel-swap")])
+    transformer.set_raw_scale(name, args.raw_scale if args.raw_scale is not None else 255.0)
+    if args.mean is not None:
+        transformer.set_mean(name, _load_mean(args.mean))
+    if args.scale is not None:
+        transformer.set_input_scale(name, args.scale)
+    return transformer
+
+
+def _load_mean(text: str) -> np.ndarray:
+    """``--mean``: per-channel values ``104,117,123``, or a .npy holding (C,) or (C, H, W) values."""
+    if text.lower().endswith(".npy"):
+        return _load_npy(f"--mean {text}", text)
+    return np.array(_float_list(text, "--mean"), dtype=np.float32)
+
+
 def _parse_input_specs(specs: Sequence[str]) -> list[tuple[str, str, str]]:
     """``[(spec, name, path)]``, checking the NAME=FILE form before anything is loaded."""
     return [(spec, *_split_spec(spec)) for spec in specs]
 
 
-def _load_inputs(specs: Sequence[tuple[str, str, str]],
-                 shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _load_inputs(specs: Sequence[tuple[str, str, str]], shapes: dict[str, tuple[int, ...]],
+                 args: argparse.Namespace | None = None) -> dict[str, np.ndarray]:
     """Load ``--input`` values for the input blobs of ``shapes`` (images are stacked on axis 0 when a
-    name is given several times; a .npy of one axis less than the blob gets the batch axis added)."""
+    name is given several times; a .npy of one axis less than the blob gets the batch axis added); with
+    ``run``'s classify.py options in ``args``, images go through ``caffe.io`` as pycaffe's classify.py
+    feeds them."""
     values: dict[str, list[np.ndarray]] = {}
     kinds: dict[str, str] = {}
     for spec, name, path in specs:
@@ -95,7 +135,14 @@ def _load_inputs(specs: Sequence[tuple[str, str, str]],
         if is_image:
             if not os.path.isfile(path):
                 raise ConfigError(f"--input '{spec}': image file '{path}' does not exist")
-            value = load_image_input(path, shapes[name])
+            transformer = _image_transformer(args, name, shapes[name]) if args is not None else None
+            if transformer is None:
+                value = load_image_input(path, shapes[name])
+            else:
+                from amct_caffe.caffe.io import load_image
+
+                image = load_image(path, color=shapes[name][1] == 3)
+                value = transformer.preprocess(name, image)[None]
         else:
             value = _load_npy(spec, path)
             if value.ndim == len(shapes[name]) - 1:
@@ -224,7 +271,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Forward a net once in the engine's TEST phase and print (or save) its outputs. Inputs: .npy arrays
     or images (--input NAME=FILE; an image is decoded as Caffe does, BGR or grey, values 0..255, resized to
-    the blob's height and width); input blobs without a value get standard-normal random values."""
+    the blob's height and width); input blobs without a value get standard-normal random values. With
+    pycaffe classify.py's options (--mean, --raw-scale, --scale, --channel-swap) images are read and
+    preprocessed as classify.py does (caffe.io.load_image and caffe.io.Transformer: resize, channel swap,
+    times raw scale, minus mean, times scale; raw scale 255 and swap 2,1,0 unless given). --input-shape
+    sets input blob shapes first."""
     from amct_caffe import caffe
 
     specs = _parse_input_specs(args.input or [])
@@ -232,8 +283,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_file(args.weights, "--weights")
     _use_gpu(args.gpu)
     net = caffe.Net(args.model, caffe.TEST, weights=args.weights)
+    if args.input_shape:
+        _reshape_inputs(net, args.input_shape)
     shapes = {name: tuple(int(d) for d in net.blobs[name].data.shape) for name in net.inputs}
-    inputs = _load_inputs(specs, shapes)
+    inputs = _load_inputs(specs, shapes, args)
     rng = np.random.default_rng(args.seed)
     for name in net.inputs:
         if name in inputs:
@@ -257,6 +310,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             np.save(folder / f"{_safe_file_name(name)}.npy", np.asarray(value))
         print(f"{len(outputs)} output(s) saved as .npy files in {folder}")
     return 0
+
+
+def _reshape_inputs(net: Any, text: str) -> None:
+    """``--input-shape name:n,c,h,w[;...]``: reshape those input blobs (and the net)."""
+    from amct_caffe.workflows.calibration_run import parse_input_shape
+
+    for name, shape in parse_input_shape(text):
+        if name not in net.inputs:
+            raise ConfigError(f"--input-shape: the net has no input blob '{name}' (its input blobs: "
+                              f"{', '.join(net.inputs) or 'none'})")
+        net.blobs[name].reshape(*shape)
+    net.reshape()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -469,6 +534,17 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="value of input blob NAME: a .npy array or an image (.png, .jpg, ...); repeat for "
                         "several inputs, or one image name several times for a batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the random values of inputs not given")
+    p.add_argument("--input-shape", metavar="NAME:N,C,H,W[;...]",
+                   help="reshape input blobs first, e.g. data:1,3,224,224 (images are resized to it)")
+    p.add_argument("--mean", metavar="B,G,R|FILE.npy",
+                   help="pycaffe classify.py: mean subtracted from images after the raw scale, per channel "
+                        "values or a .npy of (C,) or (C,H,W) values")
+    p.add_argument("--raw-scale", type=float, metavar="S",
+                   help="pycaffe classify.py: images are read in [0, 1] and multiplied by S (default 255)")
+    p.add_argument("--scale", "--input-scale", dest="scale", type=float, metavar="S",
+                   help="pycaffe classify.py's --input_scale: multiply after the mean is subtracted")
+    p.add_argument("--channel-swap", metavar="2,1,0",
+                   help="pycaffe classify.py: channel order after reading RGB (default 2,1,0: BGR)")
     p.add_argument("--save", metavar="FILE.npz", help="save the outputs into one .npz file")
     p.add_argument("--output-dir", metavar="DIR", help="save every output as DIR/<blob>.npy")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
