@@ -26,15 +26,21 @@ reported on each of them.
 Output steps
 ------------
 Each quantized layer of the deploy model has an output quantization step: the ``s_d`` of the next
-``Quant`` that reads its DeQuant's top (through in-place layers), else its ``deq_scale`` (per channel); it
-applies to the DeQuant's top and to the accumulator before it. A Quant top's step is its own ``s_d``.
+``Quant`` that reads its DeQuant's top (through in-place layers and ReLUs, which keep the grid), else its
+``deq_scale`` (per channel); it applies to the DeQuant's top and to the accumulator before it. A Quant top's
+step is its own ``s_d``.
+
+Accuracy
+--------
+The tops of the float net's ``Accuracy`` layers are averaged over the batches in every model, so the report
+shows each model's accuracy where the net measures one (TEST-phase data layers, or given labels).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import numpy as np
@@ -201,18 +207,29 @@ def quantized_layers(net: Net) -> list[QuantizedLayer]:
     return out
 
 
+#: Layer types between a quantized layer and the next Quant that keep its output grid (a step of the
+#: output is a step of the value the Quant reads)
+GRID_KEEPING_TYPES = frozenset({"ReLU"})
+
+
 def _readers_through_in_place(params: Sequence[caffe_pb2.LayerParameter], index: int, blob: str) -> list[int]:
     """The layers reading the value ``blob`` holds after layer ``index``, and, after an in-place layer
-    among them, the readers of the value it writes, in net order."""
+    or a ReLU among them, the readers of the value it writes, in net order."""
     out: list[int] = []
-    readers = value_readers(params, index, blob)
-    while readers:
-        out.extend(readers)
-        last = readers[-1]
-        if blob not in params[last].top:
-            break
-        readers = value_readers(params, last, blob)
-    return out
+    pending = [(index, blob)]
+    seen: set[tuple[int, str]] = set()
+    while pending:
+        at, name = pending.pop(0)
+        if (at, name) in seen:
+            continue
+        seen.add((at, name))
+        for reader in value_readers(params, at, name):
+            out.append(reader)
+            if name in params[reader].top:
+                pending.append((reader, name))
+            elif params[reader].type in GRID_KEEPING_TYPES and len(params[reader].top) == 1:
+                pending.append((reader, params[reader].top[0]))
+    return sorted(dict.fromkeys(out))
 
 
 def output_steps(deploy: DeployNet) -> dict[str, np.ndarray]:
@@ -237,6 +254,12 @@ def output_steps(deploy: DeployNet) -> dict[str, np.ndarray]:
         out[top] = step
         out[param.bottom[0]] = step
     return out
+
+
+def accuracy_tops(net: Net) -> list[str]:
+    """The tops of ``net``'s ``Accuracy`` layers, in net order."""
+    return [top for layer, tops in zip(net.engine_layers, net.layer_tops) if layer.type_name == "Accuracy"
+            for top in tops]
 
 
 def _quant_indices(net: Net) -> list[int]:
@@ -382,6 +405,7 @@ class Collected:
             blob is missing from a model or its shapes differ)}}``.
         saturation: ``{"fake"|"deploy": {Quant layer: SaturationStats}}``.
         samples: ``{blob: {"float"|"fake"|"deploy": values}}`` at the same random positions in each model.
+        accuracy: ``{Accuracy top of the float net: {model: sum over the batches}}`` (divide by ``count``).
     """
 
     quantized: list[QuantizedLayer]
@@ -393,6 +417,7 @@ class Collected:
     agreement: dict[str, dict[str, AgreementStats | None]]
     saturation: dict[str, dict[str, SaturationStats]]
     samples: dict[str, dict[str, np.ndarray]]
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _run_observing(net: Net, quants: Sequence[int], stats: Mapping[str, SaturationStats]) -> None:
@@ -439,6 +464,7 @@ class _ReportCollector:
                            "layer).", nets.models["fake"])
         outputs = list(self.nets["float"].outputs)
         self.blobs = list(dict.fromkeys([q.blob for q in quantized] + outputs))
+        self.accuracy_blobs = accuracy_tops(self.nets["float"])
         pairs = [key for key, a, b in PAIRS if a in self.nets and b in self.nets]
         self.quants = {which: _quant_indices(net) for which, net in self.nets.items() if which != "float"}
         # only fake-quant vs deploy is measured in output steps: the float model has no quantization grid
@@ -472,6 +498,12 @@ class _ReportCollector:
         values = {which: {blob: _value(net, blob) for blob in self.blobs} for which, net in self.nets.items()}
         for blob in self.blobs:
             self._add(values, blob)
+        for blob in self.accuracy_blobs:
+            sums = self.collected.accuracy.setdefault(blob, {})
+            for which, net in self.nets.items():
+                value = _value(net, blob)
+                if value is not None and value.numel() == 1:
+                    sums[which] = sums.get(which, 0.0) + float(value.reshape(()))
 
     def _add(self, values: Mapping[str, Mapping[str, torch.Tensor | None]], blob: str) -> None:
         stats = self.collected.agreement[blob]
