@@ -371,7 +371,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if (args.deploy_model is None) != (args.deploy_weights is None):
         raise ConfigError("give both --deploy-model and --deploy-weights, or neither")
+    retrain = args.retrain_model is not None or args.retrain_weights is not None
+    if retrain and (args.retrain_model is None or args.retrain_weights is None):
+        raise ConfigError("give both --retrain-model and --retrain-weights, or neither")
+    float_given = args.float_model is not None or args.float_weights is not None
+    if float_given == retrain:
+        raise ConfigError("give the float reference: --float-model and --float-weights, or after QAT "
+                          "--retrain-model and --retrain-weights (the retrained float weights)")
+    if float_given and (args.float_model is None or args.float_weights is None):
+        raise ConfigError("give both --float-model and --float-weights")
+    if args.sensitivity and not retrain:
+        raise ConfigError("--sensitivity needs --retrain-model and --retrain-weights (the layers are "
+                          "quantized one at a time with their trained factors)")
+    if not args.sensitivity and (args.fake_model is None or args.fake_weights is None):
+        raise ConfigError("give --fake-model and --fake-weights (or --sensitivity with --retrain-*)")
     for path, option in ((args.float_model, "--float-model"), (args.float_weights, "--float-weights"),
+                         (args.retrain_model, "--retrain-model"), (args.retrain_weights, "--retrain-weights"),
                          (args.fake_model, "--fake-model"), (args.fake_weights, "--fake-weights"),
                          (args.deploy_model, "--deploy-model"), (args.deploy_weights, "--deploy-weights")):
         _check_file(path, option)
@@ -382,8 +397,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if name in inputs:
                 raise ConfigError(f"--input '{spec}': input '{name}' is given twice")
             inputs[name] = _load_npy(spec, path)
+    if args.sensitivity:
+        return _compare_sensitivity(args, inputs)
+    float_model: Any = args.float_model
+    float_weights: Any = args.float_weights
+    if retrain:
+        from amct_caffe.workflows.compare import retrained_float_model
+
+        reference = retrained_float_model(args.retrain_model, args.retrain_weights)
+        float_model, float_weights = reference.net, reference.weights
+        print(f"float reference: {args.retrain_model} + {args.retrain_weights} with the retrain layers "
+              "removed (the retrained float weights)")
     result = report.compare_report(
-        args.float_model, args.float_weights, args.fake_model, args.fake_weights, args.deploy_model,
+        float_model, float_weights, args.fake_model, args.fake_weights, args.deploy_model,
         args.deploy_weights, inputs=inputs, out_dir=None, threshold=args.threshold, batches=args.batches,
         seed=args.seed,
     )
@@ -391,6 +417,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(render.format_table(result))
     html = written.get("report.html", os.path.join(args.output, "report.html"))
     print(f"report: {html} ({len(written)} file(s) in {args.output})")
+    return 0
+
+
+def _compare_sensitivity(args: argparse.Namespace, inputs: dict[str, np.ndarray] | None) -> int:
+    from amct_caffe.workflows.compare import layer_sensitivity, write_sensitivity
+
+    ranking = layer_sensitivity(args.retrain_model, args.retrain_weights, inputs, args.batches, args.seed)
+    width = max([5] + [len(s.name) for s in ranking])
+    print(f"{'rank':>4}  {'layer':<{width}}  {'type':<14}  output cosine (only this layer quantized)")
+    for rank, s in enumerate(ranking, start=1):
+        mark = " *" if s.cosine < args.threshold else ""
+        print(f"{rank:>4}  {s.name:<{width}}  {s.layer_type:<14}  {s.cosine:.6f}{mark}")
+    below = [s.name for s in ranking if s.cosine < args.threshold]
+    if below:
+        print(f"most sensitive (cosine < {args.threshold:g}): {', '.join(below)}; keeping these float "
+              "(retrain_enable false in the QAT config) costs the least accuracy")
+    else:
+        print(f"no layer alone brings the outputs below cosine {args.threshold:g}")
+    print(f"sensitivity: {write_sensitivity(ranking, args.output)}")
     return 0
 
 
@@ -558,10 +603,17 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                         "absent)")
 
     p = _add(sub, "compare", cmd_compare, "per-layer report: float vs fake-quant vs deploy", debug)
-    p.add_argument("--float-model", required=True, help="the float prototxt")
-    p.add_argument("--float-weights", required=True, help="the float caffemodel")
-    p.add_argument("--fake-model", required=True, help="<prefix>_fake_quant_model.prototxt")
-    p.add_argument("--fake-weights", required=True, help="<prefix>_fake_quant_weights.caffemodel")
+    p.add_argument("--float-model", help="the float prototxt (or give --retrain-model)")
+    p.add_argument("--float-weights", help="the float caffemodel")
+    p.add_argument("--retrain-model", help="after QAT: the retrain prototxt; with --retrain-weights it is "
+                                           "the float reference, quantization off (instead of --float-*)")
+    p.add_argument("--retrain-weights", help="after QAT: the retrained caffemodel (the solver's snapshot)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="with --retrain-*: quantize one retrained layer at a time and rank the layers by "
+                        "the cosine of the net outputs (PTQ auto calibration's measure); writes "
+                        "sensitivity.json (--fake-* not needed)")
+    p.add_argument("--fake-model", help="<prefix>_fake_quant_model.prototxt")
+    p.add_argument("--fake-weights", help="<prefix>_fake_quant_weights.caffemodel")
     p.add_argument("--deploy-model", help="<prefix>_deploy_model.prototxt (optional)")
     p.add_argument("--deploy-weights", help="<prefix>_deploy_weights.caffemodel (optional)")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy",

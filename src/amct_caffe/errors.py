@@ -25,6 +25,11 @@ class WeightShapeError(ModelFormatError):
     """A caffemodel blob does not have the shape the prototxt asks for."""
 
 
+class ModelMismatchError(ModelFormatError):
+    """Models given to be compared (float, fake-quant, deploy) that do not belong together: a quantized
+    layer's blob is missing from one of them or has another shape there."""
+
+
 class UnsupportedLayerError(AmctError, RuntimeError):
     """A layer type or a layer option that the engine or a pass does not support."""
 

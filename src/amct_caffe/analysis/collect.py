@@ -48,12 +48,12 @@ import torch
 from tqdm.auto import tqdm
 
 from amct_caffe.analysis.metrics import AgreementStats, SaturationStats
-from amct_caffe.analysis.results import PAIR_LABELS, PAIRS
+from amct_caffe.analysis.results import MODEL_LABELS, PAIR_LABELS, PAIRS
 from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, BlobScale, integer_blob_scales
 from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
-from amct_caffe.errors import ConfigError, RuntimeEngineError
+from amct_caffe.errors import ConfigError, ModelMismatchError, RuntimeEngineError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import producer_index, value_readers
 from amct_caffe.model.layer_types import DEQUANT, QUANT
@@ -452,6 +452,26 @@ def _saturation_stats(net: Net, index: int) -> SaturationStats:
     return SaturationStats(*quant_factors(net.engine_layers[index].param))
 
 
+def _check_models_match(nets: ReportNets, blobs: Sequence[str]) -> None:
+    """Refuse models that do not belong together: other input blobs, or a compared blob missing."""
+    reference = nets.nets["float"]
+    for which, net in nets.nets.items():
+        if sorted(net.inputs) != sorted(reference.inputs):
+            raise ModelMismatchError(
+                f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has the input blobs "
+                f"{sorted(net.inputs)} but the float model {nets.models['float']} has "
+                f"{sorted(reference.inputs)}; the models do not belong together."
+            )
+        missing = [blob for blob in blobs if blob not in net.blob_names]
+        if missing:
+            raise ModelMismatchError(
+                f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has no blob(s) "
+                f"{missing}, which the comparison needs (the quantized layers' outputs of the fake-quant "
+                "model and the float model's outputs); the models do not belong together -- give the float "
+                "model the quantized models were made from (or, after QAT, the retrain model)."
+            )
+
+
 class _ReportCollector:
     """Runs the report's nets batch by batch and adds each batch to the :class:`Collected` accumulators."""
 
@@ -460,10 +480,14 @@ class _ReportCollector:
         fake = self.nets["fake"]
         quantized = quantized_layers(fake)
         if not quantized:
-            LOGGER.warning("compare_report: the fake-quant model %s has no DeQuant layer (no quantized "
-                           "layer).", nets.models["fake"])
+            raise ModelMismatchError(
+                f"compare_report: the fake-quant model {nets.models['fake']} has no DeQuant layer, so it is "
+                "not a quantized model; give the <prefix>_fake_quant_model.prototxt and its caffemodel that "
+                "save_quant_retrain_model (or PTQ's save_model) wrote."
+            )
         outputs = list(self.nets["float"].outputs)
         self.blobs = list(dict.fromkeys([q.blob for q in quantized] + outputs))
+        _check_models_match(nets, self.blobs)
         self.accuracy_blobs = accuracy_tops(self.nets["float"])
         pairs = [key for key, a, b in PAIRS if a in self.nets and b in self.nets]
         self.quants = {which: _quant_indices(net) for which, net in self.nets.items() if which != "float"}
@@ -520,7 +544,13 @@ class _ReportCollector:
             if st is None:
                 continue
             va, vc = values[a][blob], values[c][blob]
-            if va is None or vc is None or tuple(va.shape) != tuple(vc.shape):
+            if va is not None and vc is not None and tuple(va.shape) != tuple(vc.shape):
+                raise ModelMismatchError(
+                    f"compare_report: blob '{blob}' has shape {tuple(va.shape)} in the {MODEL_LABELS[a]} "
+                    f"model and {tuple(vc.shape)} in the {MODEL_LABELS[c]} model; the models do not belong "
+                    "together."
+                )
+            if va is None or vc is None:
                 LOGGER.warning("compare_report: blob '%s' is missing from or has another shape in the %s "
                                "model; %s not measured for it.", blob, a if va is None else c,
                                PAIR_LABELS[key])
