@@ -133,6 +133,8 @@ class Net:
         # Caffe's blob diffs: host float32 tensors (pycaffe's ``blob.diff`` arrays share their memory), made
         # when first asked for or written, and kept until a reshape changes the blob's shape
         self._diffs: dict[str, Tensor] = {}
+        # the diff each bottom that shares its value with other bottoms last computed (Caffe's split tops)
+        self._reader_diffs: dict[tuple[int, int], Tensor] = {}
         # per layer, the (bottom, top) tensors of the last forward that recorded a graph (see ``run``)
         self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
         self._set_up = False
@@ -405,15 +407,36 @@ class Net:
         finally:
             self._tape, self._data = saved_tape, saved_data
 
+    def _value_readers(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """``{(producer layer, top index): [(reader layer, bottom index), ...]}`` for every blob value."""
+        writer: dict[str, tuple[int, int]] = {}
+        readers: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, (bottoms, tops) in enumerate(zip(self.layer_bottoms, self.layer_tops)):
+            for j, name in enumerate(bottoms):
+                readers.setdefault(writer[name], []).append((i, j))
+            for t, name in enumerate(tops):
+                writer[name] = (i, t)
+        return readers
+
     def _backprop(self, tape: Sequence[tuple[list[Tensor], list[Tensor]] | None], start: int,
                   end: int) -> None:
+        """Layer by layer, ``start`` down to ``end``, as Caffe's ``BackwardFromTo`` with its split layers: a
+        value read by several layers keeps each reader's diff (``_reader_diffs``, as Caffe's split tops) and
+        sums them into the blob's diff when the pass reaches the point right after the value's producer
+        (where Caffe's split layer sits), so a pass that stops between the readers and the producer leaves
+        the blob's diff as Caffe does."""
         grads: dict[int, Tensor] = {}  # id of a blob value (one version of a name) -> its diff
         plan = self.backward_plan
+        readers = self._value_readers()
         for i in range(start, end - 1, -1):
             entry = tape[i]
-            if not plan.layer[i] or entry is None:
+            if entry is None:
                 continue
             bottoms, tops = entry
+            if i < start:
+                self._merge_reader_diffs(i, tops, readers, grads)
+            if not plan.layer[i]:
+                continue
             layer = self.engine_layers[i]
             outs, out_grads = [], []
             for name, top in zip(self.layer_tops[i], tops):
@@ -431,12 +454,36 @@ class Net:
                                               retain_graph=True, allow_unused=True)
             for (j, bottom), g in zip(wanted, results[:len(wanted)]):
                 g = torch.zeros_like(bottom) if g is None else g.detach()
-                key = id(bottom)
-                total = grads[key] = grads[key] + g if key in grads else g
-                self._store_diff(self.layer_bottoms[i][j], total)
+                if self._shared_value(readers, i, j):
+                    self._reader_diffs[(i, j)] = g.cpu()
+                    continue
+                grads[id(bottom)] = g
+                self._store_diff(self.layer_bottoms[i][j], g)
             for blob, g in zip(params, results[len(wanted):]):
                 if g is not None:
                     blob.grad = g.detach() if blob.grad is None else blob.grad + g.detach()
+
+    def _shared_value(self, readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]], i: int,
+                      j: int) -> bool:
+        """Whether bottom ``j`` of layer ``i`` reads a value other bottoms read too (Caffe splits it)."""
+        return any((i, j) in rs and len(rs) > 1 for rs in readers.values())
+
+    def _merge_reader_diffs(self, i: int, tops: Sequence[Tensor],
+                            readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]],
+                            grads: dict[int, Tensor]) -> None:
+        """Caffe's split layers after layer ``i``: each of its tops read by several bottoms gets the sum of
+        their diffs (a reader's last diff, zeros before its first) when one of them takes diffs."""
+        for t, top in enumerate(tops):
+            rs = readers.get((i, t), [])
+            if len(rs) < 2 or not any(self.backward_plan.bottom[r][jr] for r, jr in rs):
+                continue
+            total = torch.zeros(top.shape, dtype=torch.float32)
+            for key in rs:
+                part = self._reader_diffs.get(key)
+                if part is not None and part.shape == total.shape:
+                    total += part
+            grads[id(top)] = total.to(top.device)
+            self._store_diff(self.layer_tops[i][t], total)
 
     def _store_diff(self, name: str, value: Tensor) -> None:
         target = self.diff(name)

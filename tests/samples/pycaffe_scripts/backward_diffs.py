@@ -66,6 +66,8 @@ keep("force", net, net.backward(prob=rng.randn(2, 5).astype(np.float32)))
 # 2. the same net, top diff written into the blob, backward from 'ip1' down to 'pool1' only
 net.blobs["ip1"].diff[...] = rng.randn(2, 5)
 keep("partial", net, net.backward(start="ip1", end="pool1", diffs=["conv1"]))
+# 2b. then from pool1 down to conv1: conv1's two readers' diffs (pool1's new one, ip2's from pass 1) merge
+keep("partial2", net, net.backward(start="pool1", end="conv1"))
 # 3. no force_backward and no loss: Caffe computes no diffs at all
 net = caffe.Net(write("deploy.prototxt", DEPLOY % ""), caffe.TEST)
 rng = fill(net, 1)
