@@ -428,6 +428,8 @@ class Net:
         grads: dict[int, Tensor] = {}  # id of a blob value (one version of a name) -> its diff
         plan = self.backward_plan
         readers = self._value_readers()
+        # bottoms that read a value other bottoms read too (Caffe splits it)
+        shared = {key for rs in readers.values() if len(rs) > 1 for key in rs}
         for i in range(start, end - 1, -1):
             entry = tape[i]
             if entry is None:
@@ -454,7 +456,7 @@ class Net:
                                               retain_graph=True, allow_unused=True)
             for (j, bottom), g in zip(wanted, results[:len(wanted)]):
                 g = torch.zeros_like(bottom) if g is None else g.detach()
-                if self._shared_value(readers, i, j):
+                if (i, j) in shared:
                     self._reader_diffs[(i, j)] = g.cpu()
                     continue
                 grads[id(bottom)] = g
@@ -462,11 +464,6 @@ class Net:
             for blob, g in zip(params, results[len(wanted):]):
                 if g is not None:
                     blob.grad = g.detach() if blob.grad is None else blob.grad + g.detach()
-
-    def _shared_value(self, readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]], i: int,
-                      j: int) -> bool:
-        """Whether bottom ``j`` of layer ``i`` reads a value other bottoms read too (Caffe splits it)."""
-        return any((i, j) in rs and len(rs) > 1 for rs in readers.values())
 
     def _merge_reader_diffs(self, i: int, tops: Sequence[Tensor],
                             readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]],
