@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import importlib.resources
 import json
@@ -53,7 +54,8 @@ def test_the_template_ships_as_package_data():
 
 
 def test_html_escapes_and_formats_cells():
-    page = render.render_html(hand_result(), ["cosine.png", "worst_1.png"])
+    pngs = {"cosine.png": b"\x89PNG one", "worst_1.png": b"\x89PNG two"}
+    page = render.render_html(hand_result(), pngs)
     # autoescape: a layer name with markup characters stays text
     assert "conv<1>" not in page and "conv&lt;1&gt;" in page
     rows = re.findall(r"<tr[^>]*>.*?</tr>", page, re.S)
@@ -72,19 +74,34 @@ def test_html_escapes_and_formats_cells():
     assert fc_cells[10:] == ["-"] * 7  # pairs not measured
     out_row = next(r for r in rows if r.startswith("<tr><td>fc</td><td>[2, 3]</td>"))
     assert out_row.count("<td>-</td>") == 7
-    assert re.findall(r'<img src="([^"]+)"', page) == ["cosine.png", "worst_1.png"]
+    # the page stands alone: each plot is embedded as a data: URI of its PNG bytes
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)">', page)
+    assert [(base64.b64decode(data), name) for data, name in images] == [(v, k) for k, v in pngs.items()]
+    assert "src=\"cosine.png\"" not in page
     text = text_of(page)
     assert "Candidates to skip (cosine < 0.99): conv<1> Hint: set \"retrain_enable\": false" in text
     assert "Inputs: given, 2 batch(es), seed 5; deploy Quant formula caffe." in text
     assert "fake-quant: q.prototxt + q.caffemodel" in text and "Note: random" not in text
     assert "cos float vs fake-quant SNR dB float vs fake-quant max abs float vs fake-quant" in text
     assert "max LSB fake-quant vs deploy" in text
+    assert "The LSB column is the largest difference between the fake-quant and the deploy model" in text
+    assert "Accuracy" not in text  # no Accuracy layer
+
+
+def test_html_and_table_show_accuracy():
+    result = hand_result()
+    result.accuracy = {"acc": {"float": 0.75, "fake": 0.5, "deploy": 0.625}}
+    text = text_of(render.render_html(result, {}))
+    assert "Accuracy Accuracy top float fake-quant deploy acc 0.7500 0.5000 0.6250" in text
+    assert "accuracy (mean over the batches): acc: float 0.7500, fake-quant 0.5000, deploy 0.6250" in \
+        render.format_table(result)
+    assert json.loads(render.render_json(result, []))["accuracy"] == result.accuracy
 
 
 def test_html_notes_random_inputs_and_no_candidates():
     result = hand_result("random")
     result.skip_candidates = []
-    text = text_of(render.render_html(result, []))
+    text = text_of(render.render_html(result, {}))
     assert "Note: random inputs: these numbers measure the numerics of quantization, not accuracy" in text
     assert "No layer is below the cosine threshold 0.99." in text and "<figure" not in text
 

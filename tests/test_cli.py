@@ -27,7 +27,7 @@ from tests.references.metrics import cosine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SUBCOMMANDS = ["calibration", "retrain-config", "retrain-model", "train", "save-retrain", "run", "inspect",
-               "compare", "demo", "pycaffe-rewrite"]
+               "compare", "demo", "pycaffe-rewrite", "exec"]
 
 
 def _env() -> dict[str, str]:

@@ -10,6 +10,7 @@ record's scale_d/offset_d.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
@@ -62,7 +63,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the real flow
 # ---------------------------------------------------------------------------------------------------------
 def qat_flow(folder: Path, model: str, weights: str, input_shape: tuple[int, ...],
-             seed: int) -> dict[str, str]:
+             seed: int, extra_inputs: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     """config -> retrain model -> two TRAIN forwards (IFMR clips) -> net.save -> save 'Both'."""
     folder.mkdir(parents=True, exist_ok=True)
     d = str(folder)
@@ -72,7 +73,7 @@ def qat_flow(folder: Path, model: str, weights: str, input_shape: tuple[int, ...
     net = caffe.Net(f"{d}/retrain.prototxt", f"{d}/retrain.caffemodel", caffe.TRAIN)
     rng = np.random.default_rng(seed)
     for _ in range(2):
-        net.forward(data=rng.standard_normal(input_shape).astype(np.float32))
+        net.forward(data=rng.standard_normal(input_shape).astype(np.float32), **(extra_inputs or {}))
     net.save(f"{d}/retrained.caffemodel")
     amct.save_quant_retrain_model(f"{d}/retrain.prototxt", f"{d}/retrained.caffemodel", "Both", f"{d}/out/m",
                                   f"{d}/record.txt")
@@ -152,8 +153,11 @@ def check_metrics(entry: dict, ref: np.ndarray, x: np.ndarray) -> None:
 
 def check_files(out: Path, data: dict) -> None:
     html = (out / "report.html").read_text()
-    images = re.findall(r'<img src="([^"]+)"', html)
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', html)
+    images = [name for _, name in embedded]
     assert sorted(images) == sorted(data["plots"])
+    for encoded, name in embedded:  # the page stands alone; the same PNGs are written beside it
+        assert base64.b64decode(encoded) == (out / name).read_bytes(), name
     assert {"cosine.png", "snr.png", "saturation.png", "worst_1.png"} <= set(images)
     import matplotlib.image as mpimg
 
@@ -356,3 +360,57 @@ def test_write_report_is_all_or_nothing(small, tmp_path, monkeypatch):
         rep.write_report(result, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     assert (tmp_path / "report.json").read_text() == "old"
+
+
+# data -> conv1 -> ReLU into its own top -> conv2 -> fc -> Accuracy against the label input
+RELU_ACC = """
+name: "relu_acc"
+layer { name: "data" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "relu1" }
+layer { name: "conv2" type: "Convolution" bottom: "relu1" top: "conv2"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv2" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" }
+"""
+
+
+def test_lsb_follows_a_relu_and_accuracy_is_shown(tmp_path):
+    (tmp_path / "float.prototxt").write_text(RELU_ACC)
+    net = Net(text_format.Merge(RELU_ACC, caffe_pb2.NetParameter()), caffe_pb2.TEST)
+    randomize_params(net, 5)
+    net.save(tmp_path / "float.caffemodel")
+    paths = qat_flow(tmp_path / "qat", str(tmp_path / "float.prototxt"), str(tmp_path / "float.caffemodel"),
+                     (4, 3, 8, 8), 2, {"label": np.array([0, 1, 2, 3], np.float32)})
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 5, 8).astype(np.float32)
+    out = tmp_path / "report"
+    result = rep.compare_report(*model_args(paths), inputs={"data": x, "label": labels}, out_dir=out,
+                                batches=2, progress=False)
+    # conv1's output reaches conv2's Quant through a ReLU that is not in place: its LSB is counted in
+    # that Quant's steps (about one at most), not in the INT32 accumulator's (hundreds)
+    conv1 = next(r for r in result.layers if r.layer == "conv1")
+    assert conv1.metrics["fake_vs_deploy"] is not None
+    assert conv1.metrics["fake_vs_deploy"].max_lsb <= 1.0 + 1e-6
+    from amct_caffe.analysis.collect import load_report_nets
+
+    nets = load_report_nets(*model_args(paths), device="cpu", quant_formula="caffe")
+    conv2_scale_d = read_record(paths["record"])["conv2"].scale_d
+    np.testing.assert_allclose(nets.steps["conv1"], conv2_scale_d, rtol=1e-6)
+    # accuracy: the mean of the Accuracy top over the batches, computed here from each model's fc
+    expected = {}
+    for which in ("float", "fake", "deploy"):
+        model = caffe.Net(paths[f"{which}_model"], paths[f"{which}_weights"], caffe.TEST)
+        hits = []
+        for part in (slice(0, 4), slice(4, 8)):
+            model.forward(data=x[part], label=labels[part])
+            predicted = np.argmax(model.blobs["fc"].data.reshape(4, -1), axis=1)
+            hits.append(float(np.mean(predicted == labels[part])))
+        expected[which] = float(np.mean(hits))
+    assert result.accuracy["acc"] == pytest.approx(expected, abs=1e-6)
+    data = json.loads((out / "report.json").read_text())
+    assert data["accuracy"]["acc"] == pytest.approx(expected, abs=1e-6)
+    assert "Accuracy top" in (out / "report.html").read_text()

@@ -72,15 +72,55 @@ def load_image_input(path: str, shape: Sequence[int]) -> np.ndarray:
     return hwc_to_chw(img).astype(np.float32)[None]
 
 
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} '{text}' must be comma-separated numbers, e.g. 104,117,123") from None
+
+
+def _image_transformer(args: argparse.Namespace, name: str, shape: Sequence[int]) -> Any:
+    """The ``caffe.io.Transformer`` that ``run``'s classify.py options (--mean, --raw-scale, --scale,
+    --channel-swap) ask for, for input ``name`` of ``shape``; None when none of them is given (images then
+    feed as Caffe's ImageData does)."""
+    if args.mean is None and args.raw_scale is None and args.scale is None and args.channel_swap is None:
+        return None
+    from amct_caffe.caffe.io import Transformer
+
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise ConfigError(f"image input '{name}': the input blob has shape {tuple(shape)}; an image fits an "
+                          "N x C x H x W blob with C = 1 or 3 (set it with --input-shape)")
+    transformer = Transformer({name: shape})
+    transformer.set_transpose(name, (2, 0, 1))
+    # classify.py's defaults: an image in [0, 1] RGB becomes Caffe's 0..255 BGR
+    swap = args.channel_swap if args.channel_swap is not None else ("2,1,0" if shape[1] == 3 else "0")
+    transformer.set_channel_swap(name, [int(v) for v in _float_list(swap, "--channel-swap")])
+    transformer.set_raw_scale(name, args.raw_scale if args.raw_scale is not None else 255.0)
+    if args.mean is not None:
+        transformer.set_mean(name, _load_mean(args.mean))
+    if args.scale is not None:
+        transformer.set_input_scale(name, args.scale)
+    return transformer
+
+
+def _load_mean(text: str) -> np.ndarray:
+    """``--mean``: per-channel values ``104,117,123``, or a .npy holding (C,) or (C, H, W) values."""
+    if text.lower().endswith(".npy"):
+        return _load_npy(f"--mean {text}", text)
+    return np.array(_float_list(text, "--mean"), dtype=np.float32)
+
+
 def _parse_input_specs(specs: Sequence[str]) -> list[tuple[str, str, str]]:
     """``[(spec, name, path)]``, checking the NAME=FILE form before anything is loaded."""
     return [(spec, *_split_spec(spec)) for spec in specs]
 
 
-def _load_inputs(specs: Sequence[tuple[str, str, str]],
-                 shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _load_inputs(specs: Sequence[tuple[str, str, str]], shapes: dict[str, tuple[int, ...]],
+                 args: argparse.Namespace | None = None) -> dict[str, np.ndarray]:
     """Load ``--input`` values for the input blobs of ``shapes`` (images are stacked on axis 0 when a
-    name is given several times; a .npy of one axis less than the blob gets the batch axis added)."""
+    name is given several times; a .npy of one axis less than the blob gets the batch axis added); with
+    ``run``'s classify.py options in ``args``, images go through ``caffe.io`` as pycaffe's classify.py
+    feeds them."""
     values: dict[str, list[np.ndarray]] = {}
     kinds: dict[str, str] = {}
     for spec, name, path in specs:
@@ -97,7 +137,14 @@ def _load_inputs(specs: Sequence[tuple[str, str, str]],
         if is_image:
             if not os.path.isfile(path):
                 raise ConfigError(f"--input '{spec}': image file '{path}' does not exist")
-            value = load_image_input(path, shapes[name])
+            transformer = _image_transformer(args, name, shapes[name]) if args is not None else None
+            if transformer is None:
+                value = load_image_input(path, shapes[name])
+            else:
+                from amct_caffe.caffe.io import load_image
+
+                image = load_image(path, color=shapes[name][1] == 3)
+                value = transformer.preprocess(name, image)[None]
         else:
             value = _load_npy(spec, path)
             if value.ndim == len(shapes[name]) - 1:
@@ -233,7 +280,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Forward a net once in the engine's TEST phase and print (or save) its outputs. Inputs: .npy arrays
     or images (--input NAME=FILE; an image is decoded as Caffe does, BGR or grey, values 0..255, resized to
-    the blob's height and width); input blobs without a value get standard-normal random values."""
+    the blob's height and width); input blobs without a value get standard-normal random values. With
+    pycaffe classify.py's options (--mean, --raw-scale, --scale, --channel-swap) images are read and
+    preprocessed as classify.py does (caffe.io.load_image and caffe.io.Transformer: resize, channel swap,
+    times raw scale, minus mean, times scale; raw scale 255 and swap 2,1,0 unless given). --input-shape
+    sets input blob shapes first."""
     from amct_caffe import caffe
 
     specs = _parse_input_specs(args.input or [])
@@ -241,8 +292,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_file(args.weights, "--weights")
     _use_gpu(args.gpu)
     net = caffe.Net(args.model, caffe.TEST, weights=args.weights)
+    if args.input_shape:
+        _reshape_inputs(net, args.input_shape)
     shapes = {name: tuple(int(d) for d in net.blobs[name].data.shape) for name in net.inputs}
-    inputs = _load_inputs(specs, shapes)
+    inputs = _load_inputs(specs, shapes, args)
     rng = np.random.default_rng(args.seed)
     for name in net.inputs:
         if name in inputs:
@@ -279,6 +332,18 @@ def _save_outputs(outputs: dict[str, Any], npz: str | None, folder: str | None) 
                 buffer = io.BytesIO()
                 np.save(buffer, np.asarray(value))
                 files.write(os.path.join(folder, f"{_safe_file_name(name)}.npy"), buffer.getvalue())
+
+
+def _reshape_inputs(net: Any, text: str) -> None:
+    """``--input-shape name:n,c,h,w[;...]``: reshape those input blobs (and the net)."""
+    from amct_caffe.workflows.calibration_run import parse_input_shape
+
+    for name, shape in parse_input_shape(text):
+        if name not in net.inputs:
+            raise ConfigError(f"--input-shape: the net has no input blob '{name}' (its input blobs: "
+                              f"{', '.join(net.inputs) or 'none'})")
+        net.blobs[name].reshape(*shape)
+    net.reshape()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -328,7 +393,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if (args.deploy_model is None) != (args.deploy_weights is None):
         raise ConfigError("give both --deploy-model and --deploy-weights, or neither")
+    retrain = args.retrain_model is not None or args.retrain_weights is not None
+    if retrain and (args.retrain_model is None or args.retrain_weights is None):
+        raise ConfigError("give both --retrain-model and --retrain-weights, or neither")
+    float_given = args.float_model is not None or args.float_weights is not None
+    if float_given == retrain:
+        raise ConfigError("give the float reference: --float-model and --float-weights, or after QAT "
+                          "--retrain-model and --retrain-weights (the retrained float weights)")
+    if float_given and (args.float_model is None or args.float_weights is None):
+        raise ConfigError("give both --float-model and --float-weights")
+    if args.sensitivity and not retrain:
+        raise ConfigError("--sensitivity needs --retrain-model and --retrain-weights (the layers are "
+                          "quantized one at a time with their trained factors)")
+    if not args.sensitivity and (args.fake_model is None or args.fake_weights is None):
+        raise ConfigError("give --fake-model and --fake-weights (or --sensitivity with --retrain-*)")
     for path, option in ((args.float_model, "--float-model"), (args.float_weights, "--float-weights"),
+                         (args.retrain_model, "--retrain-model"), (args.retrain_weights, "--retrain-weights"),
                          (args.fake_model, "--fake-model"), (args.fake_weights, "--fake-weights"),
                          (args.deploy_model, "--deploy-model"), (args.deploy_weights, "--deploy-weights")):
         _check_file(path, option)
@@ -339,8 +419,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if name in inputs:
                 raise ConfigError(f"--input '{spec}': input '{name}' is given twice")
             inputs[name] = _load_npy(spec, path)
+    if args.sensitivity:
+        return _compare_sensitivity(args, inputs)
+    float_model: Any = args.float_model
+    float_weights: Any = args.float_weights
+    if retrain:
+        from amct_caffe.workflows.compare import retrained_float_model
+
+        reference = retrained_float_model(args.retrain_model, args.retrain_weights)
+        float_model, float_weights = reference.net, reference.weights
+        print(f"float reference: {args.retrain_model} + {args.retrain_weights} with the retrain layers "
+              "removed (the retrained float weights)")
     result = report.compare_report(
-        args.float_model, args.float_weights, args.fake_model, args.fake_weights, args.deploy_model,
+        float_model, float_weights, args.fake_model, args.fake_weights, args.deploy_model,
         args.deploy_weights, inputs=inputs, out_dir=None, threshold=args.threshold, batches=args.batches,
         seed=args.seed,
     )
@@ -348,6 +439,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(render.format_table(result))
     html = written.get("report.html", os.path.join(args.output, "report.html"))
     print(f"report: {html} ({len(written)} file(s) in {args.output})")
+    return 0
+
+
+def _compare_sensitivity(args: argparse.Namespace, inputs: dict[str, np.ndarray] | None) -> int:
+    from amct_caffe.workflows.compare import layer_sensitivity, write_sensitivity
+
+    ranking = layer_sensitivity(args.retrain_model, args.retrain_weights, inputs, args.batches, args.seed)
+    width = max([5] + [len(s.name) for s in ranking])
+    print(f"{'rank':>4}  {'layer':<{width}}  {'type':<14}  output cosine (only this layer quantized)")
+    for rank, s in enumerate(ranking, start=1):
+        mark = " *" if s.cosine < args.threshold else ""
+        print(f"{rank:>4}  {s.name:<{width}}  {s.layer_type:<14}  {s.cosine:.6f}{mark}")
+    below = [s.name for s in ranking if s.cosine < args.threshold]
+    if below:
+        print(f"most sensitive (cosine < {args.threshold:g}): {', '.join(below)}; keeping these float "
+              "(retrain_enable false in the QAT config) costs the least accuracy")
+    else:
+        print(f"no layer alone brings the outputs below cosine {args.threshold:g}")
+    print(f"sensitivity: {write_sensitivity(ranking, args.output)}")
     return 0
 
 
@@ -503,6 +613,17 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="value of input blob NAME: a .npy array or an image (.png, .jpg, ...); repeat for "
                         "several inputs, or one image name several times for a batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the random values of inputs not given")
+    p.add_argument("--input-shape", metavar="NAME:N,C,H,W[;...]",
+                   help="reshape input blobs first, e.g. data:1,3,224,224 (images are resized to it)")
+    p.add_argument("--mean", metavar="B,G,R|FILE.npy",
+                   help="pycaffe classify.py: mean subtracted from images after the raw scale, per channel "
+                        "values or a .npy of (C,) or (C,H,W) values")
+    p.add_argument("--raw-scale", type=float, metavar="S",
+                   help="pycaffe classify.py: images are read in [0, 1] and multiplied by S (default 255)")
+    p.add_argument("--scale", "--input-scale", dest="scale", type=float, metavar="S",
+                   help="pycaffe classify.py's --input_scale: multiply after the mean is subtracted")
+    p.add_argument("--channel-swap", metavar="2,1,0",
+                   help="pycaffe classify.py: channel order after reading RGB (default 2,1,0: BGR)")
     p.add_argument("--save", metavar="FILE.npz", help="save the outputs into one .npz file")
     p.add_argument("--output-dir", metavar="DIR", help="save every output as DIR/<blob>.npy")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
@@ -516,10 +637,17 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                         "absent)")
 
     p = _add(sub, "compare", cmd_compare, "per-layer report: float vs fake-quant vs deploy", debug)
-    p.add_argument("--float-model", required=True, help="the float prototxt")
-    p.add_argument("--float-weights", required=True, help="the float caffemodel")
-    p.add_argument("--fake-model", required=True, help="<prefix>_fake_quant_model.prototxt")
-    p.add_argument("--fake-weights", required=True, help="<prefix>_fake_quant_weights.caffemodel")
+    p.add_argument("--float-model", help="the float prototxt (or give --retrain-model)")
+    p.add_argument("--float-weights", help="the float caffemodel")
+    p.add_argument("--retrain-model", help="after QAT: the retrain prototxt; with --retrain-weights it is "
+                                           "the float reference, quantization off (instead of --float-*)")
+    p.add_argument("--retrain-weights", help="after QAT: the retrained caffemodel (the solver's snapshot)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="with --retrain-*: quantize one retrained layer at a time and rank the layers by "
+                        "the cosine of the net outputs (PTQ auto calibration's measure); writes "
+                        "sensitivity.json (--fake-* not needed)")
+    p.add_argument("--fake-model", help="<prefix>_fake_quant_model.prototxt")
+    p.add_argument("--fake-weights", help="<prefix>_fake_quant_weights.caffemodel")
     p.add_argument("--deploy-model", help="<prefix>_deploy_model.prototxt (optional)")
     p.add_argument("--deploy-weights", help="<prefix>_deploy_weights.caffemodel (optional)")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
@@ -542,11 +670,31 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and the solvers (default 0)")
     p.add_argument("--no-report", action="store_true", help="skip the per-layer report")
 
+    p = _add(sub, "exec", cmd_exec, "run an unchanged pycaffe script (import caffe) on the engine", debug)
+    p.add_argument("script", metavar="SCRIPT.py", help="the Python script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's arguments")
+
     p = _add(sub, "pycaffe-rewrite", cmd_pycaffe_rewrite,
              "make a fake-quant model runnable in a stock pycaffe (Python layers)", debug)
     p.add_argument("model_in", metavar="MODEL_IN", help="the *_fake_quant_model.prototxt")
     p.add_argument("model_out", metavar="MODEL_OUT", help="the rewritten .prototxt to write")
     return parser
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """Run a Python script that does `import caffe` with `caffe` bound to amct-caffe's pycaffe facade, for
+    this run only (a plain `import caffe` elsewhere never finds the facade); the script's exit code is the
+    command's."""
+    from amct_caffe.caffe.script import run_script
+
+    try:
+        run_script(args.script, args.script_args)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:

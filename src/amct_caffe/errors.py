@@ -2,6 +2,12 @@
 
 Every error the toolkit raises on bad input is an :class:`AmctError`. Messages name the file and the layer
 involved and say what to do about it, so a user can act on the one line the command-line tool prints.
+
+Each class also derives from the builtin exception pycaffe raises for the same problem, so a script's
+existing ``except`` clauses keep catching them: a file that is missing, unreadable or malformed, a layer type
+the engine lacks, a net that cannot run -> ``RuntimeError`` (what pycaffe's C++ checks raise); a bad argument
+or config value -> ``ValueError``; a name the net does not have -> ``KeyError`` (:class:`UnknownNameError`,
+for lookups that are dictionaries in pycaffe) or ``ValueError`` (layer names, a list index in pycaffe).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ class AmctError(Exception):
     """Base class of every error amct-caffe raises on bad input or an unsupported model."""
 
 
-class ModelFormatError(AmctError):
+class ModelFormatError(AmctError, RuntimeError):
     """A prototxt, caffemodel or solver file cannot be parsed or is inconsistent."""
 
 
@@ -24,15 +30,21 @@ class DuplicateLayerNameError(ModelFormatError):
     record files key on layer names). The engine itself runs such nets, as Caffe does."""
 
 
-class UnsupportedLayerError(AmctError):
+
+class ModelMismatchError(ModelFormatError):
+    """Models given to be compared (float, fake-quant, deploy) that do not belong together: a quantized
+    layer's blob is missing from one of them or has another shape there."""
+
+
+class UnsupportedLayerError(AmctError, RuntimeError):
     """A layer type or a layer option that the engine or a pass does not support."""
 
 
-class ConfigError(AmctError):
+class ConfigError(AmctError, ValueError):
     """A quantization config (JSON or simplified .cfg) or an API argument is invalid."""
 
 
-class RecordError(AmctError):
+class RecordError(AmctError, RuntimeError):
     """A scale/offset record file is missing, malformed or inconsistent with the model."""
 
 
@@ -46,7 +58,7 @@ class EvaluatorError(AmctError):
     ``(bool, number)``)."""
 
 
-class GraphStateError(AmctError):
+class GraphStateError(AmctError, RuntimeError):
     """A graph returned by ``init`` is used after the files it was built from changed."""
 
 
@@ -59,7 +71,7 @@ class OutputLockError(OutputWriteError):
     """Another process kept the output folder locked longer than the lock timeout."""
 
 
-class NotImplementedFeatureError(AmctError):
+class NotImplementedFeatureError(AmctError, NotImplementedError):
     """An AMCT API that amct-caffe does not implement (e.g. ``auto_nuq``)."""
 
 
@@ -69,8 +81,20 @@ class PythonLayerNotAllowedError(AmctError):
     ``AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1``)."""
 
 
-class RuntimeEngineError(AmctError):
+class RuntimeEngineError(AmctError, RuntimeError):
     """The engine cannot run a net as asked (missing input, wrong input shape, device unavailable)."""
+
+
+class UnknownNameError(RuntimeEngineError, KeyError):
+    """A blob or layer name the net does not have (a ``KeyError`` as pycaffe's ``net.blobs[name]``)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownLayerError(RuntimeEngineError, ValueError):
+    """A layer name the net does not have, where pycaffe looks it up in a list (``forward(start=...)``,
+    ``backward(end=...)``: a ``ValueError``)."""
 
 
 def where(file: str | None = None, layer: str | None = None) -> str:

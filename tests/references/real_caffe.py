@@ -83,5 +83,26 @@ def run_reference(
         return {"blobs": blobs, "params": params}
 
 
+SCRIPT_RUNNER = Path(__file__).with_name("_real_caffe_script.py")
+
+
+def run_reference_script(script: str | Path, *args: str, timeout: float = 300) -> None:
+    """Run a pycaffe script unchanged in the reference Caffe (``python SCRIPT ARGS...``; see
+    ``_real_caffe_script.py`` for the two scikit-image names it restores).
+
+    Raises:
+        ReferenceError: no reference is installed, or the script failed.
+    """
+    py = reference_python()
+    if py is None:
+        raise ReferenceError("no reference Caffe installed")
+    env = dict(os.environ, GLOG_minloglevel="2", OMP_NUM_THREADS="1")
+    proc = subprocess.run([py, str(SCRIPT_RUNNER), str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise ReferenceError(f"reference pycaffe script {script} failed (exit {proc.returncode}):\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use
     print(reference_python(), file=sys.stderr)

@@ -26,15 +26,21 @@ reported on each of them.
 Output steps
 ------------
 Each quantized layer of the deploy model has an output quantization step: the ``s_d`` of the next
-``Quant`` that reads its DeQuant's top (through in-place layers), else its ``deq_scale`` (per channel); it
-applies to the DeQuant's top and to the accumulator before it. A Quant top's step is its own ``s_d``.
+``Quant`` that reads its DeQuant's top (through in-place layers and ReLUs, which keep the grid), else its
+``deq_scale`` (per channel); it applies to the DeQuant's top and to the accumulator before it. A Quant top's
+step is its own ``s_d``.
+
+Accuracy
+--------
+The tops of the float net's ``Accuracy`` layers are averaged over the batches in every model, so the report
+shows each model's accuracy where the net measures one (TEST-phase data layers, or given labels).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import numpy as np
@@ -42,12 +48,12 @@ import torch
 from tqdm.auto import tqdm
 
 from amct_caffe.analysis.metrics import AgreementStats, SaturationStats
-from amct_caffe.analysis.results import PAIR_LABELS, PAIRS
+from amct_caffe.analysis.results import MODEL_LABELS, PAIR_LABELS, PAIRS
 from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, BlobScale, integer_blob_scales
 from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
-from amct_caffe.errors import ConfigError, RuntimeEngineError
+from amct_caffe.errors import ConfigError, ModelMismatchError, RuntimeEngineError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import producer_index, value_readers
 from amct_caffe.model.layer_types import DEQUANT, QUANT
@@ -201,18 +207,29 @@ def quantized_layers(net: Net) -> list[QuantizedLayer]:
     return out
 
 
+#: Layer types between a quantized layer and the next Quant that keep its output grid (a step of the
+#: output is a step of the value the Quant reads)
+GRID_KEEPING_TYPES = frozenset({"ReLU"})
+
+
 def _readers_through_in_place(params: Sequence[caffe_pb2.LayerParameter], index: int, blob: str) -> list[int]:
     """The layers reading the value ``blob`` holds after layer ``index``, and, after an in-place layer
-    among them, the readers of the value it writes, in net order."""
+    or a ReLU among them, the readers of the value it writes, in net order."""
     out: list[int] = []
-    readers = value_readers(params, index, blob)
-    while readers:
-        out.extend(readers)
-        last = readers[-1]
-        if blob not in params[last].top:
-            break
-        readers = value_readers(params, last, blob)
-    return out
+    pending = [(index, blob)]
+    seen: set[tuple[int, str]] = set()
+    while pending:
+        at, name = pending.pop(0)
+        if (at, name) in seen:
+            continue
+        seen.add((at, name))
+        for reader in value_readers(params, at, name):
+            out.append(reader)
+            if name in params[reader].top:
+                pending.append((reader, name))
+            elif params[reader].type in GRID_KEEPING_TYPES and len(params[reader].top) == 1:
+                pending.append((reader, params[reader].top[0]))
+    return sorted(dict.fromkeys(out))
 
 
 def output_steps(deploy: DeployNet) -> dict[str, np.ndarray]:
@@ -237,6 +254,12 @@ def output_steps(deploy: DeployNet) -> dict[str, np.ndarray]:
         out[top] = step
         out[param.bottom[0]] = step
     return out
+
+
+def accuracy_tops(net: Net) -> list[str]:
+    """The tops of ``net``'s ``Accuracy`` layers, in net order."""
+    return [top for layer, tops in zip(net.engine_layers, net.layer_tops) if layer.type_name == "Accuracy"
+            for top in tops]
 
 
 def _quant_indices(net: Net) -> list[int]:
@@ -382,6 +405,7 @@ class Collected:
             blob is missing from a model or its shapes differ)}}``.
         saturation: ``{"fake"|"deploy": {Quant layer: SaturationStats}}``.
         samples: ``{blob: {"float"|"fake"|"deploy": values}}`` at the same random positions in each model.
+        accuracy: ``{Accuracy top of the float net: {model: sum over the batches}}`` (divide by ``count``).
     """
 
     quantized: list[QuantizedLayer]
@@ -393,6 +417,7 @@ class Collected:
     agreement: dict[str, dict[str, AgreementStats | None]]
     saturation: dict[str, dict[str, SaturationStats]]
     samples: dict[str, dict[str, np.ndarray]]
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _run_observing(net: Net, quants: Sequence[int], stats: Mapping[str, SaturationStats]) -> None:
@@ -427,6 +452,26 @@ def _saturation_stats(net: Net, index: int) -> SaturationStats:
     return SaturationStats(*quant_factors(net.engine_layers[index].param))
 
 
+def _check_models_match(nets: ReportNets, blobs: Sequence[str]) -> None:
+    """Refuse models that do not belong together: other input blobs, or a compared blob missing."""
+    reference = nets.nets["float"]
+    for which, net in nets.nets.items():
+        if sorted(net.inputs) != sorted(reference.inputs):
+            raise ModelMismatchError(
+                f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has the input blobs "
+                f"{sorted(net.inputs)} but the float model {nets.models['float']} has "
+                f"{sorted(reference.inputs)}; the models do not belong together."
+            )
+        missing = [blob for blob in blobs if blob not in net.blob_names]
+        if missing:
+            raise ModelMismatchError(
+                f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has no blob(s) "
+                f"{missing}, which the comparison needs (the quantized layers' outputs of the fake-quant "
+                "model and the float model's outputs); the models do not belong together -- give the float "
+                "model the quantized models were made from (or, after QAT, the retrain model)."
+            )
+
+
 class _ReportCollector:
     """Runs the report's nets batch by batch and adds each batch to the :class:`Collected` accumulators."""
 
@@ -435,10 +480,15 @@ class _ReportCollector:
         fake = self.nets["fake"]
         quantized = quantized_layers(fake)
         if not quantized:
-            LOGGER.warning("compare_report: the fake-quant model %s has no DeQuant layer (no quantized "
-                           "layer).", nets.models["fake"])
+            raise ModelMismatchError(
+                f"compare_report: the fake-quant model {nets.models['fake']} has no DeQuant layer, so it is "
+                "not a quantized model; give the <prefix>_fake_quant_model.prototxt and its caffemodel that "
+                "save_quant_retrain_model (or PTQ's save_model) wrote."
+            )
         outputs = list(self.nets["float"].outputs)
         self.blobs = list(dict.fromkeys([q.blob for q in quantized] + outputs))
+        _check_models_match(nets, self.blobs)
+        self.accuracy_blobs = accuracy_tops(self.nets["float"])
         pairs = [key for key, a, b in PAIRS if a in self.nets and b in self.nets]
         self.quants = {which: _quant_indices(net) for which, net in self.nets.items() if which != "float"}
         # only fake-quant vs deploy is measured in output steps: the float model has no quantization grid
@@ -472,6 +522,12 @@ class _ReportCollector:
         values = {which: {blob: _value(net, blob) for blob in self.blobs} for which, net in self.nets.items()}
         for blob in self.blobs:
             self._add(values, blob)
+        for blob in self.accuracy_blobs:
+            sums = self.collected.accuracy.setdefault(blob, {})
+            for which, net in self.nets.items():
+                value = _value(net, blob)
+                if value is not None and value.numel() == 1:
+                    sums[which] = sums.get(which, 0.0) + float(value.reshape(()))
 
     def _add(self, values: Mapping[str, Mapping[str, torch.Tensor | None]], blob: str) -> None:
         stats = self.collected.agreement[blob]
@@ -488,7 +544,13 @@ class _ReportCollector:
             if st is None:
                 continue
             va, vc = values[a][blob], values[c][blob]
-            if va is None or vc is None or tuple(va.shape) != tuple(vc.shape):
+            if va is not None and vc is not None and tuple(va.shape) != tuple(vc.shape):
+                raise ModelMismatchError(
+                    f"compare_report: blob '{blob}' has shape {tuple(va.shape)} in the {MODEL_LABELS[a]} "
+                    f"model and {tuple(vc.shape)} in the {MODEL_LABELS[c]} model; the models do not belong "
+                    "together."
+                )
+            if va is None or vc is None:
                 LOGGER.warning("compare_report: blob '%s' is missing from or has another shape in the %s "
                                "model; %s not measured for it.", blob, a if va is None else c,
                                PAIR_LABELS[key])

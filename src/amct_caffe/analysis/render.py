@@ -5,13 +5,15 @@
   (``cosine.png``, ``snr.png``, ``saturation.png``, ``worst_<k>.png``: float vs quantized values of the
   worst layers). A non-finite number (an SNR of identical values is +inf) is written to the JSON as the
   string ``"inf"``, ``"-inf"`` or ``"nan"`` so the file stays strict JSON.
-* The HTML page is the Jinja2 template ``templates/report.html.j2`` shipped with the package (autoescaped).
+* The HTML page is the Jinja2 template ``templates/report.html.j2`` shipped with the package (autoescaped);
+  it stands alone: the plots are embedded as ``data:`` URIs (the PNG files are written beside it too).
 * The plots need matplotlib (``pip install matplotlib``), imported only here, drawing on the Agg canvas
   without pyplot's global state.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -36,9 +38,19 @@ from amct_caffe.errors import ConfigError
 #: Layers shown in the float-vs-quantized plots (the lowest cosines).
 WORST_LAYERS = 3
 #: The footnote of the report table about the LSB column.
-LSB_NOTE = ("LSB: fake-quant vs deploy in steps of the next Quant reading the layer; for a layer no Quant "
-            "reads, in steps of its INT32 accumulator (deq_scale), where one flipped input code shows as "
-            "many steps.")
+LSB_NOTE = ("LSB: fake-quant vs deploy in steps of the next Quant reading the layer (through in-place "
+            "layers and ReLUs); for a layer no Quant reads, in steps of its INT32 accumulator (deq_scale), "
+            "where one flipped input code shows as many steps.")
+#: What the page says about the LSB column (the same facts, for a reader who has not seen the terminal).
+LSB_EXPLANATION = (
+    "The LSB column is the largest difference between the fake-quant and the deploy model at the layer's "
+    "output, counted in quantization steps (least significant bits) of that output: the step (scale_d) of "
+    "the next Quant layer that reads it, through in-place layers and ReLUs. Fake-quant and deploy compute "
+    "the same integer arithmetic in different orders, so a value of about 1 or less is a rounding tie; more "
+    "means the two models disagree. A layer that no Quant reads (the net's last layers) is counted in steps "
+    "of its INT32 accumulator (deq_scale), far finer than an INT8 step, so one flipped input code shows as "
+    "many steps there."
+)
 
 Figure = Callable[..., Any]
 
@@ -94,6 +106,10 @@ def format_table(result: ReportResult) -> str:
         lines.append("net outputs:")
         for o in result.outputs:
             lines.append(f" {o.blob:<{name_w - 1}} {'':<12} {'':>7}{cells(o.metrics)}")
+    if result.accuracy:
+        lines.append("accuracy (mean over the batches): " + "; ".join(
+            f"{blob}: " + ", ".join(f"{MODEL_LABELS.get(w, w)} {v:.4f}" for w, v in values.items())
+            for blob, values in result.accuracy.items()))
     if lsb:
         lines.append(LSB_NOTE)
     if result.inputs == "random":
@@ -263,12 +279,19 @@ _TEMPLATES = jinja2.Environment(
 _TEMPLATES.filters["number"] = _number
 
 
-def render_html(result: ReportResult, plots: Sequence[str]) -> str:
-    """The HTML page of the report; ``plots`` are the PNG file names it shows (beside it)."""
+def data_uri(png: bytes) -> str:
+    """A PNG as a ``data:`` URI, so the page shows it without the file beside it."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def render_html(result: ReportResult, plots: Mapping[str, bytes]) -> str:
+    """The HTML page of the report, standing alone: ``plots`` (``{file name: PNG bytes}``) are embedded as
+    ``data:`` URIs."""
     template = _TEMPLATES.get_template("report.html.j2")
-    return template.render(result=result, plots=list(plots), pair_labels=PAIR_LABELS,
+    embedded = [(name, data_uri(png)) for name, png in plots.items()]
+    return template.render(result=result, plots=embedded, pair_labels=PAIR_LABELS,
                            model_labels=MODEL_LABELS, skip_hint=SKIP_HINT, random_note=RANDOM_NOTE,
-                           with_lsb="fake_vs_deploy" in result.pairs)
+                           with_lsb="fake_vs_deploy" in result.pairs, lsb_explanation=LSB_EXPLANATION)
 
 
 def render_json(result: ReportResult, plots: Sequence[str]) -> str:
@@ -287,6 +310,6 @@ def report_files(result: ReportResult) -> dict[str, bytes]:
     plots = render_plots(result)
     return {
         "report.json": render_json(result, list(plots)).encode("utf-8"),
-        "report.html": render_html(result, list(plots)).encode("utf-8"),
+        "report.html": render_html(result, plots).encode("utf-8"),
         **plots,
     }

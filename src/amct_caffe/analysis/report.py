@@ -161,8 +161,10 @@ def _result(collected: Collected, threshold: float, seed: int, quant_formula: st
     outputs = [OutputReport(o, collected.shapes.get(o, ()), _metrics_of(collected, o))
                for o in collected.outputs]
     candidates = [r.layer for r in layers if (worst := r.worst_cosine()) is not None and worst < threshold]
+    accuracy = {blob: {which: total / max(collected.count, 1) for which, total in sums.items()}
+                for blob, sums in collected.accuracy.items()}
     return ReportResult(layers, outputs, threshold, candidates, collected.pairs, collected.mode,
-                        collected.count, seed, quant_formula, models)
+                        collected.count, seed, quant_formula, models, accuracy)
 
 
 def _log_findings(result: ReportResult) -> None:

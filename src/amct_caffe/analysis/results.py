@@ -89,6 +89,8 @@ class ReportResult:
         seed: the seed of random inputs and of the plot samples.
         quant_formula: the deploy model's Quant formula.
         models: ``{"float"|"fake"|"deploy": "<prototxt> + <caffemodel>"}`` (descriptions of the arguments).
+        accuracy: ``{Accuracy top of the float net: {"float"|"fake"|"deploy": mean over the batches}}``;
+            empty when the net has no Accuracy layer.
     """
 
     layers: list[LayerReport]
@@ -101,6 +103,7 @@ class ReportResult:
     seed: int
     quant_formula: str
     models: dict[str, str]
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (samples left out; non-finite floats as strings)."""
@@ -121,6 +124,7 @@ class ReportResult:
             "quant_formula": self.quant_formula, "threshold": self.threshold, "pairs": list(self.pairs),
             "layers": layers, "outputs": outputs,
             "skip_candidates": list(self.skip_candidates),
+            "accuracy": {blob: dict(values) for blob, values in self.accuracy.items()},
             "skip_hint": SKIP_HINT if self.skip_candidates else "",
         }
         if self.inputs == "random":

@@ -2,15 +2,22 @@
 
 ``caffe.Net``, the solvers (``caffe.SGDSolver``, ``NesterovSolver``, ``AdaGradSolver``, ``RMSPropSolver``,
 ``AdaDeltaSolver``, ``AdamSolver``, ``caffe.get_solver``), ``caffe.TRAIN``/``caffe.TEST``,
-``caffe.set_mode_cpu()``/``set_mode_gpu()``/``set_device()``, ``caffe.set_random_seed()``,
-``caffe.layer_type_list()``, ``caffe.Layer``, ``caffe.io`` and ``caffe.proto.caffe_pb2`` (our own generated
-schema, BVLC-compatible plus AMCT's extensions) run on the amct-caffe engine; no Caffe build is involved.
+``caffe.set_mode_cpu()``/``set_mode_gpu()``/``set_device()``,
+``caffe.set_random_seed()``, ``caffe.layer_type_list()``, ``caffe.Layer``, ``caffe.io``, ``caffe.Classifier``,
+``caffe.Detector``, ``caffe.NetSpec`` / ``caffe.layers`` / ``caffe.params``, ``caffe.draw`` and
+``caffe.proto.caffe_pb2`` (our
+own generated schema, BVLC-compatible plus AMCT's extensions) run on the amct-caffe engine; no Caffe build
+is involved.
 
 This package gathers everything pycaffe-shaped, laid out as real pycaffe is:
 
 - ``pycaffe``: ``Net``, ``Blob`` and the solver classes over the engine;
 - ``io``: blob <-> array conversion; ``proto``: the generated schema;
 - ``layer``: ``caffe.Layer``, the base class of pycaffe Python layers (``type: "Python"``, run on opt-in);
+- ``io``: blob <-> array conversion, images and ``Transformer``; ``proto``: the generated schema;
+- ``classifier``, ``detector``: ``Classifier`` and ``Detector``; ``net_spec``: ``NetSpec``, ``layers``
+  (``L``), ``params`` (``P``), ``to_proto``; ``draw``: graphs of nets (pydot, optional);
+- ``script``: ``amct-caffe exec``, which runs an unchanged ``import caffe`` script on this facade;
 - ``python_layers``: the fake-quant layers as Caffe Python layers for a *stock* pycaffe (numpy only);
 - ``rewrite``: rewrites a fake-quant prototxt to use those Python layers.
 
@@ -24,9 +31,17 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names __getattr__ resolves, for type checkers (importing them here would load torch)
+    from amct_caffe.caffe import draw as draw
     from amct_caffe.caffe import io as io
+    from amct_caffe.caffe import net_spec as net_spec
     from amct_caffe.caffe import proto as proto
+    from amct_caffe.caffe.classifier import Classifier as Classifier
+    from amct_caffe.caffe.detector import Detector as Detector
     from amct_caffe.caffe.layer import Layer as Layer
+    from amct_caffe.caffe.net_spec import NetSpec as NetSpec
+    from amct_caffe.caffe.net_spec import layers as layers
+    from amct_caffe.caffe.net_spec import params as params
+    from amct_caffe.caffe.net_spec import to_proto as to_proto
     from amct_caffe.caffe.pycaffe import TEST as TEST
     from amct_caffe.caffe.pycaffe import TRAIN as TRAIN
     from amct_caffe.caffe.pycaffe import AdaDeltaSolver as AdaDeltaSolver
@@ -63,8 +78,14 @@ _EXPORTS = {
     "set_mode_cpu": "pycaffe",
     "set_mode_gpu": "pycaffe",
     "set_random_seed": "pycaffe",
+    "Classifier": "classifier",
+    "Detector": "detector",
+    "NetSpec": "net_spec",
+    "layers": "net_spec",
+    "params": "net_spec",
+    "to_proto": "net_spec",
 }
-_SUBMODULES = ("io", "proto")
+_SUBMODULES = ("draw", "io", "net_spec", "proto")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

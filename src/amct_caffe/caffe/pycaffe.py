@@ -28,7 +28,7 @@ import torch
 
 from amct_caffe.emulation.loader import plan_net
 from amct_caffe.engine import solver as _solver
-from amct_caffe.engine.device import full_float32, set_device, set_mode_cpu, set_mode_gpu
+from amct_caffe.engine.device import set_device, set_mode_cpu, set_mode_gpu
 from amct_caffe.engine.fillers import set_random_seed
 from amct_caffe.engine.layers import supported_types, user_types
 from amct_caffe.engine.layers.base import Layer
@@ -67,8 +67,9 @@ class Blob:
 
     @property
     def diff(self) -> np.ndarray:
-        # The engine keeps gradients of parameters only; an activation blob's diff reads as zeros.
-        return np.zeros(self.shape, dtype=np.float32)
+        """The blob's diff, writable: set a top's diff here before ``net.backward()`` (pycaffe's
+        ``blob.diff``); the array shares memory with the net's diff until a reshape."""
+        return self._net.diff(self._name).numpy()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -226,6 +227,29 @@ class Net(EngineNet):
         return list(self.layer_names)
 
     @property
+    def _blob_names(self) -> list[str]:
+        """pycaffe's blob names in blob order (the keys of ``blobs``)."""
+        return list(self.blob_names)
+
+    @property
+    def _inputs(self) -> list[int]:
+        """pycaffe's indices (into ``_blob_names``) of the input blobs."""
+        return [self.blob_names.index(name) for name in self.inputs]
+
+    @property
+    def _outputs(self) -> list[int]:
+        """pycaffe's indices (into ``_blob_names``) of the output blobs."""
+        return [self.blob_names.index(name) for name in self.outputs]
+
+    def _bottom_ids(self, index: int) -> list[int]:
+        """pycaffe's blob indices of layer ``index``'s bottoms."""
+        return [self.blob_names.index(name) for name in self.layer_bottoms[index]]
+
+    def _top_ids(self, index: int) -> list[int]:
+        """pycaffe's blob indices of layer ``index``'s tops."""
+        return [self.blob_names.index(name) for name in self.layer_tops[index]]
+
+    @property
     def blob_loss_weights(self) -> OrderedDict[str, float]:
         weights = OrderedDict((name, 0.0) for name in self.blob_names)
         for (li, ti), w in self.loss_weights.items():
@@ -318,53 +342,53 @@ class Net(EngineNet):
                 outputs.setdefault(k, []).append(np.array(v[:count]))
         return {k: np.concatenate(v) for k, v in outputs.items()}
 
-    def backward(
+    def backward(  # type: ignore[override]  # pycaffe's signature: blob names and layer names
         self,
         diffs: Sequence[str] | None = None,
         start: str | None = None,
         end: str | None = None,
         **kwargs: np.ndarray,
     ) -> dict[str, np.ndarray]:
-        """Back-propagate the last forward into the parameters' gradients (pycaffe's ``Net.backward``).
+        """Back-propagate the last forward (pycaffe's ``Net.backward``).
 
-        Minimal: the whole net only (``start``/``end`` are not supported). The loss tops start with their
-        ``loss_weight`` as Caffe seeds them; ``kwargs`` give the gradients of output blobs instead
-        (pycaffe's top diffs). Gradients accumulate into ``net.params[name][i].diff`` over calls until the
-        parameters' ``.grad`` is cleared, as Caffe's diffs do until ``ClearParamDiffs``. Only a TRAIN-phase
-        net forwarded with gradients enabled has a graph to go back through. Blob diffs are not kept:
-        the returned arrays (input blobs and ``diffs``) are zeros.
+        Args:
+            diffs: extra blob names whose diffs to return.
+            start, end: layer names to start at (default: the last layer) and end at (inclusive; default:
+                the first layer).
+            kwargs: top diffs by output blob name (all of the net's outputs), copied into the blobs' diffs
+                first; without them, the diffs already in the blobs are used (a loss top's is its weight).
+
+        Returns:
+            ``{blob name: diff array}`` for the net's inputs (or ``end``'s bottoms) plus ``diffs``.
+
+        Raises:
+            RuntimeEngineError: ``kwargs`` do not name exactly the outputs, a diff's batch size differs from
+                its blob's, or a TRAIN net was not forwarded with gradients first.
+
+        Which layers compute diffs follows Caffe: layers no loss depends on compute nothing unless the net
+        sets ``force_backward: true``, and input blobs get diffs only with ``force_backward``
+        (see :meth:`amct_caffe.engine.net.Net.backward`).
         """
-        if start is not None or end is not None:
-            raise RuntimeEngineError("Net.backward(start=..., end=...) is not supported by the amct-caffe "
-                                     "engine; call backward() for the whole net.")
-        if kwargs and set(kwargs) != set(self.outputs):
-            raise RuntimeEngineError(f"Top diff arguments {sorted(kwargs)} do not match the net's outputs "
-                                     f"{self.outputs}.")
-        seeds: dict[str, Any] = {}
-        for (li, ti), weight in self.loss_weights.items():
-            seeds[self.layer_tops[li][ti]] = weight
-        seeds.update(kwargs)
-        tensors, grads = [], []
-        for name, seed in seeds.items():
-            value = self._data.get(name)
-            if value is None or not value.requires_grad:
-                continue
-            if isinstance(seed, float | int):
-                grad = torch.full_like(value, float(seed))
-            else:
-                grad = torch.as_tensor(np.asarray(seed, dtype=np.float32)).to(value.device)
-                grad = grad.reshape(value.shape)
-            tensors.append(value)
-            grads.append(grad)
-        if tensors:
-            try:
-                with full_float32(self.device):
-                    torch.autograd.backward(tensors, grads)
-            except RuntimeError as exc:
-                raise RuntimeEngineError(
-                    f"Net.backward() failed ({exc}); run net.forward() before each backward()."
-                ) from exc
-        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
+        start_ind = self.layer_index(start) if start is not None else len(self.engine_layers) - 1
+        if end is not None:
+            end_ind = self.layer_index(end)
+            names = list(self.layer_bottoms[end_ind])
+        else:
+            end_ind = 0
+            names = list(self.inputs)
+        names += [d for d in (diffs or []) if d not in names]
+        if kwargs:
+            if set(kwargs) != set(self.outputs):
+                raise RuntimeEngineError(f"Top diff arguments {sorted(kwargs)} do not match the net's "
+                                         f"outputs {self.outputs}.")
+            for top, value in kwargs.items():
+                value = np.asarray(value)
+                target = Blob(self, top).diff
+                if value.shape[:1] != target.shape[:1]:
+                    raise RuntimeEngineError(f"The diff for '{top}' is not batch sized: shape {value.shape}, "
+                                             f"blob shape {target.shape}.")
+                target[...] = value
+        super().backward(start_ind, end_ind)
         return {name: Blob(self, name).diff for name in names}
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:

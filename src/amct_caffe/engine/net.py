@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.backward_plan import BackwardPlan, plan_backward
 from amct_caffe.engine.device import current_device, full_float32
 from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
@@ -31,6 +32,8 @@ from amct_caffe.errors import (
     ModelFormatError,
     PythonLayerNotAllowedError,
     RuntimeEngineError,
+    UnknownLayerError,
+    UnknownNameError,
     WeightShapeError,
 )
 from amct_caffe.log import get_logger
@@ -134,8 +137,17 @@ class Net:
             for name, v in (variants or {}).items()
         }
         self._data: dict[str, Tensor] = {}
+        # Caffe's blob diffs: host float32 tensors (pycaffe's ``blob.diff`` arrays share their memory), made
+        # when first asked for or written, and kept until a reshape changes the blob's shape
+        self._diffs: dict[str, Tensor] = {}
+        # the diff each bottom that shares its value with other bottoms last computed (Caffe's split tops)
+        self._reader_diffs: dict[tuple[int, int], Tensor] = {}
+        # per layer, the (bottom, top) tensors of the last forward that recorded a graph (see ``run``)
+        self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
         self._set_up = False
         self._plan: InferencePlan | None = None
+        self.force_backward = bool(self.param.force_backward)
+        self.backward_plan = BackwardPlan((), (), ())  # decided once the layers have their blobs (below)
         # an explicit choice for this net only; None keeps the caller's block or the environment
         choice = allow_python_layers
         with contextlib.nullcontext() if choice is None else python_layer_choice(choice):
@@ -145,6 +157,10 @@ class Net:
         self.outputs: list[str] = self._output_blobs()
         self.reshape()
         self._share_params()
+        self.backward_plan = plan_backward(
+            self.engine_layers, self.layer_bottoms, self.layer_tops, set(self.loss_weights),
+            self.force_backward,
+        )
         if weights is not None:
             self.copy_from(weights)
 
@@ -275,7 +291,7 @@ class Net:
         try:
             return self.layer_names.index(name)
         except ValueError:
-            raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
+            raise UnknownLayerError(f"Net '{self.path or self.param.name}' has no layer '{name}'.") from None
 
     #: TEST phase: run through the optimised plan of :mod:`amct_caffe.engine.optimize` (BatchNorm/Scale
     #: folding, fused in-place ReLU, packed channels-last convolutions). Every blob keeps the value the
@@ -294,13 +310,197 @@ class Net:
                 self.inference_plan().run(data, start, end)
             return
         grad = torch.is_grad_enabled() and self.phase != TEST
-        context = torch.enable_grad() if grad else torch.no_grad()
-        with context, full_float32(self.device):
+        if grad:
+            self._record(data, start, end)
+            return
+        with torch.no_grad(), full_float32(self.device):
             for i in range(start, end + 1):
                 layer = self.engine_layers[i]
                 outs = layer.forward([data[b] for b in self.layer_bottoms[i]])
                 for name, value in zip(self.layer_tops[i], outs):
                     data[name] = value
+
+    def _record(self, data: dict[str, Tensor], start: int, end: int) -> None:
+        """Run layers ``start`` .. ``end`` with a graph, keeping each layer's bottom and top tensors for
+        :meth:`backward`; a bottom that gets a diff but has no graph (a net input with ``force_backward``)
+        becomes a leaf that records one."""
+        if len(self._tape) != len(self.engine_layers):
+            self._tape = [None] * len(self.engine_layers)
+        with torch.enable_grad(), full_float32(self.device):
+            for i in range(start, end + 1):
+                bottoms = []
+                for j, name in enumerate(self.layer_bottoms[i]):
+                    value = data[name]
+                    leaf = not value.requires_grad and value.is_floating_point()
+                    if self.backward_plan.bottom[i][j] and leaf:
+                        value = data[name] = value.detach().requires_grad_(True)
+                    bottoms.append(value)
+                outs = self.engine_layers[i].forward(bottoms)
+                tops = list(outs[:len(self.layer_tops[i])])
+                for name, value in zip(self.layer_tops[i], tops):
+                    data[name] = value
+                self._tape[i] = (bottoms, tops)
+
+    # -- backward --------------------------------------------------------------------------------------------
+    def diff(self, name: str) -> Tensor:
+        """Blob ``name``'s diff (Caffe's ``Blob::diff``): a host float32 tensor of the blob's shape, zeros
+        until a backward pass or the caller writes it; a loss top's diff holds its loss weight, as Caffe
+        seeds it.
+
+        Raises:
+            RuntimeEngineError: the net has no blob ``name``.
+        """
+        shape = tuple(self.tensor(name).shape)
+        value = self._diffs.get(name)
+        if value is None or tuple(value.shape) != shape:
+            value = self._diffs[name] = torch.zeros(shape, dtype=torch.float32)
+            for (li, ti), weight in self.loss_weights.items():
+                if self.layer_tops[li][ti] == name:
+                    value.fill_(weight)
+        return value
+
+    def backward(self, start: int | None = None, end: int = 0) -> None:
+        """Back-propagate layers ``start`` down to ``end`` (inclusive; Caffe's ``BackwardFromTo``).
+
+        Each layer reads its tops' diffs and writes its bottoms' diffs (:meth:`diff`); a blob read by several
+        layers gets the sum of their diffs (what Caffe's split layers compute), and a blob computed in place
+        ends with the diff of its first value. Parameter diffs accumulate into the parameters' ``.grad``
+        over calls, as Caffe's until ``ClearParamDiffs``. Which layers, bottoms and parameters take part
+        follows Caffe (:mod:`amct_caffe.engine.backward_plan`); a deploy net without a loss layer computes
+        nothing unless it sets ``force_backward: true``.
+
+        The values are those of the last forward: a TRAIN net uses the graph that forward recorded; a TEST
+        net, whose forward keeps no graph, re-runs its layers up to ``start`` with one, from the current
+        values of the layers without bottoms (its inputs).
+
+        Raises:
+            RuntimeEngineError: the last forward kept no graph for these layers (forward first).
+        """
+        start = len(self.engine_layers) - 1 if start is None else start
+        needed = [i for i in range(end, start + 1) if self.backward_plan.layer[i]]
+        if not needed:
+            return
+        if self.phase == TEST:
+            with self._params_with_grad():
+                tape = self._test_tape(start)
+                self._backprop(tape, start, end)
+            return
+        tape = self._tape
+        if len(tape) != len(self.engine_layers) or any(tape[i] is None for i in needed):
+            raise RuntimeEngineError(
+                f"Net '{self.path or self.param.name}': backward needs a forward with gradients first "
+                "(call forward() before backward())."
+            )
+        self._backprop(tape, start, end)
+
+    @contextlib.contextmanager
+    def _params_with_grad(self) -> Iterator[None]:
+        """Let the parameters that take diffs record a graph for the block (a TEST net's do not by
+        default)."""
+        switched = []
+        for layer, needs in zip(self.engine_layers, self.backward_plan.param):
+            for blob, need in zip(layer.blobs, needs):
+                if need and blob.is_leaf and not blob.requires_grad and blob.is_floating_point():
+                    blob.requires_grad_(True)
+                    switched.append(blob)
+        try:
+            yield
+        finally:
+            for blob in switched:
+                blob.requires_grad_(False)
+
+    def _test_tape(self, start: int) -> list[tuple[list[Tensor], list[Tensor]] | None]:
+        """Re-run a TEST net's layers ``0 .. start`` with a graph on a copy of its blobs; layers without
+        bottoms (data, Input) keep their outputs, so data cursors do not move."""
+        saved_tape, saved_data = self._tape, self._data
+        data = dict(saved_data)
+        self._tape = [None] * len(self.engine_layers)
+        try:
+            for i in range(start + 1):
+                if self.layer_bottoms[i]:
+                    self._record(data, i, i)
+            return self._tape
+        finally:
+            self._tape, self._data = saved_tape, saved_data
+
+    def _value_readers(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """``{(producer layer, top index): [(reader layer, bottom index), ...]}`` for every blob value."""
+        writer: dict[str, tuple[int, int]] = {}
+        readers: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, (bottoms, tops) in enumerate(zip(self.layer_bottoms, self.layer_tops)):
+            for j, name in enumerate(bottoms):
+                readers.setdefault(writer[name], []).append((i, j))
+            for t, name in enumerate(tops):
+                writer[name] = (i, t)
+        return readers
+
+    def _backprop(self, tape: Sequence[tuple[list[Tensor], list[Tensor]] | None], start: int,
+                  end: int) -> None:
+        """Layer by layer, ``start`` down to ``end``, as Caffe's ``BackwardFromTo`` with its split layers: a
+        value read by several layers keeps each reader's diff (``_reader_diffs``, as Caffe's split tops) and
+        sums them into the blob's diff when the pass reaches the point right after the value's producer
+        (where Caffe's split layer sits), so a pass that stops between the readers and the producer leaves
+        the blob's diff as Caffe does."""
+        grads: dict[int, Tensor] = {}  # id of a blob value (one version of a name) -> its diff
+        plan = self.backward_plan
+        readers = self._value_readers()
+        # bottoms that read a value other bottoms read too (Caffe splits it)
+        shared = {key for rs in readers.values() if len(rs) > 1 for key in rs}
+        for i in range(start, end - 1, -1):
+            entry = tape[i]
+            if entry is None:
+                continue
+            bottoms, tops = entry
+            if i < start:
+                self._merge_reader_diffs(i, tops, readers, grads)
+            if not plan.layer[i]:
+                continue
+            layer = self.engine_layers[i]
+            outs, out_grads = [], []
+            for name, top in zip(self.layer_tops[i], tops):
+                if top.requires_grad:
+                    outs.append(top)
+                    out_grads.append(grads.get(id(top)))
+                    if out_grads[-1] is None:
+                        out_grads[-1] = self.diff(name).to(top.device).reshape(top.shape)
+            wanted = [(j, b) for j, b in enumerate(bottoms) if plan.bottom[i][j] and b.requires_grad]
+            params = [blob for blob, need in zip(layer.blobs, plan.param[i]) if need and blob.requires_grad]
+            if not outs or not (wanted or params):
+                continue
+            with full_float32(self.device):
+                results = torch.autograd.grad(outs, [b for _, b in wanted] + params, out_grads,
+                                              retain_graph=True, allow_unused=True)
+            for (j, bottom), g in zip(wanted, results[:len(wanted)]):
+                g = torch.zeros_like(bottom) if g is None else g.detach()
+                if (i, j) in shared:
+                    self._reader_diffs[(i, j)] = g.cpu()
+                    continue
+                grads[id(bottom)] = g
+                self._store_diff(self.layer_bottoms[i][j], g)
+            for blob, g in zip(params, results[len(wanted):]):
+                if g is not None:
+                    blob.grad = g.detach() if blob.grad is None else blob.grad + g.detach()
+
+    def _merge_reader_diffs(self, i: int, tops: Sequence[Tensor],
+                            readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]],
+                            grads: dict[int, Tensor]) -> None:
+        """Caffe's split layers after layer ``i``: each of its tops read by several bottoms gets the sum of
+        their diffs (a reader's last diff, zeros before its first) when one of them takes diffs."""
+        for t, top in enumerate(tops):
+            rs = readers.get((i, t), [])
+            if len(rs) < 2 or not any(self.backward_plan.bottom[r][jr] for r, jr in rs):
+                continue
+            total = torch.zeros(top.shape, dtype=torch.float32)
+            for key in rs:
+                part = self._reader_diffs.get(key)
+                if part is not None and part.shape == total.shape:
+                    total += part
+            grads[id(top)] = total.to(top.device)
+            self._store_diff(self.layer_tops[i][t], total)
+
+    def _store_diff(self, name: str, value: Tensor) -> None:
+        target = self.diff(name)
+        target.copy_(value.detach().reshape(target.shape).cpu())
 
     def _tell_observers(self) -> None:
         inputs = {name: self._data[name] for name in self.inputs if name in self._data}
@@ -327,7 +527,7 @@ class Net:
         try:
             value = self._data[name]
         except KeyError:
-            raise RuntimeEngineError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
+            raise UnknownNameError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
         if value.dim() == 4 and not value.is_contiguous() and \
                 value.is_contiguous(memory_format=torch.channels_last):
             # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
+from amct_caffe.errors import AmctError, ModelFormatError, UnsupportedLayerError
 from amct_caffe.model.blobs import blob_shape, blob_to_array
 from amct_caffe.proto import caffe_pb2
 
@@ -88,6 +88,8 @@ def decode_image(data: bytes | str | os.PathLike[str], mode: str = UNCHANGED, *,
             if mode != UNCHANGED:
                 img = ImageOps.exif_transpose(img)
             return _to_opencv_array(img, mode, fmt, label, error)
+    except AmctError:
+        raise  # _to_opencv_array's own message (an AmctError may also be a ValueError)
     except FileNotFoundError:
         raise error(f"cannot open image '{label}': no such file (paths are relative to the working "
                     f"directory '{os.getcwd()}').") from None

@@ -262,25 +262,46 @@ def cosine_sensitivity(graph: ptq.CalibrationGraph, batches: Sequence[Batch]) ->
     if unknown:
         raise EvaluatorError(f"{API}: the calibration fed {unknown}, which are not inputs of the model "
                              f"'{graph.model_file}' (its inputs: {float_net.inputs}).")
-    outputs = list(float_net.outputs)
-    references = [_forward(float_net, batch, outputs) for batch in batches]
+    outputs, references = reference_outputs(float_net, batches)
     del float_net
     factors = ptq.calibrated_factors(graph, calibration)
-    order = list(factors)
-    result = []
-    for name in tqdm(order, desc="Sensitivity", unit="layer", disable=None):
+
+    def alone(name: str) -> Net:
         groups = ptq.plan_quant_groups(Graph(calibration.net, graph.model_file), {name: factors[name]},
                                        graph.config.activation_offset)
         models = ptq.build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", API,
                                         graph.like)
-        net = Net(models.net, TEST, weights=models.fake)
+        return Net(models.net, TEST, weights=models.fake)
+
+    return rank_by_output_cosine([(name, factors[name][0]) for name in factors], alone, batches, outputs,
+                                 references)
+
+
+def reference_outputs(net: Net, batches: Sequence[Batch]) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
+    """The net's output blob names and their values on each batch: the reference of the sensitivity."""
+    outputs = list(net.outputs)
+    return outputs, [_forward(net, batch, outputs) for batch in batches]
+
+
+def rank_by_output_cosine(
+    layers: Sequence[tuple[str, str]], alone: Callable[[str], Net], batches: Sequence[Batch],
+    outputs: Sequence[str], references: Sequence[Mapping[str, torch.Tensor]],
+) -> list[LayerSensitivity]:
+    """The 'CosineSimilarity' sensitivity: for each ``(layer, type)``, the cosine similarity of the net
+    outputs of ``alone(layer)`` (the net with only that layer quantized) to ``references``
+    (:func:`reference_outputs` of the float net) over ``batches``; most sensitive (lowest) first, ties in
+    the order given."""
+    order = [name for name, _ in layers]
+    result = []
+    for name, layer_type in tqdm(layers, desc="Sensitivity", unit="layer", disable=None):
+        net = alone(name)
         stats = AgreementStats()
         for batch, reference in zip(batches, references):
             values = _forward(net, batch, outputs)
             for blob in outputs:
                 stats.add(reference[blob], values[blob])
         cosine = stats.metrics().cosine
-        result.append(LayerSensitivity(name, factors[name][0], cosine))
+        result.append(LayerSensitivity(name, layer_type, cosine))
         LOGGER.debug("Layer '%s' alone quantized: output cosine similarity %.6f.", name, cosine)
     return sorted(result, key=lambda s: (s.cosine, order.index(s.name)))
 
@@ -342,7 +363,8 @@ def history_json(
     }
 
 
-def _dump(obj: Mapping[str, Any]) -> bytes:
+def json_bytes(obj: Mapping[str, Any]) -> bytes:
+    """``obj`` as the indented JSON text of the auto calibration's files, UTF-8."""
     return (json.dumps(obj, indent=4) + "\n").encode("utf-8")
 
 
@@ -437,8 +459,8 @@ def accuracy_based_auto_calibration(
         extra = {
             record_file: Path(chosen.graph.record_file).read_bytes(),
             prefix + CONFIG_SUFFIX: chosen.config_text.encode("utf-8"),
-            prefix + SENSITIVITY_SUFFIX: _dump(sensitivity_json(ranking, measure.name)),
-            prefix + HISTORY_SUFFIX: _dump(history_json(search.name, original, prober.history, probe)),
+            prefix + SENSITIVITY_SUFFIX: json_bytes(sensitivity_json(ranking, measure.name)),
+            prefix + HISTORY_SUFFIX: json_bytes(history_json(search.name, original, prober.history, probe)),
         }
         ptq.save_model(chosen.graph, "Both", prefix, extra_files=extra)
     files = list(outputs.values())

@@ -49,7 +49,7 @@ from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, load_caffemodel, load_prototxt, output_conflict, prototxt_text
 from amct_caffe.model.phase import TEST, filter_net, restore_state
-from amct_caffe.model.weights import Weights, weights_from_net
+from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
 from amct_caffe.passes.deploy import deploy_caffemodel
 from amct_caffe.passes.fake_quant import fake_quant_caffemodel
 from amct_caffe.passes.quant_insert import QuantGroup, QuantizedLayer, all_weight_codes, insert_quant_layers
@@ -303,6 +303,84 @@ def _has_legacy_shapes(net: caffe_pb2.NetParameter) -> bool:
 
 
 # -- the flow ----------------------------------------------------------------------------------------------
+def _without_retrain_layers(
+    model_file: str, weights_file: str
+) -> tuple[caffe_pb2.NetParameter, Graph, Weights, caffe_pb2.NetParameter | None, RetrainFactors]:
+    """Steps 2-4 up to the removal: the retrain prototxt, its TEST view with the retrain layers removed
+    (each quantized layer holding its float shadow weight), those weights, the caffemodel to imitate (legacy
+    shapes) and the factors read before the removal."""
+    net = load_prototxt(model_file)
+    caffemodel = load_caffemodel(weights_file)
+    weights = weights_from_net(caffemodel, weights_file)
+    # Keep the parsed caffemodel only when it has legacy 4-D blob shapes to write back the same way
+    # (weights_to_net's ``like``); otherwise free it: it is as large as the weights themselves.
+    like = caffemodel if _has_legacy_shapes(caffemodel) else None
+    del caffemodel
+    graph = Graph(filter_net(net, TEST, path=model_file), path=model_file)
+    factors = read_retrain_factors(graph, weights, weights_file)
+    remove_retrain_layers(graph, weights, factors)
+    return net, graph, weights, like, factors
+
+
+@dataclass(frozen=True)
+class RetrainedFloat:
+    """A retrained net with quantization off, and what it takes to quantize its layers one by one.
+
+    Attributes:
+        net: the TEST view of the retrain model without its retrain layers (BatchNorms not folded).
+        weights: its caffemodel: every quantized layer holds its trained float shadow weight.
+        layers: the layers that have retrain layers, in the retrain model's order.
+    """
+
+    net: caffe_pb2.NetParameter
+    weights: caffe_pb2.NetParameter
+    layers: list[str]
+
+
+def retrained_float_model(
+    retrained_model_file: str | os.PathLike[str], retrained_weights_file: str | os.PathLike[str]
+) -> RetrainedFloat:
+    """The float model a retrained net holds: its retrain layers removed, its shadow weights in place.
+
+    This is the reference a comparison of the saved quantized models needs after training: the original
+    float weights also differ by what training changed.
+
+    Raises:
+        ModelFormatError: not a retrain model, or its retrain layers are wired differently from what
+            ``create_quant_retrain_model`` writes.
+        RecordError: an ``ActivationQAT`` has no clip values (run the model forward/train first).
+    """
+    model_file, weights_file = os.fspath(retrained_model_file), os.fspath(retrained_weights_file)
+    _, graph, weights, like, factors = _without_retrain_layers(model_file, weights_file)
+    float_net = graph.to_net_parameter()
+    return RetrainedFloat(float_net, weights_to_net(weights, float_net, like=like), factors.quantized_layers)
+
+
+def fake_quant_of_layers(
+    retrained_model_file: str | os.PathLike[str], retrained_weights_file: str | os.PathLike[str],
+    layers: Sequence[str],
+) -> tuple[caffe_pb2.NetParameter, caffe_pb2.NetParameter]:
+    """The fake-quant model (prototxt, caffemodel) of a retrained net with only ``layers`` quantized, in
+    memory; the others keep their float shadow weights (as ``save_quant_retrain_model`` with a config that
+    enables only ``layers``).
+
+    Raises:
+        ConfigError: a name in ``layers`` has no retrain layers.
+        (and what :func:`retrained_float_model` raises)
+    """
+    model_file, weights_file = os.fspath(retrained_model_file), os.fspath(retrained_weights_file)
+    _, graph, weights, like, factors = _without_retrain_layers(model_file, weights_file)
+    unknown = sorted(set(layers) - set(factors.quantized_layers))
+    if unknown:
+        raise ConfigError(f"Retrain model '{model_file}' has no retrain layers for {unknown}; its quantized "
+                          f"layers are {factors.quantized_layers}.")
+    folds = fold_batch_norms(graph, weights)
+    groups = build_plan(graph, weights, factors, list(layers), [fold.conv for fold in folds])
+    insert_quant_layers(graph, groups)
+    net = graph.to_net_parameter()
+    return net, fake_quant_caffemodel(net, weights, groups, like, all_weight_codes(weights, groups))
+
+
 def save_quant_retrain_model(
     retrained_model_file: str | os.PathLike[str],
     retrained_weights_file: str | os.PathLike[str],
@@ -334,17 +412,7 @@ def save_quant_retrain_model(
     _check_paths(paths, {"retrained_model_file": model_file, "retrained_weights_file": weights_file,
                          "config_file": config})
 
-    net = load_prototxt(model_file)
-    caffemodel = load_caffemodel(weights_file)
-    weights = weights_from_net(caffemodel, weights_file)
-    # Keep the parsed caffemodel only when it has legacy 4-D blob shapes to write back the same way
-    # (weights_to_net's ``like``); otherwise free it: it is as large as the weights themselves.
-    like = caffemodel if _has_legacy_shapes(caffemodel) else None
-    del caffemodel
-    graph = Graph(filter_net(net, TEST, path=model_file), path=model_file)
-
-    factors = read_retrain_factors(graph, weights, weights_file)
-    remove_retrain_layers(graph, weights, factors)
+    net, graph, weights, like, factors = _without_retrain_layers(model_file, weights_file)
     selected = _selected_layers(graph, factors, config, model_file)
     folds = fold_batch_norms(graph, weights)
     groups = build_plan(graph, weights, factors, selected, [fold.conv for fold in folds])
