@@ -85,6 +85,10 @@ class RuntimeEngineError(AmctError, RuntimeError):
     """The engine cannot run a net as asked (missing input, wrong input shape, device unavailable)."""
 
 
+class WorkerLostError(RuntimeEngineError):
+    """A collective of data-parallel training failed because another worker stopped (or timed out)."""
+
+
 class UnknownNameError(RuntimeEngineError, KeyError):
     """A blob or layer name the net does not have (a ``KeyError`` as pycaffe's ``net.blobs[name]``)."""
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import logging
 import os
 import socket
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from amct_caffe.errors import ConfigError, RuntimeEngineError
+from amct_caffe.errors import ConfigError, RuntimeEngineError, WorkerLostError
 from amct_caffe.log import get_logger
 
 Tensor = torch.Tensor
@@ -167,7 +170,7 @@ def _collective(what: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except (RuntimeError, dist.DistBackendError) as exc:
         w = world()
-        raise RuntimeEngineError(
+        raise WorkerLostError(
             f"worker {w.rank} of {w.size}: {what} failed, most likely because another worker stopped "
             f"({_first_line(exc)}). Resume from the last snapshot with --snapshot."
         ) from exc
@@ -270,13 +273,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _worker(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],
+            error_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
         fn(*args)
+    except BaseException as exc:
+        # written before this process exits (and its connections close), so the launcher can tell the
+        # worker that failed first from those that lost it
+        report = {"rank": rank, "lost_peer": isinstance(exc, WorkerLostError),
+                  "error": "".join(traceback.format_exception_only(type(exc), exc)).strip()}
+        with open(os.path.join(error_dir, f"{rank}.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh)
+        raise
     finally:
         shutdown()
+
+
+def _root_cause(error_dir: str) -> dict[str, Any] | None:
+    """The report of a worker that failed by itself (not by losing a peer), lowest rank first."""
+    reports = []
+    for name in os.listdir(error_dir):
+        with open(os.path.join(error_dir, name), encoding="utf-8") as fh:
+            reports.append(json.load(fh))
+    reports.sort(key=lambda r: (bool(r["lost_peer"]), int(r["rank"])))
+    return reports[0] if reports else None
 
 
 def launch(nproc: int, fn: Callable[..., Any], args: tuple[Any, ...] = ()) -> None:
@@ -292,16 +314,22 @@ def launch(nproc: int, fn: Callable[..., Any], args: tuple[Any, ...] = ()) -> No
     import torch.multiprocessing as mp
 
     port = free_port()
-    try:
-        mp.start_processes(_worker, args=(nproc, port, fn, args), nprocs=nproc, join=True,
-                           start_method="spawn")
-    except mp.ProcessRaisedException as exc:
-        raise RuntimeEngineError(f"worker {exc.error_index} of {nproc} failed: {_last_error_line(str(exc))}; "
-                                 "the other workers were stopped.") from None
-    except mp.ProcessExitedException as exc:
-        raise RuntimeEngineError(f"worker {exc.error_index} of {nproc} died (exit code {exc.exit_code}); "
-                                 "the other workers were stopped. Resume from the last snapshot with "
-                                 "--snapshot.") from None
+    with tempfile.TemporaryDirectory(prefix="amct-workers-") as error_dir:
+        try:
+            mp.start_processes(_worker, args=(nproc, port, fn, args, error_dir), nprocs=nproc, join=True,
+                               start_method="spawn")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            cause = _root_cause(error_dir)
+            if cause is not None and not cause["lost_peer"]:
+                raise RuntimeEngineError(f"worker {cause['rank']} of {nproc} failed: {cause['error']}; the "
+                                         "other workers were stopped.") from None
+            if isinstance(exc, mp.ProcessExitedException):
+                raise RuntimeEngineError(f"worker {exc.error_index} of {nproc} died (exit code "
+                                         f"{exc.exit_code}); the other workers were stopped. Resume from the "
+                                         "last snapshot with --snapshot.") from None
+            line = _last_error_line(str(exc))
+            raise RuntimeEngineError(f"worker {exc.error_index} of {nproc} failed: {line}; the other "
+                                     "workers were stopped.") from None
 
 
 def _last_error_line(text: str) -> str:
