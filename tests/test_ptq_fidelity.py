@@ -10,6 +10,10 @@ PTQ (IFMR activations + ARQ weights, calibrated on the two LR images) loses at m
 correction of ``save_model(..., refine="bias_correction")`` does not bring it to 0.2 dB on this net
 (measured: china 0.063 -> 0.063 dB, flower 0.407 -> 0.434 dB: the loss is noise, not a mean shift); the
 test keeps it within the same 0.5 dB.
+Learned weight rounding (``refine="adaround"``) lowers the loss (measured: china 0.063 -> 0.040 dB,
+flower 0.407 -> 0.320 dB) but not to 0.2 dB on flower: quantizing only the activations, with float weights,
+already costs 0.280 dB there (docs/design.md, "Post-training refinement"), so the flower case of the 0.2 dB
+target is a strict xfail.
 The correction itself is checked on a small net: the structure is unchanged, the deploy bias is the
 rounded corrected bias, and the corrected layer's mean output error on the calibration data is below half
 its bias quantization step.
@@ -34,6 +38,8 @@ SCALE = 3
 OFFSET = 2
 SHAVE = 6
 MAX_LOSS_DB = 0.5
+#: the target of a post-training refinement beyond AMCT's algorithms
+MAX_REFINED_LOSS_DB = 0.2
 
 
 def psnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -132,6 +138,46 @@ def test_fsrcnn_bias_correction_stays_within_half_a_db(fsrcnn_psnr, image):
     row = fsrcnn_psnr[image]
     assert row["float"] - row["bias_correction"] <= MAX_LOSS_DB, row
     assert abs(row["bias_correction_deploy"] - row["bias_correction"]) <= 0.01, row
+
+
+@pytest.fixture(scope="module")
+def fsrcnn_adaround(fsrcnn_psnr, tmp_path_factory):
+    datasets = pytest.importorskip("sklearn.datasets", reason="the sample photos come from scikit-learn")
+    photos = datasets.load_sample_images()
+    images = {Path(name).stem: hr_lr(rgb) for name, rgb in zip(photos.filenames, photos.images)}
+    proto, weights = str(FSRCNN / "FSRCNN_mat.prototxt"), str(FSRCNN / "snapshot_iter_2546000.caffemodel")
+    data = [{"data": lr[None, None].astype(np.float32)} for _, lr in images.values()]
+    prefix = run_ptq(proto, weights, tmp_path_factory.mktemp("adaround"), data, "adaround")
+    results = {}
+    for name, (hr, lr) in images.items():
+        row = dict(fsrcnn_psnr[name])
+        row["adaround"] = sr_psnr(super_resolve(prefix + "_fake_quant_model.prototxt",
+                                                prefix + "_fake_quant_weights.caffemodel", lr), hr)
+        row["adaround_deploy"] = sr_psnr(super_resolve(prefix + "_deploy_model.prototxt",
+                                                       prefix + "_deploy_weights.caffemodel", lr), hr)
+        results[name] = row
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", ["china", "flower"])
+def test_fsrcnn_adaround_loses_less_than_ptq(fsrcnn_adaround, image):
+    # measured: china 0.063 -> 0.040 dB, flower 0.407 -> 0.320 dB
+    row = fsrcnn_adaround[image]
+    assert row["float"] - row["adaround"] < row["float"] - row["ptq"], row
+    assert abs(row["adaround_deploy"] - row["adaround"]) <= 0.01, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", [
+    "china",
+    pytest.param("flower", marks=pytest.mark.xfail(
+        strict=True, reason="measured 0.320 dB: the activation rounding alone (float weights) costs 0.280 dB "
+        "on this image, which no choice of weight codes removes (docs/design.md)")),
+])
+def test_fsrcnn_adaround_loses_at_most_a_fifth_of_a_db(fsrcnn_adaround, image):
+    row = fsrcnn_adaround[image]
+    assert row["float"] - row["adaround"] <= MAX_REFINED_LOSS_DB, row
 
 
 # -- the bias correction on a small net ----------------------------------------------------------------------
