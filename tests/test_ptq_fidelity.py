@@ -10,6 +10,10 @@ PTQ (IFMR activations + ARQ weights, calibrated on the two LR images) loses at m
 correction of ``save_model(..., refine="bias_correction")`` does not bring it to 0.2 dB on this net
 (measured: china 0.063 -> 0.063 dB, flower 0.407 -> 0.434 dB: the loss is noise, not a mean shift); the
 test keeps it within the same 0.5 dB.
+Learned weight rounding (``refine="adaround"``) lowers the loss (measured: china 0.063 -> 0.040 dB,
+flower 0.407 -> 0.320 dB) but not to 0.2 dB on flower: quantizing only the activations, with float weights,
+already costs 0.280 dB there (docs/design.md, "Post-training refinement"), so the flower case of the 0.2 dB
+target is a strict xfail.
 The correction itself is checked on a small net: the structure is unchanged, the deploy bias is the
 rounded corrected bias, and the corrected layer's mean output error on the calibration data is below half
 its bias quantization step.
@@ -34,6 +38,8 @@ SCALE = 3
 OFFSET = 2
 SHAVE = 6
 MAX_LOSS_DB = 0.5
+#: the target of a post-training refinement beyond AMCT's algorithms
+MAX_REFINED_LOSS_DB = 0.2
 
 
 def psnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -134,6 +140,46 @@ def test_fsrcnn_bias_correction_stays_within_half_a_db(fsrcnn_psnr, image):
     assert abs(row["bias_correction_deploy"] - row["bias_correction"]) <= 0.01, row
 
 
+@pytest.fixture(scope="module")
+def fsrcnn_adaround(fsrcnn_psnr, tmp_path_factory):
+    datasets = pytest.importorskip("sklearn.datasets", reason="the sample photos come from scikit-learn")
+    photos = datasets.load_sample_images()
+    images = {Path(name).stem: hr_lr(rgb) for name, rgb in zip(photos.filenames, photos.images)}
+    proto, weights = str(FSRCNN / "FSRCNN_mat.prototxt"), str(FSRCNN / "snapshot_iter_2546000.caffemodel")
+    data = [{"data": lr[None, None].astype(np.float32)} for _, lr in images.values()]
+    prefix = run_ptq(proto, weights, tmp_path_factory.mktemp("adaround"), data, "adaround")
+    results = {}
+    for name, (hr, lr) in images.items():
+        row = dict(fsrcnn_psnr[name])
+        row["adaround"] = sr_psnr(super_resolve(prefix + "_fake_quant_model.prototxt",
+                                                prefix + "_fake_quant_weights.caffemodel", lr), hr)
+        row["adaround_deploy"] = sr_psnr(super_resolve(prefix + "_deploy_model.prototxt",
+                                                       prefix + "_deploy_weights.caffemodel", lr), hr)
+        results[name] = row
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", ["china", "flower"])
+def test_fsrcnn_adaround_loses_less_than_ptq(fsrcnn_adaround, image):
+    # measured: china 0.063 -> 0.040 dB, flower 0.407 -> 0.320 dB
+    row = fsrcnn_adaround[image]
+    assert row["float"] - row["adaround"] < row["float"] - row["ptq"], row
+    assert abs(row["adaround_deploy"] - row["adaround"]) <= 0.01, row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", [
+    "china",
+    pytest.param("flower", marks=pytest.mark.xfail(
+        strict=True, reason="measured 0.320 dB: the activation rounding alone (float weights) costs 0.280 dB "
+        "on this image, which no choice of weight codes removes (docs/design.md)")),
+])
+def test_fsrcnn_adaround_loses_at_most_a_fifth_of_a_db(fsrcnn_adaround, image):
+    row = fsrcnn_adaround[image]
+    assert row["float"] - row["adaround"] <= MAX_REFINED_LOSS_DB, row
+
+
 # -- the bias correction on a small net ----------------------------------------------------------------------
 TINY = """
 name: "tiny"
@@ -214,4 +260,75 @@ def test_refine_needs_calibration_data_and_a_known_name(tiny, tmp_path):
     with pytest.raises(ConfigError, match="calibration_data"):
         amct.save_model(graph, "Both", str(tmp_path / "m"), refine="bias_correction")
     with pytest.raises(ConfigError, match="refine must be None"):
-        amct.save_model(graph, "Both", str(tmp_path / "m"), refine="adaround", calibration_data=data)
+        amct.save_model(graph, "Both", str(tmp_path / "m"), refine="ada_round", calibration_data=data)
+    with pytest.raises(ConfigError, match="calibration_data"):
+        amct.save_model(graph, "Both", str(tmp_path / "m"), refine="adaround")
+
+
+# -- learned rounding on the small net ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_rounded(tiny):
+    proto, weights, data, plain, _, folder = tiny
+    return run_ptq(proto, weights, folder / "rounded", data, "adaround")
+
+
+def test_adaround_keeps_the_structure_scales_and_biases(tiny, tiny_rounded):
+    *_, plain, _, _ = tiny
+    for suffix in ("_fake_quant_model.prototxt", "_deploy_model.prototxt", "_quant.json"):
+        assert Path(tiny_rounded + suffix).read_text() == Path(plain + suffix).read_text(), suffix
+    a, b = caffemodel_blobs(plain + "_deploy_weights.caffemodel"), caffemodel_blobs(
+        tiny_rounded + "_deploy_weights.caffemodel")
+    assert list(a) == list(b)
+    for name in a:
+        assert [v.shape for v in a[name]] == [v.shape for v in b[name]], name
+        for i in range(1, len(a[name])):  # biases, DeQuant's deq_scale words: unchanged
+            np.testing.assert_array_equal(a[name][i], b[name][i])
+
+
+def test_adaround_codes_are_floor_or_ceil_on_the_arq_grid(tiny, tiny_rounded):
+    _, weights, _, _, _, folder = tiny
+    record = read_record(folder / "rounded" / "record.txt")
+    float_blobs = caffemodel_blobs(weights)
+    deploy = caffemodel_blobs(tiny_rounded + "_deploy_weights.caffemodel")
+    fake = caffemodel_blobs(tiny_rounded + "_fake_quant_weights.caffemodel")
+    changed = 0
+    for name in ("conv1", "conv2", "ip"):
+        w = float_blobs[name][0].astype(np.float64)
+        s_w = np.asarray(record[name].scale_w, np.float64).reshape([-1] + [1] * (w.ndim - 1))
+        codes = deploy[name][0].astype(np.float64)
+        ratio = w / s_w
+        assert np.all((codes == np.floor(ratio)) | (codes == np.ceil(ratio))), name
+        assert codes.min() >= -128 and codes.max() <= 127
+        np.testing.assert_allclose(fake[name][0], codes * s_w, rtol=1e-6, atol=0)
+        nearest = np.where(np.abs(ratio - np.trunc(ratio)) >= 0.5, np.trunc(ratio) + np.sign(ratio),
+                           np.trunc(ratio))
+        changed += int(np.sum(codes != nearest))
+    assert changed > 0  # the rounding was learned, not ARQ's nearest everywhere
+
+
+def test_adaround_lowers_the_last_layer_output_error(tiny, tiny_rounded):
+    # numpy: the InnerProduct on its fake-quantized input, with the learned and with ARQ's nearest codes,
+    # against the float model's output of that layer
+    proto, weights, data, _, _, folder = tiny
+    x = np.concatenate([batch["data"] for batch in data])
+    float_net = caffe.Net(proto, caffe.TEST, weights=weights)
+    float_net.blobs["data"].reshape(*x.shape)
+    float_net.reshape()
+    ref = float_net.forward(data=x)["ip"].astype(np.float64)
+    fake = caffe.Net(tiny_rounded + "_fake_quant_model.prototxt", caffe.TEST,
+                     weights=tiny_rounded + "_fake_quant_weights.caffemodel")
+    fake.blobs["data"].reshape(*x.shape)
+    fake.reshape()
+    fake.forward(data=x)
+    x_q = np.asarray(fake.blobs["ip_quant_layer"].data, np.float64).reshape(len(x), -1)
+    record = read_record(folder / "rounded" / "record.txt")
+    s_w = np.asarray(record["ip"].scale_w, np.float64)[:, None]
+    w = caffemodel_blobs(weights)["ip"][0].astype(np.float64)
+    bias = caffemodel_blobs(tiny_rounded + "_fake_quant_weights.caffemodel")["ip"][1].astype(np.float64)
+    learned = caffemodel_blobs(tiny_rounded + "_deploy_weights.caffemodel")["ip"][0].astype(np.float64)
+    ratio = w / s_w
+    nearest = np.clip(np.where(np.abs(ratio - np.trunc(ratio)) >= 0.5, np.trunc(ratio) + np.sign(ratio),
+                               np.trunc(ratio)), -128, 127)
+    errors = {key: float(np.mean((x_q @ (codes * s_w).T + bias - ref) ** 2))
+              for key, codes in (("nearest", nearest), ("learned", learned))}
+    assert errors["learned"] <= errors["nearest"] * (1 + 1e-6), errors

@@ -422,7 +422,10 @@ def save_model(
             ``"bias_correction"`` first shifts the float bias of every quantized Convolution/Deconvolution/
             InnerProduct that has one by the per-channel mean of (float output - fake-quant output) on
             ``calibration_data``, layer after layer; the models keep their structure and the deploy bias is
-            ``round(b' / (scale_d * scale_w))`` as usual (docs/design.md, "Post-training refinement").
+            ``round(b' / (scale_d * scale_w))`` as usual. ``"adaround"`` instead chooses every weight's
+            INT8 code between ``floor`` and ``ceil`` of ``w / scale_w`` (the record's scales unchanged) to
+            bring each layer's output on ``calibration_data`` closer to the float layer's, layer after layer
+            (docs/design.md, "Post-training refinement").
         calibration_data: keyword-only, needed by ``refine``: the calibration batches, a list of
             ``{input blob name: array}`` (the arrays the calibration model ran on).
 

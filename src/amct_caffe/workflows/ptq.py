@@ -86,7 +86,7 @@ from amct_caffe.quant.ptq_config import (
     load_json_config,
 )
 from amct_caffe.quant.record import LayerRecord, read_records, record_text, validate_records
-from amct_caffe.workflows.refine import bias_correction, check_refine
+from amct_caffe.workflows.refine import adaround, bias_correction, check_refine
 from amct_caffe.workflows.save import check_save_type, model_paths
 
 LOGGER = get_logger("ptq")
@@ -579,8 +579,11 @@ def build_saved_models(
     save_type: str,
     api: str,
     like: caffe_pb2.NetParameter | None = None,
+    codes: Mapping[str, np.ndarray] | None = None,
 ) -> SavedModels:
     """Insert ``Quant``/``DeQuant`` into ``net`` and build the fake-quant and/or deploy caffemodels.
+
+    ``codes`` (layer name -> INT8 weight codes) replace ARQ's codes of those layers (learned rounding).
 
     Raises:
         BiasOverflowError: a quantized bias does not fit INT32 (the message names the layer; callers add how
@@ -590,9 +593,9 @@ def build_saved_models(
     insert_quant_layers(graph, groups)
     saved = graph.to_net_parameter()
     try:
-        codes = all_weight_codes(weights, groups)
-        fake = fake_quant_caffemodel(saved, weights, groups, like, codes) if save_type != "Deploy" else None
-        deploy = deploy_caffemodel(saved, weights, groups, like, codes) if save_type != "Fakequant" else None
+        chosen = {**all_weight_codes(weights, groups), **(codes or {})}
+        fake = fake_quant_caffemodel(saved, weights, groups, like, chosen) if save_type != "Deploy" else None
+        deploy = deploy_caffemodel(saved, weights, groups, like, chosen) if save_type != "Fakequant" else None
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{api}: {exc}", exc.channels, exc.layer) from exc
     return SavedModels(saved, fake, deploy, list(groups))
@@ -655,6 +658,24 @@ def _bias_corrected(
                            data, api)
 
 
+def _learned_rounding(
+    graph: CalibrationGraph,
+    calibration: CalibrationModel,
+    groups: Sequence[QuantGroup],
+    data: Sequence[Mapping[str, np.ndarray]],
+    api: str,
+) -> dict[str, np.ndarray]:
+    """Learned INT8 weight codes of the quantized layers (``workflows.refine.adaround``)."""
+    fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
+    assert fake.fake is not None
+    float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
+    quantized = {layer.name: (layer.scale_w, layer.axis) for group in groups for layer in group.layers
+                 if layer.has_weights}
+    ordered = {name: quantized[name] for name in calibration.layers if name in quantized}
+    return adaround(calibration.net, float_weights, fake.net, fake.fake, ordered, calibration.weights, data,
+                    api)
+
+
 def save_model(
     graph: CalibrationGraph,
     save_type: str,
@@ -668,7 +689,8 @@ def save_model(
 
     ``extra_files`` (path -> bytes) are written in the same all-or-nothing step (the command line's copies of
     the config and the record). ``refine="bias_correction"`` (off by default) corrects the quantized layers'
-    float biases on ``calibration_data`` before the models are built (``workflows.refine``).
+    float biases on ``calibration_data`` before the models are built; ``refine="adaround"`` learns their
+    INT8 weight codes (floor or ceil on ARQ's grid) on it instead (``workflows.refine``).
 
     Raises:
         ConfigError: a bad ``save_type``/``save_path``; a quantized bias outside INT32.
@@ -705,9 +727,12 @@ def save_model(
             "run init/quantize_model/calibration again (the layer then stays float).")
     try:
         weights = calibration.weights
+        codes = None
         if refine == "bias_correction" and calibration_data:
             weights = _bias_corrected(graph, calibration, groups, calibration_data, api)
-        models = build_saved_models(calibration.net, weights, groups, save_type, api, graph.like)
+        elif refine == "adaround" and calibration_data:
+            codes = _learned_rounding(graph, calibration, groups, calibration_data, api)
+        models = build_saved_models(calibration.net, weights, groups, save_type, api, graph.like, codes)
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc
     placement = quant_info(groups, calibration.folds, models.net)

@@ -1,4 +1,4 @@
-"""Optional post-training refinement of the PTQ models: empirical bias correction.
+"""Optional post-training refinements of the PTQ models: empirical bias correction, learned weight rounding.
 
 Off by default (``save_model``'s ``refine=None`` writes exactly AMCT's models). With
 ``refine="bias_correction"`` the float bias of every quantized Convolution/Deconvolution/InnerProduct that
@@ -15,7 +15,16 @@ before it already corrected, so a correction never counts the error an earlier o
 The saved models keep their structure: only the float bias changes, and the deploy bias is the usual
 ``round(b' / (s_d * s_w))`` in INT32 (a corrected bias that leaves INT32 fails like any other). Layers
 without a bias (``bias_term: false``) and AVE Pooling are left as they are: adding a bias would change the
-layer. See docs/design.md, "Post-training refinement".
+layer.
+
+With ``refine="adaround"`` the INT8 weight codes of every quantized Convolution/Deconvolution/InnerProduct
+are chosen, per weight, between ``floor`` and ``ceil`` of ``w / s_w`` on ARQ's grid (the record's ``s_w``,
+unchanged) to minimise the mean squared difference between the layer's output with its fake-quantized input
+and the float model's output of that layer on the calibration data (``quant.adaround``). The layers are
+done in file order, each one measured with the earlier ones already rounded, a fixed number of Adam steps
+each on all calibration batches together (no sampling, so the result is deterministic). A layer keeps
+ARQ's codes when the learned ones do not lower its output error. Only the codes change: scales, biases,
+layers and formats are those of the plain save. See docs/design.md, "Post-training refinement".
 """
 
 from __future__ import annotations
@@ -26,18 +35,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amct_caffe.engine.layers.vision import Convolution, Deconvolution, InnerProduct
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.phase import TEST
 from amct_caffe.model.weights import Weights
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.quant.adaround import (
+    annealed_beta,
+    hard_codes,
+    nearest_codes,
+    rounding_penalty,
+    rounding_start,
+    soft_weight,
+)
 from amct_caffe.quant.numerics import fake_quant_bias
 
 LOGGER = get_logger("ptq.refine")
 
 #: The refinements ``save_model`` accepts (besides None).
-REFINEMENTS = ("bias_correction",)
+REFINEMENTS = ("bias_correction", "adaround")
+#: Adam steps per layer of ``refine="adaround"``, its learning rate on ``v``, the weight of the rounding
+#: penalty, and the share of the steps run without the penalty first.
+ADAROUND_STEPS = 300
+ADAROUND_LR = 1e-2
+ADAROUND_PENALTY = 0.01
+ADAROUND_WARMUP = 0.2
 _BIASED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
 
@@ -148,3 +172,115 @@ def bias_correction(
     LOGGER.info("Bias correction: %d layer(s) corrected on %d calibration batch(es).", len(targets),
                 len(data))
     return corrected
+
+
+#: The layer classes whose weights learned rounding chooses codes for.
+WeightedLayer = Convolution | Deconvolution | InnerProduct
+
+
+def _mse(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return ((y - ref) ** 2).mean()
+
+
+def _scale_view(scale_w: np.ndarray, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """``scale_w`` shaped to broadcast along ``axis`` of ``weight`` (a single scale as a scalar)."""
+    s = torch.as_tensor(np.asarray(scale_w, np.float32), device=weight.device)
+    if s.numel() == 1:
+        return s.reshape([1] * weight.dim())
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
+def learn_rounding(
+    layer: WeightedLayer, x: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    scale: torch.Tensor, steps: int = ADAROUND_STEPS,
+) -> tuple[torch.Tensor, float, float]:
+    """The codes of ``weight`` (``floor`` or ``ceil`` of ``weight / scale``) that bring ``layer.apply(x, .)``
+    closest to ``ref``; ARQ's nearest codes when the learned ones are not closer.
+
+    Returns:
+        ``(codes, error of ARQ's codes, error of the returned codes)``, errors as mean squared differences.
+    """
+    floor, span, v0 = rounding_start(weight, scale)
+    v = v0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=ADAROUND_LR)
+    warmup = int(ADAROUND_WARMUP * steps)
+    for step in tqdm(range(steps), desc=f"adaround {layer.name}", leave=False, disable=None):
+        loss = _mse(layer.apply(x, soft_weight(floor, span, v, scale), bias), ref)
+        if step >= warmup:
+            loss = loss + ADAROUND_PENALTY * rounding_penalty(v, annealed_beta(step - warmup, steps - warmup))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        nearest = nearest_codes(weight, scale)
+        learned = hard_codes(floor, span, v.detach())
+        before = float(_mse(layer.apply(x, nearest * scale, bias), ref))
+        after = float(_mse(layer.apply(x, learned * scale, bias), ref))
+    return (learned, before, after) if after < before else (nearest, before, before)
+
+
+def adaround(
+    float_net: caffe_pb2.NetParameter,
+    float_weights: caffe_pb2.NetParameter,
+    fake_net: caffe_pb2.NetParameter,
+    fake_weights: caffe_pb2.NetParameter,
+    layers: Mapping[str, tuple[np.ndarray, int]],
+    weights: Weights,
+    data: Sequence[Mapping[str, np.ndarray]],
+    api: str = "save_model",
+    steps: int = ADAROUND_STEPS,
+) -> dict[str, np.ndarray]:
+    """Learned INT8 weight codes of ``layers`` (module docstring).
+
+    Args:
+        float_net, float_weights: the folded float model (what the saved models are built from).
+        fake_net, fake_weights: its fake-quant model (the Quant/DeQuant layers inserted).
+        layers: the quantized layers with weights (file order), each with ``(scale_w, output-channel axis)``.
+        weights: the float weights by layer name (not changed).
+        data: the calibration batches ``{input blob: array}``.
+        steps: Adam steps per layer.
+
+    Returns:
+        ``{layer name: int8 codes}`` for every layer of ``layers`` of type Convolution, Deconvolution or
+        InnerProduct (ARQ's codes where learning did not help).
+
+    Raises:
+        ConfigError: a batch lacks an input blob.
+    """
+    reference = _layer_net(float_net, float_weights)
+    fake = _layer_net(fake_net, fake_weights)
+    stacked = _stack(data, reference.inputs, api)
+    for net in (reference, fake):
+        for name, value in stacked.items():
+            net.set_tensor(name, value.to(net.device))
+    targets = {name for name in layers if name in weights
+               and fake.engine_layers[fake.layer_index(name)].type_name in _BIASED_TYPES}
+    ref_index = {name: i for i, name in enumerate(reference.layer_names)}
+    codes: dict[str, np.ndarray] = {}
+    done = 0
+    for i, name in enumerate(tqdm(fake.layer_names, desc="adaround", disable=None)):
+        if name in targets:
+            j = ref_index[name]
+            with torch.no_grad():
+                reference.run(done, j)
+            done = j + 1
+            layer = fake.engine_layers[i]
+            assert isinstance(layer, (Convolution, Deconvolution, InnerProduct))
+            x = fake.tensor(fake.layer_bottoms[i][0]).detach()
+            ref = reference.tensor(reference.layer_tops[j][0]).detach()
+            weight = torch.as_tensor(np.asarray(weights[name][0], np.float32), device=x.device)
+            scale_w, axis = layers[name]
+            scale = _scale_view(scale_w, weight, axis)
+            bias = layer.blobs[1].detach() if len(layer.blobs) > 1 else None
+            learned, before, after = learn_rounding(layer, x, ref, weight, bias, scale, steps)
+            codes[name] = learned.cpu().numpy().astype(np.int8)
+            with torch.no_grad():
+                layer.blobs[0].copy_((learned * scale).to(layer.blobs[0]))  # later layers see these codes
+            LOGGER.info("Learned rounding of '%s': output MSE %.4g -> %.4g.", name, before, after)
+        with torch.no_grad():
+            fake.run(i, i)
+    LOGGER.info("Learned rounding: %d layer(s) on %d calibration batch(es), %d steps each.", len(codes),
+                len(data), steps)
+    return codes

@@ -192,6 +192,11 @@ class _ConvolutionBase(Layer):
         bias = self.blobs[1] if self.bias_term else None
         return [self._apply(x, weight, bias) for x in bottoms]
 
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's operation on ``x`` with the given weight and bias in place of its blobs (the
+        forward of one bottom; used to evaluate candidate weights, e.g. learned rounding)."""
+        return self._apply(x, weight, bias)
+
     def _apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
@@ -300,11 +305,15 @@ class InnerProduct(Layer):
                 f"input size incompatible with inner product parameters: the bottom has "
                 f"{flat.shape[-1]} values from axis {axis} on, the weights expect {k}."
             )
-        weight = self.blobs[0]
-        if self.transpose:
-            weight = weight.t()
-        bias = self.blobs[1] if self.bias_term else None
-        return [F.linear(flat, weight, bias)]
+        return [self._linear(flat, self.blobs[0], self.blobs[1] if self.bias_term else None)]
+
+    def _linear(self, flat: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(flat, weight.t() if self.transpose else weight, bias)
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's operation on ``x`` with the given weight (the blob's layout) and bias in place of
+        its blobs (used to evaluate candidate weights, e.g. learned rounding)."""
+        return self._linear(x.flatten(self._set_up_flattening()[0]), weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------------
