@@ -282,7 +282,7 @@ def _loss_bounds(hist: _Histogram, n: int, lows: Tensor, highs: Tensor,
     q_below = ((codes - 1) * s).double()
     q_at = (codes * s).double()
     base_c = torch.where(first, n_c * q_below * q_below - 2.0 * q_below * sum_c, 0.0)
-    x_a, x_b = hist.low[at], hist.high[at]
+    x_a, x_b = hist.low(at), hist.high(at)
     d_a = (q_at - q_below) * (q_at + q_below - 2.0 * x_a)
     d_b = (q_at - q_below) * (q_at + q_below - 2.0 * x_b)
     zero_f = torch.zeros_like(d_a)
@@ -314,14 +314,14 @@ class _Histogram:
     2**-p)`` kept below 2**24 so that it is exact. It is monotone in ``x``, which is what the bounds rely on
     (a value in a lower cell than a threshold's is below it), and within ``slack`` cells of the exact
     ``floor(x / w) - base`` (the rounding of the subtraction), so cell ``j`` holds values in
-    ``[low[j], high[j]]`` = ``[(base + j - slack) w, (base + j + 1 + slack) w]``. ``of`` makes one pass over
+    ``[low(j), high(j)]`` = ``[(base + j - slack) w, (base + j + 1 + slack) w]``. ``of`` makes one pass over
     the data.
 
     Declared state: ``scale`` (``2**-p``, 0-d, data dtype), ``shift`` (``-base``, 0-d, data dtype),
-    ``width``, ``base``, ``cells``, ``counts`` (int64), ``sums`` (float64), ``low``/``high`` (float64), the
-    prefix sums ``prefix_counts``, ``prefix_index`` (of count * cell position) and ``prefix_rest`` (of each
-    cell's sum less count * its nominal start), and the error bounds ``sum_error`` (all cells' float64 sums
-    together), ``prefix_error`` (one ``prefix_rest`` entry) and ``square_bound`` (above ``sum(x^2)``).
+    ``width``, ``base``, ``cells``, ``slack``, ``counts`` (int64), ``sums`` (float64), the prefix sums
+    ``prefix_counts``, ``prefix_index`` (of count * cell position) and ``prefix_rest`` (of each cell's sum
+    less count * its nominal start), and the error bounds ``sum_error`` (all cells' float64 sums together),
+    ``prefix_error`` (one ``prefix_rest`` entry) and ``square_bound`` (above ``sum(x^2)``).
     """
 
     def __init__(self, scale: Tensor, shift: Tensor, width: float, counts: Tensor, sums: Tensor) -> None:
@@ -332,27 +332,34 @@ class _Histogram:
         self.cells = len(counts)
         self.counts = counts
         self.sums = sums
-        slack = (self.cells + 2) * 2.0**-23
+        self.slack = (self.cells + 2) * 2.0**-23  # < 1: only the cells at 0 and -1 hold both signs
         position = torch.arange(self.cells, device=counts.device)
-        nominal = (position + self.base).double()
-        self.low = (nominal - slack) * width
-        self.high = (nominal + 1.0 + slack) * width
         n = counts.double()
-        start = nominal * width
+        start = (position + self.base).double() * width
         rest = sums - n * start
         zero_i = torch.zeros(1, dtype=torch.int64, device=counts.device)
         self.prefix_counts = torch.cat([zero_i, torch.cumsum(counts, 0)])
         self.prefix_index = torch.cat([zero_i, torch.cumsum(counts * position, 0)])
         self.prefix_rest = torch.cat([torch.zeros(1, dtype=torch.float64, device=counts.device),
                                       torch.cumsum(rest, 0)])
-        largest = torch.maximum(self.low.abs(), self.high.abs())
-        # a cell of one sign: |its sum| bounds sum(|x|) in it (up to the float64 sum's own error)
-        one_sign = (self.low >= 0) | (self.high <= 0)
-        magnitude = torch.where(one_sign, torch.minimum(n * largest, sums.abs() * (1.0 + 2.0 * n * _U64)),
-                                n * largest)
-        self.sum_error = float((n * _U64 * magnitude + _U64 * (sums.abs() + n * start.abs())).sum()) * 1.01
+        # a cell of one sign: |its sum| bounds sum(|x|) in it (up to the float64 sum's own error); the cells
+        # next to 0 may hold both signs, bounded by count * largest magnitude instead
+        magnitude = sums.abs() * (1.0 + 2.0 * n * _U64)
+        for j in (-1 - self.base, -self.base):
+            if 0 <= j < self.cells:
+                magnitude[j] = n[j] * (abs(j + self.base) + 1.0 + self.slack) * width
+        self.sum_error = float((n * _U64 * magnitude + _U64 * (sums.abs() + (n * start).abs())).sum()) * 1.01
         self.prefix_error = float(self.cells * _U64 * rest.abs().sum()) * 1.01
+        largest = start.abs() + (1.0 + self.slack) * width
         self.square_bound = float((n * largest * largest).sum()) * (1.0 + 1e-9)
+
+    def low(self, cell: Tensor) -> Tensor:
+        """The least value cells ``cell`` (an integer tensor) can hold, float64."""
+        return ((cell + self.base).double() - self.slack) * self.width
+
+    def high(self, cell: Tensor) -> Tensor:
+        """The largest value cells ``cell`` can hold, float64."""
+        return ((cell + self.base).double() + 1.0 + self.slack) * self.width
 
     @staticmethod
     def of(flat: Sequence[Tensor], xmin: Tensor, xmax: Tensor) -> _Histogram:
@@ -385,11 +392,11 @@ class _Histogram:
         if largest:
             from_top = torch.cumsum(torch.flip(self.counts, [0]), 0)
             at = self.cells - 1 - int(torch.searchsorted(from_top, k))
-            edge = _float_toward(float(self.low[at]), dtype, -math.inf)
+            edge = _float_toward(float(self.low(torch.tensor(at))), dtype, -math.inf)
             kept = torch.cat([part[part >= edge] for c in flat for part in c.split(PASS_ELEMENTS)])
         else:
             at = int(torch.searchsorted(torch.cumsum(self.counts, 0), k))
-            edge = _float_toward(float(self.high[at]), dtype, math.inf)
+            edge = _float_toward(float(self.high(torch.tensor(at))), dtype, math.inf)
             kept = torch.cat([part[part <= edge] for c in flat for part in c.split(PASS_ELEMENTS)])
         return torch.topk(kept, k, largest=largest).values[-1]
 
