@@ -86,7 +86,7 @@ LOSS_BLOCK_ELEMENTS = 1 << 22
 PASS_ELEMENTS = 1 << 20
 #: About this many histogram cells span the data's range (the cell width is the power of two above
 #: range / HISTOGRAM_CELLS): fine enough that a candidate's rounding boundaries rarely leave doubt.
-HISTOGRAM_CELLS = 1 << 20
+HISTOGRAM_CELLS = 1 << 18
 #: ulps searched on each side of a rounding boundary's float64 estimate (2 always suffice; see _thresholds).
 _BOUNDARY_ULPS = 4
 _U64 = 2.0**-53  # float64 unit roundoff
