@@ -139,10 +139,10 @@ def check_same_as_brute_force(chunks: list[torch.Tensor], *args: object) -> None
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("with_offset", [True, False])
-@pytest.mark.parametrize("percentile", [0.999999, 0.99, 0.7])
+@pytest.mark.parametrize("percentile", [0.999999, 0.7])
 def test_fast_search_equals_brute_force(kind: str, with_offset: bool, percentile: float) -> None:
     rng = np.random.default_rng([KINDS.index(kind), int(with_offset), int(percentile * 1e6)])
-    for n in (1, 2, 7, 300, 3000):
+    for n in (1, 2, 7, 300, 1500):
         x = torch.from_numpy(distribution(kind, n, rng))
         chunks = list(x.split(max(1, n // 3)))  # several calibration batches
         check_same_as_brute_force(chunks, percentile, percentile, 0.7, 1.3, 0.01, with_offset)
