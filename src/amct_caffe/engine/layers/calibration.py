@@ -9,8 +9,8 @@ with ``object_layer[i]``), it has no top, and it changes nothing the net compute
    (sized for ``batch_num`` batches on the first one; :attr:`IFMR.gathered` is its filled part), until
    ``batch_num`` batches are held;
 2. :meth:`IFMR.calibrate` -- after the last one, IFMR runs once over ALL gathered values (torch on the
-   net's device, :func:`amct_caffe.quant.ifmr.ifmr_gathered`) and gives :attr:`IFMR.result`: ``scale_d``, ``offset_d`` and
-   each quantized layer's input shape; the gathered data is released;
+   net's device, :func:`amct_caffe.quant.ifmr.ifmr_gathered`) and gives :attr:`IFMR.result`: ``scale_d``,
+   ``offset_d`` and each quantized layer's input shape; the gathered data is released;
 3. :meth:`IFMR.on_calibration_end` -- the result goes to the layer's :attr:`IFMR.recorder`. By default that
    is a :class:`RecordFileRecorder` for ``ifmr_param.record_file_path``, which writes ``scale_d``,
    ``offset_d``, ``channels``, ``height``, ``width`` of every ``object_layer`` into the record file: AMCT's
