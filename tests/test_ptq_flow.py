@@ -170,7 +170,7 @@ def test_ifmr_layer_state_and_result(with_offset, percentiles):
     net = one_ifmr_net(4, with_offset, bottoms=2, percentiles=percentiles)
     layer = net.engine_layers[net.layer_index("cal")]
     assert isinstance(layer, IFMR) and layer.recorder is None  # no record_file_path
-    assert layer.gathered == [] and layer.batches_gathered == 0  # the shape pass gathered nothing
+    assert layer.gathered.numel() == 0 and layer.batches_gathered == 0  # the shape pass gathered nothing
     recorder = ListRecorder()
     layer.recorder = recorder
     rng = np.random.default_rng(5)
@@ -180,8 +180,10 @@ def test_ifmr_layer_state_and_result(with_offset, percentiles):
         net.run()
         if i < 3:
             # one copy per distinct bottom blob: "data" listed twice is gathered once
-            assert layer.batches_gathered == i + 1 and len(layer.gathered) == i + 1 and not layer.done
-    assert layer.done and layer.gathered == [] and len(recorder.results) == 1
+            assert layer.batches_gathered == i + 1 and layer.gathered.numel() == (i + 1) * x.size
+            assert not layer.done
+            np.testing.assert_array_equal(layer.gathered[-x.size:].numpy(), x.ravel())
+    assert layer.done and layer.gathered.numel() == 0 and len(recorder.results) == 1
     result = recorder.results[0]
     ref = quant.ifmr(np.concatenate([x.ravel() for x in data[:4]]), with_offset,
                      max_percentile=percentiles[0], min_percentile=percentiles[1])

@@ -1,5 +1,6 @@
-"""quant.ifmr: IFMR calibration (docs/amct-reference.md §8.4) against hand cases and the brute-force numpy
-search of tests/references/quant.py."""
+"""quant.ifmr: IFMR calibration (docs/amct-reference.md §8.4) against hand cases, the brute-force numpy
+search of tests/references/quant.py and the brute-force torch search of tests/references/ifmr.py (which the
+fast search must reproduce bit for bit)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from amct_caffe.errors import ConfigError
-from amct_caffe.quant.ifmr import ifmr, ifmr_to_clips, percentile_rank, search_ratios
+from amct_caffe.quant import ifmr as ifmr_module
+from amct_caffe.quant.ifmr import ifmr, ifmr_gathered, ifmr_to_clips, percentile_rank, search_ratios
 from amct_caffe.quant.numerics import QuantDataError, data_scale_offset
+from tests.references import ifmr as ifmr_reference
 from tests.references import quant
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -97,3 +103,103 @@ def test_ifmr_to_clips_hand_and_round_trip() -> None:
     s2, o2 = data_scale_offset(cmin, cmax)
     assert o2.item() == o.item()
     np.testing.assert_array_max_ulp(s2.numpy(), s.numpy(), maxulp=1)
+
+
+# -- the fast search against the brute-force one (tests/references/ifmr.py) --------------------------------
+def distribution(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Test data of one kind: normal, skewed, ReLU outputs (half zeros), constant, values on a grid (ties at
+    rounding boundaries), far from zero, subnormal-small."""
+    if kind == "normal":
+        x = rng.standard_normal(n)
+    elif kind == "skewed":
+        x = rng.exponential(1.0, n) * rng.choice([1.0, -0.2], n)
+    elif kind == "relu":
+        x = np.maximum(rng.standard_normal(n) * 3.0, 0.0)
+    elif kind == "constant":
+        x = np.full(n, rng.standard_normal())
+    elif kind == "grid":
+        # multiples of 1/8 from -4 to 4 plus the maximum 4: many values sit exactly on k + 1/2 of some scale
+        x = np.concatenate([np.round(rng.uniform(-32, 32, n)) / 8, [4.0]])
+    elif kind == "far":
+        x = rng.standard_normal(n) * 0.01 + 50.0
+    else:
+        x = rng.standard_normal(n) * 1e-38
+    return x.astype(np.float32)
+
+
+KINDS = ["normal", "skewed", "relu", "constant", "grid", "far", "tiny"]
+
+
+def check_same_as_brute_force(chunks: list[torch.Tensor], *args: object) -> None:
+    s_ref, o_ref, _ = ifmr_reference.ifmr_exact(chunks, *args)
+    s, o = ifmr_gathered(chunks, *args)
+    assert (s.dtype, o.dtype) == (s_ref.dtype, o_ref.dtype)
+    assert s.item() == s_ref.item() and o.item() == o_ref.item()  # bit-identical factors
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_offset", [True, False])
+@pytest.mark.parametrize("percentile", [0.999999, 0.7])
+def test_fast_search_equals_brute_force(kind: str, with_offset: bool, percentile: float) -> None:
+    rng = np.random.default_rng([KINDS.index(kind), int(with_offset), int(percentile * 1e6)])
+    for n in (1, 2, 7, 300, 1500):
+        x = torch.from_numpy(distribution(kind, n, rng))
+        chunks = list(x.split(max(1, n // 3)))  # several calibration batches
+        check_same_as_brute_force(chunks, percentile, percentile, 0.7, 1.3, 0.01, with_offset)
+    x = torch.from_numpy(distribution(kind, 500, rng))
+    check_same_as_brute_force([x], percentile, 0.9, 0.5, 2.0, 0.05, with_offset)  # other search ranges
+    check_same_as_brute_force([x], 0.999999, 0.999999, 1.0, 1.0, 0.01, with_offset)  # one candidate
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_losses_decide_when_the_histogram_is_coarse(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 4 histogram cells most candidates' loss intervals overlap, so the exact losses of many of them
+    decide: still the brute-force result."""
+    monkeypatch.setattr(ifmr_module, "HISTOGRAM_CELLS", 4)
+    rng = np.random.default_rng(21)
+    for n in (5, 400):
+        x = torch.from_numpy(distribution(kind, n, rng))
+        for with_offset in (True, False):
+            check_same_as_brute_force([x[:n // 2], x[n // 2:]], 0.999999, 0.99, 0.7, 1.3, 0.01, with_offset)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_bounds_hold_the_brute_force_losses(kind: str) -> None:
+    """The interval of every candidate holds its brute-force loss less sum(x^2) (computed here in float64
+    from the data), and the intervals are tight enough that one candidate usually wins outright."""
+    rng = np.random.default_rng(22)
+    x = torch.from_numpy(distribution(kind, 4000, rng))
+    s_ref, o_ref, losses = ifmr_reference.ifmr_exact([x])
+    vmax, vmin = torch.clamp(x.max(), min=0.0), torch.clamp(x.min(), max=0.0)
+    cands = torch.tensor(ifmr_reference.search_ratios(0.7, 1.3, 0.01), dtype=torch.float32) * vmax
+    scales, _ = data_scale_offset(vmin, cands)
+    hist = ifmr_module._Histogram.of([x], x.min(), x.max())
+    lower, upper = ifmr_module._loss_bounds(hist, x.numel(), vmin.expand_as(cands), cands, scales)
+    squares = float(np.sum(x.numpy().astype(np.float64) ** 2))
+    assert bool(((lower <= losses - squares) & (losses - squares <= upper)).all())
+    if kind in ("normal", "skewed", "relu"):
+        assert int((lower <= upper.min()).sum()) == 1
+
+
+def test_kth_extreme_from_the_histogram() -> None:
+    """Percentile ranks above 1 (n > 10**6 with the default 0.999999) take the k-th value from the histogram's
+    cell and one selection: the same value as a full sort."""
+    rng = np.random.default_rng(23)
+    x = torch.from_numpy(rng.standard_normal(3000).astype(np.float32) ** 3)
+    chunks = [x[:1000], x[1000:]]
+    ordered = torch.sort(x).values
+    hist = ifmr_module._Histogram.of(chunks, x.min(), x.max())
+    for k in (1, 2, 17, 1500, 3000):
+        assert hist.kth_extreme(chunks, k, largest=True).item() == ordered[-k].item()
+        assert hist.kth_extreme(chunks, k, largest=False).item() == ordered[k - 1].item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=hnp.arrays(np.float32, st.integers(1, 300),
+                       elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False)),
+       with_offset=st.booleans(), percentile=st.sampled_from([0.999999, 0.95, 0.5]),
+       split=st.integers(1, 4))
+def test_fast_search_equals_brute_force_property(data: np.ndarray, with_offset: bool, percentile: float,
+                                                 split: int) -> None:
+    chunks = list(torch.from_numpy(data).split(max(1, len(data) // split)))
+    check_same_as_brute_force(chunks, percentile, percentile, 0.7, 1.3, 0.01, with_offset)

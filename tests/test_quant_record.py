@@ -23,6 +23,7 @@ from amct_caffe.quant.record import (
     read_records,
     record_text,
     records_from_proto,
+    update_layers,
     update_shapes,
     validate_layer,
     validate_records,
@@ -226,3 +227,17 @@ def test_written_text_parses_as_the_amct_schema() -> None:
     msg = text_format.Parse(text, amct_pb2.ScaleOffsetRecord())
     assert msg.record[0].key == "c"
     assert (msg.record[0].value.scale_d, msg.record[0].value.offset_d) == (0.25, -3)
+
+
+def test_update_layers_writes_protobufs_text_format(tmp_path: Path) -> None:
+    """The file is exactly text_format's rendering of the record after every update, also when only some
+    entries changed since the previous write (their text is reused)."""
+    path = tmp_path / "record.txt"
+    update_layers(path, {f"conv{i}": LayerRecord(scale_w=[0.5 + i, 0.25], offset_w=[0, 0]) for i in range(4)})
+    for i in (2, 0, 7):
+        update_layers(path, {f"conv{i}": LayerRecord(scale_d=0.1 * (i + 1), offset_d=-3)})
+        msg = amct_pb2.ScaleOffsetRecord()
+        text = path.read_text()
+        text_format.Parse(text, msg)
+        assert text == text_format.MessageToString(msg)
+    assert [e.key for e in msg.record] == ["conv0", "conv1", "conv2", "conv3", "conv7"]

@@ -10,7 +10,8 @@ the engine's layer (:mod:`amct_caffe.engine.layers.calibration`) does, with the 
 
 Like :mod:`amct_caffe.caffe.python_layers`, this module imports only the standard library and numpy (Caffe
 imports it inside its own process). Two numpy twins live here: :func:`ifmr_numpy`, of
-:func:`amct_caffe.quant.ifmr.ifmr_gathered` (same float32 operations, float64 sums; a test keeps them equal),
+:func:`amct_caffe.quant.ifmr.ifmr_gathered` as the brute-force search that function reproduces exactly (every
+candidate quantizes every value: same float32 operations, float64 sums; a test keeps them equal),
 and a small reader/writer of the record's protobuf text (``record { key: "..." value { field: value ... } }``)
 that updates the fields it sets and keeps every other field and entry as written.
 

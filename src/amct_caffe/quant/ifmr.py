@@ -79,9 +79,17 @@ def check_params(
         )
 
 
-#: Elements of the (candidates x data) block the loss search evaluates at once: bounds the temporary
-#: memory of the vectorised search (about 16 MiB per float32 temporary) whatever the data size.
+#: Elements of the (candidates x data) block the exact loss evaluation runs at once (about 16 MiB per float32
+#: temporary); the blocks also fix the order of the float64 sums, which is the brute-force search's.
 LOSS_BLOCK_ELEMENTS = 1 << 22
+#: Values per step of the passes over the data (histogram, selections): bounds their temporary memory.
+PASS_ELEMENTS = 1 << 20
+#: About this many histogram cells span the data's range (the cell width is the power of two above
+#: range / HISTOGRAM_CELLS): fine enough that a candidate's rounding boundaries rarely leave doubt.
+HISTOGRAM_CELLS = 1 << 18
+#: ulps searched on each side of a rounding boundary's float64 estimate (2 always suffice; see _thresholds).
+_BOUNDARY_ULPS = 4
+_U64 = 2.0**-53  # float64 unit roundoff
 
 
 def ifmr(
@@ -113,22 +121,24 @@ def ifmr_gathered(
 ) -> tuple[Tensor, Tensor]:
     """IFMR over the concatenation of ``chunks`` without concatenating them (the calibration batches).
 
-    The result is that of :func:`ifmr` on ``torch.cat([c.reshape(-1) for c in chunks])``: the percentile
-    values are the k-th largest/smallest of all values (from each chunk's top-k), and the loss of every
-    candidate is summed over the chunks. The search is vectorised over the candidates: blocks of
-    ``LOSS_BLOCK_ELEMENTS`` (candidate, value) pairs run as single tensor operations on the chunks' device.
-    A chunk listed twice counts twice. Chunks must share one floating dtype and device.
+    The result is exactly that of the brute-force search (every candidate quantizing every value, losses
+    summed in float64) on ``torch.cat([c.reshape(-1) for c in chunks])``, at the cost of a few passes over
+    the data instead of one per candidate (see :func:`_best_candidate`). A chunk listed twice counts twice.
+    Chunks must share one floating dtype and device; everything runs on that device.
     """
     check_params(max_percentile, min_percentile, search_start, search_end, search_step)
     flat = [c.reshape(-1) for c in chunks if c.numel()]
     n = sum(c.numel() for c in flat)
     if n == 0:
         raise QuantDataError("IFMR calibration got an empty tensor; there is no data to calibrate on.")
-    for c in flat:
-        check_finite(c, "calibration data")
+    extremes = torch.stack([torch.stack(torch.aminmax(c)) for c in flat])  # aminmax propagates NaN
+    check_finite(extremes, "calibration data")
+    xmin, xmax = extremes[:, 0].min(), extremes[:, 1].max()
 
-    vmax = _kth_extreme(flat, percentile_rank(n, max_percentile), largest=True)
-    vmin = _kth_extreme(flat, percentile_rank(n, min_percentile), largest=False)
+    k_max, k_min = percentile_rank(n, max_percentile), percentile_rank(n, min_percentile)
+    hist = _Histogram.of(flat, xmin, xmax) if k_max > 1 or k_min > 1 else None
+    vmax = xmax if hist is None or k_max == 1 else hist.kth_extreme(flat, k_max, largest=True)
+    vmin = xmin if hist is None or k_min == 1 else hist.kth_extreme(flat, k_min, largest=False)
     vmax = torch.clamp(vmax, min=0.0)
     vmin = torch.clamp(vmin, max=0.0)
     ratios = torch.tensor(search_ratios(search_start, search_end, search_step), dtype=vmax.dtype,
@@ -142,41 +152,262 @@ def ifmr_gathered(
         cands = ratios * torch.maximum(vmax.abs(), vmin.abs())
         scales = process_scale(div_exact(cands, INT8_MAX), "activation")
         lows = -cands
-
-    losses = torch.zeros(len(cands), dtype=torch.float64, device=vmax.device)
-    for c in flat:
-        losses += _clip_losses(c, lows, cands, scales)
-    best = int(torch.argmin(losses))  # the first candidate of least loss
+    best = _best_candidate(flat, n, (xmin, xmax), hist, lows, cands, scales)
 
     if with_offset:
         return data_scale_offset(vmin, cands[best])
     return scales[best], torch.zeros_like(scales[best])
 
 
-def _kth_extreme(flat: Sequence[Tensor], k: int, largest: bool) -> Tensor:
-    """The k-th largest (or smallest) value of all chunks together (1-based ``k``), as a 0-d tensor."""
-    if len(flat) == 1:
-        x = flat[0]
-        return torch.kthvalue(x, x.numel() - k + 1 if largest else k).values
-    tops = torch.cat([torch.topk(c, min(k, c.numel()), largest=largest).values for c in flat])
-    return torch.topk(tops, k, largest=largest).values[-1]
+# -- the search --------------------------------------------------------------------------------------------
+def _best_candidate(flat: Sequence[Tensor], n: int, extremes: tuple[Tensor, Tensor], hist: _Histogram | None,
+                    lows: Tensor, highs: Tensor, scales: Tensor) -> int:
+    """Index of the first candidate of least brute-force loss.
 
-
-def _clip_losses(x: Tensor, lows: Tensor, highs: Tensor, scales: Tensor) -> Tensor:
-    """``sum((round_away(clamp(x, low_i, high_i) / s_i) * s_i - x)^2)`` for every candidate ``i`` (float64).
-
-    Each block is one broadcast over (candidates, values); the quantization runs in ``x``'s dtype, the sums
-    in float64.
+    Candidates with equal ``(low, high, scale)`` have equal losses, so only the first of them competes. A
+    histogram of the data (power-of-two cells, counts and float64 sums) gives every remaining candidate an
+    interval that provably holds its brute-force loss (less the candidate-independent ``sum(x^2)``): the
+    values of a cell that no rounding boundary of the candidate cuts share one code, so their error is
+    ``n q^2 - 2 q sum(x) + sum(x^2)``; a cut cell bounds what its values can add; the bounds also cover the
+    float32 rounding of the brute-force errors and every float64 rounding on both sides. When one interval
+    lies below all others its candidate wins; otherwise the brute-force loss of the few candidates whose
+    intervals reach the lowest upper bound decides, computed exactly as the brute-force search does.
     """
-    count = len(highs)
+    keys: dict[tuple[float, float, float], int] = {}
+    for i, key in enumerate(zip(lows.tolist(), highs.tolist(), scales.tolist(), strict=True)):
+        keys.setdefault(key, i)
+    distinct = sorted(keys.values())
+    if len(distinct) == 1:
+        return distinct[0]
+    if hist is None:
+        hist = _Histogram.of(flat, *extremes)
+    pick = torch.tensor(distinct, device=highs.device)
+    lower, upper = _loss_bounds(hist, n, lows[pick], highs[pick], scales[pick])
+    contenders = [distinct[i] for i in torch.nonzero(lower <= upper.min()).reshape(-1).tolist()]
+    if len(contenders) == 1:
+        return contenders[0]
+    rows = torch.tensor(contenders, device=highs.device)
+    step = max(1, LOSS_BLOCK_ELEMENTS // len(highs))  # the brute-force search's blocks
+    losses = torch.zeros(len(contenders), dtype=torch.float64, device=highs.device)
+    for c in flat:
+        losses += _clip_losses(c, lows[rows], highs[rows], scales[rows], step)
+    return contenders[int(torch.argmin(losses))]  # the first of least loss, as in the brute-force search
+
+
+def _clip_losses(x: Tensor, lows: Tensor, highs: Tensor, scales: Tensor, step: int) -> Tensor:
+    """``sum((round_away(clamp(x, low_i, high_i) / s_i) * s_i - x)^2)`` for every candidate ``i`` (float64),
+    over blocks of ``step`` values; the quantization runs in ``x``'s dtype, the sums in float64."""
     lo, hi, s = lows.reshape(-1, 1), highs.reshape(-1, 1), scales.reshape(-1, 1)
-    step = max(1, LOSS_BLOCK_ELEMENTS // count)
-    total = torch.zeros(count, dtype=torch.float64, device=x.device)
+    total = torch.zeros(len(highs), dtype=torch.float64, device=x.device)
     for start in range(0, x.numel(), step):
         block = x[start:start + step].reshape(1, -1)
         q = round_away(torch.minimum(torch.maximum(block, lo), hi) / s) * s
         total += torch.sum((q - block) ** 2, dim=1, dtype=torch.float64)  # n * MSE: same argmin
     return total
+
+
+def _codes(v: Tensor, lo: Tensor, hi: Tensor, s: Tensor) -> Tensor:
+    """The brute-force search's integer code of ``v``: ``round_away(clamp(v, lo, hi) / s)``."""
+    return round_away(torch.minimum(torch.maximum(v, lo), hi) / s)
+
+
+def _thresholds(lo: Tensor, hi: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Every candidate's rounding boundaries, exactly: ``(codes, kmin, bounds, valid, resolved)``.
+
+    ``lo``, ``hi``, ``s``: (U, 1). The code of a value is monotone in it, so the values of code ``>= k`` are
+    those from a threshold ``bounds[u, j]``: the least float whose code is ``>= codes[u, j] = kmin + 1 + j``
+    (for ``kmin < k <= kmax``, the codes of the clips; ``valid`` marks them). The threshold lies within
+    2 ulps of ``(k - 1/2) s``: a correctly rounded quotient moves the half-way point by less than one ulp of
+    the value. It is searched among the floats ``_BOUNDARY_ULPS`` ulps either side, with the code computed
+    by the brute-force search's own operations; ``resolved`` is False where that bracket failed (the
+    candidate then competes by its exact loss).
+    """
+    kmin, kmax = _codes(lo, lo, hi, s), _codes(hi, lo, hi, s)
+    count = int((kmax - kmin).max().item())
+    codes = kmin + 1 + torch.arange(count, dtype=s.dtype, device=s.device)
+    valid = codes <= kmax
+    guess = ((codes.double() - 0.5) * s.double()).to(s.dtype)
+    below, above = [], []
+    down = up = guess
+    for _ in range(_BOUNDARY_ULPS):
+        down = torch.nextafter(down, torch.full_like(down, -math.inf))
+        up = torch.nextafter(up, torch.full_like(up, math.inf))
+        below.append(down)
+        above.append(up)
+    floats = torch.stack(below[::-1] + [guess] + above, dim=-1)  # (U, K, 2W + 1), ascending
+    reached = _codes(floats, lo[..., None], hi[..., None], s[..., None]) >= codes[..., None]
+    resolved = (~reached[..., 0] & reached[..., -1]) | ~valid
+    first = torch.argmax(reached.to(torch.int8), dim=-1, keepdim=True)
+    bounds = torch.gather(floats, -1, first).squeeze(-1)
+    return codes, kmin, bounds, valid, resolved.all(dim=1)
+
+
+def _loss_bounds(hist: _Histogram, n: int, lows: Tensor, highs: Tensor,
+                 scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 ``(lower, upper)`` bounds of each candidate's brute-force loss minus ``sum(x^2)``."""
+    lo, hi, s = lows.reshape(-1, 1), highs.reshape(-1, 1), scales.reshape(-1, 1)
+    codes, kmin, bounds, valid, resolved = _thresholds(lo, hi, s)
+    cells, width, base = hist.cells, hist.width, hist.base
+    count = codes.shape[1]
+
+    # the cell of every threshold: values in lower cells are below it, values in higher cells above it
+    cell = hist.cell_of(bounds).clamp(-1, cells)
+    cell = torch.where(valid, cell, torch.full_like(cell, cells)).long()
+
+    # regions: the cells strictly between two consecutive thresholds' cells share one code, kmin + r
+    zero = torch.zeros_like(cell[:, :1])
+    start = torch.cat([zero, cell + 1], dim=1).clamp(0, cells)
+    end = torch.cat([cell, zero + cells], dim=1).clamp(0, cells)
+    filled = end > start
+    n_r = torch.where(filled, hist.prefix_counts[end] - hist.prefix_counts[start], 0)
+    j_r = torch.where(filled, hist.prefix_index[end] - hist.prefix_index[start], 0).double()
+    d_r = torch.where(filled, hist.prefix_rest[end] - hist.prefix_rest[start], 0.0)
+    n_r = n_r.double()
+    big = n_r * base * width
+    sum_r = (big + j_r * width) + d_r
+    region_codes = kmin + torch.arange(count + 1, dtype=s.dtype, device=s.device)
+    q_r = (region_codes * s).double()
+    loss = (n_r * q_r * q_r - 2.0 * q_r * sum_r).sum(dim=1)
+    size = (n_r * q_r * q_r + 2.0 * q_r.abs() * (sum_r.abs() + big.abs() + (j_r * width).abs()
+                                                 + d_r.abs())).sum(dim=1)
+
+    # cut cells: all their values take the code below the cell's first threshold, plus what each threshold
+    # in the cell can add for the values at or above it: (q_k - q_{k-1}) (q_k + q_{k-1} - 2x), x in the cell
+    cut = valid & (cell >= 0) & (cell < cells)
+    previous = torch.cat([torch.full_like(cell[:, :1], -2), cell[:, :-1]], dim=1)
+    first = cut & (cell != previous)
+    at = cell.clamp(0, cells - 1)
+    n_c = hist.counts[at].double()
+    sum_c = hist.sums[at]
+    q_below = ((codes - 1) * s).double()
+    q_at = (codes * s).double()
+    base_c = torch.where(first, n_c * q_below * q_below - 2.0 * q_below * sum_c, 0.0)
+    x_a, x_b = hist.low(at), hist.high(at)
+    d_a = (q_at - q_below) * (q_at + q_below - 2.0 * x_a)
+    d_b = (q_at - q_below) * (q_at + q_below - 2.0 * x_b)
+    zero_f = torch.zeros_like(d_a)
+    add_lo = torch.where(cut, n_c * torch.minimum(torch.minimum(d_a, d_b), zero_f), 0.0).sum(dim=1)
+    add_hi = torch.where(cut, n_c * torch.maximum(torch.maximum(d_a, d_b), zero_f), 0.0).sum(dim=1)
+    loss = loss + base_c.sum(dim=1)
+    size = size + torch.where(first, n_c * q_below * q_below + 2.0 * (q_below * sum_c).abs(), 0.0).sum(dim=1)
+    size = size + torch.where(cut, n_c * torch.maximum(d_a.abs(), d_b.abs()), 0.0).sum(dim=1)
+
+    # rounding: the float64 arithmetic above (a few roundings per term, (count + 2)-term sums), the cells'
+    # sums, and the brute-force search's own float32 errors and float64 sums
+    arith = (4.0 * count + 32.0) * _U64 * size
+    q_max = torch.maximum((kmin * s).abs(), ((kmin + count) * s).abs()).double().reshape(-1)
+    sums = 2.0 * q_max * (hist.sum_error + 2.0 * (count + 1) * hist.prefix_error)
+    finfo = torch.finfo(s.dtype)
+    upper = loss + add_hi + arith + sums
+    brute = (4.0 * finfo.eps / 2 + (n + 2) * _U64) * (upper + hist.square_bound).clamp(min=0.0)
+    brute = brute + n * 2.0 * finfo.smallest_normal * finfo.eps
+    lower = loss + add_lo - arith - sums - brute
+    upper = upper + brute
+    inf = torch.full_like(lower, math.inf)
+    return torch.where(resolved, lower, -inf), torch.where(resolved, upper, inf)
+
+
+class _Histogram:
+    """Counts and float64 sums of the data in ``cells`` cells of a power-of-two width ``w = 2**p``.
+
+    A value's cell is ``trunc(x * 2**-p - base)`` computed in the data's dtype, with ``base = floor(xmin *
+    2**-p)`` kept below 2**24 so that it is exact. It is monotone in ``x``, which is what the bounds rely on
+    (a value in a lower cell than a threshold's is below it), and within ``slack`` cells of the exact
+    ``floor(x / w) - base`` (the rounding of the subtraction), so cell ``j`` holds values in
+    ``[low(j), high(j)]`` = ``[(base + j - slack) w, (base + j + 1 + slack) w]``. ``of`` makes one pass over
+    the data.
+
+    Declared state: ``scale`` (``2**-p``, 0-d, data dtype), ``shift`` (``-base``, 0-d, data dtype),
+    ``width``, ``base``, ``cells``, ``slack``, ``counts`` (int64), ``sums`` (float64), the prefix sums
+    ``prefix_counts``, ``prefix_index`` (of count * cell position) and ``prefix_rest`` (of each cell's sum
+    less count * its nominal start), and the error bounds ``sum_error`` (all cells' float64 sums together),
+    ``prefix_error`` (one ``prefix_rest`` entry) and ``square_bound`` (above ``sum(x^2)``).
+    """
+
+    def __init__(self, scale: Tensor, shift: Tensor, width: float, counts: Tensor, sums: Tensor) -> None:
+        self.scale = scale
+        self.shift = shift
+        self.width = width
+        self.base = -int(shift)
+        self.cells = len(counts)
+        self.counts = counts
+        self.sums = sums
+        self.slack = (self.cells + 2) * 2.0**-23  # < 1: only the cells at 0 and -1 hold both signs
+        position = torch.arange(self.cells, device=counts.device)
+        n = counts.double()
+        start = (position + self.base).double() * width
+        rest = sums - n * start
+        zero_i = torch.zeros(1, dtype=torch.int64, device=counts.device)
+        self.prefix_counts = torch.cat([zero_i, torch.cumsum(counts, 0)])
+        self.prefix_index = torch.cat([zero_i, torch.cumsum(counts * position, 0)])
+        self.prefix_rest = torch.cat([torch.zeros(1, dtype=torch.float64, device=counts.device),
+                                      torch.cumsum(rest, 0)])
+        # a cell of one sign: |its sum| bounds sum(|x|) in it (up to the float64 sum's own error); the cells
+        # next to 0 may hold both signs, bounded by count * largest magnitude instead
+        magnitude = sums.abs() * (1.0 + 2.0 * n * _U64)
+        for j in (-1 - self.base, -self.base):
+            if 0 <= j < self.cells:
+                magnitude[j] = n[j] * (abs(j + self.base) + 1.0 + self.slack) * width
+        self.sum_error = float((n * _U64 * magnitude + _U64 * (sums.abs() + (n * start).abs())).sum()) * 1.01
+        self.prefix_error = float(self.cells * _U64 * rest.abs().sum()) * 1.01
+        largest = start.abs() + (1.0 + self.slack) * width
+        self.square_bound = float((n * largest * largest).sum()) * (1.0 + 1e-9)
+
+    def low(self, cell: Tensor) -> Tensor:
+        """The least value cells ``cell`` (an integer tensor) can hold, float64."""
+        return ((cell + self.base).double() - self.slack) * self.width
+
+    def high(self, cell: Tensor) -> Tensor:
+        """The largest value cells ``cell`` can hold, float64."""
+        return ((cell + self.base).double() + 1.0 + self.slack) * self.width
+
+    @staticmethod
+    def of(flat: Sequence[Tensor], xmin: Tensor, xmax: Tensor) -> _Histogram:
+        """The histogram of all values of ``flat`` (whose extremes are ``xmin``, ``xmax``)."""
+        lo, hi = float(xmin), float(xmax)
+        span = hi - lo if hi > lo else max(abs(lo), abs(hi), 1.0) * HISTOGRAM_CELLS
+        # 2**power > span / HISTOGRAM_CELLS, and |xmin| / 2**power < 2**24 (an exact shift)
+        power = max(math.frexp(span / HISTOGRAM_CELLS)[1], math.frexp(max(abs(lo), abs(hi)) * 2.0**-23)[1])
+        power = min(max(power, -126), 126)  # a normal float32 scale
+        scale = torch.full((), 2.0**-power, dtype=xmin.dtype, device=xmin.device)
+        shift = -torch.floor(xmin * scale)
+        cells = int(torch.add(shift, xmax, alpha=2.0**-power)) + 1
+        counts = torch.zeros(cells, dtype=torch.int64, device=xmin.device)
+        sums = torch.zeros(cells, dtype=torch.float64, device=xmin.device)
+        ones = torch.ones(1, dtype=torch.int64, device=xmin.device).expand(PASS_ELEMENTS)
+        for c in flat:
+            for part in c.split(PASS_ELEMENTS):
+                index = torch.add(shift, part, alpha=2.0**-power).long()  # >= 0: trunc is floor
+                counts.index_add_(0, index, ones[:len(part)])  # in place: faster than bincount here
+                sums.index_add_(0, index, part.double())
+        return _Histogram(scale, shift, 2.0**power, counts, sums)
+
+    def cell_of(self, x: Tensor) -> Tensor:
+        """The cell of each of ``x`` as a float64 tensor (below 0 and from ``cells`` on: outside the data)."""
+        return torch.floor(torch.add(self.shift, x, alpha=float(self.scale))).double()
+
+    def kth_extreme(self, flat: Sequence[Tensor], k: int, largest: bool) -> Tensor:
+        """The k-th largest (or smallest) value of ``flat`` (1-based ``k``), as a 0-d tensor: the histogram
+        finds its cell; one selection pass keeps the values from that cell outwards."""
+        dtype = flat[0].dtype
+        if largest:
+            from_top = torch.cumsum(torch.flip(self.counts, [0]), 0)
+            at = self.cells - 1 - int(torch.searchsorted(from_top, k))
+            edge = _float_toward(float(self.low(torch.tensor(at))), dtype, -math.inf)
+            kept = torch.cat([part[part >= edge] for c in flat for part in c.split(PASS_ELEMENTS)])
+        else:
+            at = int(torch.searchsorted(torch.cumsum(self.counts, 0), k))
+            edge = _float_toward(float(self.high(torch.tensor(at))), dtype, math.inf)
+            kept = torch.cat([part[part <= edge] for c in flat for part in c.split(PASS_ELEMENTS)])
+        return torch.topk(kept, k, largest=largest).values[-1]
+
+
+def _float_toward(value: float, dtype: torch.dtype, direction: float) -> float:
+    """``value`` as a float of ``dtype``, rounded toward ``direction`` (-inf or inf)."""
+    t = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if (float(t) > value and direction < 0) or (float(t) < value and direction > 0):
+        t = torch.nextafter(t, torch.tensor(direction, dtype=dtype))
+    return float(t)
 
 
 def ifmr_to_clips(s: ArrayLike, o: ArrayLike) -> tuple[Tensor, Tensor]:

@@ -345,8 +345,33 @@ def update_layers(path: str | os.PathLike[str], updates: Mapping[str, LayerRecor
                 entries = [entry]
             for entry in entries:
                 _set_fields(entry.value, rec)
-        atomic_write(path, text_format.MessageToString(msg).encode("utf-8"))
+        atomic_write(path, _record_text(msg).encode("utf-8"))
         _LAST_WRITTEN[os.path.abspath(path)] = (_file_signature(path), msg)
+
+
+#: The text of each record entry last formatted, by the entry's serialized bytes: a calibration writes one
+#: entry per layer into a record holding every layer's per-channel ``scale_w``, and formatting the whole
+#: text each time was quadratic in the layers.
+_ENTRY_TEXT: dict[bytes, str] = {}
+
+
+def _record_text(msg: amct_pb2.ScaleOffsetRecord) -> str:
+    """``text_format.MessageToString(msg)``: the concatenation of each entry's text, reusing the entries
+    formatted by the previous write."""
+    texts = {}
+    parts = []
+    for entry in msg.record:
+        key = entry.SerializeToString(deterministic=True)
+        text = _ENTRY_TEXT.get(key)
+        if text is None:
+            single = amct_pb2.ScaleOffsetRecord()
+            single.record.add().CopyFrom(entry)
+            text = text_format.MessageToString(single)
+        texts[key] = text
+        parts.append(text)
+    _ENTRY_TEXT.clear()
+    _ENTRY_TEXT.update(texts)
+    return "".join(parts)
 
 
 def _file_signature(path: str) -> tuple[int, int, int]:

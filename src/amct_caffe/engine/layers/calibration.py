@@ -5,11 +5,12 @@ its bottoms are that value (once per quantized layer reading it, as AMCT's C++ l
 with ``object_layer[i]``), it has no top, and it changes nothing the net computes. The user runs the model
 ``batch_num`` times; the layer's life is three explicit steps:
 
-1. :meth:`IFMR.gather` -- every real forward appends a copy of its input to the layer's declared state
-   :attr:`IFMR.gathered` (on the net's device), until ``batch_num`` batches are held;
-2. :meth:`IFMR.calibrate` -- after the last one, IFMR runs once over ALL gathered values (vectorised torch,
-   :func:`amct_caffe.quant.ifmr.ifmr_gathered`) and gives :attr:`IFMR.result`: ``scale_d``, ``offset_d`` and
-   each quantized layer's input shape; the gathered data is released;
+1. :meth:`IFMR.gather` -- every real forward copies its input values into one buffer on the net's device
+   (sized for ``batch_num`` batches on the first one; :attr:`IFMR.gathered` is its filled part), until
+   ``batch_num`` batches are held;
+2. :meth:`IFMR.calibrate` -- after the last one, IFMR runs once over ALL gathered values (torch on the
+   net's device, :func:`amct_caffe.quant.ifmr.ifmr_gathered`) and gives :attr:`IFMR.result`: ``scale_d``,
+   ``offset_d`` and each quantized layer's input shape; the gathered data is released;
 3. :meth:`IFMR.on_calibration_end` -- the result goes to the layer's :attr:`IFMR.recorder`. By default that
    is a :class:`RecordFileRecorder` for ``ifmr_param.record_file_path``, which writes ``scale_d``,
    ``offset_d``, ``channels``, ``height``, ``width`` of every ``object_layer`` into the record file: AMCT's
@@ -101,7 +102,8 @@ class IFMR(Layer):
     ``object_layer`` (one per bottom, or several names for one bottom), ``record_file_path``.
 
     Declared state:
-        gathered: copies of the input values held so far (1-D tensors on the net's device).
+        gathered (property): the input values held so far, one 1-D tensor on the net's device (a view of
+            the layer's buffer, which holds ``batch_num`` batches once the first one is seen).
         batches_gathered: how many forwards were gathered.
         result: the calibration result once ``batch_num`` batches were seen, else None.
         recorder: where the result goes (see :class:`CalibrationRecorder`).
@@ -140,12 +142,18 @@ class IFMR(Layer):
             first.setdefault(name, i)
         #: Indices of the distinct bottom names: a name listed twice is one value.
         self._distinct = list(first.values())
-        self.gathered: list[Tensor] = []
+        self._buffer = torch.empty(0, device=device)
+        self._filled = 0
         self.batches_gathered = 0
         self.result: CalibrationResult | None = None
         self.recorder: CalibrationRecorder | None = (
             RecordFileRecorder(p.record_file_path) if p.record_file_path else None
         )
+
+    @property
+    def gathered(self) -> Tensor:
+        """The input values gathered so far (all batches, distinct bottoms, in order) as one 1-D tensor."""
+        return self._buffer[:self._filled]
 
     @property
     def done(self) -> bool:
@@ -163,13 +171,26 @@ class IFMR(Layer):
 
     # -- the three steps ---------------------------------------------------------------------------------
     def gather(self, bottoms: Sequence[Tensor]) -> None:
-        """Step 1: keep a copy of this batch's input values (each distinct bottom once)."""
-        for i in self._distinct:
-            self.gathered.append(torch.flatten(bottoms[i].detach()).clone())
+        """Step 1: copy this batch's input values (each distinct bottom once) into the buffer."""
+        values = [bottoms[i].detach().reshape(-1) for i in self._distinct]
+        size = sum(v.numel() for v in values)
+        if self._filled + size > self._buffer.numel():
+            self._grow(size, values[0])
+        for v in values:
+            self._buffer[self._filled:self._filled + v.numel()].copy_(v)
+            self._filled += v.numel()
         self.batches_gathered += 1
         for name in self.object_layers:
             LOGGER.info('Doing layer: "%s" calibration, already store %d/%d data.', name,
                         self.batches_gathered, self.batch_num)
+
+    def _grow(self, size: int, like: Tensor) -> None:
+        """A buffer for the batches still to come at ``size`` values each (batches of another size grow it
+        again), holding what was gathered."""
+        capacity = self._filled + size * (self.batch_num - self.batches_gathered)
+        buffer = torch.empty(capacity, dtype=like.dtype, device=like.device)
+        buffer[:self._filled].copy_(self._buffer[:self._filled])
+        self._buffer = buffer
 
     def calibrate(self, bottoms: Sequence[Tensor]) -> CalibrationResult:
         """Step 2: IFMR over every gathered value; releases the gathered data. ``bottoms``: this (last)
@@ -180,11 +201,12 @@ class IFMR(Layer):
         """
         max_p, min_p, start, end, step = self.search
         try:
-            s, o = ifmr_gathered(self.gathered, max_p, min_p, start, end, step, self.with_offset)
+            s, o = ifmr_gathered([self.gathered], max_p, min_p, start, end, step, self.with_offset)
         except AmctError as exc:
             raise type(exc)(f"Layer '{self.name}' (type {self.type_name}): {exc}") from exc
         finally:
-            self.gathered = []
+            self._buffer = self._buffer.new_empty(0)
+            self._filled = 0
         shapes = {}
         for k, name in enumerate(self.object_layers):
             bottom = bottoms[k if len(bottoms) == len(self.object_layers) else 0]
