@@ -27,7 +27,14 @@ from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
 from amct_caffe.log import get_logger
-from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
+from amct_caffe.model.blobs import (
+    array_to_blob,
+    blob_shape,
+    blob_to_array,
+    check_blob,
+    shape_matches,
+    storage_kind,
+)
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
 from amct_caffe.model.phase import filter_net
 from amct_caffe.proto import caffe_pb2
@@ -374,12 +381,14 @@ class Net:
 
     @staticmethod
     def _check_storage(source: caffe_pb2.NetParameter, by_name: Mapping[str, Layer], path: str) -> None:
-        """Refuse, before copying anything, integer blobs meant for a layer that holds float blobs."""
+        """Refuse, before copying anything, a blob whose values do not fill its shape and integer blobs meant
+        for a layer that holds float blobs."""
         for src in source.layer:
             target = by_name.get(src.name)
             if target is None or target.accepts_integer_blobs:
                 continue
             for index, blob in enumerate(src.blobs):
+                check_blob(blob, file=path, layer=src.name, index=index)
                 kind = storage_kind(blob)
                 if kind in INTEGER_STORAGE_KINDS:
                     where = f" in '{path}'" if path else ""
@@ -400,7 +409,7 @@ class Net:
                 f"Caffemodel shape {blob_shape(blob)}, net shape {shape}. Use the prototxt the caffemodel "
                 "was trained with."
             )
-        array = blob_to_array(blob, shape)
+        array = blob_to_array(blob, shape, file=path, layer=layer.name, index=index)
         if array.dtype == np.uint64:
             array = array.view(np.int64)  # same bits; torch < 2.3 has no uint64 (see _STORAGE_KIND)
         values = torch.from_numpy(array)

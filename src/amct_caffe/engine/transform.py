@@ -246,7 +246,7 @@ class DataTransformer:
         except Exception:  # protobuf's DecodeError
             raise self.error(f"mean_file '{path}' is not a binary BlobProto (a .binaryproto file).") from None
         shape = blob_shape(blob)
-        values = blob_to_array(blob, (-1,)).astype(np.float32, copy=False)
+        values = blob_to_array(blob, (-1,), file=path).astype(np.float32, copy=False)
         if int(np.prod(shape)) != values.size or values.size == 0:
             raise self.error(f"mean_file '{path}' holds {values.size} values for shape {shape}.")
         # Caffe compares the mean's channels()/height()/width(), i.e. its axes 1, 2, 3 (LegacyShape:
