@@ -19,6 +19,12 @@ class WeightShapeError(ModelFormatError):
     """A caffemodel blob does not have the shape the prototxt asks for."""
 
 
+class BlobSizeError(ModelFormatError):
+    """A blob whose shape has a negative axis or more elements than the limits allow (the layer parameters
+    ask for more memory than a real net needs; the limits and their environment variables are in
+    docs/design.md, "Limits")."""
+
+
 class UnsupportedLayerError(AmctError):
     """A layer type or a layer option that the engine or a pass does not support."""
 

@@ -102,6 +102,13 @@ class ReportResult:
     quant_formula: str
     models: dict[str, str]
 
+    @property
+    def measured(self) -> bool:
+        """True when at least one layer or output has metrics: two unrelated models share no quantized
+        layer and no output blob, and then nothing was compared."""
+        rows = [*(r.metrics for r in self.layers), *(o.metrics for o in self.outputs)]
+        return any(m is not None for metrics in rows for m in metrics.values())
+
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (samples left out; non-finite floats as strings)."""
         layers = [{

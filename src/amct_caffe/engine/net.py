@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.allocation import AllocationGuard, net_total_error
 from amct_caffe.engine.device import current_device, full_float32
 from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
@@ -36,7 +37,9 @@ from amct_caffe.model.blobs import (
     storage_kind,
 )
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
+from amct_caffe.model.limits import max_elements, max_net_elements
 from amct_caffe.model.phase import filter_net
+from amct_caffe.model.validate import check_layers
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("engine.net")
@@ -143,21 +146,11 @@ class Net:
     # -- construction --------------------------------------------------------------------------------
     def _build(self) -> None:
         available: set[str] = set()
-        seen_names: set[str] = set()
         for index, lp in enumerate(self.param.layer):
             lp.name = layer_name(lp, index)
-            if lp.name in seen_names:
-                raise ModelFormatError(
-                    f"Net '{self.path or self.param.name}' has two layers named '{lp.name}'; "
-                    "layer names must be unique (Caffe matches weights by name)."
-                )
-            seen_names.add(lp.name)
-            for i, bottom in enumerate(lp.bottom):
-                if bottom not in available:
-                    raise ModelFormatError(
-                        f"Layer '{lp.name}' in '{self.path or self.param.name}' reads bottom {i} '{bottom}', "
-                        "which no earlier layer produces; check the layer order and blob names."
-                    )
+        check_layers(self.param.layer, self.path or self.param.name)
+        seen_names = {lp.name for lp in self.param.layer}
+        for index, lp in enumerate(self.param.layer):
             variant = self._variants.get(lp.name, LayerVariant())
             cls = layer_class(lp.type, lp.name, self.path, variant.name)
             layer = cls.create(lp, self.phase, self.device, variant.options)
@@ -212,23 +205,45 @@ class Net:
         """
         set_up = self._set_up
         data: dict[str, Tensor] = {}
+        label = self.path or self.param.name
+        net_limit = max_net_elements()
+        sizes: dict[str, int] = {}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), AllocationGuard(max_elements(), label) as guard:
                 for layer, bottoms, tops in zip(self.engine_layers, self.layer_bottoms, self.layer_tops):
+                    guard.layer = f"Layer '{layer.name}' (type {layer.type_name})"
                     # placeholder values: layers skip their side effects (statistics, data cursors, IFMR)
                     layer.reshaping = True
-                    inputs = [data[b] for b in bottoms]
-                    if not set_up:
-                        layer.setup(inputs)
-                    outs = layer.forward(inputs)
+                    outs = self._shape_layer(layer, [data[b] for b in bottoms], set_up)
                     self._check_top_count(layer, tops, outs)
                     for name, value in zip(tops, outs):
                         data[name] = value
+                        sizes[name] = value.numel()
+                    sizes[f"{layer.name}/params"] = sum(b.numel() for b in layer.blobs)
+                    total = sum(sizes.values())
+                    if total > net_limit:
+                        raise net_total_error(label, guard.layer, total, net_limit)
         finally:
             for layer in self.engine_layers:
                 layer.reshaping = False
         self._data = data
         self._set_up = True
+
+    @staticmethod
+    def _shape_layer(layer: Layer, inputs: list[Tensor], set_up: bool) -> list[Tensor]:
+        """One layer's step of the shape pass: a torch error there is the layer's parameters' fault (a shape
+        torch refuses, memory it cannot have), so it becomes an error naming the layer."""
+        try:
+            if not set_up:
+                layer.setup(inputs)
+            return layer.forward(inputs)
+        except NotImplementedError:
+            raise
+        except (RuntimeError, MemoryError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            shapes = [tuple(x.shape) for x in inputs]
+            raise layer.error(f"cannot be set up with its parameters and bottom shapes {shapes}: {reason}"
+                              ) from exc
 
     @staticmethod
     def _check_top_count(layer: Layer, tops: Sequence[str], outs: Sequence[Tensor]) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.model.blobs import blob_shape, blob_to_array
+from amct_caffe.model.limits import data_file_problem, source_limit_bytes
 from amct_caffe.proto import caffe_pb2
 
 ErrorFactory = Callable[[str], Exception]
@@ -234,9 +235,13 @@ class DataTransformer:
             self._load_mean(param.mean_file)
 
     def _load_mean(self, path: str) -> None:
+        limit = source_limit_bytes()
+        problem = data_file_problem(path, limit)
+        if problem is not None:
+            raise self.error(f"transform_param.mean_file '{path}' {problem}")
         try:
             with open(path, "rb") as fh:
-                raw = fh.read()
+                raw = fh.read(limit)
         except OSError as exc:
             raise self.error(f"cannot read transform_param.mean_file '{path}' (relative to the working "
                              f"directory '{os.getcwd()}'): {exc.strerror or exc}.") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterable
 
 from amct_caffe.errors import ConfigError
@@ -74,6 +75,25 @@ def source_limit_bytes() -> int:
 def config_limit_bytes() -> int:
     """The largest quantization config read, in bytes (``AMCT_CONFIG_LIMIT_MB``)."""
     return env_limit(CONFIG_LIMIT_ENV, DEFAULT_CONFIG_LIMIT_MB) * _MB
+
+
+def data_file_problem(path: str, limit: int | None = None) -> str | None:
+    """Why a data file (a source list, an image, an HDF5 file, a mean file) must not be read, or None.
+
+    A folder, a device (``/dev/zero``) or a pipe would make a read fail late, never end or exhaust memory;
+    only regular files are read. ``limit`` is the largest size in bytes (None: no size limit). A missing
+    file is left to the reader's own message. The text completes a sentence about the file.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a folder, a device or a pipe); give a file."
+    if limit is not None and info.st_size > limit:
+        return (f"is {info.st_size} bytes, above the limit of {limit} bytes for a data file; raise "
+                f"{SOURCE_LIMIT_ENV} if the file is trusted.")
+    return None
 
 
 def element_count(shape: Iterable[int]) -> int:
