@@ -303,6 +303,16 @@ def test_empty_caffemodel_is_accepted_with_a_warning(tmp_path: Path, amct_log) -
     assert any("is empty (0 bytes)" in w for w in warnings), warnings
 
 
+def test_caffemodel_of_another_net_is_said(tmp_path: Path, amct_log) -> None:
+    """A caffemodel none of whose layers matches the net by name loads nothing (Caffe copies by name and
+    skips the rest); a WARNING says so, since every layer then keeps its filler values."""
+    _write_good(tmp_path)
+    (tmp_path / WEIGHTS).write_bytes(tiny_caffemodel({"other": [blob_proto((2, 2))]}))
+    Net(str(tmp_path / MODEL), caffe_pb2.TEST, weights=str(tmp_path / WEIGHTS))
+    warnings = [r.getMessage() for r in amct_log.records if r.levelname == "WARNING"]
+    assert any("matches a layer of net" in w for w in warnings), warnings
+
+
 def test_activation_qat_blob_without_data(tmp_path: Path) -> None:
     """A retrain caffemodel whose ActivationQAT clip blob has shape (1,) and no value: a named error from
     save_quant_retrain_model, and nothing written."""

@@ -393,6 +393,11 @@ class Net:
         for layer in self.engine_layers:
             if layer.blobs and layer.name not in copied:
                 LOGGER.info("Layer '%s' not found in the caffemodel; it keeps its filler values.", layer.name)
+        learnable = [layer.name for layer in self.engine_layers if layer.blobs]
+        if learnable and not copied and any(src.blobs for src in source.layer):
+            LOGGER.warning("No layer of caffemodel '%s' matches a layer of net '%s' by name; every layer "
+                           "keeps its filler values (is it the caffemodel of another net?).", path,
+                           self.path or self.param.name)
 
     @staticmethod
     def _check_storage(source: caffe_pb2.NetParameter, by_name: Mapping[str, Layer], path: str) -> None:
