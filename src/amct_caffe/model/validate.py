@@ -63,15 +63,15 @@ def check_layers(layers: Sequence[caffe_pb2.LayerParameter], label: str, phase: 
             producer[top] = layer.name
 
 
-def check_net(net: caffe_pb2.NetParameter, path: str = "") -> None:
-    """:func:`check_layers` on the TRAIN and the TEST view of ``net`` (as written, unnamed layers named as
-    Caffe names them).
+def check_net(net: caffe_pb2.NetParameter, path: str = "", phases: Sequence[int] = (TRAIN, TEST)) -> None:
+    """:func:`check_layers` on the views of ``net`` in ``phases`` (default: TRAIN and TEST; a flow that reads
+    one phase checks that one), unnamed layers named as Caffe names them.
 
     Raises:
         ModelFormatError: as :func:`check_layers`.
     """
     label = path or net.name
-    for phase in (TRAIN, TEST):
+    for phase in phases:
         view = filter_net(net, phase, path=path)
         named = []
         for index, layer in enumerate(view.layer):

@@ -109,7 +109,7 @@ def inference_view(model_file: str) -> tuple[caffe_pb2.NetParameter, Graph]:
             (``model.validate``).
     """
     net = load_prototxt(model_file)
-    check_net(net, model_file)
+    check_net(net, model_file, phases=(TEST,))
     view = filter_net(net, TEST, path=model_file)
     restore_state(view, net)
     graph = Graph(view, path=model_file)

@@ -46,7 +46,7 @@ def qat_model_layers(model_file: str) -> list[ModelLayer]:
         ConfigError: the model already holds AMCT layers.
     """
     net = load_prototxt(model_file)
-    check_net(net, model_file)
+    check_net(net, model_file, phases=(TEST,))
     graph = Graph(filter_net(net, TEST, path=model_file), path=model_file)
     return describe_layers(graph)
 
@@ -150,7 +150,9 @@ def create_quant_retrain_model(
     record_path = os.path.abspath(outputs[2])
 
     net = load_prototxt(model_file)
-    check_net(net, model_file)
+    # the TEST view here (the flow's own checks explain a TRAIN view the retrain layers cannot follow);
+    # both phases of the model it writes below
+    check_net(net, model_file, phases=(TEST,))
     check_not_quantized(Graph(_unique_layer_names(net)[0], path=model_file))
     layers = describe_layers(Graph(filter_net(net, TEST, path=model_file), path=model_file))
     config = load_json_config(config_file, layers, model_file)

@@ -336,7 +336,7 @@ def save_quant_retrain_model(
                          "config_file": config})
 
     net = load_prototxt(model_file)
-    check_net(net, model_file)
+    check_net(net, model_file, phases=(TEST,))
     caffemodel = load_caffemodel(weights_file)
     check_weights(net, caffemodel, weights_file)
     weights = weights_from_net(caffemodel, weights_file)
