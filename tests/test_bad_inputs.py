@@ -24,6 +24,7 @@ from amct_caffe.caffe import pycaffe
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import (
     AmctError,
+    BlobSizeError,
     ConfigError,
     ModelFormatError,
     RecordError,
@@ -148,6 +149,9 @@ CASES = [
          ("net", "pycaffe", "qat", "cli_run", "cli_inspect"), env={"AMCT_CAFFE_MAX_ELEMENTS": "-3"}),
     Case("a small element limit", ModelFormatError, "limit of 100 elements",
          ("net", "pycaffe", "qat", "ptq", "cli_run", "cli_inspect"), env={"AMCT_CAFFE_MAX_ELEMENTS": "100"}),
+    Case("a small net element limit", BlobSizeError, "limit of 150 elements per net",
+         ("net", "pycaffe", "qat", "ptq", "cli_run", "cli_inspect"),
+         env={"AMCT_CAFFE_MAX_NET_ELEMENTS": "150"}),
     # data sources
     Case("ImageData source is /dev/zero", ModelFormatError, "not a regular file", ("net", "cli_run"),
          {MODEL: 'layer { name: "d" type: "ImageData" top: "d" top: "l" '
@@ -431,3 +435,39 @@ def test_python_quant_layer_bad_param_str(param_str: str) -> None:
     with pytest.raises(ParamStrError, match="Quant Python layer|quant_param.scale"):
         layer.setup(bottom, top)
     assert issubclass(ParamStrError, ValueError)
+
+
+# -- the rules themselves ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw", ["abc", "0", "-1", "1.5", "1e9", " 12x"])
+def test_a_limit_variable_must_be_a_positive_whole_number(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amct_caffe.model.limits import max_elements
+
+    monkeypatch.setenv("AMCT_CAFFE_MAX_ELEMENTS", raw)
+    with pytest.raises(ConfigError, match="AMCT_CAFFE_MAX_ELEMENTS.*positive whole number"):
+        max_elements()
+
+
+def test_limit_variables_unset_empty_and_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from amct_caffe.model.limits import max_elements
+
+    monkeypatch.delenv("AMCT_CAFFE_MAX_ELEMENTS", raising=False)
+    assert max_elements() == 2**31 - 1  # Caffe's INT_MAX blob limit
+    monkeypatch.setenv("AMCT_CAFFE_MAX_ELEMENTS", "")
+    assert max_elements() == 2**31 - 1
+    monkeypatch.setenv("AMCT_CAFFE_MAX_ELEMENTS", " 42 ")
+    assert max_elements() == 42
+
+
+def test_in_place_means_top_j_is_bottom_j(tmp_path: Path) -> None:
+    """Caffe's rule: a top may repeat a blob name only as the same-index bottom (in place); an Eltwise
+    writing its second bottom's name as its first top produces that blob twice."""
+    head = ('layer { name: "a" type: "Input" top: "a" input_param { shape { dim: 1 dim: 2 } } }\n'
+            'layer { name: "b" type: "Input" top: "b" input_param { shape { dim: 1 dim: 2 } } }\n')
+    ok = tmp_path / "ok.prototxt"
+    ok.write_text(head + 'layer { name: "r" type: "ReLU" bottom: "b" top: "b" }\n'
+                  'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" top: "a" }\n')
+    Net(str(ok), caffe_pb2.TEST)
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text(head + 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" top: "b" }\n')
+    with pytest.raises(ModelFormatError, match="'b' is produced by multiple sources"):
+        Net(str(bad), caffe_pb2.TEST)

@@ -207,7 +207,8 @@ class Net:
         data: dict[str, Tensor] = {}
         label = self.path or self.param.name
         net_limit = max_net_elements()
-        sizes: dict[str, int] = {}
+        top_sizes: dict[str, int] = {}
+        param_total = 0
         try:
             with torch.no_grad(), AllocationGuard(max_elements(), label) as guard:
                 for layer, bottoms, tops in zip(self.engine_layers, self.layer_bottoms, self.layer_tops):
@@ -218,9 +219,9 @@ class Net:
                     self._check_top_count(layer, tops, outs)
                     for name, value in zip(tops, outs):
                         data[name] = value
-                        sizes[name] = value.numel()
-                    sizes[f"{layer.name}/params"] = sum(b.numel() for b in layer.blobs)
-                    total = sum(sizes.values())
+                        top_sizes[name] = value.numel()
+                    param_total += sum(b.numel() for b in layer.blobs)
+                    total = param_total + sum(top_sizes.values())
                     if total > net_limit:
                         raise net_total_error(label, guard.layer, total, net_limit)
         finally:
@@ -405,10 +406,13 @@ class Net:
         for a layer that holds float blobs."""
         for src in source.layer:
             target = by_name.get(src.name)
-            if target is None or target.accepts_integer_blobs:
+            if target is None:
                 continue
             for index, blob in enumerate(src.blobs):
                 check_blob(blob, file=path, layer=src.name, index=index)
+            if target.accepts_integer_blobs:
+                continue
+            for index, blob in enumerate(src.blobs):
                 kind = storage_kind(blob)
                 if kind in INTEGER_STORAGE_KINDS:
                     where = f" in '{path}'" if path else ""
