@@ -145,6 +145,9 @@ CASES = [
          MODEL_SURFACES,
          {MODEL: _net_with('"Convolution"', '"Deconvolution"').replace("kernel_size: 3",
                                                                       "kernel_size: 3 stride: 4294967295")}),
+    Case("Pooling stride 2^32-1", ModelFormatError, r"Layer 'p' \(type Pooling\)", MODEL_SURFACES,
+         {MODEL: TINY_NET + 'layer { name: "p" type: "Pooling" bottom: "conv1" top: "p" '
+                            "pooling_param { kernel_size: 2 stride: 4294967295 } }\n"}),
     Case("element limit is not a number", ConfigError, "AMCT_CAFFE_MAX_ELEMENTS",
          ("net", "pycaffe", "qat", "cli_run", "cli_inspect"), env={"AMCT_CAFFE_MAX_ELEMENTS": "-3"}),
     Case("a small element limit", ModelFormatError, "limit of 100 elements",
