@@ -31,6 +31,7 @@ from amct_caffe.errors import (
     UnsupportedLayerError,
     WeightShapeError,
 )
+from amct_caffe.model.io import load_caffemodel
 from amct_caffe.proto import caffe_pb2
 from tests.helpers import TINY_BLOB_SHAPES, TINY_NET, blob_proto, tiny_caffemodel
 
@@ -308,6 +309,18 @@ def test_empty_caffemodel_is_accepted_with_a_warning(tmp_path: Path, amct_log) -
     assert net.engine_layers[1].blobs[0].shape == (4, 1, 3, 3)
     warnings = [r.getMessage() for r in amct_log.records if r.levelname == "WARNING"]
     assert any("is empty (0 bytes)" in w for w in warnings), warnings
+
+
+def test_solver_that_parses_as_a_net_is_refused(tmp_path: Path) -> None:
+    """Some SolverParameters parse as a NetParameter without error (field numbers overlap); with no layer
+    and unknown fields they are no caffemodel."""
+    solver = caffe_pb2.SolverParameter(base_lr=0.01, max_iter=100)
+    parsed = caffe_pb2.NetParameter.FromString(solver.SerializeToString())  # no DecodeError
+    assert not parsed.layer
+    path = tmp_path / "solver.caffemodel"
+    path.write_bytes(solver.SerializeToString())
+    with pytest.raises(ModelFormatError, match="holds no Caffe layers"):
+        load_caffemodel(str(path))
 
 
 def test_caffemodel_of_another_net_is_said(tmp_path: Path, amct_log) -> None:

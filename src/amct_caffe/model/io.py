@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import message as pb_message
-from google.protobuf import text_format, unknown_fields
+from google.protobuf import text_format
 
 from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
@@ -153,12 +153,20 @@ def _check_binary_net(net: caffe_pb2.NetParameter, path: str) -> None:
     together with fields a NetParameter does not have (another protobuf type, e.g. a SolverParameter)."""
     layers = (*net.layer, *net.layers)
     has_blobs = any(layer.blobs for layer in layers)
-    if layers and (has_blobs or not len(unknown_fields.UnknownFieldSet(net))):
+    if layers and (has_blobs or not _has_unknown_fields(net)):
         return
     raise ModelFormatError(
         f"Cannot parse caffemodel '{path}': it holds no Caffe layers (is it a solver or another protobuf "
         "file?); give the .caffemodel file that training wrote."
     )
+
+
+def _has_unknown_fields(net: caffe_pb2.NetParameter) -> bool:
+    """True when the parsed bytes hold fields the schema does not know (at any depth)."""
+    known = caffe_pb2.NetParameter()
+    known.CopyFrom(net)
+    known.DiscardUnknownFields()
+    return known.ByteSize() != net.ByteSize()
 
 
 def _looks_like_text(data: bytes) -> str | None:
