@@ -173,7 +173,10 @@ CASES = [
                  'image_data_param { source: "list.txt" batch_size: 1 } }\n',
           "list.txt": "img.png 0\n" * 120_000},
          env={"AMCT_DATA_SOURCE_LIMIT_MB": "1"}),
+    Case("prototxt is /dev/zero", ModelFormatError, "not a regular file", MODEL_SURFACES,
+         {MODEL: ""}),
     # configs
+    Case("config is /dev/zero", ConfigError, "not a regular file", CONFIG_SURFACES, {CONFIG: ""}),
     Case("config JSON nested 100,000 deep", ConfigError, "nest", CONFIG_SURFACES,
          {CONFIG: _deep_json(100_000)}),
     Case("config with a 5000-digit number", ConfigError, "5000 characters", CONFIG_SURFACES,
@@ -205,6 +208,9 @@ def _apply(folder: Path, case: Case) -> None:
         path = folder / name
         if content == "" and name == WEIGHTS:
             path.unlink()
+        elif content == "":
+            path.unlink()
+            path.symlink_to("/dev/zero")
         elif isinstance(content, bytes):
             path.write_bytes(content)
         else:

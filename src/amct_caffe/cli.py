@@ -131,7 +131,9 @@ def _seed(text: str) -> int:
 
 def _check_file(path: str | None, option: str) -> None:
     if path is not None and not os.path.isfile(path):
-        raise ConfigError(f"{option}: file '{path}' does not exist")
+        what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
+            "does not exist"
+        raise ConfigError(f"{option}: file '{path}' {what}")
 
 
 # ---------------------------------------------------------------------------------------------------------

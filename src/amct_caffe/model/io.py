@@ -205,7 +205,9 @@ def _parse_text_caffemodel(data: bytes, path: str, binary_error: Exception) -> c
 
 def _read_text(path: str) -> str:
     if not os.path.isfile(path):
-        raise ModelFormatError(f"Prototxt '{path}' does not exist; check the model file path.")
+        what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
+            "does not exist"
+        raise ModelFormatError(f"Prototxt '{path}' {what}; check the model file path.")
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

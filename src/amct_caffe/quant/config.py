@@ -261,7 +261,9 @@ MAX_JSON_NUMBER_CHARS = 64
 
 def _read_config_text(path: str, kind: str = "QAT config") -> str:
     if not os.path.isfile(path):
-        raise ConfigError(f"{kind} '{path}' does not exist; check the config file path.")
+        what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
+            "does not exist"
+        raise ConfigError(f"{kind} '{path}' {what}; check the config file path.")
     size, limit = os.path.getsize(path), config_limit_bytes()
     if size > limit:
         raise ConfigError(f"{kind} '{path}' is {size} bytes, above the limit of {limit} bytes for a config; "
