@@ -329,6 +329,26 @@ def test_solver_that_parses_as_a_net_is_refused(tmp_path: Path) -> None:
         load_caffemodel(str(path))
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_caffemodel_without_blobs_from_a_fork_is_accepted(tmp_path: Path) -> None:
+    """A caffemodel of a net without learnable layers holds layers and no blobs; a fork's extra layer
+    parameter (a field our schema lacks, inside the layer) does not make it "not a caffemodel"."""
+    layer = caffe_pb2.LayerParameter(name="pool", type="Pooling").SerializeToString()
+    layer += _varint(9000 << 3) + _varint(1)  # field 9000, varint 1: unknown to the schema
+    data = _varint(100 << 3 | 2) + _varint(len(layer)) + layer  # NetParameter.layer (field 100)
+    path = tmp_path / "pool.caffemodel"
+    path.write_bytes(data)
+    assert [lp.name for lp in load_caffemodel(str(path)).layer] == ["pool"]
+
+
 def test_caffemodel_of_another_net_is_said(tmp_path: Path, amct_log) -> None:
     """A caffemodel none of whose layers matches the net by name loads nothing (Caffe copies by name and
     skips the rest); a WARNING says so, since every layer then keeps its filler values."""

@@ -162,11 +162,16 @@ def _check_binary_net(net: caffe_pb2.NetParameter, path: str) -> None:
 
 
 def _has_unknown_fields(net: caffe_pb2.NetParameter) -> bool:
-    """True when the parsed bytes hold fields the schema does not know (at any depth)."""
+    """True when the parsed bytes hold net-level fields the schema does not know (unknown fields inside the
+    layers are left out: a Caffe fork may add layer parameters)."""
+    top = caffe_pb2.NetParameter()
+    top.CopyFrom(net)
+    del top.layer[:]
+    del top.layers[:]
     known = caffe_pb2.NetParameter()
-    known.CopyFrom(net)
+    known.CopyFrom(top)
     known.DiscardUnknownFields()
-    return known.ByteSize() != net.ByteSize()
+    return known.ByteSize() != top.ByteSize()
 
 
 def _looks_like_text(data: bytes) -> str | None:
