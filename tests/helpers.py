@@ -107,3 +107,46 @@ def deploy_view(saved: str, deploy: caffe_pb2.NetParameter, out: str) -> None:
         elif not (layer.name.endswith("_target") or layer.name.endswith("_loss")):
             kept.layer.add().CopyFrom(layer)
     save_prototxt(kept, out)
+
+
+# -- a tiny float model, written without the code under test (bad-input corpus, loader fuzzing) -------------
+#: Input 1x1x8x8 -> conv1 (4 filters 3x3, bias) -> ReLU in place -> ip1 (3 outputs, bias).
+TINY_NET = """name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1" inner_product_param { num_output: 3 } }
+"""
+
+#: The blob shapes of TINY_NET's learnable layers, in Caffe's layouts.
+TINY_BLOB_SHAPES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "conv1": ((4, 1, 3, 3), (4,)),
+    "ip1": ((3, 144), (3,)),
+}
+
+
+def blob_proto(shape: Iterable[int], values: Iterable[float] | None = None) -> caffe_pb2.BlobProto:
+    """A BlobProto with ``shape`` and float ``values`` (default: 0.01 * index, as many as the shape holds)."""
+    dims = [int(d) for d in shape]
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(dims)
+    if values is None:
+        values = (0.01 * i for i in range(int(np.prod(dims)) if dims else 1))
+    blob.data.extend(float(v) for v in values)
+    return blob
+
+
+def tiny_caffemodel(blobs: dict[str, list[caffe_pb2.BlobProto]] | None = None,
+                    types: dict[str, str] | None = None) -> bytes:
+    """A serialized NetParameter holding ``blobs`` per layer (default: TINY_NET's blobs, values by
+    :func:`blob_proto`); ``types`` gives each layer's type (default Convolution/InnerProduct by name)."""
+    if blobs is None:
+        blobs = {name: [blob_proto(s) for s in shapes] for name, shapes in TINY_BLOB_SHAPES.items()}
+    types = types or {}
+    net = caffe_pb2.NetParameter(name="tiny")
+    for name, layer_blobs in blobs.items():
+        default_type = "Convolution" if name.startswith("conv") else "InnerProduct"
+        layer = net.layer.add(name=name, type=types.get(name, default_type))
+        layer.blobs.extend(layer_blobs)
+    return net.SerializeToString()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import caffemodel_blobs
+from tests.helpers import caffemodel_blobs, tiny_caffemodel
 from tests.references.layers import conv2d, inner_product
 from tests.references.metrics import cosine
 
@@ -130,7 +130,8 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_error_cases_print_one_line(tmp_path):
     (tmp_path / "relu.prototxt").write_text(NO_QUANTIZABLE)
     (tmp_path / "odd.prototxt").write_text(UNKNOWN_TYPE)
-    (tmp_path / "w.caffemodel").write_bytes(b"")
+    # a caffemodel without weights (one layer, no blobs): a 0-byte file would add a WARNING line
+    (tmp_path / "w.caffemodel").write_bytes(tiny_caffemodel({"r": []}, {"r": "ReLU"}))
     np.save(tmp_path / "x.npy", np.zeros((1, 3), np.float32))
     cases = [
         (["retrain-config", "--model", "relu.prototxt", "--weights", "missing.caffemodel", "--output",

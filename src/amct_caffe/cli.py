@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from amct_caffe.errors import AmctError, ConfigError
+from amct_caffe.errors import AmctError, ConfigError, ModelFormatError
 
 PROG = "amct-caffe"
 AMCT_PROG = "amct_caffe"
@@ -167,9 +167,22 @@ def _safe_file_name(blob: str) -> str:
     return blob.replace("%", "%25").replace("/", "%2F").replace(os.sep, "%2F")
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed is a whole number in [0, 2**32 - 1], as numpy and Caffe take it."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; give a seed in [0, 4294967295]")
+    return value
+
+
 def _check_file(path: str | None, option: str) -> None:
     if path is not None and not os.path.isfile(path):
-        raise ConfigError(f"{option}: file '{path}' does not exist")
+        what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
+            "does not exist"
+        raise ConfigError(f"{option}: file '{path}' {what}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -369,6 +382,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if n == 0:
             print("  ".join("-" * w for w in widths) + "  " + "-" * 3)
     learnable = f", {summary.learnable:,} learnable values" if summary.shapes_known else ""
+    if summary.data_layers and not args.no_shapes:
+        print(f"(no shapes: layer(s) {', '.join(summary.data_layers)} read data files, which inspect "
+              "does not open)")
     print(f"{summary.name or Path(args.model).stem} ({summary.phase} phase): {len(summary.layers)} layer(s)"
           f"{learnable}")
     if summary.already_quantized:
@@ -435,6 +451,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.deploy_weights, inputs=inputs, out_dir=None, threshold=args.threshold, batches=args.batches,
         seed=args.seed,
     )
+    if not result.measured:
+        raise ModelFormatError(
+            f"compare measured nothing: the float model '{args.float_model}' and the fake-quant model "
+            f"'{args.fake_model}' share no quantized layer and no output blob; give the models that "
+            "save_quant_retrain_model or quantize_model wrote from this float model"
+        )
     written = report.write_report(result, args.output)
     print(render.format_table(result))
     html = written.get("report.html", os.path.join(args.output, "report.html"))
@@ -612,7 +634,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--input", action="append", metavar="NAME=FILE",
                    help="value of input blob NAME: a .npy array or an image (.png, .jpg, ...); repeat for "
                         "several inputs, or one image name several times for a batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random values of inputs not given")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random values of inputs not given")
     p.add_argument("--input-shape", metavar="NAME:N,C,H,W[;...]",
                    help="reshape input blobs first, e.g. data:1,3,224,224 (images are resized to it)")
     p.add_argument("--mean", metavar="B,G,R|FILE.npy",
@@ -656,7 +678,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--threshold", type=float, default=0.99,
                    help="cosine below which a layer is a candidate to skip (default 0.99)")
     p.add_argument("--batches", type=_positive_int, default=1, help="forward passes (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of random inputs (default 0)")
 
     from amct_caffe.demo.run import DEFAULT_OUTPUT, RETRAIN_ITERATIONS
 
@@ -667,7 +689,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="float training iterations (default 600)")
     p.add_argument("--retrain-iters", type=_positive_int, default=RETRAIN_ITERATIONS, metavar="N",
                    help=f"QAT retraining iterations (default {RETRAIN_ITERATIONS})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the solvers (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data split and the solvers (default 0)")
     p.add_argument("--no-report", action="store_true", help="skip the per-layer report")
 
     p = _add(sub, "exec", cmd_exec, "run an unchanged pycaffe script (import caffe) on the engine", debug)

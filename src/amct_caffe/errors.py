@@ -36,6 +36,12 @@ class ModelMismatchError(ModelFormatError):
     layer's blob is missing from one of them or has another shape there."""
 
 
+class BlobSizeError(ModelFormatError):
+    """A blob whose shape has a negative axis or more elements than the limits allow (the layer parameters
+    ask for more memory than a real net needs; the limits and their environment variables are in
+    docs/design.md, "Limits")."""
+
+
 class UnsupportedLayerError(AmctError, RuntimeError):
     """A layer type or a layer option that the engine or a pass does not support."""
 
@@ -75,7 +81,7 @@ class NotImplementedFeatureError(AmctError, NotImplementedError):
     """An AMCT API that amct-caffe does not implement (e.g. ``auto_nuq``)."""
 
 
-class PythonLayerNotAllowedError(AmctError):
+class PythonLayerNotAllowedError(UnsupportedLayerError):
     """A net has a ``type: "Python"`` layer and the caller did not opt in to importing its module (the
     message says how: ``allow_python_layers=True``, ``--allow-python-layers`` or
     ``AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1``)."""

@@ -118,6 +118,8 @@ def format_table(result: ReportResult) -> str:
         lines.append(f"candidates to skip (cosine < {result.threshold:g}): "
                      f"{', '.join(result.skip_candidates)}")
         lines.append(f"  hint: {SKIP_HINT}.")
+    elif not result.measured:
+        lines.append("nothing was measured: the models share no quantized layer and no output blob.")
     else:
         lines.append(f"no layer below the cosine threshold {result.threshold:g}.")
     return "\n".join(lines)

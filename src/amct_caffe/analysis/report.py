@@ -168,6 +168,9 @@ def _result(collected: Collected, threshold: float, seed: int, quant_formula: st
 
 
 def _log_findings(result: ReportResult) -> None:
+    if not result.measured:
+        LOGGER.warning("compare_report: nothing was measured: the models share no quantized layer and no "
+                       "output blob (are they the float model and its own quantized model?).")
     if result.skip_candidates:
         LOGGER.warning("compare_report: %d layer(s) with cosine similarity below %g: %s; %s.",
                        len(result.skip_candidates), result.threshold, ", ".join(result.skip_candidates),

@@ -105,6 +105,13 @@ class ReportResult:
     models: dict[str, str]
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    @property
+    def measured(self) -> bool:
+        """True when at least one layer or output has metrics: two unrelated models share no quantized
+        layer and no output blob, and then nothing was compared."""
+        rows = [*(r.metrics for r in self.layers), *(o.metrics for o in self.outputs)]
+        return any(m is not None for metrics in rows for m in metrics.values())
+
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (samples left out; non-finite floats as strings)."""
         layers = [{

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from amct_caffe.errors import ConfigError, RuntimeEngineError
-from amct_caffe.model.blobs import array_to_blob, blob_to_array
+from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array
 from amct_caffe.proto import caffe_pb2
 
 #: scikit-image's ``rgb2gray`` weights (ITU-R BT.709), which pycaffe's ``load_image(color=False)`` applies
@@ -30,7 +30,7 @@ _GREY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721])
 def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> np.ndarray:
     """The blob's values (or diff) as a float32 array of its shape."""
     if return_diff:
-        return np.asarray(blob.diff, dtype=np.float32).reshape(blob_to_array(blob).shape)
+        return np.asarray(blob.diff, dtype=np.float32).reshape(blob_shape(blob))
     return blob_to_array(blob)
 
 

@@ -41,6 +41,7 @@ import numpy as np
 __all__ = [
     "AntiQuant",
     "DeQuant",
+    "ParamStrError",
     "Quant",
     "StandaloneBlob",
     "StandaloneLayer",
@@ -77,6 +78,14 @@ def round_away(x: np.ndarray) -> np.ndarray:
         return np.where(np.abs(x - t) >= 0.5, t + np.sign(x), t)
 
 
+class ParamStrError(ValueError):
+    """A Python layer's ``param_str`` (or a value in it) that the layer cannot use.
+
+    A plain ``ValueError`` subclass: this module runs inside a stock Caffe and imports nothing of
+    amct_caffe, so it cannot raise the package's own errors; the message names the layer and the fix.
+    """
+
+
 def quant_scale_d(scale: float) -> float:
     """``s_d`` as AMCT's Quant layer recovers it: ``1 / (double)scale``, ``scale`` = ``quant_param.scale``.
 
@@ -84,10 +93,12 @@ def quant_scale_d(scale: float) -> float:
     hand-written value may carry more digits), then widened exactly to double and inverted in double.
     Raises ValueError unless the float32 scale is finite and > 0.
     """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise ParamStrError(f"quant_param.scale is {scale!r}; it must be 1/scale_d, a number > 0.")
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, rejected below
         s32 = np.float32(scale)
     if not (math.isfinite(float(s32)) and float(s32) > 0.0):
-        raise ValueError(
+        raise ParamStrError(
             f"quant_param.scale is {float(s32)!r}; it must be 1/scale_d, a finite float32 value > 0."
         )
     return 1.0 / float(s32)
@@ -218,15 +229,17 @@ class _FakeQuantLayer:
         text = self.param_str or ""
         if not text.strip():
             return {}
+        shown = text if len(text) <= 80 else text[:77] + "..."
         try:
             params = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(
-                f"{self.type_name} Python layer: param_str {text!r} is not JSON ({exc}); it must be a JSON "
-                "object such as amct-caffe pycaffe-rewrite writes."
+        except (ValueError, RecursionError) as exc:
+            reason = "nests too deep" if isinstance(exc, RecursionError) else f"is not JSON ({exc})"
+            raise ParamStrError(
+                f"{self.type_name} Python layer: param_str {shown!r} {reason}; it must be a JSON object "
+                "such as amct-caffe pycaffe-rewrite writes."
             ) from exc
         if not isinstance(params, dict):
-            raise ValueError(f"{self.type_name} Python layer: param_str {text!r} must be a JSON object.")
+            raise ParamStrError(f"{self.type_name} Python layer: param_str {shown!r} must be a JSON object.")
         return params
 
     def _check_counts(self, bottom: Any, top: Any) -> None:
@@ -265,11 +278,12 @@ class _QuantLogic(_FakeQuantLayer):
         self._check_counts(bottom, top)
         params = self._params()
         if "scale" not in params:
-            raise ValueError('Quant Python layer: param_str needs "scale" (quant_param.scale = 1/scale_d).')
+            raise ParamStrError('Quant Python layer: param_str needs "scale" (quant_param.scale = '
+                                "1/scale_d).")
         self.scale_d = quant_scale_d(params["scale"])
         offset = params.get("offset", 0)
         if isinstance(offset, bool) or not isinstance(offset, int) or not INT8_MIN <= offset <= INT8_MAX:
-            raise ValueError(
+            raise ParamStrError(
                 f'Quant Python layer: "offset" is {offset!r}; it must be an integer in [-128, 127].'
             )
         self.offset_d = int(offset)
@@ -296,8 +310,12 @@ class _DeQuantLogic(_FakeQuantLayer):
     def setup(self, bottom: Any, top: Any) -> None:
         self._check_counts(bottom, top)
         params = self._params()
+        channel_wise = params.get("channel_wise", False)
+        if not isinstance(channel_wise, bool):
+            raise ParamStrError(f'DeQuant Python layer: "channel_wise" is {channel_wise!r}; it must be '
+                                "true or false.")
         shape = bottom[0].data.shape
-        channels = int(shape[1]) if bool(params.get("channel_wise", False)) and len(shape) == 4 else 1
+        channels = int(shape[1]) if channel_wise and len(shape) == 4 else 1
         if len(self.blobs) == 0:
             for _ in range(3):
                 self.blobs.add_blob(channels)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from amct_caffe.engine.allocation import AllocationGuard, net_total_error
 from amct_caffe.engine.backward_plan import BackwardPlan, plan_backward
 from amct_caffe.engine.device import current_device, full_float32
 from amct_caffe.engine.layers import LayerVariant, layer_class
@@ -28,6 +29,7 @@ from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.layers.python import allow_python_layers as python_layer_choice
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import (
+    AmctError,
     ConfigError,
     ModelFormatError,
     PythonLayerNotAllowedError,
@@ -37,9 +39,18 @@ from amct_caffe.errors import (
     WeightShapeError,
 )
 from amct_caffe.log import get_logger
-from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
+from amct_caffe.model.blobs import (
+    array_to_blob,
+    blob_shape,
+    blob_to_array,
+    check_blob,
+    shape_matches,
+    storage_kind,
+)
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
+from amct_caffe.model.limits import max_elements, max_net_elements
 from amct_caffe.model.phase import filter_net
+from amct_caffe.model.validate import check_layers
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("engine.net")
@@ -167,9 +178,11 @@ class Net:
     # -- construction --------------------------------------------------------------------------------
     def _build(self) -> None:
         available: set[str] = set()
-        seen_names: dict[str, int] = {}
         for index, lp in enumerate(self.param.layer):
             lp.name = layer_name(lp, index)
+        check_layers(self.param.layer, self.path or self.param.name)
+        seen_names: dict[str, int] = {}
+        for index, lp in enumerate(self.param.layer):
             if lp.name in seen_names:
                 # Caffe runs such nets (HED, SSDLite ports): see copy_from for which layer gets weights.
                 LOGGER.info(
@@ -179,12 +192,6 @@ class Net:
                 )
             else:
                 seen_names[lp.name] = index
-            for i, bottom in enumerate(lp.bottom):
-                if bottom not in available:
-                    raise ModelFormatError(
-                        f"Layer '{lp.name}' in '{self.path or self.param.name}' reads bottom {i} '{bottom}', "
-                        "which no earlier layer produces; check the layer order and blob names."
-                    )
             variant = self._variants.get(lp.name, LayerVariant())
             cls = layer_class(lp.type, lp.name, self.path, variant.name)
             try:
@@ -242,23 +249,46 @@ class Net:
         """
         set_up = self._set_up
         data: dict[str, Tensor] = {}
+        label = self.path or self.param.name
+        net_limit = max_net_elements()
+        top_sizes: dict[str, int] = {}
+        param_total = 0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), AllocationGuard(max_elements(), label) as guard:
                 for layer, bottoms, tops in zip(self.engine_layers, self.layer_bottoms, self.layer_tops):
+                    guard.layer = f"Layer '{layer.name}' (type {layer.type_name})"
                     # placeholder values: layers skip their side effects (statistics, data cursors, IFMR)
                     layer.reshaping = True
-                    inputs = [data[b] for b in bottoms]
-                    if not set_up:
-                        layer.setup(inputs)
-                    outs = layer.forward(inputs)
+                    outs = self._shape_layer(layer, [data[b] for b in bottoms], set_up)
                     self._check_top_count(layer, tops, outs)
                     for name, value in zip(tops, outs):
                         data[name] = value
+                        top_sizes[name] = value.numel()
+                    param_total += sum(b.numel() for b in layer.blobs)
+                    total = param_total + sum(top_sizes.values())
+                    if total > net_limit:
+                        raise net_total_error(label, guard.layer, total, net_limit)
         finally:
             for layer in self.engine_layers:
                 layer.reshaping = False
         self._data = data
         self._set_up = True
+
+    @staticmethod
+    def _shape_layer(layer: Layer, inputs: list[Tensor], set_up: bool) -> list[Tensor]:
+        """One layer's step of the shape pass: a torch error there is the layer's parameters' fault (a shape
+        torch refuses, memory it cannot have), so it becomes an error naming the layer."""
+        try:
+            if not set_up:
+                layer.setup(inputs)
+            return layer.forward(inputs)
+        except (NotImplementedError, AmctError):  # our own errors already name the layer and the fix
+            raise
+        except (RuntimeError, MemoryError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            shapes = [tuple(x.shape) for x in inputs]
+            raise layer.error(f"cannot be set up with its parameters and bottom shapes {shapes}: {reason}"
+                              ) from exc
 
     @staticmethod
     def _check_top_count(layer: Layer, tops: Sequence[str], outs: Sequence[Tensor]) -> None:
@@ -603,13 +633,23 @@ class Net:
                     "that name (as in Caffe); this one keeps its filler values. Rename one of them.",
                     layer.name,
                 )
+        learnable = [layer.name for layer in self.engine_layers if layer.blobs]
+        if learnable and not copied and any(src.blobs for src in source.layer):
+            LOGGER.warning("No layer of caffemodel '%s' matches a layer of net '%s' by name; every layer "
+                           "keeps its filler values (is it the caffemodel of another net?).", path,
+                           self.path or self.param.name)
 
     @staticmethod
     def _check_storage(source: caffe_pb2.NetParameter, by_name: Mapping[str, Layer], path: str) -> None:
-        """Refuse, before copying anything, integer blobs meant for a layer that holds float blobs."""
+        """Refuse, before copying anything, a blob whose values do not fill its shape and integer blobs meant
+        for a layer that holds float blobs."""
         for src in source.layer:
             target = by_name.get(src.name)
-            if target is None or target.accepts_integer_blobs:
+            if target is None:
+                continue
+            for index, blob in enumerate(src.blobs):
+                check_blob(blob, file=path, layer=src.name, index=index)
+            if target.accepts_integer_blobs:
                 continue
             for index, blob in enumerate(src.blobs):
                 kind = storage_kind(blob)
@@ -632,7 +672,7 @@ class Net:
                 f"Caffemodel shape {blob_shape(blob)}, net shape {shape}. Use the prototxt the caffemodel "
                 "was trained with."
             )
-        array = blob_to_array(blob, shape)
+        array = blob_to_array(blob, shape, file=path, layer=layer.name, index=index)
         if array.dtype == np.uint64:
             array = array.view(np.int64)  # same bits; torch < 2.3 has no uint64 (see _STORAGE_KIND)
         values = torch.from_numpy(array)

@@ -8,7 +8,7 @@ shape, ``legacy_chw``, lives with the record in ``quant.record``).
 from __future__ import annotations
 
 from amct_caffe.engine.net import Net
-from amct_caffe.errors import AmctError
+from amct_caffe.errors import AmctError, BlobSizeError, ConfigError
 from amct_caffe.proto import caffe_pb2
 
 __all__ = ["batch_one", "shape_net"]
@@ -47,11 +47,17 @@ def shape_net(
 
     Returns ``(net, None)``, or ``(None, the last error)`` when the net cannot be built (e.g. data layers
     whose sources are missing) — callers fall back to other sources of shapes and say so.
+
+    Raises:
+        BlobSizeError: a blob of the net exceeds the element limits (no fallback would help).
+        ConfigError: a limit's environment variable is not a positive whole number.
     """
     problem: Exception | None = None
     for candidate in (batch_one(net), net):
         try:
             return Net(candidate, phase), None
+        except (BlobSizeError, ConfigError):
+            raise  # the net asks for more memory than allowed (or a limit is mis-set): no fallback helps
         except (AmctError, RuntimeError, OSError, ValueError) as exc:
             problem = exc
     return None, problem

@@ -38,6 +38,7 @@ import numpy as np
 
 from amct_caffe.errors import AmctError, ModelFormatError, UnsupportedLayerError
 from amct_caffe.model.blobs import blob_shape, blob_to_array
+from amct_caffe.model.limits import data_file_problem, source_limit_bytes
 from amct_caffe.proto import caffe_pb2
 
 ErrorFactory = Callable[[str], Exception]
@@ -236,9 +237,13 @@ class DataTransformer:
             self._load_mean(param.mean_file)
 
     def _load_mean(self, path: str) -> None:
+        limit = source_limit_bytes()
+        problem = data_file_problem(path, limit)
+        if problem is not None:
+            raise self.error(f"transform_param.mean_file '{path}' {problem}")
         try:
             with open(path, "rb") as fh:
-                raw = fh.read()
+                raw = fh.read(limit)
         except OSError as exc:
             raise self.error(f"cannot read transform_param.mean_file '{path}' (relative to the working "
                              f"directory '{os.getcwd()}'): {exc.strerror or exc}.") from None
@@ -248,7 +253,7 @@ class DataTransformer:
         except Exception:  # protobuf's DecodeError
             raise self.error(f"mean_file '{path}' is not a binary BlobProto (a .binaryproto file).") from None
         shape = blob_shape(blob)
-        values = blob_to_array(blob, (-1,)).astype(np.float32, copy=False)
+        values = blob_to_array(blob, (-1,), file=path).astype(np.float32, copy=False)
         if int(np.prod(shape)) != values.size or values.size == 0:
             raise self.error(f"mean_file '{path}' holds {values.size} values for shape {shape}.")
         # Caffe compares the mean's channels()/height()/width(), i.e. its axes 1, 2, 3 (LegacyShape:

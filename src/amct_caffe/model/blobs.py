@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from amct_caffe.errors import WeightShapeError
+from amct_caffe.model.limits import element_count, elements_problem
 from amct_caffe.proto import caffe_pb2
 
 
@@ -52,8 +54,68 @@ def storage_kind(blob: caffe_pb2.BlobProto) -> str:
     return "float"
 
 
-def blob_to_array(blob: caffe_pb2.BlobProto, shape: Sequence[int] | None = None) -> np.ndarray:
-    """The blob's values as a numpy array of its storage dtype, reshaped to ``shape`` or its own shape."""
+def stored_count(blob: caffe_pb2.BlobProto) -> int:
+    """How many values the blob stores, in the field :func:`storage_kind` picks."""
+    kind = storage_kind(blob)
+    if kind == "double":
+        return len(blob.double_data)
+    if kind == "int8":
+        return len(blob.int8_data)
+    if kind == "int32":
+        return len(blob.int32_data)
+    if kind == "uint64":
+        return len(blob.uint64_data)
+    return len(blob.data)
+
+
+def blob_place(file: str = "", layer: str = "", index: int | None = None) -> str:
+    """How a message starts about a blob: ``Blob 1 of layer 'conv1' in 'lenet.caffemodel'`` (parts given)."""
+    text = "Blob" if index is None else f"Blob {index}"
+    if layer:
+        text += f" of layer '{layer}'"
+    if file:
+        text += f" in '{file}'"
+    return text
+
+
+def check_blob(blob: caffe_pb2.BlobProto, *, file: str = "", layer: str = "",
+               index: int | None = None) -> None:
+    """The blob's shape is a valid Caffe shape and its stored values are exactly as many as the shape holds
+    (Caffe's ``Blob::FromProto`` checks the same: ``CHECK_EQ(count_, proto.data_size())``).
+
+    Raises:
+        WeightShapeError: a negative axis, more elements than the per-blob limit, or a count mismatch; the
+            message names the file, layer and blob index.
+    """
+    shape = blob_shape(blob)
+    place = blob_place(file, layer, index)
+    problem = elements_problem(shape)
+    if problem is not None:
+        raise WeightShapeError(f"{place} {problem}")
+    want, have = element_count(shape), stored_count(blob)
+    if want != have:
+        raise WeightShapeError(
+            f"{place} has shape {shape} ({want} values) but stores {have} "
+            f"{storage_kind(blob)} values; the file is damaged or was not written by Caffe. Regenerate it "
+            "(e.g. save the trained net again)."
+        )
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto, shape: Sequence[int] | None = None, *, file: str = "",
+                  layer: str = "", index: int | None = None) -> np.ndarray:
+    """The blob's values as a numpy array of its storage dtype, reshaped to ``shape`` or its own shape.
+
+    Args:
+        blob: the stored blob.
+        shape: the shape to give the values (one with as many elements as the blob's own); default the
+            blob's own shape.
+        file, layer, index: where the blob comes from, for error messages.
+
+    Raises:
+        WeightShapeError: the blob's shape and stored values disagree (see :func:`check_blob`), or ``shape``
+            holds another number of elements.
+    """
+    check_blob(blob, file=file, layer=layer, index=index)
     kind = storage_kind(blob)
     if kind == "double":
         arr = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
@@ -65,7 +127,13 @@ def blob_to_array(blob: caffe_pb2.BlobProto, shape: Sequence[int] | None = None)
         arr = np.asarray(blob.uint64_data, dtype=np.uint64)
     else:
         arr = np.asarray(blob.data, dtype=np.float32)
-    return arr.reshape(tuple(shape) if shape is not None else blob_shape(blob))
+    target = tuple(int(d) for d in shape) if shape is not None else blob_shape(blob)
+    if -1 not in target and element_count(target) != arr.size:
+        raise WeightShapeError(
+            f"{blob_place(file, layer, index)} holds {arr.size} values, which do not fill "
+            f"shape {target}; use the prototxt the caffemodel was trained with."
+        )
+    return arr.reshape(target)
 
 
 def array_to_blob(

@@ -20,21 +20,14 @@ from amct_caffe.errors import ModelFormatError
 from amct_caffe.log import get_logger
 from amct_caffe.model.atomic import AtomicFiles as AtomicFiles  # re-exported: the workflows' writer
 from amct_caffe.model.atomic import atomic_write
+from amct_caffe.model.blobs import check_blob
+from amct_caffe.model.limits import CAFFEMODEL_LIMIT_ENV, caffemodel_limit_bytes
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("model.io")
 
-#: Largest caffemodel we read (Caffe's own kProtoReadBytesLimit is 2 GiB). Override with
-#: AMCT_CAFFEMODEL_LIMIT_MB for bigger models.
-DEFAULT_CAFFEMODEL_LIMIT = 2 * 1024**3
-
 _LAYER_START = re.compile(r"^\s*(layers?)\s*\{")
 _NAME_FIELD = re.compile(r'^\s*name\s*:\s*"([^"]*)"')
-
-
-def _caffemodel_limit() -> int:
-    mb = os.environ.get("AMCT_CAFFEMODEL_LIMIT_MB")
-    return int(mb) * 1024**2 if mb else DEFAULT_CAFFEMODEL_LIMIT
 
 
 def _layer_at_line(text: str, line_no: int) -> str | None:
@@ -98,8 +91,13 @@ def load_prototxt(path: str | os.PathLike[str], *, upgrade: bool = True) -> caff
 def load_caffemodel(path: str | os.PathLike[str], *, upgrade: bool = True) -> caffe_pb2.NetParameter:
     """Read a binary caffemodel into a ``NetParameter``, upgraded to the V2 format.
 
+    What Caffe accepts is accepted: a 0-byte file is a net without weights (with a warning, since every
+    layer then keeps its filler values). A text NetParameter that holds blobs is accepted too, as Caffe's
+    tools do; a text prototxt without blobs, a file of another protobuf type (e.g. a solver) and a damaged
+    file are refused. Every blob's stored values must fill its shape (see :func:`model.blobs.check_blob`).
+
     Args:
-        path: the .caffemodel file (binary protobuf). A text file is accepted too, as Caffe's tools do.
+        path: the .caffemodel file (binary protobuf).
         upgrade: upgrade V1 layers (old binary snapshots store ``layers`` = field 2).
 
     Returns:
@@ -107,23 +105,25 @@ def load_caffemodel(path: str | os.PathLike[str], *, upgrade: bool = True) -> ca
 
     Raises:
         ModelFormatError: the file is missing, larger than the read limit, or not a caffemodel.
+        WeightShapeError: a blob's values do not fill its shape.
+        ConfigError: ``AMCT_CAFFEMODEL_LIMIT_MB`` is not a positive whole number.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise ModelFormatError(f"Caffemodel '{path}' does not exist; check the weights file path.")
-    size = os.path.getsize(path)
-    limit = _caffemodel_limit()
-    if size > limit:
-        raise ModelFormatError(
-            f"Caffemodel '{path}' is {size} bytes, above the read limit of {limit} bytes; "
-            "set AMCT_CAFFEMODEL_LIMIT_MB to a larger value if the file is trusted."
-        )
-    data = Path(path).read_bytes()
+    data = _read_caffemodel_bytes(path)
+    if not data:
+        LOGGER.warning("Caffemodel '%s' is empty (0 bytes); Caffe reads it as a net without weights, so "
+                       "every layer keeps its filler values.", path)
+        return caffe_pb2.NetParameter()
     net = caffe_pb2.NetParameter()
     try:
         net.ParseFromString(data)
     except pb_message.DecodeError as exc:
         net = _parse_text_caffemodel(data, path, exc)
+    else:
+        _check_binary_net(net, path)
+    for layer in (*net.layer, *net.layers):
+        for index, blob in enumerate(layer.blobs):
+            check_blob(blob, file=path, layer=layer.name, index=index)
     if upgrade:
         from amct_caffe.model.upgrade import upgrade_net
 
@@ -131,22 +131,88 @@ def load_caffemodel(path: str | os.PathLike[str], *, upgrade: bool = True) -> ca
     return net
 
 
-def _parse_text_caffemodel(data: bytes, path: str, binary_error: Exception) -> caffe_pb2.NetParameter:
+def _read_caffemodel_bytes(path: str) -> bytes:
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"Caffemodel '{path}' does not exist or is not a regular file; check the "
+                               "weights file path.")
+    size = os.path.getsize(path)
+    limit = caffemodel_limit_bytes()
+    if size > limit:
+        raise ModelFormatError(
+            f"Caffemodel '{path}' is {size} bytes, above the read limit of {limit} bytes; "
+            f"set {CAFFEMODEL_LIMIT_ENV} to a larger value if the file is trusted."
+        )
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelFormatError(f"Cannot read caffemodel '{path}': {exc.strerror or exc}.") from exc
+
+
+def _check_binary_net(net: caffe_pb2.NetParameter, path: str) -> None:
+    """Refuse bytes that parse as a NetParameter only by accident: no layers at all, or no blob in any layer
+    together with fields a NetParameter does not have (another protobuf type, e.g. a SolverParameter)."""
+    layers = (*net.layer, *net.layers)
+    has_blobs = any(layer.blobs for layer in layers)
+    if layers and (has_blobs or not _has_unknown_fields(net)):
+        return
+    raise ModelFormatError(
+        f"Cannot parse caffemodel '{path}': it holds no Caffe layers (is it a solver or another protobuf "
+        "file?); give the .caffemodel file that training wrote."
+    )
+
+
+def _has_unknown_fields(net: caffe_pb2.NetParameter) -> bool:
+    """True when the parsed bytes hold net-level fields the schema does not know (unknown fields inside the
+    layers are left out: a Caffe fork may add layer parameters)."""
+    top = caffe_pb2.NetParameter()
+    top.CopyFrom(net)
+    del top.layer[:]
+    del top.layers[:]
+    known = caffe_pb2.NetParameter()
+    known.CopyFrom(top)
+    known.DiscardUnknownFields()
+    return known.ByteSize() != top.ByteSize()
+
+
+def _looks_like_text(data: bytes) -> str | None:
+    """``data`` decoded when it is UTF-8 text without control characters (but tabs and line breaks)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return None
+    return text
+
+
+def _parse_text_caffemodel(data: bytes, path: str, binary_error: Exception) -> caffe_pb2.NetParameter:
+    text = _looks_like_text(data)
+    if text is None:
         raise ModelFormatError(
-            f"Caffemodel '{path}' is not a valid binary NetParameter ({binary_error}); "
-            "is it a caffemodel written by Caffe?"
+            f"Cannot parse caffemodel '{path}': it is not a valid binary NetParameter ({binary_error}); the "
+            "file is truncated or damaged, or not a caffemodel written by Caffe."
         ) from binary_error
     net = caffe_pb2.NetParameter()
-    parse_prototxt_text(text, net, path)
+    try:
+        text_format.Merge(text, net)
+    except text_format.ParseError as exc:
+        raise ModelFormatError(
+            f"Cannot parse caffemodel '{path}': it is neither a binary NetParameter nor a text one ({exc}); "
+            "give the .caffemodel file that training wrote."
+        ) from exc
+    if not any(layer.blobs for layer in (*net.layer, *net.layers)):
+        raise ModelFormatError(
+            f"Caffemodel '{path}' is a text prototxt, not a binary caffemodel: it holds no weights. Give the "
+            ".caffemodel file that training wrote (and the prototxt as the model file)."
+        )
     return net
 
 
 def _read_text(path: str) -> str:
     if not os.path.isfile(path):
-        raise ModelFormatError(f"Prototxt '{path}' does not exist; check the model file path.")
+        what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
+            "does not exist"
+        raise ModelFormatError(f"Prototxt '{path}' {what}; check the model file path.")
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

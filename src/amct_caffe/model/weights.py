@@ -75,7 +75,7 @@ def weights_from_net(net: caffe_pb2.NetParameter, path: str = "") -> Weights:
                     f"Blob {i} of layer '{layer.name}' in caffemodel '{path or net.name}' is stored as "
                     f"{kind} data (an AMCT deploy model); give the float caffemodel the model was trained to."
                 )
-            array = blob_to_array(blob).astype(np.float32, copy=False)
+            array = blob_to_array(blob, file=path, layer=layer.name, index=i).astype(np.float32, copy=False)
             if has_legacy_shape(blob):
                 array = array.reshape(_normalised_shape(layer.type, i, array.shape))
             arrays.append(array)

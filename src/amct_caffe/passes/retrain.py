@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, model_where
+from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, WeightShapeError, model_where
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.layer_types import ACTIVATION_QAT
@@ -242,7 +242,7 @@ def _checked_weight(
         rank, channels = 4, layer.convolution_param.num_output
         out_axis = weight_channel_axis(layer.type)
     if weight.ndim != rank or weight.shape[out_axis] != channels:
-        raise ModelFormatError(
+        raise WeightShapeError(
             f"Layer '{layer.name}' of model '{graph.path}': its weight in {source} has shape "
             f"{tuple(weight.shape)}, which does not fit num_output {channels} (a {rank}-D weight with "
             f"{channels} output channels on axis {out_axis}); give the caffemodel trained with this prototxt."

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from google.protobuf import text_format
 
 from amct_caffe.errors import ConfigError
 from amct_caffe.log import get_logger
+from amct_caffe.model.limits import CONFIG_LIMIT_ENV, config_limit_bytes
 from amct_caffe.proto import amct_pb2
 
 LOGGER = get_logger("quant.config")
@@ -196,6 +198,41 @@ class _JsonObject(dict):
             seen.add(key)
 
 
+def _json_depth(text: str) -> int:
+    """The deepest nesting of objects and arrays in JSON ``text`` (brackets inside strings not counted)."""
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _loads_json(text: str, rep: _Reporter, hook: Callable[[list[tuple[str, Any]]], Any]) -> Any:
+    """``json.loads`` within the config limits: nesting depth and number length are checked, so a hostile
+    file gives a ConfigError naming it (not a RecursionError or a huge integer conversion)."""
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise rep.error("", f"objects and arrays nest {depth} deep, above the limit of {MAX_JSON_DEPTH}",
+                        "A config nests at most 3 deep; check that the file is the config.")
+
+    def number(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+        def parse(literal: str) -> int | float:
+            if len(literal) > MAX_JSON_NUMBER_CHARS:
+                raise rep.error("", f"the number {literal[:20]}... has {len(literal)} characters, above the "
+                                f"limit of {MAX_JSON_NUMBER_CHARS}", "Write the number in fewer characters.")
+            return kind(literal)
+        return parse
+
+    try:
+        return json.loads(text, object_pairs_hook=hook, parse_int=number(int), parse_float=number(float))
+    except json.JSONDecodeError as exc:
+        raise rep.error(
+            f"line {exc.lineno} column {exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax."
+        ) from exc
+    except RecursionError as exc:
+        raise rep.error("", "the JSON nests too deep to read", "Check that the file is the config.") from exc
+
+
 class _Reporter:
     """Formats the errors of one config file: the file, where in it, what is wrong, how to fix it.
 
@@ -216,9 +253,21 @@ class _Reporter:
         return f"model '{self.model_file}'" if self.model_file else "the model"
 
 
+#: Deepest nesting of JSON objects and arrays a config may have (AMCT's configs nest 3 deep).
+MAX_JSON_DEPTH = 32
+#: Longest number (in characters) a JSON config may hold; a float32 needs under 50.
+MAX_JSON_NUMBER_CHARS = 64
+
+
 def _read_config_text(path: str, kind: str = "QAT config") -> str:
     if not os.path.isfile(path):
-        raise ConfigError(f"{kind} '{path}' does not exist; check the config file path.")
+        what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
+            "does not exist"
+        raise ConfigError(f"{kind} '{path}' {what}; check the config file path.")
+    size, limit = os.path.getsize(path), config_limit_bytes()
+    if size > limit:
+        raise ConfigError(f"{kind} '{path}' is {size} bytes, above the limit of {limit} bytes for a config; "
+                          f"give the config file (raise {CONFIG_LIMIT_ENV} if it really is that large).")
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -255,12 +304,7 @@ def parse_json_config(
             true on a layer that is not a Convolution/Deconvolution; weight settings on an AVE Pooling.
     """
     rep = _Reporter(path, model_file)
-    try:
-        root = json.loads(text, object_pairs_hook=_JsonObject)
-    except json.JSONDecodeError as exc:
-        raise rep.error(
-            f"line {exc.lineno} column {exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax."
-        ) from exc
+    root = _loads_json(text, rep, _JsonObject)
     if not isinstance(root, _JsonObject):  # every JSON object is read as a _JsonObject
         raise rep.error("", "the file must hold one JSON object", 'Write {"version": 1, "<layer>": {...}}.')
     _check_object(root, None, rep, "", "")
@@ -586,5 +630,6 @@ check_json_object = _check_object
 expect_json = _expect
 json_key = _json_key
 read_config_text = _read_config_text
+loads_json = _loads_json
 float32_value = _float32_value
 check_channel_wise = _check_channel_wise

@@ -70,6 +70,7 @@ from amct_caffe.quant.config import (
     expect_json,
     float32_value,
     json_key,
+    loads_json,
     read_config_text,
 )
 
@@ -324,11 +325,7 @@ def parse_json_config(
             true on a layer that is not a Convolution/Deconvolution; weight settings on an AVE Pooling.
     """
     rep = ConfigReporter(path, model_file, JSON_KIND)
-    try:
-        root = json.loads(text, object_pairs_hook=JsonObject)
-    except json.JSONDecodeError as exc:
-        raise rep.error(f"line {exc.lineno} column {exc.colno}", f"not valid JSON ({exc.msg})",
-                        "Fix the JSON syntax.") from exc
+    root = loads_json(text, rep, JsonObject)
     if not isinstance(root, JsonObject):
         raise rep.error("", "the file must hold one JSON object",
                         'Write {"version": 1, "batch_num": 1, ..., "<layer>": {...}}.')

@@ -26,6 +26,7 @@ from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import load_caffemodel
+from amct_caffe.model.validate import check_weights
 from amct_caffe.model.weights import weights_from_net
 from amct_caffe.passes.fuse_bn import FOLDABLE_TYPES, fuse_bn_one_phase
 from amct_caffe.passes.quantizable import describe_layers
@@ -114,6 +115,7 @@ def convert_model(
     types = _record_layers(graph, records, record_file, model_file)
 
     caffemodel = load_caffemodel(weights_file)
+    check_weights(graph.net, caffemodel, weights_file)
     weights = weights_from_net(caffemodel, weights_file)
     like = caffemodel if any(has_legacy_shape(b) for layer in caffemodel.layer for b in layer.blobs) else None
     del caffemodel

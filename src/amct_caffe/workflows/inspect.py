@@ -56,6 +56,8 @@ class NetSummary:
     shapes_known: bool
     already_quantized: bool
     quantizable: tuple[str, ...] = field(default=())
+    #: The layers that read data files (their sources are never opened by inspect, so no shapes are known).
+    data_layers: tuple[str, ...] = field(default=())
 
     @property
     def learnable(self) -> int:
@@ -157,7 +159,9 @@ def inspect_net(model_file: str, phase: int = caffe_pb2.TEST, build: bool = True
         model_file: the .prototxt.
         phase: ``caffe_pb2.TEST`` or ``caffe_pb2.TRAIN`` (the layers of that phase view).
         build: build the net in the engine (its shape pass at the prototxt's batch size) to report blob
-            shapes and learnable values; False for nets whose data files are absent.
+            shapes and learnable values; False for nets whose data files are absent. A net with layers that
+            read data files (Data, ImageData, HDF5Data, WindowData, a ``mean_file``) is never built: inspect
+            opens no data (``NetSummary.data_layers`` names those layers).
 
     Returns:
         A :class:`NetSummary` with one :class:`LayerInfo` per layer in file order.
@@ -172,7 +176,8 @@ def inspect_net(model_file: str, phase: int = caffe_pb2.TEST, build: bool = True
         already = False
     except ConfigError:
         already = True
-    engine = Net(model_file, phase) if build else None
+    data_layers = tuple(lp.name for lp in view.layer if reads_data_files(lp))
+    engine = Net(model_file, phase) if build and not data_layers else None
 
     def blobs(names: Sequence[str]) -> tuple[BlobInfo, ...]:
         if engine is None:
@@ -194,4 +199,14 @@ def inspect_net(model_file: str, phase: int = caffe_pb2.TEST, build: bool = True
         shapes_known=engine is not None,
         already_quantized=already,
         quantizable=tuple(layer.name for layer in layers if layer.qat == "yes"),
+        data_layers=data_layers,
     )
+
+
+#: Layer types whose parameters name data files to read.
+DATA_FILE_TYPES = frozenset({"Data", "ImageData", "HDF5Data", "WindowData"})
+
+
+def reads_data_files(layer: caffe_pb2.LayerParameter) -> bool:
+    """True for a layer that opens data files when it is built: a data-source type, or a mean file."""
+    return layer.type in DATA_FILE_TYPES or bool(layer.transform_param.mean_file)

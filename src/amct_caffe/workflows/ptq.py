@@ -59,6 +59,7 @@ from amct_caffe.model.io import (
     prototxt_text,
 )
 from amct_caffe.model.phase import TEST, filter_net, restore_state
+from amct_caffe.model.validate import check_net
 from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
 from amct_caffe.passes.calibration import CalibrationGroup, insert_calibration_layers, plan_calibration_groups
 from amct_caffe.passes.deploy import deploy_caffemodel
@@ -108,9 +109,11 @@ def inference_view(model_file: str) -> tuple[caffe_pb2.NetParameter, Graph]:
     an inference-ready model, so it is set to true (with a WARNING naming the layers).
 
     Raises:
-        ModelFormatError: the prototxt is missing or malformed.
+        ModelFormatError: the prototxt is missing or malformed, or wired as Caffe refuses
+            (``model.validate``).
     """
     net = load_prototxt(model_file)
+    check_net(net, model_file, phases=(TEST,))
     depthwise_as_convolution(net, model_file)
     view = filter_net(net, TEST, path=model_file)
     restore_state(view, net)

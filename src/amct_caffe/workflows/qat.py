@@ -19,6 +19,7 @@ from amct_caffe.model.io import (
     prototxt_text,
 )
 from amct_caffe.model.phase import TEST, filter_net
+from amct_caffe.model.validate import check_net, check_weights
 from amct_caffe.model.weights import weights_from_net, weights_to_net
 from amct_caffe.passes.depthwise import depthwise_as_convolution
 from amct_caffe.passes.fuse_bn import fuse_bn
@@ -46,6 +47,7 @@ def qat_model_layers(model_file: str) -> list[ModelLayer]:
         ConfigError: the model already holds AMCT layers.
     """
     net = load_prototxt(model_file)
+    check_net(net, model_file, phases=(TEST,))
     depthwise_as_convolution(net, model_file)
     graph = Graph(filter_net(net, TEST, path=model_file), path=model_file)
     return describe_layers(graph)
@@ -150,6 +152,9 @@ def create_quant_retrain_model(
     record_path = os.path.abspath(outputs[2])
 
     net = load_prototxt(model_file)
+    # the TEST view here (the flow's own checks explain a TRAIN view the retrain layers cannot follow);
+    # both phases of the model it writes below
+    check_net(net, model_file, phases=(TEST,))
     depthwise_as_convolution(net, model_file)
     check_not_quantized(Graph(_unique_layer_names(net)[0], path=model_file))
     layers = describe_layers(Graph(filter_net(net, TEST, path=model_file), path=model_file))
@@ -162,6 +167,7 @@ def create_quant_retrain_model(
         )
     _check_unique_targets(net, enabled, model_file)
     caffemodel = load_caffemodel(weights_file)
+    check_weights(net, caffemodel, weights_file)
     weights = weights_from_net(caffemodel, weights_file)
 
     unique_net, original_names = _unique_layer_names(net)
@@ -173,6 +179,9 @@ def create_quant_retrain_model(
     for layer in retrain_net.layer:
         layer.name = original_names.get(layer.name, layer.name)
     retrain_weights = weights_to_net(weights, retrain_net, like=caffemodel)
+    # what is written must pass the checks the engine runs when it loads it
+    check_net(retrain_net, model_file)
+    check_weights(retrain_net, retrain_weights, weights_file)
 
     order = [name for group in groups for name in group.consumers]
     shapes = _input_shapes(retrain_net, groups, model_file)

@@ -49,6 +49,7 @@ from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, load_caffemodel, load_prototxt, output_conflict, prototxt_text
 from amct_caffe.model.phase import TEST, filter_net, restore_state
+from amct_caffe.model.validate import check_net, check_weights
 from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
 from amct_caffe.passes.deploy import deploy_caffemodel
 from amct_caffe.passes.fake_quant import fake_quant_caffemodel
@@ -310,7 +311,9 @@ def _without_retrain_layers(
     (each quantized layer holding its float shadow weight), those weights, the caffemodel to imitate (legacy
     shapes) and the factors read before the removal."""
     net = load_prototxt(model_file)
+    check_net(net, model_file, phases=(TEST,))
     caffemodel = load_caffemodel(weights_file)
+    check_weights(net, caffemodel, weights_file)
     weights = weights_from_net(caffemodel, weights_file)
     # Keep the parsed caffemodel only when it has legacy 4-D blob shapes to write back the same way
     # (weights_to_net's ``like``); otherwise free it: it is as large as the weights themselves.

@@ -9,6 +9,8 @@ import torch
 from amct_caffe.engine.fillers import fill
 from amct_caffe.engine.layers.base import Layer, Tensor
 from amct_caffe.engine.layers.registry import register
+from amct_caffe.errors import BlobSizeError
+from amct_caffe.model.limits import elements_problem
 from amct_caffe.proto import caffe_pb2
 
 
@@ -16,8 +18,16 @@ def _shapes(param_shapes: Sequence[caffe_pb2.BlobShape], count: int, layer: Laye
     # Caffe: one shape for all tops, or one per top.
     if len(param_shapes) not in (1, count):
         raise layer.error(f"gives {len(param_shapes)} shapes for {count} tops; give 1 or one per top.")
-    shapes = [tuple(int(d) for d in s.dim) for s in param_shapes]
+    shapes = [_allowed(tuple(int(d) for d in s.dim), layer) for s in param_shapes]
     return shapes * count if len(shapes) == 1 else shapes
+
+
+def _allowed(shape: tuple[int, ...], layer: Layer) -> tuple[int, ...]:
+    """``shape`` when a top may have it (no negative axis, within the element limit), else an error."""
+    problem = elements_problem(shape)
+    if problem is not None:
+        raise BlobSizeError(f"Layer '{layer.name}' (type {layer.type_name}): its top {problem}")
+    return shape
 
 
 @register("Input")
@@ -70,7 +80,7 @@ class DummyData(Layer):
             if not all(len(v) in (1, count) for v in (p.num, p.channels, p.height, p.width)):
                 raise self.error("needs shape, or num/channels/height/width with 1 or one value per top.")
             shapes = [
-                (pick(p.num, i), pick(p.channels, i), pick(p.height, i), pick(p.width, i))
+                _allowed((pick(p.num, i), pick(p.channels, i), pick(p.height, i), pick(p.width, i)), self)
                 for i in range(count)
             ]
         fillers = list(p.data_filler)

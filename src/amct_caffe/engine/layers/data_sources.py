@@ -35,8 +35,9 @@ from amct_caffe.engine import distributed
 from amct_caffe.engine.layers.base import TEST, Layer, Tensor
 from amct_caffe.engine.layers.registry import register
 from amct_caffe.engine.transform import COLOR, GRAY, DataTransformer, decode_image, hwc_to_chw, resize_linear
-from amct_caffe.errors import RuntimeEngineError, UnsupportedLayerError
+from amct_caffe.errors import BlobSizeError, RuntimeEngineError, UnsupportedLayerError
 from amct_caffe.log import get_logger
+from amct_caffe.model.limits import data_file_problem, elements_problem, source_limit_bytes
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("engine.layers.data_sources")
@@ -71,9 +72,14 @@ def _shard(layer: Layer) -> tuple[int, int]:
 
 
 def _read_text(layer: Layer, path: str, field: str) -> str:
+    limit = source_limit_bytes()
+    problem = data_file_problem(path, limit)
+    if problem is not None:
+        raise layer.error(f"{field} '{path}' {problem}")
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            return fh.read()
+            # at most the limit: a file that grows while it is read stays bounded too
+            return fh.read(limit)
     except OSError as exc:
         raise layer.error(f"cannot open {field} '{path}' (relative paths are relative to the working "
                           f"directory '{os.getcwd()}', as in Caffe): {exc.strerror or exc}.") from None
@@ -304,6 +310,10 @@ class HDF5Data(_DataSource):
     def _load(self, index: int) -> None:
         """Caffe's ``LoadHDF5FileData``: read every top's dataset of one file."""
         path = self.files[index]
+        problem = data_file_problem(path)
+        if problem is not None:
+            listed = self.param.hdf5_data_param.source
+            raise self.error(f"HDF5 file '{path}' (listed in '{listed}') {problem}")
         try:
             handle = self.h5py.File(path, "r")
         except OSError as exc:
@@ -322,6 +332,10 @@ class HDF5Data(_DataSource):
                                      "or float datasets only.")
                 if ds.ndim < 1:
                     raise self.error(f"dataset '{top}' of '{path}' is a scalar; it needs at least 1 axis.")
+                problem = elements_problem(ds.shape)
+                if problem is not None:
+                    raise BlobSizeError(f"Layer '{self.name}' (type {self.type_name}): dataset '{top}' of "
+                                        f"'{path}' {problem}")
                 arrays.append(np.asarray(ds[()], dtype=np.float32))
         rows = arrays[0].shape[0]
         for top, arr in zip(self.param.top, arrays):
@@ -450,6 +464,9 @@ class ImageData(_DataSource):
 
     def _read(self, index: int) -> np.ndarray:
         path = self.root_folder + self.lines[index][0]
+        problem = data_file_problem(path, source_limit_bytes())
+        if problem is not None:
+            raise self.error(f"image '{path}' (listed in '{self.param.image_data_param.source}') {problem}")
         img = decode_image(path, COLOR if self.is_color else GRAY, what=self.what, error=self.error)
         if self.new_height > 0:
             img = resize_linear(img, self.new_height, self.new_width)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from amct_caffe.engine.layers.base import Layer, Tensor
 from amct_caffe.engine.layers.registry import register
-from amct_caffe.errors import UnsupportedLayerError
+from amct_caffe.errors import BlobSizeError, UnsupportedLayerError
+from amct_caffe.model.limits import elements_problem
 from amct_caffe.proto import caffe_pb2
 
 _FLT_MAX = float(torch.finfo(torch.float32).max)
@@ -181,6 +182,10 @@ class _ConvolutionBase(Layer):
                     f"{self.kernel[axis]}, stride {self.stride[axis]}, pad {self.pad[axis]}, dilation "
                     f"{self.dilation[axis]}; enlarge the input or change the geometry."
                 )
+        top = (int(x.shape[0]), self.num_output, *(self._output_dim(int(x.shape[2 + a]), a) for a in (0, 1)))
+        problem = elements_problem(top)
+        if problem is not None:
+            raise BlobSizeError(f"Layer '{self.name}' (type {self.type_name}): its top {problem}")
         self._checked_shape = x.shape
 
     def _output_dim(self, size: int, axis: int) -> int:

@@ -18,7 +18,7 @@ from google.protobuf import message as pb_message
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
 from amct_caffe.log import get_logger
-from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches
+from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, check_blob, shape_matches
 from amct_caffe.model.io import AtomicFiles
 from amct_caffe.proto import caffe_pb2
 
@@ -85,7 +85,8 @@ def check_history(state: caffe_pb2.SolverState, history: Sequence[Tensor], blob_
     """The solverstate's history blobs fit this solver's (count and shapes).
 
     Raises:
-        ModelFormatError: they do not; the message names the blob.
+        ModelFormatError: they do not (WeightShapeError: a blob's values do not fill its shape); the
+            message names the blob.
     """
     if len(state.history) != len(history):
         raise ModelFormatError(
@@ -93,6 +94,7 @@ def check_history(state: caffe_pb2.SolverState, history: Sequence[Tensor], blob_
             f"solver keeps {len(history)}; restore a state of the same solver type and net."
         )
     for i, blob in enumerate(state.history):
+        check_blob(blob, file=path, layer="", index=i)
         if not shape_matches(blob, history[i].shape):
             raise ModelFormatError(
                 f"History blob {i} of '{path}' has shape {blob_shape(blob)} but learnable blob "
@@ -104,8 +106,8 @@ def check_history(state: caffe_pb2.SolverState, history: Sequence[Tensor], blob_
 def load_history(state: caffe_pb2.SolverState, history: Sequence[Tensor]) -> None:
     """Copy the solverstate's history blobs into ``history`` (checked by :func:`check_history`)."""
     with torch.no_grad():
-        for h, blob in zip(history, state.history):
-            h.copy_(torch.from_numpy(blob_to_array(blob, tuple(h.shape))).to(h.device))
+        for i, (h, blob) in enumerate(zip(history, state.history)):
+            h.copy_(torch.from_numpy(blob_to_array(blob, tuple(h.shape), index=i)).to(h.device))
 
 
 def learned_net_path(name: str, state_path: str) -> str:
