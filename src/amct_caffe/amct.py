@@ -212,9 +212,9 @@ def save_quant_retrain_model(
         save_type: ``'Fakequant'``, ``'Deploy'`` or ``'Both'`` (exactly so spelled).
         save_path: folder plus file-name prefix, e.g. ``./result/model``; missing folders are created.
         scale_offset_record_file: the record file to (re)write with the factors of the saved models
-            (``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``channels/height/width``). None: the path
-            given to ``create_quant_retrain_model`` earlier in this process, else
-            ``<save_path>_scale_offset_record.txt``.
+            (``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``channels/height/width``). None: the record
+            the retrain model names (the ``record_file_path`` that ``create_quant_retrain_model`` wrote into
+            its ``ActivationQAT`` layers); a ``MissingRecordPathError`` when it names none.
         config_file: the QAT JSON config; it selects which retrained layers are saved quantized (a layer it
             disables is saved in float). None: every layer with retrain layers is quantized.
 

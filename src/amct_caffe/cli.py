@@ -159,12 +159,13 @@ def cmd_save_retrain(args: argparse.Namespace) -> int:
     every factor recomputed from the retrained weights (amct.save_quant_retrain_model). --save-type is
     Fakequant, Deploy or Both; --save-path is a folder plus a file-name prefix."""
     from amct_caffe import amct
-    from amct_caffe.workflows.save import output_paths
+    from amct_caffe.workflows.save import output_paths, resolve_record_path
 
     amct.save_quant_retrain_model(args.model, args.weights, args.save_type, args.save_path, args.record,
                                   args.config)
     print(f"saved ({args.save_type}):")
-    for _, path in output_paths(args.save_path, args.save_type, args.record).all():
+    record = resolve_record_path(args.record, args.model)
+    for _, path in output_paths(args.save_path, args.save_type, record).all():
         print(f"  {path}")
     return 0
 
@@ -458,7 +459,8 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--save-path", required=True, metavar="DIR/PREFIX",
                    help="folder plus file-name prefix of the saved files, e.g. results/model")
     p.add_argument("--record",
-                   help="the record file to (re)write (default: <save-path>_scale_offset_record.txt)")
+                   help="the record file to (re)write (default: the record the retrain model names, i.e. "
+                        "the one given to retrain-model)")
     p.add_argument("--config", help="the QAT config; it selects the layers saved quantized (default: every "
                                     "layer with retrain layers)")
 

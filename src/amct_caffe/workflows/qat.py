@@ -101,7 +101,8 @@ def create_quant_retrain_config(
 class RetrainPaths:
     """The files the last successful ``create_quant_retrain_model`` of this process used (absolute paths).
 
-    ``save_quant_retrain_model`` falls back on them for its ``None`` arguments (docs/decisions.md row 3b).
+    Informational only: ``save_quant_retrain_model`` reads the record path from the retrain model itself,
+    never from here (docs/decisions.md row 3b).
     """
 
     record_file: str
