@@ -118,6 +118,18 @@ def _safe_file_name(blob: str) -> str:
     return blob.replace("%", "%25").replace("/", "%2F").replace(os.sep, "%2F")
 
 
+def _atc_input_shape(text: str | None, atc_ready: bool) -> dict[str, tuple[int, ...]] | None:
+    """``--input-shape 'data:1,3,224,224;info:1,3'`` (AMCT's form) as ``{top: shape}``; only with
+    --atc-ready."""
+    from amct_caffe.workflows.calibration_run import parse_input_shape
+
+    if text is None:
+        return None
+    if not atc_ready:
+        raise ConfigError("--input-shape sets the Input shapes of the ATC-ready models; add --atc-ready")
+    return dict(parse_input_shape(text))
+
+
 def _check_file(path: str | None, option: str) -> None:
     if path is not None and not os.path.isfile(path):
         raise ConfigError(f"{option}: file '{path}' does not exist")
@@ -162,7 +174,8 @@ def cmd_save_retrain(args: argparse.Namespace) -> int:
     from amct_caffe.workflows.save import output_paths, resolve_record_path
 
     amct.save_quant_retrain_model(args.model, args.weights, args.save_type, args.save_path, args.record,
-                                  args.config)
+                                  args.config, for_atc=args.atc_ready,
+                                  input_shape=_atc_input_shape(args.input_shape, args.atc_ready))
     print(f"saved ({args.save_type}):")
     record = resolve_record_path(args.record, args.model)
     for _, path in output_paths(args.save_path, args.save_type, record).all():
@@ -247,10 +260,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     _print_outputs(outputs)
     print(f"forward: {elapsed * 1000:.1f} ms")
-    if args.save:
+    if args.output:
         arrays: dict[str, Any] = dict(outputs)  # numpy's stub would match a blob name to savez's flags
-        np.savez(args.save, **arrays)
-        print(f"outputs saved to {args.save}")
+        np.savez(args.output, **arrays)
+        print(f"outputs saved to {args.output}")
     if args.output_dir:
         folder = Path(args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -323,10 +336,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.deploy_weights, inputs=inputs, out_dir=None, threshold=args.threshold, batches=args.batches,
         seed=args.seed,
     )
-    written = report.write_report(result, args.output)
+    written = report.write_report(result, args.output_dir)
     print(render.format_table(result))
-    html = written.get("report.html", os.path.join(args.output, "report.html"))
-    print(f"report: {html} ({len(written)} file(s) in {args.output})")
+    html = written.get("report.html", os.path.join(args.output_dir, "report.html"))
+    print(f"report: {html} ({len(written)} file(s) in {args.output_dir})")
     return 0
 
 
@@ -338,7 +351,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Needs: pip install 'amct-caffe[demo]'."""
     from amct_caffe.demo.run import run_demo
 
-    run_demo(args.output, float_iters=args.float_iters, retrain_iters=args.retrain_iters, seed=args.seed,
+    run_demo(args.output_dir, float_iters=args.float_iters, retrain_iters=args.retrain_iters, seed=args.seed,
              report=not args.no_report)
     return 0
 
@@ -364,7 +377,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
 
     written = run_calibration(args.model, args.weights, args.save_path, args.input_shape, args.data_dir,
                               args.data_types, args.evaluator, args.calibration_config, args.batch_num,
-                              args.gpu_id)
+                              args.gpu_id, for_atc=args.atc_ready)
     print("calibration done:")
     for path in written:
         print(f"  {path}")
@@ -384,12 +397,62 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
+    """An older spelling of an option, accepted but not shown in --help."""
+    parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+#: Options a subcommand requires but declares optional, because a hidden alias may give them instead.
+_REQUIRED_VIA_ALIAS = {"compare": ("output_dir", "--output-dir")}
+
+
+def _subcommand_options(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
+    """``{subcommand: its option strings}``."""
+    out: dict[str, set[str]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = {opt for a in sub._actions for opt in a.option_strings}
+    return out
+
+
+def normalise_spellings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """AMCT's underscore spellings (``--save_path``, ``--gpu_id``, ...) and our hyphen spellings are the
+    same option: a ``--a_b`` (or ``--a-b``) the subcommand does not know is read as its ``--a-b`` (``--a_b``).
+    Only options of the subcommand named in ``argv`` are rewritten; values are never touched."""
+    options = _subcommand_options(parser)
+    known = next((options[arg] for arg in argv if arg in options), None)
+    if known is None:
+        return list(argv)
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag.startswith("--") and flag not in known:
+            for other in (flag.replace("_", "-"), "--" + flag[2:].replace("-", "_")):
+                if other in known:
+                    flag = other
+                    break
+        out.append(flag + sep + value if sep else flag)
+    return out
+
+
 def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
          debug: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=" ".join((func.__doc__ or "").split()),
                             parents=[debug])
     parser.set_defaults(func=func)
     return parser
+
+
+def _add_atc_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atc-ready", "--atc_ready", dest="atc_ready", action="store_true",
+                   help="write the prototxts in inference form: data layers become Input layers, loss and "
+                        "accuracy layers go; the deploy prototxt gets the layer types ATC reads "
+                        "(SSDDetectionOutput, grouped Convolution for depthwise forks), so ATC converts it "
+                        "as it is")
+    p.add_argument("--input-shape", "--input_shape", dest="input_shape", metavar="NAME:DIMS[;NAME:DIMS]",
+                   help="with --atc-ready: shapes of the Input layers, e.g. 'data:1,3,224,224' (default: "
+                        "from the data layers, else the record, batch 1)")
 
 
 def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.ArgumentParser:
@@ -424,6 +487,9 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
         p.add_argument("--batch_num", type=_positive_int, help="number of calibration batches (default: the "
                                                                 ".cfg's batch_num, else 1)")
         p.add_argument("--gpu_id", type=int, help="calibrate on CUDA device GPU_ID")
+        p.add_argument("--atc_ready", "--atc-ready", dest="atc_ready", action="store_true",
+                       help="write the models in inference form (Input layers with --input_shape or the "
+                            "net's shapes, no loss/accuracy), the deploy prototxt as ATC converts it as is")
 
     p = _add(sub, "retrain-config", cmd_retrain_config,
              "write the QAT config of a float model (create_quant_retrain_config)", debug)
@@ -463,6 +529,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                         "the one given to retrain-model)")
     p.add_argument("--config", help="the QAT config; it selects the layers saved quantized (default: every "
                                     "layer with retrain layers)")
+    _add_atc_options(p)
 
     p = _add(sub, "run", cmd_run, "forward a Caffe net in the engine", debug)
     p.add_argument("model", metavar="MODEL", help="the .prototxt")
@@ -471,7 +538,8 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="value of input blob NAME: a .npy array or an image (.png, .jpg, ...); repeat for "
                         "several inputs, or one image name several times for a batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the random values of inputs not given")
-    p.add_argument("--save", metavar="FILE.npz", help="save the outputs into one .npz file")
+    p.add_argument("--output", metavar="FILE.npz", help="save the outputs into one .npz file")
+    _hidden_alias(p, "--save", "output")
     p.add_argument("--output-dir", metavar="DIR", help="save every output as DIR/<blob>.npy")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
                    help="run on CUDA device ID")
@@ -492,7 +560,8 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--deploy-weights", help="<prefix>_deploy_weights.caffemodel (optional)")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
                    help="input values (axis 0 is split into --batches forward passes); repeat per input")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder of report.json/.html and plots")
+    p.add_argument("--output-dir", metavar="DIR", help="folder of report.json/.html and plots (required)")
+    _hidden_alias(p, "--output", "output_dir")
     p.add_argument("--threshold", type=float, default=0.99,
                    help="cosine below which a layer is a candidate to skip (default 0.99)")
     p.add_argument("--batches", type=_positive_int, default=1, help="forward passes (default 1)")
@@ -501,8 +570,9 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     from amct_caffe.demo.run import DEFAULT_OUTPUT, RETRAIN_ITERATIONS
 
     p = _add(sub, "demo", cmd_demo, "QAT end to end on the bundled digits net (seconds on a CPU)", debug)
-    p.add_argument("--output", default=f"./{DEFAULT_OUTPUT}", metavar="DIR",
+    p.add_argument("--output-dir", default=f"./{DEFAULT_OUTPUT}", metavar="DIR",
                    help=f"output folder (default ./{DEFAULT_OUTPUT})")
+    _hidden_alias(p, "--output", "output_dir")
     p.add_argument("--float-iters", type=_positive_int, default=None, metavar="N",
                    help="float training iterations (default 600)")
     p.add_argument("--retrain-iters", type=_positive_int, default=RETRAIN_ITERATIONS, metavar="N",
@@ -527,7 +597,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run the command line (``argv`` without the program name); returns the exit code."""
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalise_spellings(parser, sys.argv[1:] if argv is None else argv))
+    required = _REQUIRED_VIA_ALIAS.get(args.command)
+    if required is not None and getattr(args, required[0], None) is None:
+        parser.error(f"{args.command}: the following arguments are required: {required[1]}")
     debug = bool(args.debug)
     try:
         return int(args.func(args))

@@ -4,7 +4,8 @@ Two rewrites of a saved (fake-quant or deploy) net, neither of which changes a w
 
 * :func:`inference_net` -- what a deploy model needs to take an image: the TEST-phase view with every data
   layer replaced by an ``Input`` layer of the same name holding the shapes of the tops still read, the
-  loss, accuracy and sink layers removed together with every layer only they read, and ``Dropout`` removed
+  loss, accuracy and sink layers removed together with the layers that only prepare their other inputs
+  (a label's ``Reshape``; the prediction a loss reads stays, as the net's output), and ``Dropout`` removed
   (an identity at inference). The fake-quant model is written so; it keeps Caffe's type strings, so any
   Caffe runs it.
 * :func:`atc_net` -- on top of that, the type strings ATC's Caffe parser asks for: ``DetectionOutput`` ->
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from amct_caffe.errors import ConfigError, UnsupportedLayerError
-from amct_caffe.model.graph import value_readers
+from amct_caffe.model.graph import producer_index, value_readers
 from amct_caffe.model.layer_types import FAKE_QUANT_TYPES
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.proto import caffe_pb2
@@ -95,20 +96,26 @@ def data_tops(net: caffe_pb2.NetParameter) -> list[str]:
 
 
 def _removed_layers(layers: Sequence[caffe_pb2.LayerParameter]) -> set[int]:
-    """Indices of the training-only layers and of every layer whose values only removed layers read.
+    """Indices of the training-only layers and of the layers that only serve them: every reader of their
+    values is removed and every value they read comes from a data layer (a label) or a removed layer.
 
-    A value nobody reads is a net output and keeps its layer; data layers are handled by the caller.
+    The second condition keeps the net's predictions: ``fc`` read only by a loss is the inference output,
+    while a ``Reshape`` of the label read only by that loss goes. A value nobody reads is an output and keeps
+    its layer; data layers are handled by the caller.
     """
     removed = {i for i, layer in enumerate(layers) if is_training_only(layer)}
+    data = {i for i, layer in enumerate(layers) if layer.type in DATA_LAYER_TYPES}
     changed = True
     while changed:
         changed = False
         for i in range(len(layers) - 1, -1, -1):
             layer = layers[i]
-            if i in removed or layer.type in DATA_LAYER_TYPES or not layer.top:
+            if i in removed or i in data or not layer.top:
                 continue
             readers = [j for top in layer.top for j in value_readers(layers, i, top)]
-            if readers and all(j in removed for j in readers):
+            sources = [producer_index(layers, i, bottom) for bottom in layer.bottom]
+            if readers and all(j in removed for j in readers) and \
+                    all(src is None or src in data or src in removed for src in sources):
                 removed.add(i)
                 changed = True
     return removed
@@ -136,8 +143,10 @@ def _input_layer(
     layer: caffe_pb2.LayerParameter, tops: Sequence[str], shapes: Mapping[str, Sequence[int]], path: str
 ) -> caffe_pb2.LayerParameter:
     out = caffe_pb2.LayerParameter(name=layer.name, type="Input")
+    own = {top: tuple(shape.dim) for top, shape in zip(layer.top, layer.input_param.shape)} \
+        if layer.type == "Input" else {}
     for top in tops:
-        shape = shapes.get(top)
+        shape = shapes.get(top, own.get(top))
         if shape is None:
             raise ConfigError(
                 f"Net '{path}': the shape of top '{top}' of {layer.type} layer '{layer.name}' is unknown, so "
@@ -157,7 +166,8 @@ def inference_net(
 
     Args:
         net: a saved net (any phase rules; its TEST view is taken).
-        input_shapes: ``{data top: shape}`` for every data top an inference layer reads.
+        input_shapes: ``{data top: shape}`` for every data top an inference layer reads (an ``Input``
+            layer's top not listed keeps its own shape).
         path: the file ``net`` came from, for messages.
 
     Returns:
@@ -185,7 +195,8 @@ def inference_net(
                 removed.append(layer.name)
                 continue
             layer = _input_layer(layer, read, input_shapes, path or net.name)
-            inputs.update({top: tuple(int(d) for d in input_shapes[top]) for top in read})
+            inputs.update({top: tuple(int(d) for d in shape.dim)
+                           for top, shape in zip(layer.top, layer.input_param.shape)})
         kept = out.layer.add()
         kept.CopyFrom(layer)
         del kept.include[:]
@@ -209,8 +220,9 @@ def _depthwise_to_grouped(layer: caffe_pb2.LayerParameter, channels: int | None,
     param = layer.convolution_param
     count = channels if channels is not None else (param.num_output or None)
     if count is None:
-        raise ConfigError(f"Net '{path}': {layer.type} layer '{layer.name}' has no num_output and no weights to "
-                          "read its channel count from; give its weights or set convolution_param.num_output.")
+        raise ConfigError(f"Net '{path}': {layer.type} layer '{layer.name}' has no num_output and no weights "
+                          "to read its channel count from; give its weights or set "
+                          "convolution_param.num_output.")
     param.num_output = count
     param.group = count
     layer.type = "Convolution"

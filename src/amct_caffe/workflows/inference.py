@@ -20,12 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from amct_caffe.engine.shapes import batch_one, shape_net
-from amct_caffe.errors import ConfigError
+from amct_caffe.errors import ConfigError, RecordError
 from amct_caffe.log import get_logger
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.model.weights import Weights
 from amct_caffe.passes.atc import DATA_LAYER_TYPES, InferenceNet, atc_caffemodel_types, atc_net, inference_net
+from amct_caffe.passes.quant_insert import QuantGroup
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.quant.record import read_records
 
 LOGGER = get_logger("inference")
 
@@ -84,6 +86,28 @@ def atc_request(
     return AtcRequest(shapes, dict(recorded or {}))
 
 
+def recorded_by_blob(
+    groups: Sequence[QuantGroup], shapes: Mapping[str, tuple[int, int, int] | None]
+) -> dict[str, tuple[int, int, int]]:
+    """``{blob a Quant reads: (channels, height, width)}`` from the record's per-layer shapes."""
+    out = {}
+    for group in groups:
+        for layer in group.layers:
+            chw = shapes.get(layer.name)
+            if chw is not None:
+                out[group.bottom] = chw
+    return out
+
+
+def record_shapes(record_file: str) -> dict[str, tuple[int, int, int] | None]:
+    """``{layer: (channels, height, width) or None}`` of a record file (empty when it cannot be read)."""
+    try:
+        return {name: rec.shape for name, rec in read_records(record_file, validate=False).items()}
+    except (RecordError, OSError) as exc:
+        LOGGER.debug("Record '%s' gives no input shapes: %s", record_file, exc)
+        return {}
+
+
 def _engine_shapes(view: caffe_pb2.NetParameter) -> dict[str, tuple[int, ...]]:
     """The top shapes of the data layers of ``view`` built alone in the engine at batch 1 (empty when they
     cannot be built, e.g. their files are absent)."""
@@ -110,8 +134,8 @@ def input_shapes(net: caffe_pb2.NetParameter, request: AtcRequest) -> dict[str, 
                                           if t in request.input_shape}
     unknown_given = sorted(set(request.input_shape) - set(tops))
     if unknown_given:
-        raise ConfigError(f"input_shape names {unknown_given}, which no data or Input layer of the net writes "
-                          f"(its data tops: {tops}).")
+        raise ConfigError(f"input_shape names {unknown_given}, which no data or Input layer of the net "
+                          f"writes (its data tops: {tops}).")
     for layer in view.layer:
         if layer.type == "Input":
             for top, shape in zip(layer.top, layer.input_param.shape):
@@ -161,9 +185,9 @@ def inference_models(
         for layer in atc.net.layer:
             if layer.type == "Upsample":
                 LOGGER.warning(
-                    "ATC-ready deploy model: layer '%s' is an Upsample; ATC reads upsample_param.stride as the "
-                    "size factor and scale as a value multiplier, which is not what every Caffe fork means "
-                    "by them. Check its parameters before converting.", layer.name)
+                    "ATC-ready deploy model: layer '%s' is an Upsample; ATC reads upsample_param.stride as "
+                    "the size factor and scale as a value multiplier, which is not what every Caffe fork "
+                    "means by them. Check its parameters before converting.", layer.name)
     shown = fake_net if fake_net is not None else (atc.net if atc is not None else None)
     if shown is not None:
         inputs = ", ".join(f"{top} {list(shape)}" for top, shape in shapes.items()

@@ -66,7 +66,7 @@ from amct_caffe.quant.arq import arq_scale
 from amct_caffe.quant.config import load_json_config
 from amct_caffe.quant.numerics import BiasOverflowError
 from amct_caffe.quant.record import LayerRecord, legacy_chw, read_records, record_text, validate_records
-from amct_caffe.workflows.inference import InputShapes, atc_request, inference_models
+from amct_caffe.workflows.inference import InputShapes, atc_request, inference_models, recorded_by_blob
 
 LOGGER = get_logger("save")
 
@@ -336,14 +336,6 @@ def _records(
     return records
 
 
-def _recorded_by_blob(
-    groups: Sequence[QuantGroup], shapes: Mapping[str, tuple[int, int, int]]
-) -> dict[str, tuple[int, int, int]]:
-    """``{blob a Quant reads: (channels, height, width)}`` from the record's per-layer shapes."""
-    return {group.bottom: shapes[layer.name] for group in groups for layer in group.layers
-            if layer.name in shapes}
-
-
 def _has_legacy_shapes(net: caffe_pb2.NetParameter) -> bool:
     return any(has_legacy_shape(blob) for layer in net.layer for blob in layer.blobs)
 
@@ -422,7 +414,7 @@ def save_quant_retrain_model(
     validate_records(records, paths.record)
     text = prototxt_text(saved).encode("utf-8")
     fake_text = deploy_text = text
-    request = atc_request(for_atc, input_shape, API, _recorded_by_blob(groups, shapes))
+    request = atc_request(for_atc, input_shape, API, recorded_by_blob(groups, shapes))
     if request is not None:
         views = inference_models(saved, weights, request, model_file, fake=fake is not None,
                                  deploy=deploy is not None)
