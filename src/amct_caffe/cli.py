@@ -204,11 +204,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.weights and args.snapshot:
         raise ConfigError("give --snapshot to resume training or --weights to fine-tune, not both "
                           "(as caffe train)")
+    from amct_caffe.engine.solver.param import read_solver_param
+    from amct_caffe.workflows.solver import check_training_solver
+
     _check_file(args.solver, "SOLVER")
     _check_file(args.snapshot, "--snapshot")
     weights = [w for w in (args.weights or "").split(",") if w]
     for w in weights:
         _check_file(w, "--weights")
+    check_training_solver(read_solver_param(args.solver), args.solver, bool(weights or args.snapshot))
     _use_gpu(args.gpu)
     solver = caffe.get_solver(args.solver)
     for w in weights:
@@ -232,6 +236,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     snapshot = solver.snapshot_filename(".caffemodel")
     if os.path.isfile(snapshot):
         print(f"snapshot: {snapshot}")
+    return 0
+
+
+def cmd_solver(args: argparse.Namespace) -> int:
+    """Write a solver for a retrain model with AMCT's rules: net = the retrain prototxt (absolute path),
+    test_initialization false, one TEST pass and a snapshot at max_iter, base_lr 1e-4 (about 1/100 of the
+    float training's), momentum 0.9, weight_decay 1e-4. Then: amct-caffe train SOLVER --weights
+    <retrain caffemodel>, and save-retrain --weights <the snapshot it prints>."""
+    from amct_caffe.workflows.solver import RetrainSolverOptions, write_retrain_solver
+
+    _check_file(args.net, "--net")
+    snapshot = write_retrain_solver(args.net, args.output, RetrainSolverOptions(
+        args.max_iter, args.base_lr, args.test_iter, args.display, args.snapshot_prefix))
+    print(f"wrote {args.output}: {args.max_iter} iteration(s) of {args.net}; snapshot {snapshot}")
     return 0
 
 
@@ -397,9 +415,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
-    """An older spelling of an option, accepted but not shown in --help."""
-    parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+def _hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str,
+                  kind: Callable[[str], Any] | None = None) -> None:
+    """Another spelling of an option (an older one, or AMCT's), accepted but not shown in --help."""
+    if kind is None:
+        parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, type=kind)
 
 
 #: Options a subcommand requires but declares optional, because a hidden alias may give them instead.
@@ -508,13 +530,31 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--output-weights", required=True, help="the retrain caffemodel to write")
     p.add_argument("--record", required=True, help="the scale/offset record file to write")
 
+    from amct_caffe.workflows.solver import EXAMPLE
+
+    p = _add(sub, "solver", cmd_solver, "write a solver for a retrain model with AMCT's rules", debug)
+    p.add_argument("--net", required=True, help="the retrain prototxt (from retrain-model)")
+    p.add_argument("--output", required=True, metavar="SOLVER.prototxt", help="the solver to write")
+    p.add_argument("--max-iter", required=True, type=_positive_int, metavar="N",
+                   help="training iterations (AMCT: 1/4 to 1/3 of the float training's epochs)")
+    p.add_argument("--base-lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--test-iter", type=_positive_int, default=1, metavar="N",
+                   help="TEST iterations at the end (at least the QAT config's batch_num; default 1)")
+    p.add_argument("--display", type=int, default=0, metavar="N", help="log the loss every N iterations")
+    p.add_argument("--snapshot-prefix", metavar="PREFIX",
+                   help="snapshot prefix (default: <solver folder>/solver)")
+
     p = _add(sub, "train", cmd_train, "train a net with a Caffe solver prototxt in the engine", debug)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("A complete solver for a retrain model (`amct-caffe solver --net retrain.prototxt --output "
+                "solver.prototxt --max-iter 1000` writes one):\n\n" + EXAMPLE)
     p.add_argument("solver", metavar="SOLVER", help="the solver prototxt (its net: the retrain model)")
     p.add_argument("--weights", metavar="CAFFEMODEL[,CAFFEMODEL...]",
                    help="weights to start from (copied by layer name), e.g. the retrain caffemodel")
     p.add_argument("--snapshot", metavar="SOLVERSTATE", help="a .solverstate to resume training from")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
                    help="train on CUDA device ID (default 0 when given without ID)")
+    _hidden_alias(p, "--gpu_id", "gpu", int)
 
     p = _add(sub, "save-retrain", cmd_save_retrain,
              "save a retrained model as fake-quant and/or deploy model (save_quant_retrain_model)", debug)
@@ -543,6 +583,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--output-dir", metavar="DIR", help="save every output as DIR/<blob>.npy")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
                    help="run on CUDA device ID")
+    _hidden_alias(p, "--gpu_id", "gpu", int)
 
     p = _add(sub, "inspect", cmd_inspect, "list a net's layers, shapes, parameters and QAT support", debug)
     p.add_argument("model", metavar="MODEL", help="the .prototxt")
@@ -565,6 +606,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--threshold", type=float, default=0.99,
                    help="cosine below which a layer is a candidate to skip (default 0.99)")
     p.add_argument("--batches", type=_positive_int, default=1, help="forward passes (default 1)")
+    _hidden_alias(p, "--batch_num", "batches", _positive_int)
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
 
     from amct_caffe.demo.run import DEFAULT_OUTPUT, RETRAIN_ITERATIONS

@@ -31,13 +31,15 @@ from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.proto import caffe_pb2
 
 __all__ = [
-    "ATC_LAYER_TYPES", "AtcUnsupportedLayerError", "DATA_LAYER_TYPES", "InferenceNet", "atc_caffemodel_types",
-    "atc_net", "atc_type", "data_tops", "inference_net", "is_training_only",
+    "ATC_LAYER_TYPES", "AtcUnsupportedLayerError", "DATA_LAYER_TYPES", "DATA_SOURCE_TYPES", "InferenceNet",
+    "atc_caffemodel_types", "atc_net", "atc_type", "data_tops", "inference_net", "is_training_only",
 ]
 
 #: Layer types that feed a net from files, memory or fillers (and ``Input``): replaced by ``Input`` layers.
 DATA_LAYER_TYPES = frozenset({"Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData",
                               "AnnotatedData", "VideoData", "Input"})
+#: The data layers proper: they read data from files, memory or fillers (``Input`` only holds what is fed).
+DATA_SOURCE_TYPES = DATA_LAYER_TYPES - {"Input"}
 #: Layers that only consume (a loss, a metric, a sink): removed from the inference view.
 _TRAINING_ONLY_TYPES = frozenset({"Accuracy", "Silence", "HDF5Output", "ConfusionMatrix"})
 #: Layers that are the identity at inference: removed, their readers read their input.
