@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from amct_caffe.errors import AmctError, ConfigError
+from amct_caffe.log import quiet_screen, wrap_line
 
 PROG = "amct-caffe"
 AMCT_PROG = "amct_caffe"
@@ -149,8 +150,8 @@ def cmd_retrain_config(args: argparse.Namespace) -> int:
     config = json.loads(Path(args.output).read_text(encoding="utf-8"))
     layers = {name: entry for name, entry in config.items() if isinstance(entry, dict)}
     enabled = [name for name, entry in layers.items() if entry.get("retrain_enable")]
-    print(f"wrote {args.output}: {len(layers)} quantizable layer(s), {len(enabled)} enabled for retraining"
-          f"{': ' + ', '.join(enabled) if enabled else ''}")
+    print(wrap_line(f"wrote {args.output}: {len(layers)} quantizable layer(s), {len(enabled)} enabled for "
+                    f"retraining{': ' + ', '.join(enabled) if enabled else ''}"))
     return 0
 
 
@@ -320,9 +321,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("QAT: this model already holds AMCT layers; give the original float model to quantize it")
     else:
         quantizable = summary.quantizable
-        print(f"QAT can quantize {len(quantizable)} layer(s)"
-              f"{': ' + ', '.join(quantizable) if quantizable else ''} "
-              f"(types {', '.join(QAT_LAYER_TYPES)})")
+        print(wrap_line(f"QAT can quantize {len(quantizable)} layer(s)"
+                        f"{': ' + ', '.join(quantizable) if quantizable else ''} "
+                        f"(types {', '.join(QAT_LAYER_TYPES)})"))
     return 0
 
 
@@ -638,6 +639,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run the command line (``argv`` without the program name); returns the exit code."""
+    quiet_screen()
     parser = build_parser(prog)
     args = parser.parse_args(normalise_spellings(parser, sys.argv[1:] if argv is None else argv))
     required = _REQUIRED_VIA_ALIAS.get(args.command)

@@ -1,11 +1,11 @@
-"""The digits demo: a LeNet-style net trained and evaluated on scikit-learn's bundled 8x8 digit images.
+"""The digits demo: a LeNet-style net trained and evaluated on the bundled 8x8 digit images (the UCI optical
+digits as scikit-learn ships them, stored in ``amct_caffe/data/digits.npz``).
 
 Everything here runs offline in a few seconds on a CPU, so the QAT flow can be shown (and tested) end to
 end on a real classification task:
 
-* :func:`load_split` -- scikit-learn's ``load_digits`` (1797 grey 8x8 images, values 0..16, 10 classes)
-  scaled to [0, 1] and split once, stratified by class with a fixed seed, into 1437 training and 360 test
-  images;
+* :func:`load_split` -- the bundled digits (1797 grey 8x8 images, values 0..16, 10 classes) scaled to
+  [0, 1] and split once, stratified by class with a fixed seed, into 1437 training and 360 test images;
 * :func:`write_hdf5_data` -- the two splits as HDF5 files (datasets ``data`` (N, 1, 8, 8) and ``label``
   (N,), float32) plus the list files Caffe's ``HDF5Data`` layer reads (absolute paths, because Caffe opens
   the listed files relative to the working directory, not to the list);
@@ -19,7 +19,7 @@ end on a real classification task:
 * :func:`evaluate` -- top-1 accuracy of any digits net (deploy, train/test, retrain or fake-quant prototxt)
   on a split, run batch-wise in the engine's TEST phase.
 
-Requires the optional packages ``scikit-learn`` (the data) and ``h5py`` (the HDF5 files).
+Requires the optional package ``h5py`` (the HDF5 files the data layers read).
 """
 
 from __future__ import annotations
@@ -74,17 +74,43 @@ def deploy_prototxt() -> str:
 
 
 # -- the data ----------------------------------------------------------------------------------------------
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits: images (1797, 1, 8, 8) float32 in [0, 1] (the 0..16 grey levels / 16) and labels
+    (1797,) float32, from ``amct_caffe/data/digits.npz`` (scikit-learn's copy of the UCI optical digits;
+    written by ``scripts/make_digits_data.py``)."""
+    with resources.as_file(resources.files("amct_caffe") / "data" / "digits.npz") as path, \
+            np.load(path, allow_pickle=False) as stored:
+        images = stored["images"].astype(np.float32) / np.float32(16.0)
+        labels = stored["labels"].astype(np.float32)
+    return images.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def stratified_split(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)`` of a split that keeps each class's share: class ``c`` with ``n_c`` of the
+    ``N`` samples gets ``floor(n_c * test_size / N)`` test samples, the ones left over going to the classes
+    with the largest remainders (then the smaller class label); which samples of a class are taken, and
+    the order of each split, come from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * test_size / len(labels)
+    take = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - take[i]), i))
+    for i in order[:test_size - int(take.sum())]:
+        take[i] += 1
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for cls, k in zip(classes, take):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        test.append(members[:k])
+        train.append(members[k:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
 @lru_cache(maxsize=4)
 def _split_arrays(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    datasets = _require("sklearn.datasets", "scikit-learn")
-    selection = _require("sklearn.model_selection", "scikit-learn")
-    digits = datasets.load_digits()
-    images = (np.asarray(digits.images, dtype=np.float32) / np.float32(16.0)).reshape(-1, *IMAGE_SHAPE)
-    labels = np.asarray(digits.target, dtype=np.float32)
-    x_train, x_test, y_train, y_test = selection.train_test_split(
-        images, labels, test_size=TEST_SIZE, stratify=labels, random_state=seed, shuffle=True
-    )
-    out = {"train": (x_train, y_train), "test": (x_test, y_test)}
+    images, labels = digits_data()
+    train, test = stratified_split(labels, TEST_SIZE, seed)
+    out = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
     for x, y in out.values():
         x.setflags(write=False)
         y.setflags(write=False)
@@ -95,11 +121,11 @@ def load_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One split of the digits data: images (N, 1, 8, 8) float32 in [0, 1] and labels (N,) float32.
 
     ``split`` is ``"train"`` (1437 images) or ``"test"`` (360); the split is stratified by class and fixed
-    by ``seed`` (scikit-learn's ``train_test_split``), so the same seed always gives the same images.
-    The arrays are fresh, writable copies.
+    by ``seed`` (:func:`stratified_split`), so the same seed always gives the same images. The arrays are
+    fresh, writable copies.
 
     Raises:
-        ConfigError: an unknown split, or scikit-learn is not installed.
+        ConfigError: an unknown split.
     """
     if split not in SPLITS:
         raise ConfigError(f"Unknown digits split '{split}'; use 'train' or 'test'.")
@@ -355,10 +381,12 @@ __all__ = [
     "TRAIN_SIZE",
     "DigitsFiles",
     "deploy_prototxt",
+    "digits_data",
     "evaluate",
     "load_split",
     "prepare",
     "solver_param",
+    "stratified_split",
     "train_float",
     "train_test_net",
     "write_hdf5_data",

@@ -4,7 +4,7 @@
 wants to see:
 
 1. the float model: the bundled LeNet-style net (``amct_caffe/data/lenet_digits.prototxt``) trained on the
-   fly on scikit-learn's 8x8 digits (:mod:`amct_caffe.demo.digits`: HDF5 files, a train/test prototxt)
+   fly on the bundled 8x8 digits (:mod:`amct_caffe.demo.digits`: HDF5 files, a train/test prototxt)
    with the engine's SGD solver;
 2. ``amct.create_quant_retrain_config`` -> ``amct.create_quant_retrain_model``;
 3. retraining of the retrain model with the engine's solver (``caffe.get_solver``, ``net.copy_from``,
@@ -15,7 +15,7 @@ wants to see:
    the engine's integer emulation, which a deploy caffemodel switches on by itself), and the agreement of
    the fake-quant and deploy predictions;
 6. the per-layer report (:mod:`amct_caffe.analysis.report`) float vs fake-quant vs deploy on a few
-   held-out batches, written to ``<output>/report``.
+   held-out batches, written to ``<output>/report`` (skipped, with a note, when matplotlib is absent).
 
 Layout of the output folder (files are overwritten, nothing else is touched)::
 
@@ -64,9 +64,9 @@ RETRAIN_LR = 5e-4
 REPORT_BATCHES = 3
 #: The report's cosine-similarity threshold for flagging a layer.
 REPORT_THRESHOLD = 0.99
-#: The optional packages the demo needs: (import name, pip name, needed only for the report).
-OPTIONAL_PACKAGES = (("sklearn", "scikit-learn", False), ("h5py", "h5py", False),
-                     ("matplotlib", "matplotlib", True))
+#: The optional packages the demo needs: (import name, pip name). The data ship with the package; without
+#: matplotlib the per-layer report (its plots) is skipped with a note.
+OPTIONAL_PACKAGES = (("h5py", "h5py"),)
 INSTALL_HINT = "pip install 'amct-caffe[demo]'"
 
 
@@ -123,17 +123,18 @@ class DemoResult:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-def check_optional_packages(report: bool = True) -> None:
-    """Raise ConfigError (one line naming ``pip install 'amct-caffe[demo]'``) when a package the demo uses
-    cannot be imported (scikit-learn and h5py; matplotlib for the report's plots)."""
-    missing = []
-    for module, pip, for_report in OPTIONAL_PACKAGES:
-        if for_report and not report:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(pip)
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def check_optional_packages() -> None:
+    """Raise ConfigError (one line naming ``pip install 'amct-caffe[demo]'``) when a package the demo needs
+    cannot be imported (h5py, for the data layers' files)."""
+    missing = [pip for module, pip in OPTIONAL_PACKAGES if not _importable(module)]
     if missing:
         raise ConfigError(
             f"the demo needs the optional package(s) {', '.join(missing)}: {INSTALL_HINT}"
@@ -259,7 +260,7 @@ def run_demo(
         AmctError: any step of the flow failed (its message names the file and the layer).
     """
     out = stream if stream is not None else sys.stdout
-    check_optional_packages(report)
+    check_optional_packages()
     from amct_caffe.demo import digits
 
     float_iters = digits.FLOAT_ITERATIONS if float_iters is None else int(float_iters)
@@ -270,6 +271,11 @@ def run_demo(
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
+
+    if report and not _importable("matplotlib"):
+        say("note: matplotlib is not installed, so the per-layer report (its plots) is skipped; "
+            "pip install matplotlib to get it.")
+        report = False
 
     with quiet_engine_logs():
         return _run(Path(output_dir).resolve(), float_iters, retrain_iters, int(seed), report, say)
@@ -287,8 +293,8 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     for folder in (float_dir, retrain_dir, results_dir):
         folder.mkdir(parents=True, exist_ok=True)
     steps = 7 if report else 6
-    say("amct-caffe demo: quantization-aware training (QAT) of a LeNet-style net on scikit-learn's 8x8 "
-        "digits")
+    say("amct-caffe demo: quantization-aware training (QAT) of a LeNet-style net on 8x8 handwritten digits "
+        "(UCI optical digits)")
     say(f"  {digits.TRAIN_SIZE} training / {digits.TEST_SIZE} held-out images; output folder: {root}")
 
     # 1. the float model

@@ -14,6 +14,7 @@ nothing else; a caffemodel's integer blobs load only into layers that accept the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -26,9 +27,10 @@ from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import ConfigError, ModelFormatError, RuntimeEngineError, WeightShapeError
-from amct_caffe.log import get_logger
+from amct_caffe.log import get_logger, log_once
 from amct_caffe.model.blobs import array_to_blob, blob_shape, blob_to_array, shape_matches, storage_kind
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
+from amct_caffe.model.layer_types import RETRAIN_TYPES
 from amct_caffe.model.phase import filter_net
 from amct_caffe.proto import caffe_pb2
 
@@ -368,9 +370,17 @@ class Net:
                 self._copy_blob(target, i, blob, path)
             target.blobs_loaded()
             copied.add(src.name)
-        for layer in self.engine_layers:
-            if layer.blobs and layer.name not in copied:
+        missing = [layer for layer in self.engine_layers if layer.blobs and layer.name not in copied]
+        for layer in missing:
+            if layer.type_name not in RETRAIN_TYPES:
                 LOGGER.info("Layer '%s' not found in the caffemodel; it keeps its filler values.", layer.name)
+        retrain = [layer.name for layer in missing if layer.type_name in RETRAIN_TYPES]
+        if retrain:
+            # a new retrain model has no clip values yet: expected, and not a problem
+            log_once(LOGGER, logging.INFO, ("retrain clips", path, tuple(retrain)),
+                     "Retrain layer(s) %s start from their parameters: IFMR sets their clip values on the "
+                     "first forward (as expected for a model from create_quant_retrain_model).",
+                     ", ".join(retrain))
 
     @staticmethod
     def _check_storage(source: caffe_pb2.NetParameter, by_name: Mapping[str, Layer], path: str) -> None:
