@@ -19,7 +19,9 @@ end on a real classification task:
 * :func:`evaluate` -- top-1 accuracy of any digits net (deploy, train/test, retrain or fake-quant prototxt)
   on a split, run batch-wise in the engine's TEST phase.
 
-Requires the optional package ``h5py`` (the HDF5 files the data layers read).
+The data layers: ``HDF5Data`` reading files the demo writes when ``h5py`` is installed (a prototxt the
+command line can train), else ``MemoryData`` fed from the arrays by :func:`feed_net` / :func:`feed_solver`
+(Caffe's ``set_input_arrays``), so the demo needs no optional package.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 from amct_caffe.emulation.loader import load_net
+from amct_caffe.engine.layers.data_sources import MemoryData
 from amct_caffe.engine.net import Net
+from amct_caffe.engine.solver import Solver
 from amct_caffe.errors import ConfigError, ModelFormatError
 from amct_caffe.model.io import atomic_write, load_prototxt, prototxt_text
 from amct_caffe.model.phase import TEST, TRAIN, filter_net
@@ -135,7 +139,8 @@ def load_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class DigitsFiles:
-    """The files :func:`prepare` writes into a working folder (absolute paths)."""
+    """The files :func:`prepare` writes into a working folder (absolute paths; the four data paths are ''
+    when the nets read ``MemoryData``), and how the nets are fed (:data:`FEEDS`)."""
 
     train_h5: str
     test_h5: str
@@ -143,6 +148,7 @@ class DigitsFiles:
     test_list: str
     train_test_prototxt: str
     deploy_prototxt: str
+    feed: str = "hdf5"
 
 
 def write_hdf5_data(workdir: str | os.PathLike[str], seed: int = 0) -> dict[str, tuple[str, str]]:
@@ -169,6 +175,47 @@ def write_hdf5_data(workdir: str | os.PathLike[str], seed: int = 0) -> dict[str,
     return out
 
 
+#: How the demo's nets get their data: ``HDF5Data`` files (needs h5py) or ``MemoryData`` fed from Python.
+FEEDS = ("hdf5", "memory")
+
+
+def default_feed() -> str:
+    """``"hdf5"`` when h5py is installed, else ``"memory"``."""
+    try:
+        importlib.import_module("h5py")
+    except ImportError:
+        return "memory"
+    return "hdf5"
+
+
+def memory_arrays(split: str, seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of ``split`` for a ``MemoryData`` layer of ``batch_size``: Caffe's layer needs
+    a multiple of the batch, so the first images are repeated at the end to fill the last batch (the
+    training split: 1437 images -> 1472 for batches of 64; the test split's 360 need no padding for 120)."""
+    x, y = load_split(split, seed)
+    pad = -len(y) % batch_size
+    if pad:
+        x, y = np.concatenate([x, x[:pad]]), np.concatenate([y, y[:pad]])
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def feed_net(net: Net, split: str, seed: int = 0) -> bool:
+    """Give a net whose first layer is ``MemoryData`` the images of ``split`` (:func:`memory_arrays`);
+    returns False, doing nothing, for a net fed otherwise."""
+    first = net.engine_layers[0] if net.engine_layers else None
+    if not isinstance(first, MemoryData):
+        return False
+    first.set_input_arrays(*memory_arrays(split, seed, first.batch_size))
+    return True
+
+
+def feed_solver(solver: Solver, seed: int = 0) -> None:
+    """:func:`feed_net` for a solver's train net (the training split) and test nets (the test split)."""
+    feed_net(solver.net, "train", seed)
+    for net in solver.test_nets:
+        feed_net(net, "test", seed)
+
+
 # -- the nets ----------------------------------------------------------------------------------------------
 def train_test_net(
     train_source: str,
@@ -176,18 +223,29 @@ def train_test_net(
     train_batch: int = TRAIN_BATCH,
     test_batch: int = TEST_BATCH,
     deploy: str | os.PathLike[str] | None = None,
+    feed: str = "hdf5",
 ) -> caffe_pb2.NetParameter:
     """The training prototxt (both phases) of the deploy net ``deploy`` (default: the bundled one).
 
     Layer 0 is the TRAIN ``HDF5Data`` (``train_source``, shuffled), layer 1 the TEST one (``test_source``),
-    both named ``data`` with tops ``data`` and ``label``; then every deploy layer except the ``Input`` and a
+    both named ``data`` with tops ``data`` and ``label`` (``feed="memory"``: two ``MemoryData`` layers of
+    1x8x8 images instead, the sources unused); then every deploy layer except the ``Input`` and a
     final ``Softmax``, with the usual ``param { lr_mult: 1 } param { lr_mult: 2 decay_mult: 0 }`` added to
     convolutions and inner products that give none (biases learn twice as fast and are not decayed);
     then ``SoftmaxWithLoss`` ``loss`` and the TEST-phase ``Accuracy`` ``accuracy`` on the classifier blob.
     """
     source = load_prototxt(os.fspath(deploy) if deploy is not None else deploy_prototxt())
     net = caffe_pb2.NetParameter(name=source.name)
+    if feed not in FEEDS:
+        raise ConfigError(f"Unknown digits feed '{feed}'; use one of {', '.join(FEEDS)}.")
     for phase, path, batch in ((TRAIN, train_source, train_batch), (TEST, test_source, test_batch)):
+        if feed == "memory":
+            layer = net.layer.add(name="data", type="MemoryData", top=["data", "label"])
+            layer.include.add(phase=phase)
+            layer.memory_data_param.batch_size = int(batch)
+            layer.memory_data_param.channels, layer.memory_data_param.height, \
+                layer.memory_data_param.width = IMAGE_SHAPE
+            continue
         layer = net.layer.add(name="data", type="HDF5Data", top=["data", "label"])
         layer.include.add(phase=phase)
         layer.hdf5_data_param.source = path
@@ -217,18 +275,25 @@ def prepare(
     seed: int = 0,
     train_batch: int = TRAIN_BATCH,
     test_batch: int = TEST_BATCH,
+    feed: str | None = None,
 ) -> DigitsFiles:
-    """Write the data (:func:`write_hdf5_data`), ``lenet_digits_train_test.prototxt`` and a copy of the
-    deploy net ``lenet_digits_deploy.prototxt`` into ``workdir`` (created if needed)."""
+    """Write the data (:func:`write_hdf5_data`; none for ``feed="memory"``), ``lenet_digits_train_test
+    .prototxt`` and a copy of the deploy net ``lenet_digits_deploy.prototxt`` into ``workdir`` (created if
+    needed). ``feed`` None: :func:`default_feed`."""
     folder = Path(workdir).resolve()
-    data = write_hdf5_data(folder, seed)
-    net = train_test_net(data["train"][1], data["test"][1], train_batch, test_batch)
+    feed = default_feed() if feed is None else feed
+    if feed == "hdf5":
+        data = write_hdf5_data(folder, seed)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {split: ("", "") for split in SPLITS}
+    net = train_test_net(data["train"][1], data["test"][1], train_batch, test_batch, feed=feed)
     train_test = folder / "lenet_digits_train_test.prototxt"
     atomic_write(train_test, prototxt_text(net).encode("utf-8"))
     deploy = folder / "lenet_digits_deploy.prototxt"
     atomic_write(deploy, Path(deploy_prototxt()).read_bytes())
     return DigitsFiles(data["train"][0], data["test"][0], data["train"][1], data["test"][1], str(train_test),
-                       str(deploy))
+                       str(deploy), feed)
 
 
 def solver_param(
@@ -273,6 +338,7 @@ def train_float(workdir: str | os.PathLike[str], iterations: int = FLOAT_ITERATI
     solver_path = folder / "lenet_digits_float_solver.prototxt"
     atomic_write(solver_path, prototxt_text(param).encode("utf-8"))
     solver = get_solver(str(solver_path))
+    feed_solver(solver, seed)
     solver.solve()
     return solver.snapshot_filename(".caffemodel")
 
@@ -301,6 +367,13 @@ def _input_fed(net: caffe_pb2.NetParameter, batch: int, path: str) -> tuple[caff
         new.input_param.shape.add(dim=[batch])
     old.CopyFrom(new)
     return out, tops[0], tops[1] if len(tops) == 2 else ""
+
+
+def input_fed_net(prototxt: str | os.PathLike[str], batch: int) -> caffe_pb2.NetParameter:
+    """The TEST-phase view of a digits prototxt with its data layer replaced by ``Input`` blobs ``data``
+    (batch, 1, 8, 8) and ``label`` (batch,)."""
+    path = os.fspath(prototxt)
+    return _input_fed(filter_net(load_prototxt(path), TEST, path=path), batch, path)[0]
 
 
 def _scores_blob(param: caffe_pb2.NetParameter, net: Net, batch: int, path: str) -> str:
@@ -380,8 +453,14 @@ __all__ = [
     "TRAIN_BATCH",
     "TRAIN_SIZE",
     "DigitsFiles",
+    "FEEDS",
+    "default_feed",
     "deploy_prototxt",
     "digits_data",
+    "feed_net",
+    "feed_solver",
+    "input_fed_net",
+    "memory_arrays",
     "evaluate",
     "load_split",
     "prepare",
