@@ -26,7 +26,6 @@ from amct_caffe.caffe import pycaffe
 from amct_caffe.cli import build_parser, normalise_spellings
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
-from amct_caffe.log import get_logger
 from amct_caffe.model.io import load_prototxt
 from amct_caffe.proto import caffe_pb2
 from tests.helpers import parse_net
@@ -54,8 +53,9 @@ def _env() -> dict[str, str]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in _env().items() if k != "AMCT_LOG_LEVEL"}
     return subprocess.run([sys.executable, "-m", "amct_caffe.cli", *args], capture_output=True, text=True,
-                          env={k: v for k, v in _env().items() if k != "AMCT_LOG_LEVEL"}, cwd=cwd, timeout=300)
+                          env=env, cwd=cwd, timeout=300)
 
 
 def _float_model(folder: Path, text: str, name: str) -> tuple[str, str]:
@@ -96,7 +96,7 @@ def test_ifmr_on_zero_input_warns(tmp_path, amct_log):
 
 def _solver(folder: Path, net: str, extra: str = "max_iter: 2") -> str:
     path = folder / "solver.prototxt"
-    path.write_text(f'net: "{net}"\nbase_lr: 0.001\n{extra}\n')
+    path.write_text(f'net: "{net}"\nbase_lr: 0.001\nlr_policy: "fixed"\n{extra}\n')
     return str(path)
 
 
@@ -122,8 +122,8 @@ def test_train_refuses_what_trains_nothing(tmp_path):
 def test_solver_command_writes_amct_rules_and_trains(tmp_path):
     model, weights = _retrain(tmp_path, TRAINABLE, "t")
     (tmp_path / "s").mkdir()
-    proc = cli("solver", "--net", model, "--output", "s/solver.prototxt", "--max-iter", "3", "--test-iter", "2",
-               cwd=tmp_path)
+    proc = cli("solver", "--net", model, "--output", "s/solver.prototxt", "--max-iter", "3", "--test-iter",
+               "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     param = caffe_pb2.SolverParameter()
     from google.protobuf import text_format
@@ -176,7 +176,8 @@ def _parse(*argv: str):
 
 
 def test_amct_spellings_and_one_output_scheme():
-    args = _parse("save-retrain", "--model", "m", "--weights", "w", "--save_type", "Both", "--save_path=out/m")
+    args = _parse("save-retrain", "--model", "m", "--weights", "w", "--save_type", "Both",
+                  "--save_path=out/m")
     assert (args.save_type, args.save_path) == ("Both", "out/m")
     assert _parse("retrain-config", "--model", "m", "--weights", "w", "--output", "c.json",
                   "--config_defination", "q.cfg").config_defination == "q.cfg"
@@ -245,7 +246,7 @@ def test_no_negative_zero_in_logs(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={k: v for k, v in _env().items() if not k.startswith("AMCT_LOG")}, timeout=60)
     line = next(line for line in proc.stderr.splitlines() if "clip_min" in line)
-    assert line.endswith("clip_min 0, 0.0, 0.000") and "-0" not in line
+    assert line.endswith("clip_min 0, 0.0, 0.000") and "-0" not in line.split("[AMCT]:")[1]
     assert "-0" not in (tmp_path / "amct_log" / "amct_caffe.log").read_text().split("clip_min")[1]
 
 
@@ -273,6 +274,7 @@ def test_digits_ship_with_the_package():
     assert sorted(np.unique(labels).tolist()) == list(range(10))
     assert images.min() == 0.0 and images.max() == 1.0
     x, y = digits.memory_arrays("train", 0, 64)
-    assert x.shape == (1472, 1, 8, 8) and np.array_equal(x[1437:], x[:35]) and np.array_equal(y[1437:], y[:35])
+    assert x.shape == (1472, 1, 8, 8)
+    assert np.array_equal(x[1437:], x[:35]) and np.array_equal(y[1437:], y[:35])
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"data/*"' in pyproject

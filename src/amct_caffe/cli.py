@@ -333,7 +333,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare the float, fake-quant and (optionally) deploy models layer by layer on the same inputs:
     cosine similarity, SNR, largest error and the activation quantizers' saturation; writes report.json,
-    report.html and plots into --output and prints the table. Without --input, nets with Input blobs get
+    report.html and plots into --output-dir and prints the table. Without --input, nets with Input blobs get
     random inputs (numerics, not accuracy) and nets with data layers read their own data."""
     from amct_caffe.analysis import render, report
 
