@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from amct_caffe.errors import ConfigError, UnsupportedLayerError
-from amct_caffe.model.graph import producer_index, value_readers
+from amct_caffe.model.graph import Graph, producer_index, value_readers
 from amct_caffe.model.layer_types import FAKE_QUANT_TYPES
 from amct_caffe.model.phase import TEST, filter_net
 from amct_caffe.proto import caffe_pb2
@@ -123,22 +123,15 @@ def _removed_layers(layers: Sequence[caffe_pb2.LayerParameter]) -> set[int]:
     return removed
 
 
-def _drop_identity(net: caffe_pb2.NetParameter, removed: list[str]) -> None:
-    """Remove the layers that are the identity at inference; later readers of a top read its bottom."""
-    i = 0
-    while i < len(net.layer):
-        layer = net.layer[i]
-        if layer.type not in _IDENTITY_AT_INFERENCE or len(layer.bottom) != 1 or len(layer.top) != 1:
-            i += 1
-            continue
-        old, new = layer.top[0], layer.bottom[0]
-        if old != new:
-            for later in net.layer[i + 1:]:
-                later.bottom[:] = [new if b == old else b for b in later.bottom]
-                if old in later.top:
-                    break
-        removed.append(layer.name)
-        del net.layer[i]
+def _drop_identity(net: caffe_pb2.NetParameter, removed: list[str], path: str) -> caffe_pb2.NetParameter:
+    """Remove the layers that are the identity at inference; their readers read their input
+    (``Graph.remove_layer``)."""
+    graph = Graph(net, path)
+    for layer in list(graph):
+        if layer.type in _IDENTITY_AT_INFERENCE and len(layer.bottom) == 1 and len(layer.top) == 1:
+            removed.append(layer.name)
+            graph.remove_layer(layer.name)
+    return graph.to_net_parameter()
 
 
 def _input_layer(
@@ -206,8 +199,7 @@ def inference_net(
     del out.input[:]  # the legacy net-level inputs become Input layers (model.upgrade), never both
     del out.input_shape[:]
     del out.input_dim[:]
-    _drop_identity(out, removed)
-    return InferenceNet(out, inputs, removed)
+    return InferenceNet(_drop_identity(out, removed, path), inputs, removed)
 
 
 def atc_type(layer_type: str) -> str:
