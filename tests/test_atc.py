@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from amct_caffe import amct
 from amct_caffe.caffe import pycaffe
@@ -25,6 +26,7 @@ from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import ConfigError
 from amct_caffe.model.io import load_caffemodel
+from amct_caffe.model.io import load_prototxt as load_prototxt_file
 from amct_caffe.passes.atc import ATC_LAYER_TYPES, AtcUnsupportedLayerError, atc_net, inference_net
 from amct_caffe.proto import caffe_pb2
 from tests.helpers import parse_net, read_net
@@ -333,3 +335,53 @@ def test_cli_atc_ready_run_and_compare(tmp_path):
     proc = _cli("save-retrain", "--model", model, "--weights", weights, "--save-type", "Both",
                 "--save-path", "out2/m", "--input-shape", "data:1,3,8,8", cwd=tmp_path)
     assert proc.returncode == 1 and "--atc-ready" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bundled and shared nets
+# ---------------------------------------------------------------------------------------------------------
+def test_bundled_digits_train_test_net(tmp_path):
+    """The demo's train/test net (MemoryData, SoftmaxWithLoss, TEST Accuracy) through convert_model with
+    for_atc: Input 1x1x8x8 from the MemoryData parameters; the inference-form fake-quant model classifies the
+    held-out images exactly as the AMCT-form one does (digits.evaluate feeds both)."""
+    from amct_caffe.demo import digits
+    from amct_caffe.model.io import prototxt_text
+
+    net = digits.train_test_net("", "", feed="memory")
+    (tmp_path / "m.prototxt").write_text(prototxt_text(net))
+    float_net = Net(digits.input_fed_net(str(tmp_path / "m.prototxt"), 1), TEST)
+    randomize_params(float_net, 6)
+    float_net.save(tmp_path / "m.caffemodel")
+    record = tmp_path / "rec.txt"
+    record.write_text('record { key: "ip2" value { scale_d: 0.02 offset_d: -3 scale_w: 0.004 offset_w: 0 } '
+                      "}\n")
+    args = (str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel"), str(record))
+    amct.convert_model(*args, str(tmp_path / "plain" / "m"))
+    amct.convert_model(*args, str(tmp_path / "atc" / "m"), for_atc=True)
+    deploy = _check_inference_prototxt(tmp_path / "atc" / "m_deploy_model.prototxt", [1, 1, 8, 8], atc=True)
+    assert [layer.name for layer in deploy.layer][-1] == "ip2_dequant_layer"  # the scores are the output
+    fake = [f"{tmp_path}/{form}/m_fake_quant_model.prototxt" for form in ("plain", "atc")]
+    weights = f"{tmp_path}/plain/m_fake_quant_weights.caffemodel"
+    accuracies = [digits.evaluate(model, weights, batch_size=60) for model in fake]
+    assert accuracies[0] == accuracies[1]
+
+
+def test_mobilenet_ssd_atc_view_runs_in_the_engine(shared_models):
+    """MobileNet-SSD's deploy prototxt: DetectionOutput becomes SSDDetectionOutput, every type is ATC's,
+    and the engine computes the same detections from both prototxts."""
+    path = shared_models / "mobilenet_ssd" / "MobileNetSSD_deploy.prototxt"
+    original = load_prototxt_file(path)
+    result = atc_net(original, {}, path=str(path))
+    assert result.retyped == {"detection_out": ("DetectionOutput", "SSDDetectionOutput")}
+    assert {layer.type for layer in result.net.layer} <= ATC_LAYER_TYPES
+    nets = [Net(original, TEST), Net(result.net, TEST)]
+    randomize_params(nets[0], 7)
+    params = nets[0].to_proto()
+    nets[1].copy_from(params)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (1, 3, 300, 300)).astype(np.float32))
+    outs = []
+    for net in nets:
+        net.set_tensor("data", x)
+        net.run()
+        outs.append(net.tensor("detection_out").detach().numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
