@@ -278,3 +278,22 @@ def test_digits_ship_with_the_package():
     assert np.array_equal(x[1437:], x[:35]) and np.array_equal(y[1437:], y[:35])
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"data/*"' in pyproject
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (9) progress where no bar shows
+# ---------------------------------------------------------------------------------------------------------
+def test_progress_lines():
+    from amct_caffe.log import ProgressLines
+
+    lines: list[str] = []
+    progress = ProgressLines(3, "iteration", lines.append, every_s=0.0, enabled=True)
+    for _ in range(3):
+        progress.tick()
+    assert [line.split(" (")[0] for line in lines] == ["iteration 1/3", "iteration 2/3", "iteration 3/3"]
+    assert all(line.endswith("/s)") for line in lines)
+    quiet = ProgressLines(3, "iteration", lines.append, every_s=3600.0, enabled=True)
+    quiet.tick()
+    off = ProgressLines(3, "iteration", lines.append, every_s=0.0, enabled=False)
+    off.tick()
+    assert len(lines) == 3

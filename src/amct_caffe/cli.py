@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from amct_caffe.errors import AmctError, ConfigError
-from amct_caffe.log import quiet_screen, wrap_line
+from amct_caffe.log import ProgressLines, quiet_screen, wrap_line
 
 PROG = "amct-caffe"
 AMCT_PROG = "amct_caffe"
@@ -223,6 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.snapshot:
         solver.restore(args.snapshot)  # what solve(resume_file) does first; done here to count the steps
     start_iter = solver.iter
+    progress = ProgressLines(solver.param.max_iter - start_iter, "iteration")
+    solver.add_callback(on_start=progress.tick)
     start = time.perf_counter()
     solver.solve()
     elapsed = time.perf_counter() - start

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import sys
 import textwrap
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 
 LOGGER_NAME = "amct_caffe"
 LOG_DIR = "amct_log"
@@ -113,3 +115,36 @@ def wrap_line(text: str, width: int = 110, indent: str = "    ") -> str:
     lines indented (long layer lists); a short line is returned unchanged."""
     return textwrap.fill(text, width=width, subsequent_indent=indent, break_long_words=False,
                          break_on_hyphens=False)
+
+
+class ProgressLines:
+    """A progress line every ``every_s`` seconds where no tqdm bar shows (stderr is not a terminal: a log
+    file, a CI job): call :meth:`tick` once per step.
+
+    Args:
+        total: the number of steps.
+        what: what a step is, e.g. ``"iteration"``.
+        emit: where the line goes (default: ``print`` to stdout).
+        every_s: the least time between two lines.
+        enabled: None (default): only when stderr is not a terminal.
+    """
+
+    def __init__(self, total: int, what: str, emit: Callable[[str], None] | None = None,
+                 every_s: float = 10.0, enabled: bool | None = None) -> None:
+        self.total = total
+        self.what = what
+        self.emit = emit if emit is not None else (lambda text: print(text, flush=True))
+        self.every_s = every_s
+        self.enabled = (not sys.stderr.isatty()) if enabled is None else enabled
+        self.done = 0
+        self.start = time.perf_counter()
+        self.last = self.start
+
+    def tick(self) -> None:
+        """One step done; emit ``<what> <done>/<total> (<rate>/s)`` when ``every_s`` has passed."""
+        self.done += 1
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            self.emit(f"{self.what} {self.done}/{self.total} ({rate:.3g}/s)")

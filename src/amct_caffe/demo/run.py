@@ -51,7 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from amct_caffe.errors import ConfigError
-from amct_caffe.log import get_logger
+from amct_caffe.log import ProgressLines, get_logger
 
 #: Default output folder (relative to the working directory).
 DEFAULT_OUTPUT = "amct_demo_output"
@@ -158,14 +158,17 @@ def _size(num: int) -> str:
     return f"{num / 1024:.1f} KiB" if num < 1024 * 1024 else f"{num / 1024 / 1024:.2f} MiB"
 
 
-def _timed_solve(solver: Any) -> float:
+def _timed_solve(solver: Any, say: Callable[[str], None]) -> float:
     """``solver.solve()``; returns the mean wall time of one training step (forward, backward, update).
+    Where no progress bar shows, ``say`` gets a progress line every few seconds.
 
     Measured between the solver's ``on_start`` callbacks, i.e. over whole iterations; the final snapshot
     and test are not counted. One iteration only: the whole solve.
     """
     marks: list[float] = []
+    progress = ProgressLines(solver.param.max_iter - solver.iter, "  iteration", say)
     solver.add_callback(on_start=lambda: marks.append(time.perf_counter()))
+    solver.add_callback(on_start=progress.tick)
     start = time.perf_counter()
     solver.solve()
     if len(marks) >= 2:
@@ -294,7 +297,7 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     float_solver = caffe.get_solver(_write_solver(float_dir / f"{MODEL_NAME}_float_solver.prototxt",
                                                   float_solver_param))
     digits.feed_solver(float_solver, seed)
-    result.step_seconds["float"] = _timed_solve(float_solver)
+    result.step_seconds["float"] = _timed_solve(float_solver, say)
     float_weights = float_solver.snapshot_filename(".caffemodel")
 
     # 2. config and retrain model
@@ -318,7 +321,7 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
                                                     retrain_param))
     retrain_solver.net.copy_from(retrain_weights)
     digits.feed_solver(retrain_solver, seed)
-    result.step_seconds["retrain"] = _timed_solve(retrain_solver)
+    result.step_seconds["retrain"] = _timed_solve(retrain_solver, say)
     retrained = retrain_solver.snapshot_filename(".caffemodel")
 
     # 4. save
