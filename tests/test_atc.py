@@ -124,6 +124,18 @@ def test_atc_refuses_unsupported_layers_by_name():
     assert inference_net(parse_net(text), {}).net.layer[1].type == "Swish"  # the inference view keeps it
 
 
+def test_python_proposal_layer_gets_a_hint():
+    text = """
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 8 } } }
+    layer { name: "proposal" type: "Python" bottom: "x" top: "rois"
+            python_param { module: "rpn.proposal_layer" layer: "ProposalLayer"
+                           param_str: "'feat_stride': 16" } }
+    """
+    with pytest.raises(AtcUnsupportedLayerError,
+                       match=r"'proposal' \(Python\).*'Proposal' layer with proposal_param"):
+        atc_net(parse_net(text), {})
+
+
 def test_missing_input_shape_is_a_config_error():
     with pytest.raises(ConfigError, match=r"top 'data' of Data layer 'data'.*--input-shape"):
         inference_net(parse_net(TRAIN_TEST), {})

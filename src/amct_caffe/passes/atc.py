@@ -261,11 +261,16 @@ def atc_net(
     unsupported = [f"'{layer.name}' ({layer.type})" for layer in result.net.layer
                    if layer.type not in ATC_LAYER_TYPES]
     if unsupported:
+        proposal = any(layer.type == "Python" and layer.python_param.layer == "ProposalLayer"
+                       for layer in result.net.layer)
+        hint = (" A py-faster-rcnn proposal layer is written for ATC as a 'Proposal' layer with "
+                "proposal_param (feat_stride, pre_nms_topn 6000, post_nms_topn 300, iou_threshold 0.7, "
+                "min_size 16 for its TEST settings)." if proposal else "")
         raise AtcUnsupportedLayerError(
             f"Net '{label}': ATC's Caffe parser does not convert layer(s) {', '.join(unsupported)}, so no "
             "ATC-ready prototxt is written. Save without the ATC-ready option (the models are written as "
             "AMCT writes them), or replace these layers with ones ATC converts (docs/design.md, "
-            "\"ATC-ready models\")."
+            f"\"ATC-ready models\").{hint}"
         )
     return result
 
