@@ -312,6 +312,39 @@ layer { name: "lab" type: "DummyData" top: "label"
     assert json.loads((tmp_path / "out" / "m_quant.json").read_text())["quantized_layers"]
 
 
+def test_accuracy_based_auto_calibration_for_atc(tmp_path):
+    """The goal is met at once (plain PTQ); the saved models are written in ATC-ready form."""
+    from amct_caffe.common.auto_calibration import AutoCalibrationEvaluatorBase
+
+    layers = SMALL.replace(DUMMY, 'layer { name: "in" type: "Input" top: "data" '
+                                  'input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }').splitlines()
+    text = "\n".join(line for line in layers if '"label"' not in line)  # no loss, no accuracy
+    (tmp_path / "m.prototxt").write_text(text)
+    net = Net(parse_net(text), TEST)
+    randomize_params(net, 8)
+    net.save(tmp_path / "m.caffemodel")
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+    class Evaluator(AutoCalibrationEvaluatorBase):
+        def calibration(self, model_file: str, weights_file: str) -> None:
+            pycaffe.Net(model_file, weights_file, pycaffe.TEST).forward(data=x)
+
+        def evaluate(self, model_file: str, weights_file: str) -> float:
+            return 1.0
+
+        def metric_eval(self, original_metric: float, new_metric: float) -> tuple[bool, float]:
+            return True, 0.0
+
+    model, weights = str(tmp_path / "m.prototxt"), str(tmp_path / "m.caffemodel")
+    amct.create_quant_config(str(tmp_path / "c.json"), model, weights)
+    amct.accuracy_based_auto_calibration(model, weights, Evaluator(), str(tmp_path / "c.json"),
+                                         str(tmp_path / "out" / "rec.txt"), str(tmp_path / "out" / "m"),
+                                         for_atc=True)
+    deploy = read_net(tmp_path / "out" / "m_deploy_model.prototxt")
+    assert deploy.layer[0].type == "Input" and "Dropout" not in {layer.type for layer in deploy.layer}
+    assert {layer.type for layer in deploy.layer} <= ATC_LAYER_TYPES
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the command line: save-retrain --atc-ready, run and compare on the result
 # ---------------------------------------------------------------------------------------------------------
