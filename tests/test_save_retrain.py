@@ -285,6 +285,11 @@ def test_record_default_missing_is_a_named_error(tmp_path):
         amct.save_quant_retrain_model(model, weights, "Both", str(tmp_path / "out" / "m"))
     assert "scale_offset_record_file" in str(info.value) and "retrain.prototxt" in str(info.value)
     assert not (tmp_path / "out").exists()
+    float_text = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+    (tmp_path / "float.prototxt").write_text(float_text)
+    with pytest.raises(MissingRecordPathError, match="not a retrain model"):
+        amct.save_quant_retrain_model(str(tmp_path / "float.prototxt"), weights, "Both",
+                                      str(tmp_path / "o" / "m"))
 
 
 # ---------------------------------------------------------------------------------------------------------

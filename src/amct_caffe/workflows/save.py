@@ -143,6 +143,12 @@ def record_path_of(net: caffe_pb2.NetParameter, model_file: str) -> str:
              if layer.type == ACTIVATION_QAT and layer.retrain_data_quant_param.record_file_path}
     if len(named) == 1:
         return named.pop()
+    if not any(layer.type == ACTIVATION_QAT for layer in net.layer):
+        raise MissingRecordPathError(
+            f"{API}: scale_offset_record_file is None but '{model_file}' has no ActivationQAT layer to read "
+            "the record path from: it is not a retrain model. Give the modified_model_file written by "
+            "create_quant_retrain_model (or pass scale_offset_record_file)."
+        )
     if not named:
         raise MissingRecordPathError(
             f"{API}: scale_offset_record_file is None but retrain model '{model_file}' names no record file "
