@@ -110,6 +110,12 @@ def log_once(logger: logging.Logger, level: int, key: Hashable, message: str, *a
     logger.log(level, message, *args)
 
 
+def forget_logged_once() -> None:
+    """Let every :func:`log_once` message be logged again (a test that reads a file other tests read too
+    starts from here)."""
+    _logged_once.clear()
+
+
 def wrap_line(text: str, width: int = 110, indent: str = "    ") -> str:
     """One screen line wrapped at word boundaries into lines of at most ``width`` characters, continuation
     lines indented (long layer lists); a short line is returned unchanged."""
