@@ -26,8 +26,8 @@ from tests.references.layers import conv2d, inner_product
 from tests.references.metrics import cosine
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SUBCOMMANDS = ["calibration", "retrain-config", "retrain-model", "train", "save-retrain", "run", "inspect",
-               "compare", "demo", "pycaffe-rewrite", "exec"]
+SUBCOMMANDS = ["calibration", "retrain-config", "retrain-model", "solver", "train", "save-retrain", "run",
+               "inspect", "compare", "demo", "pycaffe-rewrite", "exec"]
 
 
 def _env() -> dict[str, str]:

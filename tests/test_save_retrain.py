@@ -28,6 +28,7 @@ from amct_caffe.errors import AmctError, ConfigError, ModelFormatError, RecordEr
 from amct_caffe.model.io import load_caffemodel, save_caffemodel
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.workflows import qat
+from amct_caffe.workflows.save import MissingRecordPathError
 from tests.helpers import parse_net, read_record
 from tests.references.layers import conv2d, fold_batchnorm
 from tests.references.quant import arq_codes, arq_scales, data_scale_offset, round_away
@@ -45,7 +46,7 @@ layer { name: "conv1_act_retrain" type: "ActivationQAT" bottom: "data" top: "con
         param { lr_mult: 1 decay_mult: 0 } param { lr_mult: 1 decay_mult: 0 }
         retrain_data_quant_param { clip_max: 3 clip_min: -1 ifmr_init: false with_offset: true
                                    fixed_min: false object_layer: "conv1"
-                                   record_file_path: "unused_record.txt" } }
+                                   record_file_path: "RECORD" } }
 layer { name: "conv1_wts_retrain" type: "WeightQAT" bottom: "conv1_act_retrain" top: "conv1_wts_retrain"
         param { name: "conv1_wts_retrain_w" lr_mult: 0 decay_mult: 0 } param { lr_mult: 1 decay_mult: 1 }
         retrain_weight_quant_param { cout: 2 cin: 2 h: 2 w: 2 channel_wise: CW layer_type: "Convolution"
@@ -138,7 +139,8 @@ def tiny_blobs(bias: np.ndarray | None = BIAS, clips: bool = True) -> dict[str, 
 
 
 def write_tiny(folder: Path, text: str | None = None, blobs: dict | None = None) -> tuple[str, str]:
-    text = tiny_text() if text is None else text
+    """The tiny retrain model in ``folder``; its ActivationQAT names ``folder/train_record.txt``."""
+    text = (tiny_text() if text is None else text).replace("RECORD", str(folder / "train_record.txt"))
     blobs = tiny_blobs() if blobs is None else blobs
     model, weights = folder / "retrain.prototxt", folder / "retrain.caffemodel"
     model.write_text(text)
@@ -259,19 +261,35 @@ def test_files_per_save_type(tmp_path, save_type):
     model, weights = write_tiny(tmp_path)
     out = tmp_path / "deep" / "folder"  # missing folders are created
     amct.save_quant_retrain_model(model, weights, save_type, str(out / "m"))
-    # no create_quant_retrain_model ran in this process: the record is <save_path>_scale_offset_record.txt
-    assert listing(out) == sorted(FILES[save_type] + ["m_scale_offset_record.txt"])
-    assert read_record(out / "m_scale_offset_record.txt")["conv1"].scale_d == S_D
+    # record None: the record the retrain model's ActivationQAT names
+    assert listing(out) == sorted(FILES[save_type])
+    assert read_record(tmp_path / "train_record.txt")["conv1"].scale_d == S_D
 
 
-def test_record_default_is_the_create_path(tmp_path, monkeypatch):
+def test_record_default_is_the_models_path(tmp_path, monkeypatch):
+    """record None: the path the retrain model carries, not the last create_quant_retrain_model's."""
     model, weights = write_tiny(tmp_path)
-    remembered = tmp_path / "train" / "record.txt"
-    monkeypatch.setattr(qat, "_LAST_RETRAIN", qat.RetrainPaths(str(remembered), str(tmp_path / "c.json")))
+    other = tmp_path / "other_model" / "record.txt"
+    monkeypatch.setattr(qat, "_LAST_RETRAIN", qat.RetrainPaths(str(other), str(tmp_path / "c.json")))
     out = tmp_path / "out"
     amct.save_quant_retrain_model(model, weights, "Deploy", str(out / "m"))
     assert listing(out) == sorted(FILES["Deploy"])
-    assert read_record(remembered)["conv1"].offset_d == O_D
+    assert read_record(tmp_path / "train_record.txt")["conv1"].offset_d == O_D
+    assert not other.exists()
+
+
+def test_record_default_missing_is_a_named_error(tmp_path):
+    text = tiny_text().replace('record_file_path: "RECORD" ', "")
+    model, weights = write_tiny(tmp_path, text)
+    with pytest.raises(MissingRecordPathError, match="record_file_path") as info:
+        amct.save_quant_retrain_model(model, weights, "Both", str(tmp_path / "out" / "m"))
+    assert "scale_offset_record_file" in str(info.value) and "retrain.prototxt" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    float_text = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+    (tmp_path / "float.prototxt").write_text(float_text)
+    with pytest.raises(MissingRecordPathError, match="not a retrain model"):
+        amct.save_quant_retrain_model(str(tmp_path / "float.prototxt"), weights, "Both",
+                                      str(tmp_path / "o" / "m"))
 
 
 # ---------------------------------------------------------------------------------------------------------

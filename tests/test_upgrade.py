@@ -19,6 +19,7 @@ import pytest
 from google.protobuf import text_format
 
 from amct_caffe.errors import ModelFormatError, UnsupportedLayerError
+from amct_caffe.log import forget_logged_once
 from amct_caffe.model.io import load_caffemodel, load_prototxt, prototxt_text
 from amct_caffe.model.upgrade import upgrade_net
 from amct_caffe.proto import caffe_pb2
@@ -54,6 +55,7 @@ def upgrade_log():
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record)
 
+    forget_logged_once()  # the upgrade notes come once per file and process; other tests read these files
     logger = logging.getLogger("amct_caffe.model.upgrade")
     handler = _Keep(level=logging.DEBUG)
     old_level = logger.level

@@ -196,6 +196,9 @@ def save_quant_retrain_model(
     save_path: str,
     scale_offset_record_file: str | None = None,
     config_file: str | None = None,
+    *,
+    for_atc: bool = False,
+    input_shape: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
     """Save a retrained (QAT) model as a fake-quant model for Caffe and/or a deploy model for ATC.
 
@@ -221,11 +224,19 @@ def save_quant_retrain_model(
         save_type: ``'Fakequant'``, ``'Deploy'`` or ``'Both'`` (exactly so spelled).
         save_path: folder plus file-name prefix, e.g. ``./result/model``; missing folders are created.
         scale_offset_record_file: the record file to (re)write with the factors of the saved models
-            (``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``channels/height/width``). None: the path
-            given to ``create_quant_retrain_model`` earlier in this process, else
-            ``<save_path>_scale_offset_record.txt``.
+            (``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``channels/height/width``). None: the
+            record the retrain model names (the ``record_file_path`` that ``create_quant_retrain_model``
+            wrote into its ``ActivationQAT`` layers); a ``MissingRecordPathError`` when it names none.
         config_file: the QAT JSON config; it selects which retrained layers are saved quantized (a layer it
             disables is saved in float). None: every layer with retrain layers is quantized.
+        for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True
+            writes the prototxts in inference form: every data layer becomes an ``Input`` layer with its
+            shape, loss and accuracy layers (and what only they read) and ``Dropout`` are removed; the
+            deploy prototxt also gets the type strings ATC's Caffe parser needs (``DetectionOutput`` ->
+            ``SSDDetectionOutput``, ``ConvolutionDepthwise``/``DepthwiseConvolution`` -> ``Convolution``
+            with ``group``, ...), so ATC converts it as it is (docs/design.md, "ATC-ready models").
+        input_shape: keyword-only, with ``for_atc``: ``{input blob: shape}`` for data layers whose shape
+            the net cannot tell (default: built from the data layer, else the record's input shape, batch 1).
 
     Returns:
         None. Outputs: ``<save_path>_fake_quant_model.prototxt`` and
@@ -243,6 +254,8 @@ def save_quant_retrain_model(
             layers or their blobs are not what ``create_quant_retrain_model`` writes.
         RecordError: an activation retrain layer has no clip values in the caffemodel (run the retrain model
             forward/train before saving).
+        AtcUnsupportedLayerError: ``for_atc`` and the deploy model holds a layer type ATC does not convert
+            (the message names each).
     """
     api = "save_quant_retrain_model"
     if not isinstance(save_type, str):
@@ -255,7 +268,7 @@ def save_quant_retrain_model(
     _check_path(api, "config_file", config_file, optional=True)
     _save.save_quant_retrain_model(
         retrained_model_file, retrained_weights_file, save_type, save_path, scale_offset_record_file,
-        config_file,
+        config_file, for_atc=for_atc, input_shape=input_shape,
     )
 
 
@@ -404,6 +417,8 @@ def save_model(
     *,
     refine: str | None = None,
     calibration_data: Sequence[Mapping[str, np.ndarray]] | None = None,
+    for_atc: bool = False,
+    input_shape: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
     """Save the calibrated model as a fake-quant model for Caffe and/or a deploy model for ATC.
 
@@ -428,6 +443,14 @@ def save_model(
             (docs/design.md, "Post-training refinement").
         calibration_data: keyword-only, needed by ``refine``: the calibration batches, a list of
             ``{input blob name: array}`` (the arrays the calibration model ran on).
+        for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True
+            writes the prototxts in inference form: every data layer becomes an ``Input`` layer with its
+            shape, loss and accuracy layers (and what only they read) and ``Dropout`` are removed; the
+            deploy prototxt also gets the type strings ATC's Caffe parser needs (``DetectionOutput`` ->
+            ``SSDDetectionOutput``, ``ConvolutionDepthwise``/``DepthwiseConvolution`` -> ``Convolution``
+            with ``group``, ...), so ATC converts it as it is (docs/design.md, "ATC-ready models").
+        input_shape: keyword-only, with ``for_atc``: ``{input blob: shape}`` for data layers whose shape
+            the net cannot tell (default: built from the data layer, else the record's input shape, batch 1).
 
     Returns:
         None. Outputs: ``<save_path>_fake_quant_model.prototxt`` / ``_fake_quant_weights.caffemodel``
@@ -442,16 +465,27 @@ def save_model(
         ConfigError: a bad argument (an unknown ``refine``, ``refine`` without ``calibration_data``); a
             quantized bias does not fit INT32 (``BiasOverflowError``: set ``quant_enable`` false for that
             layer in the config).
+        AtcUnsupportedLayerError: ``for_atc`` and the deploy model holds a layer type ATC does not convert
+            (the message names each).
     """
     api = "save_model"
     if not isinstance(save_type, str):
         raise ConfigError(f"{api}: argument 'save_type' must be 'Fakequant', 'Deploy' or 'Both', got "
                           f"{save_type!r}.")
     _check_path(api, "save_path", save_path)
-    _ptq.save_model(graph, save_type, save_path, refine=refine, calibration_data=calibration_data)
+    _ptq.save_model(graph, save_type, save_path, refine=refine, calibration_data=calibration_data,
+                    for_atc=for_atc, input_shape=input_shape)
 
 
-def convert_model(model_file: str, weights_file: str, scale_offset_record_file: str, save_path: str) -> None:
+def convert_model(
+    model_file: str,
+    weights_file: str,
+    scale_offset_record_file: str,
+    save_path: str,
+    *,
+    for_atc: bool = False,
+    input_shape: Mapping[str, Sequence[int]] | None = None,
+) -> None:
     """Build the fake-quant and deploy models of a float model from a record of externally computed factors.
 
     Each layer of the record (Convolution, Deconvolution, InnerProduct, AVE Pooling) is quantized with its
@@ -465,6 +499,14 @@ def convert_model(model_file: str, weights_file: str, scale_offset_record_file: 
         scale_offset_record_file: the record (protobuf text of ``ScaleOffsetRecord``); ``shift_bit`` is not
             supported.
         save_path: folder plus file-name prefix of the outputs.
+        for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True
+            writes the prototxts in inference form: every data layer becomes an ``Input`` layer with its
+            shape, loss and accuracy layers (and what only they read) and ``Dropout`` are removed; the
+            deploy prototxt also gets the type strings ATC's Caffe parser needs (``DetectionOutput`` ->
+            ``SSDDetectionOutput``, ``ConvolutionDepthwise``/``DepthwiseConvolution`` -> ``Convolution``
+            with ``group``, ...), so ATC converts it as it is (docs/design.md, "ATC-ready models").
+        input_shape: keyword-only, with ``for_atc``: ``{input blob: shape}`` for data layers whose shape
+            the net cannot tell (default: built from the data layer, else the record's input shape, batch 1).
 
     Returns:
         None. Outputs: the fake-quant and deploy prototxt/caffemodel pairs (as ``save_model`` 'Both'),
@@ -476,12 +518,15 @@ def convert_model(model_file: str, weights_file: str, scale_offset_record_file: 
         ConfigError: the model already holds AMCT layers (it was quantized); a bad argument; a quantized bias
             does not fit INT32.
         ModelFormatError: the prototxt or caffemodel is missing or malformed.
+        AtcUnsupportedLayerError: ``for_atc`` and the deploy model holds a layer type ATC does not convert
+            (the message names each).
     """
     api = "convert_model"
     for name, value in (("model_file", model_file), ("weights_file", weights_file),
                         ("scale_offset_record_file", scale_offset_record_file), ("save_path", save_path)):
         _check_path(api, name, value)
-    _convert.convert_model(model_file, weights_file, scale_offset_record_file, save_path)
+    _convert.convert_model(model_file, weights_file, scale_offset_record_file, save_path, for_atc=for_atc,
+                           input_shape=input_shape)
 
 
 def accuracy_based_auto_calibration(
@@ -493,6 +538,9 @@ def accuracy_based_auto_calibration(
     save_dir: str,
     strategy: Any = "BinarySearch",
     sensitivity: Any = "CosineSimilarity",
+    *,
+    for_atc: bool = False,
+    input_shape: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
     """Post-training quantization that keeps the most sensitive layers float until the accuracy goal holds.
 
@@ -519,6 +567,14 @@ def accuracy_based_auto_calibration(
         save_dir: folder plus file-name prefix of the outputs, e.g. ``./result/model``.
         strategy: ``'BinarySearch'`` or a ``BinarySearchStrategy()``.
         sensitivity: ``'CosineSimilarity'`` or a ``CosineSimilaritySensitivity()``.
+        for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True
+            writes the prototxts in inference form: every data layer becomes an ``Input`` layer with its
+            shape, loss and accuracy layers (and what only they read) and ``Dropout`` are removed; the
+            deploy prototxt also gets the type strings ATC's Caffe parser needs (``DetectionOutput`` ->
+            ``SSDDetectionOutput``, ``ConvolutionDepthwise``/``DepthwiseConvolution`` -> ``Convolution``
+            with ``group``, ...), so ATC converts it as it is (docs/design.md, "ATC-ready models").
+        input_shape: keyword-only, with ``for_atc``: ``{input blob: shape}`` for data layers whose shape
+            the net cannot tell (default: built from the data layer, else the record's input shape, batch 1).
 
     Returns:
         None. Outputs, written all-or-nothing at the end: the fake-quant and deploy models and
@@ -535,6 +591,8 @@ def accuracy_based_auto_calibration(
             the PTQ flow refuses.
         ModelFormatError, RecordError: a model file is malformed; the evaluator's calibration did not run
             the calibration model ``batch_num`` times.
+        AtcUnsupportedLayerError: ``for_atc`` and the deploy model holds a layer type ATC does not convert
+            (the message names each).
         On any error no output is written and existing files are left untouched.
     """
     api = "accuracy_based_auto_calibration"
@@ -542,7 +600,8 @@ def accuracy_based_auto_calibration(
                         ("config_file", config_file), ("record_file", record_file), ("save_dir", save_dir)):
         _check_path(api, name, value)
     _auto_calibration.accuracy_based_auto_calibration(
-        model_file, weights_file, model_evaluator, config_file, record_file, save_dir, strategy, sensitivity)
+        model_file, weights_file, model_evaluator, config_file, record_file, save_dir, strategy, sensitivity,
+        for_atc=for_atc, input_shape=input_shape)
 
 
 def auto_nuq(*args: Any, **kwargs: Any) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from amct_caffe.errors import AmctError, ConfigError, ModelFormatError
+from amct_caffe.log import quiet_screen, wrap_line
 
 PROG = "amct-caffe"
 AMCT_PROG = "amct_caffe"
@@ -178,6 +179,18 @@ def _seed(text: str) -> int:
     return value
 
 
+def _atc_input_shape(text: str | None, atc_ready: bool) -> dict[str, tuple[int, ...]] | None:
+    """``--input-shape 'data:1,3,224,224;info:1,3'`` (AMCT's form) as ``{top: shape}``; only with
+    --atc-ready."""
+    from amct_caffe.workflows.calibration_run import parse_input_shape
+
+    if text is None:
+        return None
+    if not atc_ready:
+        raise ConfigError("--input-shape sets the Input shapes of the ATC-ready models; add --atc-ready")
+    return dict(parse_input_shape(text))
+
+
 def _check_file(path: str | None, option: str) -> None:
     if path is not None and not os.path.isfile(path):
         what = "is not a regular file (a folder, a device or a pipe)" if os.path.exists(path) else \
@@ -199,8 +212,8 @@ def cmd_retrain_config(args: argparse.Namespace) -> int:
     config = json.loads(Path(args.output).read_text(encoding="utf-8"))
     layers = {name: entry for name, entry in config.items() if isinstance(entry, dict)}
     enabled = [name for name, entry in layers.items() if entry.get("retrain_enable")]
-    print(f"wrote {args.output}: {len(layers)} quantizable layer(s), {len(enabled)} enabled for retraining"
-          f"{': ' + ', '.join(enabled) if enabled else ''}")
+    print(wrap_line(f"wrote {args.output}: {len(layers)} quantizable layer(s), {len(enabled)} enabled for "
+                    f"retraining{': ' + ', '.join(enabled) if enabled else ''}"))
     return 0
 
 
@@ -221,12 +234,14 @@ def cmd_save_retrain(args: argparse.Namespace) -> int:
     every factor recomputed from the retrained weights (amct.save_quant_retrain_model). --save-type is
     Fakequant, Deploy or Both; --save-path is a folder plus a file-name prefix."""
     from amct_caffe import amct
-    from amct_caffe.workflows.save import output_paths
+    from amct_caffe.workflows.save import output_paths, resolve_record_path
 
     amct.save_quant_retrain_model(args.model, args.weights, args.save_type, args.save_path, args.record,
-                                  args.config)
+                                  args.config, for_atc=args.atc_ready,
+                                  input_shape=_atc_input_shape(args.input_shape, args.atc_ready))
     print(f"saved ({args.save_type}):")
-    for _, path in output_paths(args.save_path, args.save_type, args.record).all():
+    record = resolve_record_path(args.record, args.model)
+    for _, path in output_paths(args.save_path, args.save_type, record).all():
         print(f"  {path}")
     return 0
 
@@ -290,6 +305,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_solver(args: argparse.Namespace) -> int:
+    """Write a solver for a retrain model with AMCT's rules: net = the retrain prototxt (absolute path),
+    test_initialization false, one TEST pass and a snapshot at max_iter, base_lr 1e-4 (about 1/100 of the
+    float training's), momentum 0.9, weight_decay 1e-4. Then: amct-caffe train SOLVER --weights
+    <retrain caffemodel>, and save-retrain --weights <the snapshot it prints>."""
+    from amct_caffe.workflows.solver import RetrainSolverOptions, write_retrain_solver
+
+    _check_file(args.net, "--net")
+    snapshot = write_retrain_solver(args.net, args.output, RetrainSolverOptions(
+        args.max_iter, args.base_lr, args.test_iter, args.display, args.snapshot_prefix))
+    print(f"wrote {args.output}: {args.max_iter} iteration(s) of {args.net}; snapshot {snapshot}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Forward a net once in the engine's TEST phase and print (or save) its outputs. Inputs: .npy arrays
     or images (--input NAME=FILE; an image is decoded as Caffe does, BGR or grey, values 0..255, resized to
@@ -321,9 +350,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     _print_outputs(outputs)
     print(f"forward: {elapsed * 1000:.1f} ms")
-    _save_outputs(outputs, args.save, args.output_dir)
-    if args.save:
-        print(f"outputs saved to {args.save}")
+    _save_outputs(outputs, args.output, args.output_dir)
+    if args.output:
+        print(f"outputs saved to {args.output}")
     if args.output_dir:
         print(f"{len(outputs)} output(s) saved as .npy files in {args.output_dir}")
     return 0
@@ -391,9 +420,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("QAT: this model already holds AMCT layers; give the original float model to quantize it")
     else:
         quantizable = summary.quantizable
-        print(f"QAT can quantize {len(quantizable)} layer(s)"
-              f"{': ' + ', '.join(quantizable) if quantizable else ''} "
-              f"(types {', '.join(QAT_LAYER_TYPES)})")
+        print(wrap_line(f"QAT can quantize {len(quantizable)} layer(s)"
+                        f"{': ' + ', '.join(quantizable) if quantizable else ''} "
+                        f"(types {', '.join(QAT_LAYER_TYPES)})"))
     return 0
 
 
@@ -403,7 +432,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Compare the float, fake-quant and (optionally) deploy models layer by layer on the same inputs:
     cosine similarity, SNR, largest error and the activation quantizers' saturation; writes report.json,
-    report.html and plots into --output and prints the table. Without --input, nets with Input blobs get
+    report.html and plots into --output-dir and prints the table. Without --input, nets with Input blobs get
     random inputs (numerics, not accuracy) and nets with data layers read their own data."""
     from amct_caffe.analysis import render, report
 
@@ -457,10 +486,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"'{args.fake_model}' share no quantized layer and no output blob; give the models that "
             "save_quant_retrain_model or quantize_model wrote from this float model"
         )
-    written = report.write_report(result, args.output)
+    written = report.write_report(result, args.output_dir)
     print(render.format_table(result))
-    html = written.get("report.html", os.path.join(args.output, "report.html"))
-    print(f"report: {html} ({len(written)} file(s) in {args.output})")
+    html = written.get("report.html", os.path.join(args.output_dir, "report.html"))
+    print(f"report: {html} ({len(written)} file(s) in {args.output_dir})")
     return 0
 
 
@@ -491,7 +520,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     Needs: pip install 'amct-caffe[demo]'."""
     from amct_caffe.demo.run import run_demo
 
-    run_demo(args.output, float_iters=args.float_iters, retrain_iters=args.retrain_iters, seed=args.seed,
+    run_demo(args.output_dir, float_iters=args.float_iters, retrain_iters=args.retrain_iters, seed=args.seed,
              report=not args.no_report)
     return 0
 
@@ -517,7 +546,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
 
     written = run_calibration(args.model, args.weights, args.save_path, args.input_shape, args.data_dir,
                               args.data_types, args.evaluator, args.calibration_config, args.batch_num,
-                              args.gpu_id)
+                              args.gpu_id, for_atc=args.atc_ready)
     print("calibration done:")
     for path in written:
         print(f"  {path}")
@@ -537,6 +566,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str,
+                  kind: Callable[[str], Any] | None = None) -> None:
+    """Another spelling of an option (an older one, or AMCT's), accepted but not shown in --help."""
+    if kind is None:
+        parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, type=kind)
+
+
+#: Options a subcommand requires but declares optional, because a hidden alias may give them instead.
+_REQUIRED_VIA_ALIAS = {"compare": ("output_dir", "--output-dir")}
+
+
+def _subcommand_options(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
+    """``{subcommand: its option strings}``."""
+    out: dict[str, set[str]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = {opt for a in sub._actions for opt in a.option_strings}
+    return out
+
+
+def normalise_spellings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """AMCT's underscore spellings (``--save_path``, ``--gpu_id``, ...) and our hyphen spellings are the
+    same option: a ``--a_b`` (or ``--a-b``) the subcommand does not know is read as its ``--a-b`` (``--a_b``).
+    Only options of the subcommand named in ``argv`` are rewritten; values are never touched."""
+    options = _subcommand_options(parser)
+    known = next((options[arg] for arg in argv if arg in options), None)
+    if known is None:
+        return list(argv)
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag.startswith("--") and flag not in known:
+            for other in (flag.replace("_", "-"), "--" + flag[2:].replace("-", "_")):
+                if other in known:
+                    flag = other
+                    break
+        out.append(flag + sep + value if sep else flag)
+    return out
+
+
 def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
          debug: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=" ".join((func.__doc__ or "").split()),
@@ -547,6 +619,17 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_te
 
 _PYTHON_LAYERS_HELP = ("let the model's type: \"Python\" layers import and run their modules (also: "
                        "AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1); only for models and modules you trust")
+
+
+def _add_atc_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atc-ready", "--atc_ready", dest="atc_ready", action="store_true",
+                   help="write the prototxts in inference form: data layers become Input layers, loss and "
+                        "accuracy layers go; the deploy prototxt gets the layer types ATC reads "
+                        "(SSDDetectionOutput, grouped Convolution for depthwise forks), so ATC converts it "
+                        "as it is")
+    p.add_argument("--input-shape", "--input_shape", dest="input_shape", metavar="NAME:DIMS[;NAME:DIMS]",
+                   help="with --atc-ready: shapes of the Input layers, e.g. 'data:1,3,224,224' (default: "
+                        "from the data layers, else the record, batch 1)")
 
 
 def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.ArgumentParser:
@@ -584,6 +667,9 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
         p.add_argument("--batch_num", type=_positive_int, help="number of calibration batches (default: the "
                                                                 ".cfg's batch_num, else 1)")
         p.add_argument("--gpu_id", type=int, help="calibrate on CUDA device GPU_ID")
+        p.add_argument("--atc_ready", "--atc-ready", dest="atc_ready", action="store_true",
+                       help="write the models in inference form (Input layers with --input_shape or the "
+                            "net's shapes, no loss/accuracy), the deploy prototxt as ATC converts it as is")
 
     p = _add(sub, "retrain-config", cmd_retrain_config,
              "write the QAT config of a float model (create_quant_retrain_config)", debug)
@@ -602,7 +688,24 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--output-weights", required=True, help="the retrain caffemodel to write")
     p.add_argument("--record", required=True, help="the scale/offset record file to write")
 
+    from amct_caffe.workflows.solver import EXAMPLE
+
+    p = _add(sub, "solver", cmd_solver, "write a solver for a retrain model with AMCT's rules", debug)
+    p.add_argument("--net", required=True, help="the retrain prototxt (from retrain-model)")
+    p.add_argument("--output", required=True, metavar="SOLVER.prototxt", help="the solver to write")
+    p.add_argument("--max-iter", required=True, type=_positive_int, metavar="N",
+                   help="training iterations (AMCT: 1/4 to 1/3 of the float training's epochs)")
+    p.add_argument("--base-lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--test-iter", type=_positive_int, default=1, metavar="N",
+                   help="TEST iterations at the end (at least the QAT config's batch_num; default 1)")
+    p.add_argument("--display", type=int, default=0, metavar="N", help="log the loss every N iterations")
+    p.add_argument("--snapshot-prefix", metavar="PREFIX",
+                   help="snapshot prefix (default: <solver folder>/solver)")
+
     p = _add(sub, "train", cmd_train, "train a net with a Caffe solver prototxt in the engine", debug)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("A complete solver for a retrain model (`amct-caffe solver --net retrain.prototxt --output "
+                "solver.prototxt --max-iter 1000` writes one):\n\n" + EXAMPLE)
     p.add_argument("solver", metavar="SOLVER", help="the solver prototxt (its net: the retrain model)")
     p.add_argument("--weights", metavar="CAFFEMODEL[,CAFFEMODEL...]",
                    help="weights to start from (copied by layer name), e.g. the retrain caffemodel")
@@ -614,6 +717,7 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="train data-parallel on N local worker processes (torch.distributed: gloo on CPU, "
                         "NCCL on CUDA); each runs the solver's batch_size, so the effective batch is "
                         "batch_size x N. Under torchrun leave it out")
+    _hidden_alias(p, "--gpu_id", "gpu", int)
 
     p = _add(sub, "save-retrain", cmd_save_retrain,
              "save a retrained model as fake-quant and/or deploy model (save_quant_retrain_model)", debug)
@@ -624,9 +728,11 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--save-path", required=True, metavar="DIR/PREFIX",
                    help="folder plus file-name prefix of the saved files, e.g. results/model")
     p.add_argument("--record",
-                   help="the record file to (re)write (default: <save-path>_scale_offset_record.txt)")
+                   help="the record file to (re)write (default: the record the retrain model names, i.e. "
+                        "the one given to retrain-model)")
     p.add_argument("--config", help="the QAT config; it selects the layers saved quantized (default: every "
                                     "layer with retrain layers)")
+    _add_atc_options(p)
 
     p = _add(sub, "run", cmd_run, "forward a Caffe net in the engine", debug)
     p.add_argument("model", metavar="MODEL", help="the .prototxt")
@@ -646,10 +752,12 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
                    help="pycaffe classify.py's --input_scale: multiply after the mean is subtracted")
     p.add_argument("--channel-swap", metavar="2,1,0",
                    help="pycaffe classify.py: channel order after reading RGB (default 2,1,0: BGR)")
-    p.add_argument("--save", metavar="FILE.npz", help="save the outputs into one .npz file")
+    p.add_argument("--output", metavar="FILE.npz", help="save the outputs into one .npz file")
+    _hidden_alias(p, "--save", "output")
     p.add_argument("--output-dir", metavar="DIR", help="save every output as DIR/<blob>.npy")
     p.add_argument("--gpu", type=int, nargs="?", const=0, default=None, metavar="ID",
                    help="run on CUDA device ID")
+    _hidden_alias(p, "--gpu_id", "gpu", int)
 
     p = _add(sub, "inspect", cmd_inspect, "list a net's layers, shapes, parameters and QAT support", debug)
     p.add_argument("model", metavar="MODEL", help="the .prototxt")
@@ -674,17 +782,20 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--deploy-weights", help="<prefix>_deploy_weights.caffemodel (optional)")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
                    help="input values (axis 0 is split into --batches forward passes); repeat per input")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder of report.json/.html and plots")
+    p.add_argument("--output-dir", metavar="DIR", help="folder of report.json/.html and plots (required)")
+    _hidden_alias(p, "--output", "output_dir")
     p.add_argument("--threshold", type=float, default=0.99,
                    help="cosine below which a layer is a candidate to skip (default 0.99)")
     p.add_argument("--batches", type=_positive_int, default=1, help="forward passes (default 1)")
+    _hidden_alias(p, "--batch_num", "batches", _positive_int)
     p.add_argument("--seed", type=_seed, default=0, help="seed of random inputs (default 0)")
 
     from amct_caffe.demo.run import DEFAULT_OUTPUT, RETRAIN_ITERATIONS
 
     p = _add(sub, "demo", cmd_demo, "QAT end to end on the bundled digits net (seconds on a CPU)", debug)
-    p.add_argument("--output", default=f"./{DEFAULT_OUTPUT}", metavar="DIR",
+    p.add_argument("--output-dir", default=f"./{DEFAULT_OUTPUT}", metavar="DIR",
                    help=f"output folder (default ./{DEFAULT_OUTPUT})")
+    _hidden_alias(p, "--output", "output_dir")
     p.add_argument("--float-iters", type=_positive_int, default=None, metavar="N",
                    help="float training iterations (default 600)")
     p.add_argument("--retrain-iters", type=_positive_int, default=RETRAIN_ITERATIONS, metavar="N",
@@ -728,8 +839,12 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run the command line (``argv`` without the program name); returns the exit code."""
+    quiet_screen()
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalise_spellings(parser, sys.argv[1:] if argv is None else argv))
+    required = _REQUIRED_VIA_ALIAS.get(args.command)
+    if required is not None and getattr(args, required[0], None) is None:
+        parser.error(f"{args.command}: the following arguments are required: {required[1]}")
     debug = bool(args.debug)
     # the opt-in for type: "Python" layers; without the flag the environment variable still decides
     python_layers: contextlib.AbstractContextManager[None] = contextlib.nullcontext()

@@ -355,6 +355,21 @@ def feed_inputs(net: Net, inputs: InputBatch, which: str) -> None:
         net.set_tensor(name, tensor.to(torch.float32))
 
 
+def _feed_from_float(net: Net, float_net: Net, which: str) -> None:
+    """Feed the Input blobs of a model saved in inference form (``for_atc``) with what the float model's data
+    layers just read under the same blob names."""
+    values = {}
+    for name in net.inputs:
+        value = _value(float_net, name)
+        if value is None:
+            raise RuntimeEngineError(
+                f"compare_report: the {which} model's input blob '{name}' is not a blob of the float model, "
+                "whose data layers feed it; pass `inputs` ({name: array})."
+            )
+        values[name] = value.detach().clone()
+    feed_inputs(net, values, which)
+
+
 def _check_inputs(batch: InputBatch, nets: Mapping[str, Net]) -> None:
     for which, net in nets.items():
         missing = [name for name in net.inputs if name not in batch]
@@ -516,6 +531,8 @@ class _ReportCollector:
                 with torch.no_grad():
                     net.run()
             else:
+                if batch is None and net.inputs:
+                    _feed_from_float(net, self.nets["float"], which)
                 _run_observing(net, self.quants[which], self.collected.saturation[which])
         if batch is None:
             _check_same_data(self.nets)

@@ -1,11 +1,11 @@
-"""The digits demo: a LeNet-style net trained and evaluated on scikit-learn's bundled 8x8 digit images.
+"""The digits demo: a LeNet-style net trained and evaluated on the bundled 8x8 digit images (the UCI optical
+digits as scikit-learn ships them, stored in ``amct_caffe/data/digits.npz``).
 
 Everything here runs offline in a few seconds on a CPU, so the QAT flow can be shown (and tested) end to
 end on a real classification task:
 
-* :func:`load_split` -- scikit-learn's ``load_digits`` (1797 grey 8x8 images, values 0..16, 10 classes)
-  scaled to [0, 1] and split once, stratified by class with a fixed seed, into 1437 training and 360 test
-  images;
+* :func:`load_split` -- the bundled digits (1797 grey 8x8 images, values 0..16, 10 classes) scaled to
+  [0, 1] and split once, stratified by class with a fixed seed, into 1437 training and 360 test images;
 * :func:`write_hdf5_data` -- the two splits as HDF5 files (datasets ``data`` (N, 1, 8, 8) and ``label``
   (N,), float32) plus the list files Caffe's ``HDF5Data`` layer reads (absolute paths, because Caffe opens
   the listed files relative to the working directory, not to the list);
@@ -19,7 +19,9 @@ end on a real classification task:
 * :func:`evaluate` -- top-1 accuracy of any digits net (deploy, train/test, retrain or fake-quant prototxt)
   on a split, run batch-wise in the engine's TEST phase.
 
-Requires the optional packages ``scikit-learn`` (the data) and ``h5py`` (the HDF5 files).
+The data layers: ``HDF5Data`` reading files the demo writes when ``h5py`` is installed (a prototxt the
+command line can train), else ``MemoryData`` fed from the arrays by :func:`feed_net` / :func:`feed_solver`
+(Caffe's ``set_input_arrays``), so the demo needs no optional package.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import torch
 from tqdm.auto import tqdm
 
 from amct_caffe.emulation.loader import load_net
+from amct_caffe.engine.layers.data_sources import MemoryData
 from amct_caffe.engine.net import Net
+from amct_caffe.engine.solver import Solver
 from amct_caffe.errors import ConfigError, ModelFormatError
 from amct_caffe.model.io import AtomicFiles, atomic_write, load_prototxt, prototxt_text
 from amct_caffe.model.phase import TEST, TRAIN, filter_net
@@ -75,17 +79,43 @@ def deploy_prototxt() -> str:
 
 
 # -- the data ----------------------------------------------------------------------------------------------
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits: images (1797, 1, 8, 8) float32 in [0, 1] (the 0..16 grey levels / 16) and labels
+    (1797,) float32, from ``amct_caffe/data/digits.npz`` (scikit-learn's copy of the UCI optical digits;
+    written by ``scripts/make_digits_data.py``)."""
+    with resources.as_file(resources.files("amct_caffe") / "data" / "digits.npz") as path, \
+            np.load(path, allow_pickle=False) as stored:
+        images = stored["images"].astype(np.float32) / np.float32(16.0)
+        labels = stored["labels"].astype(np.float32)
+    return images.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def stratified_split(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, test)`` of a split that keeps each class's share: class ``c`` with ``n_c`` of the
+    ``N`` samples gets ``floor(n_c * test_size / N)`` test samples, the ones left over going to the classes
+    with the largest remainders (then the smaller class label); which samples of a class are taken, and
+    the order of each split, come from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * test_size / len(labels)
+    take = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - take[i]), i))
+    for i in order[:test_size - int(take.sum())]:
+        take[i] += 1
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for cls, k in zip(classes, take):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        test.append(members[:k])
+        train.append(members[k:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
 @lru_cache(maxsize=4)
 def _split_arrays(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    datasets = _require("sklearn.datasets", "scikit-learn")
-    selection = _require("sklearn.model_selection", "scikit-learn")
-    digits = datasets.load_digits()
-    images = (np.asarray(digits.images, dtype=np.float32) / np.float32(16.0)).reshape(-1, *IMAGE_SHAPE)
-    labels = np.asarray(digits.target, dtype=np.float32)
-    x_train, x_test, y_train, y_test = selection.train_test_split(
-        images, labels, test_size=TEST_SIZE, stratify=labels, random_state=seed, shuffle=True
-    )
-    out = {"train": (x_train, y_train), "test": (x_test, y_test)}
+    images, labels = digits_data()
+    train, test = stratified_split(labels, TEST_SIZE, seed)
+    out = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
     for x, y in out.values():
         x.setflags(write=False)
         y.setflags(write=False)
@@ -96,11 +126,11 @@ def load_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One split of the digits data: images (N, 1, 8, 8) float32 in [0, 1] and labels (N,) float32.
 
     ``split`` is ``"train"`` (1437 images) or ``"test"`` (360); the split is stratified by class and fixed
-    by ``seed`` (scikit-learn's ``train_test_split``), so the same seed always gives the same images.
-    The arrays are fresh, writable copies.
+    by ``seed`` (:func:`stratified_split`), so the same seed always gives the same images. The arrays are
+    fresh, writable copies.
 
     Raises:
-        ConfigError: an unknown split, or scikit-learn is not installed.
+        ConfigError: an unknown split.
     """
     if split not in SPLITS:
         raise ConfigError(f"Unknown digits split '{split}'; use 'train' or 'test'.")
@@ -110,7 +140,8 @@ def load_split(split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class DigitsFiles:
-    """The files :func:`prepare` writes into a working folder (absolute paths)."""
+    """The files :func:`prepare` writes into a working folder (absolute paths; the four data paths are ''
+    when the nets read ``MemoryData``), and how the nets are fed (:data:`FEEDS`)."""
 
     train_h5: str
     test_h5: str
@@ -118,6 +149,7 @@ class DigitsFiles:
     test_list: str
     train_test_prototxt: str
     deploy_prototxt: str
+    feed: str = "hdf5"
 
 
 def write_hdf5_data(workdir: str | os.PathLike[str], seed: int = 0) -> dict[str, tuple[str, str]]:
@@ -144,6 +176,47 @@ def write_hdf5_data(workdir: str | os.PathLike[str], seed: int = 0) -> dict[str,
     return out
 
 
+#: How the demo's nets get their data: ``HDF5Data`` files (needs h5py) or ``MemoryData`` fed from Python.
+FEEDS = ("hdf5", "memory")
+
+
+def default_feed() -> str:
+    """``"hdf5"`` when h5py is installed, else ``"memory"``."""
+    try:
+        importlib.import_module("h5py")
+    except ImportError:
+        return "memory"
+    return "hdf5"
+
+
+def memory_arrays(split: str, seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of ``split`` for a ``MemoryData`` layer of ``batch_size``: Caffe's layer needs
+    a multiple of the batch, so the first images are repeated at the end to fill the last batch (the
+    training split: 1437 images -> 1472 for batches of 64; the test split's 360 need no padding for 120)."""
+    x, y = load_split(split, seed)
+    pad = -len(y) % batch_size
+    if pad:
+        x, y = np.concatenate([x, x[:pad]]), np.concatenate([y, y[:pad]])
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def feed_net(net: Net, split: str, seed: int = 0) -> bool:
+    """Give a net whose first layer is ``MemoryData`` the images of ``split`` (:func:`memory_arrays`);
+    returns False, doing nothing, for a net fed otherwise."""
+    first = net.engine_layers[0] if net.engine_layers else None
+    if not isinstance(first, MemoryData):
+        return False
+    first.set_input_arrays(*memory_arrays(split, seed, first.batch_size))
+    return True
+
+
+def feed_solver(solver: Solver, seed: int = 0) -> None:
+    """:func:`feed_net` for a solver's train net (the training split) and test nets (the test split)."""
+    feed_net(solver.net, "train", seed)
+    for net in solver.test_nets:
+        feed_net(net, "test", seed)
+
+
 # -- the nets ----------------------------------------------------------------------------------------------
 def train_test_net(
     train_source: str,
@@ -151,18 +224,29 @@ def train_test_net(
     train_batch: int = TRAIN_BATCH,
     test_batch: int = TEST_BATCH,
     deploy: str | os.PathLike[str] | None = None,
+    feed: str = "hdf5",
 ) -> caffe_pb2.NetParameter:
     """The training prototxt (both phases) of the deploy net ``deploy`` (default: the bundled one).
 
     Layer 0 is the TRAIN ``HDF5Data`` (``train_source``, shuffled), layer 1 the TEST one (``test_source``),
-    both named ``data`` with tops ``data`` and ``label``; then every deploy layer except the ``Input`` and a
+    both named ``data`` with tops ``data`` and ``label`` (``feed="memory"``: two ``MemoryData`` layers of
+    1x8x8 images instead, the sources unused); then every deploy layer except the ``Input`` and a
     final ``Softmax``, with the usual ``param { lr_mult: 1 } param { lr_mult: 2 decay_mult: 0 }`` added to
     convolutions and inner products that give none (biases learn twice as fast and are not decayed);
     then ``SoftmaxWithLoss`` ``loss`` and the TEST-phase ``Accuracy`` ``accuracy`` on the classifier blob.
     """
     source = load_prototxt(os.fspath(deploy) if deploy is not None else deploy_prototxt())
     net = caffe_pb2.NetParameter(name=source.name)
+    if feed not in FEEDS:
+        raise ConfigError(f"Unknown digits feed '{feed}'; use one of {', '.join(FEEDS)}.")
     for phase, path, batch in ((TRAIN, train_source, train_batch), (TEST, test_source, test_batch)):
+        if feed == "memory":
+            layer = net.layer.add(name="data", type="MemoryData", top=["data", "label"])
+            layer.include.add(phase=phase)
+            layer.memory_data_param.batch_size = int(batch)
+            layer.memory_data_param.channels, layer.memory_data_param.height, \
+                layer.memory_data_param.width = IMAGE_SHAPE
+            continue
         layer = net.layer.add(name="data", type="HDF5Data", top=["data", "label"])
         layer.include.add(phase=phase)
         layer.hdf5_data_param.source = path
@@ -192,18 +276,25 @@ def prepare(
     seed: int = 0,
     train_batch: int = TRAIN_BATCH,
     test_batch: int = TEST_BATCH,
+    feed: str | None = None,
 ) -> DigitsFiles:
-    """Write the data (:func:`write_hdf5_data`), ``lenet_digits_train_test.prototxt`` and a copy of the
-    deploy net ``lenet_digits_deploy.prototxt`` into ``workdir`` (created if needed)."""
+    """Write the data (:func:`write_hdf5_data`; none for ``feed="memory"``), ``lenet_digits_train_test
+    .prototxt`` and a copy of the deploy net ``lenet_digits_deploy.prototxt`` into ``workdir`` (created if
+    needed). ``feed`` None: :func:`default_feed`."""
     folder = Path(workdir).resolve()
-    data = write_hdf5_data(folder, seed)
-    net = train_test_net(data["train"][1], data["test"][1], train_batch, test_batch)
+    feed = default_feed() if feed is None else feed
+    if feed == "hdf5":
+        data = write_hdf5_data(folder, seed)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {split: ("", "") for split in SPLITS}
+    net = train_test_net(data["train"][1], data["test"][1], train_batch, test_batch, feed=feed)
     train_test = folder / "lenet_digits_train_test.prototxt"
     atomic_write(train_test, prototxt_text(net).encode("utf-8"))
     deploy = folder / "lenet_digits_deploy.prototxt"
     atomic_write(deploy, Path(deploy_prototxt()).read_bytes())
     return DigitsFiles(data["train"][0], data["test"][0], data["train"][1], data["test"][1], str(train_test),
-                       str(deploy))
+                       str(deploy), feed)
 
 
 def solver_param(
@@ -248,6 +339,7 @@ def train_float(workdir: str | os.PathLike[str], iterations: int = FLOAT_ITERATI
     solver_path = folder / "lenet_digits_float_solver.prototxt"
     atomic_write(solver_path, prototxt_text(param).encode("utf-8"))
     solver = get_solver(str(solver_path))
+    feed_solver(solver, seed)
     solver.solve()
     return solver.snapshot_filename(".caffemodel")
 
@@ -276,6 +368,13 @@ def _input_fed(net: caffe_pb2.NetParameter, batch: int, path: str) -> tuple[caff
         new.input_param.shape.add(dim=[batch])
     old.CopyFrom(new)
     return out, tops[0], tops[1] if len(tops) == 2 else ""
+
+
+def input_fed_net(prototxt: str | os.PathLike[str], batch: int) -> caffe_pb2.NetParameter:
+    """The TEST-phase view of a digits prototxt with its data layer replaced by ``Input`` blobs ``data``
+    (batch, 1, 8, 8) and ``label`` (batch,)."""
+    path = os.fspath(prototxt)
+    return _input_fed(filter_net(load_prototxt(path), TEST, path=path), batch, path)[0]
 
 
 def _scores_blob(param: caffe_pb2.NetParameter, net: Net, batch: int, path: str) -> str:
@@ -355,11 +454,19 @@ __all__ = [
     "TRAIN_BATCH",
     "TRAIN_SIZE",
     "DigitsFiles",
+    "FEEDS",
+    "default_feed",
     "deploy_prototxt",
+    "digits_data",
+    "feed_net",
+    "feed_solver",
+    "input_fed_net",
+    "memory_arrays",
     "evaluate",
     "load_split",
     "prepare",
     "solver_param",
+    "stratified_split",
     "train_float",
     "train_test_net",
     "write_hdf5_data",

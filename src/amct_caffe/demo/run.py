@@ -4,7 +4,7 @@
 wants to see:
 
 1. the float model: the bundled LeNet-style net (``amct_caffe/data/lenet_digits.prototxt``) trained on the
-   fly on scikit-learn's 8x8 digits (:mod:`amct_caffe.demo.digits`: HDF5 files, a train/test prototxt)
+   fly on the bundled 8x8 digits (:mod:`amct_caffe.demo.digits`: HDF5 files, a train/test prototxt)
    with the engine's SGD solver;
 2. ``amct.create_quant_retrain_config`` -> ``amct.create_quant_retrain_model``;
 3. retraining of the retrain model with the engine's solver (``caffe.get_solver``, ``net.copy_from``,
@@ -15,11 +15,12 @@ wants to see:
    the engine's integer emulation, which a deploy caffemodel switches on by itself), and the agreement of
    the fake-quant and deploy predictions;
 6. the per-layer report (:mod:`amct_caffe.analysis.report`) float vs fake-quant vs deploy on a few
-   held-out batches, written to ``<output>/report``.
+   held-out batches, written to ``<output>/report`` (skipped, with a note, when matplotlib is absent).
 
 Layout of the output folder (files are overwritten, nothing else is touched)::
 
-    float/    digits_{train,test}.h5 (+ list files), lenet_digits_train_test.prototxt,
+    float/    digits_{train,test}.h5 (+ list files; not without h5py, the nets then read MemoryData),
+              lenet_digits_train_test.prototxt,
               lenet_digits_deploy.prototxt, lenet_digits_float_solver.prototxt,
               lenet_digits_float_iter_<N>.caffemodel (+ .solverstate)
     retrain/  config.json, lenet_digits_retrain.prototxt/.caffemodel, lenet_digits_retrain_solver.prototxt,
@@ -50,7 +51,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from amct_caffe.errors import ConfigError
-from amct_caffe.log import get_logger
+from amct_caffe.log import ProgressLines, get_logger
 
 #: Default output folder (relative to the working directory).
 DEFAULT_OUTPUT = "amct_demo_output"
@@ -64,10 +65,6 @@ RETRAIN_LR = 5e-4
 REPORT_BATCHES = 3
 #: The report's cosine-similarity threshold for flagging a layer.
 REPORT_THRESHOLD = 0.99
-#: The optional packages the demo needs: (import name, pip name, needed only for the report).
-OPTIONAL_PACKAGES = (("sklearn", "scikit-learn", False), ("h5py", "h5py", False),
-                     ("matplotlib", "matplotlib", True))
-INSTALL_HINT = "pip install 'amct-caffe[demo]'"
 
 
 # -- results -------------------------------------------------------------------------------------------------
@@ -123,21 +120,12 @@ class DemoResult:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-def check_optional_packages(report: bool = True) -> None:
-    """Raise ConfigError (one line naming ``pip install 'amct-caffe[demo]'``) when a package the demo uses
-    cannot be imported (scikit-learn and h5py; matplotlib for the report's plots)."""
-    missing = []
-    for module, pip, for_report in OPTIONAL_PACKAGES:
-        if for_report and not report:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(pip)
-    if missing:
-        raise ConfigError(
-            f"the demo needs the optional package(s) {', '.join(missing)}: {INSTALL_HINT}"
-        )
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -170,14 +158,17 @@ def _size(num: int) -> str:
     return f"{num / 1024:.1f} KiB" if num < 1024 * 1024 else f"{num / 1024 / 1024:.2f} MiB"
 
 
-def _timed_solve(solver: Any) -> float:
+def _timed_solve(solver: Any, say: Callable[[str], None]) -> float:
     """``solver.solve()``; returns the mean wall time of one training step (forward, backward, update).
+    Where no progress bar shows, ``say`` gets a progress line every few seconds.
 
     Measured between the solver's ``on_start`` callbacks, i.e. over whole iterations; the final snapshot
     and test are not counted. One iteration only: the whole solve.
     """
     marks: list[float] = []
+    progress = ProgressLines(solver.param.max_iter - solver.iter, "  iteration", say)
     solver.add_callback(on_start=lambda: marks.append(time.perf_counter()))
+    solver.add_callback(on_start=progress.tick)
     start = time.perf_counter()
     solver.solve()
     if len(marks) >= 2:
@@ -198,18 +189,22 @@ def _scores_blob(prototxt: str) -> tuple[str, str]:
                       "scores from its first bottom.")
 
 
-def evaluate_model(label: str, prototxt: str, caffemodel: str, total: int, batch: int) -> ModelResult:
+def evaluate_model(label: str, prototxt: str, caffemodel: str, total: int, batch: int,
+                   seed: int = 0) -> ModelResult:
     """Top-1 accuracy and predictions of a digits model on the held-out split.
 
     The model runs as a user runs it, ``caffe.Net(prototxt, caffemodel, caffe.TEST)``, its TEST-phase
-    ``HDF5Data`` layer reading the held-out file in order; ``ceil(total / batch)`` forwards, the first
-    ``total`` rows count. A deploy caffemodel runs in the engine's integer emulation.
+    data layer reading the held-out images in order (an ``HDF5Data`` file, or the arrays given to its
+    ``MemoryData`` as pycaffe's ``set_input_arrays`` gives them); ``ceil(total / batch)`` forwards, the
+    first ``total`` rows count. A deploy caffemodel runs in the engine's integer emulation.
     """
     from amct_caffe import caffe
+    from amct_caffe.demo import digits
 
     scores_name, label_name = _scores_blob(prototxt)
     start = time.perf_counter()
     net = caffe.Net(prototxt, caffemodel, caffe.TEST)
+    digits.feed_net(net, "test", seed)
     predictions: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     for _ in tqdm(range(-(-total // batch)), desc=f"Evaluating {label}", unit="batch", disable=None,
@@ -254,12 +249,10 @@ def run_demo(
         A :class:`DemoResult`.
 
     Raises:
-        ConfigError: an iteration count is not positive, or an optional package is missing (the message
-            names ``pip install 'amct-caffe[demo]'``).
+        ConfigError: an iteration count is not positive.
         AmctError: any step of the flow failed (its message names the file and the layer).
     """
     out = stream if stream is not None else sys.stdout
-    check_optional_packages(report)
     from amct_caffe.demo import digits
 
     float_iters = digits.FLOAT_ITERATIONS if float_iters is None else int(float_iters)
@@ -270,6 +263,11 @@ def run_demo(
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
+
+    if report and not _importable("matplotlib"):
+        say("note: matplotlib is not installed, so the per-layer report (its plots) is skipped; "
+            "pip install matplotlib to get it.")
+        report = False
 
     with quiet_engine_logs():
         return _run(Path(output_dir).resolve(), float_iters, retrain_iters, int(seed), report, say)
@@ -287,8 +285,8 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     for folder in (float_dir, retrain_dir, results_dir):
         folder.mkdir(parents=True, exist_ok=True)
     steps = 7 if report else 6
-    say("amct-caffe demo: quantization-aware training (QAT) of a LeNet-style net on scikit-learn's 8x8 "
-        "digits")
+    say("amct-caffe demo: quantization-aware training (QAT) of a LeNet-style net on 8x8 handwritten digits "
+        "(UCI optical digits)")
     say(f"  {digits.TRAIN_SIZE} training / {digits.TEST_SIZE} held-out images; output folder: {root}")
 
     # 1. the float model
@@ -298,7 +296,8 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
                                              snapshot_prefix=str(float_dir / f"{MODEL_NAME}_float"))
     float_solver = caffe.get_solver(_write_solver(float_dir / f"{MODEL_NAME}_float_solver.prototxt",
                                                   float_solver_param))
-    result.step_seconds["float"] = _timed_solve(float_solver)
+    digits.feed_solver(float_solver, seed)
+    result.step_seconds["float"] = _timed_solve(float_solver, say)
     float_weights = float_solver.snapshot_filename(".caffemodel")
 
     # 2. config and retrain model
@@ -321,7 +320,8 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     retrain_solver = caffe.get_solver(_write_solver(retrain_dir / f"{MODEL_NAME}_retrain_solver.prototxt",
                                                     retrain_param))
     retrain_solver.net.copy_from(retrain_weights)
-    result.step_seconds["retrain"] = _timed_solve(retrain_solver)
+    digits.feed_solver(retrain_solver, seed)
+    result.step_seconds["retrain"] = _timed_solve(retrain_solver, say)
     retrained = retrain_solver.snapshot_filename(".caffemodel")
 
     # 4. save
@@ -341,7 +341,7 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
         ("fake_quant", "fake-quant", fake_model, fake_weights),
         ("deploy", "deploy", deploy_model, deploy_weights),
     ):
-        result.models[key] = evaluate_model(label, model, weights, total, batch)
+        result.models[key] = evaluate_model(label, model, weights, total, batch, seed)
     fake, deploy = result.models["fake_quant"], result.models["deploy"]
     result.agree_count = int(np.sum(fake.predictions == deploy.predictions))
     result.total = int(len(fake.predictions))
@@ -367,7 +367,7 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
         say(f"[7/{steps}] per-layer report: float vs fake-quant vs deploy on {REPORT_BATCHES} held-out "
             "batches")
         _report(result, root / "report", files.train_test_prototxt, float_weights, fake_model, fake_weights,
-                deploy_model, deploy_weights, seed, say)
+                deploy_model, deploy_weights, seed, say, memory=files.feed == "memory")
     result.seconds = time.perf_counter() - begin
     say("")
     say(format_files(result))
@@ -384,16 +384,26 @@ def _enabled_layers(config: str) -> list[str]:
 
 def _report(result: DemoResult, out_dir: Path, float_model: str, float_weights: str, fake_model: str,
             fake_weights: str, deploy_model: str, deploy_weights: str, seed: int,
-            say: Callable[[str], None]) -> None:
+            say: Callable[[str], None], memory: bool = False) -> None:
     """The per-layer report on the first :data:`REPORT_BATCHES` held-out batches: the three nets run their
     own TEST-phase ``HDF5Data`` layers (same file, same order; the report checks that they read identical
-    batches); written to ``out_dir`` and printed as a table."""
+    batches) or, for ``MemoryData`` nets (``memory``), each net's data layer becomes an ``Input`` and the
+    same held-out batches are given to all three; written to ``out_dir`` and printed as a table."""
     from amct_caffe.analysis import render
     from amct_caffe.analysis import report as report_mod
+    from amct_caffe.demo import digits
 
+    models: list[Any] = [float_model, fake_model, deploy_model]
+    inputs: list[dict[str, np.ndarray]] | None = None
+    if memory:
+        models = [digits.input_fed_net(path, digits.TEST_BATCH) for path in models]
+        x, y = digits.load_split("test", seed)
+        step = digits.TEST_BATCH
+        inputs = [{"data": x[i * step:(i + 1) * step], "label": y[i * step:(i + 1) * step]}
+                  for i in range(REPORT_BATCHES)]
     outcome = report_mod.compare_report(
-        float_model, float_weights, fake_model, fake_weights, deploy_model, deploy_weights,
-        inputs=None, out_dir=None, threshold=REPORT_THRESHOLD, batches=REPORT_BATCHES, seed=seed,
+        models[0], float_weights, models[1], fake_weights, models[2], deploy_weights,
+        inputs=inputs, out_dir=None, threshold=REPORT_THRESHOLD, batches=REPORT_BATCHES, seed=seed,
     )
     written = report_mod.write_report(outcome, out_dir)
     result.report = outcome
@@ -459,7 +469,6 @@ __all__ = [
     "RETRAIN_ITERATIONS",
     "DemoResult",
     "ModelResult",
-    "check_optional_packages",
     "evaluate_model",
     "format_files",
     "format_summary",

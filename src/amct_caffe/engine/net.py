@@ -14,6 +14,7 @@ nothing else; a caffemodel's integer blobs load only into layers that accept the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -38,7 +39,7 @@ from amct_caffe.errors import (
     UnknownNameError,
     WeightShapeError,
 )
-from amct_caffe.log import get_logger
+from amct_caffe.log import get_logger, log_once
 from amct_caffe.model.blobs import (
     array_to_blob,
     blob_shape,
@@ -48,6 +49,7 @@ from amct_caffe.model.blobs import (
     storage_kind,
 )
 from amct_caffe.model.io import load_caffemodel, load_prototxt, save_caffemodel
+from amct_caffe.model.layer_types import RETRAIN_TYPES
 from amct_caffe.model.limits import max_elements, max_net_elements
 from amct_caffe.model.phase import filter_net
 from amct_caffe.model.validate import check_layers
@@ -624,15 +626,24 @@ class Net:
                 self._copy_blob(target, i, blob, path)
             target.blobs_loaded()
             copied.add(src.name)
-        for layer in self.engine_layers:
-            if layer.blobs and layer.name not in copied:
+        missing = [layer for layer in self.engine_layers if layer.blobs and layer.name not in copied]
+        for layer in missing:
+            if layer.type_name not in RETRAIN_TYPES:
                 LOGGER.info("Layer '%s' not found in the caffemodel; it keeps its filler values.", layer.name)
-            elif layer.blobs and by_name[layer.name] is not layer:
+        for layer in self.engine_layers:
+            if layer.blobs and layer.name in copied and by_name[layer.name] is not layer:
                 LOGGER.warning(
                     "Layer '%s' shares its name with an earlier layer, which got the caffemodel's weights of "
                     "that name (as in Caffe); this one keeps its filler values. Rename one of them.",
                     layer.name,
                 )
+        retrain = [layer.name for layer in missing if layer.type_name in RETRAIN_TYPES]
+        if retrain:
+            # a new retrain model has no clip values yet: expected, and not a problem
+            log_once(LOGGER, logging.INFO, ("retrain clips", path, tuple(retrain)),
+                     "Retrain layer(s) %s start from their parameters: IFMR sets their clip values on the "
+                     "first forward (as expected for a model from create_quant_retrain_model).",
+                     ", ".join(retrain))
         learnable = [layer.name for layer in self.engine_layers if layer.blobs]
         if learnable and not copied and any(src.blobs for src in source.layer):
             LOGGER.warning("No layer of caffemodel '%s' matches a layer of net '%s' by name; every layer "

@@ -21,11 +21,13 @@ layer. This module works on protobuf messages only (no torch).
 
 from __future__ import annotations
 
+import logging
+
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf.message import Message
 
 from amct_caffe.errors import ModelFormatError, where
-from amct_caffe.log import get_logger
+from amct_caffe.log import get_logger, log_once
 from amct_caffe.proto import caffe_pb2
 
 LOGGER = get_logger("model.upgrade")
@@ -169,6 +171,11 @@ _V1_PARAM_FIELDS = tuple(
 )
 
 
+def _note_once(path: str, what: str, message: str) -> None:
+    """An upgrade note at INFO, once per file and kind in a process (a file is read many times)."""
+    log_once(LOGGER, logging.INFO, ("upgrade", path, what), message, path)
+
+
 def upgrade_net(net: caffe_pb2.NetParameter, path: str) -> None:
     """Upgrade ``net`` in place to the V2 format, as Caffe's ``UpgradeNetAsNeeded`` does to each net it reads.
 
@@ -187,20 +194,22 @@ def upgrade_net(net: caffe_pb2.NetParameter, path: str) -> None:
             "Rewrite the 'layers { type: CONVOLUTION ... }' entries as 'layer { type: \"Convolution\" ... }'."
         )
     if any(v1.HasField("layer") for v1 in net.layers):
-        LOGGER.info("Upgrading '%s' from the deprecated V0LayerParameter format.", path)
+        _note_once(path, "V0", "Upgrading '%s' from the deprecated V0LayerParameter format.")
         _upgrade_v0_net(net, path)
     if _needs_data_upgrade(net):
-        LOGGER.info("Upgrading '%s' from deprecated data transformation fields to transform_param.", path)
+        _note_once(path, "transform_param",
+                   "Upgrading '%s' from deprecated data transformation fields to transform_param.")
         _upgrade_data_transformation(net)
     if len(net.layers):
-        LOGGER.info("Upgrading '%s' from the deprecated V1LayerParameter ('layers') format.", path)
+        _note_once(path, "V1", "Upgrading '%s' from the deprecated V1LayerParameter ('layers') format.")
         _upgrade_v1_net(net, path)
     if len(net.input) or len(net.input_shape) or len(net.input_dim):
-        LOGGER.info("Upgrading '%s' from deprecated net 'input' fields (to an Input layer).", path)
+        _note_once(path, "input fields",
+                   "Upgrading '%s' from deprecated net 'input' fields (to an Input layer).")
         _upgrade_input(net, path)
     if any(_batch_norm_needs_upgrade(lp) for lp in net.layer):
-        LOGGER.info("Upgrading '%s': removing the 'param' entries of BatchNorm layers (Caffe fixes them).",
-                    path)
+        _note_once(path, "BatchNorm param",
+                   "Upgrading '%s': removing the 'param' entries of BatchNorm layers (Caffe fixes them).")
         for lp in net.layer:
             if _batch_norm_needs_upgrade(lp):
                 del lp.param[:]

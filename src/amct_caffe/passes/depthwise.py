@@ -36,20 +36,34 @@ def depthwise_as_convolution(net: caffe_pb2.NetParameter, model_file: str) -> li
     """
     rewritten = []
     for layer in net.layer:
-        if layer.type not in DEPTHWISE_CONVOLUTION_TYPES:
-            continue
-        p = layer.convolution_param
-        if layer.type == "ConvolutionDepthwise":
-            if p.num_output <= 0:
-                raise ConfigError(
-                    f"Layer '{layer.name}' (type ConvolutionDepthwise) of model '{model_file}' has no "
-                    "num_output; quantization rewrites it as a Convolution with group = num_output, so set "
-                    "num_output to the layer's input channel count."
-                )
-            p.group = p.num_output
-        layer.type = "Convolution"
-        rewritten.append(layer.name)
+        if layer.type in DEPTHWISE_CONVOLUTION_TYPES:
+            as_grouped_convolution(layer, None, model_file)
+            rewritten.append(layer.name)
     if rewritten:
         LOGGER.info("Model '%s': depthwise convolution(s) %s are quantized as Convolution with group.",
                     model_file, rewritten)
     return rewritten
+
+
+def as_grouped_convolution(layer: caffe_pb2.LayerParameter, channels: int | None, model_file: str) -> None:
+    """Rewrite one depthwise layer, in place, as ``Convolution`` with ``group = num_output = C``.
+
+    ``C`` is ``channels`` when given (e.g. the weight's axis 0), else ``num_output``; a
+    ``DepthwiseConvolution`` without either keeps its own ``group`` (it is a grouped convolution already).
+
+    Raises:
+        ConfigError: no channel count for a layer that needs one.
+    """
+    p = layer.convolution_param
+    count = channels if channels is not None else (p.num_output if p.num_output > 0 else None)
+    if count is None and layer.type != "DepthwiseConvolution":
+        raise ConfigError(
+            f"Layer '{layer.name}' (type {layer.type}) of model '{model_file}' has no num_output and no "
+            "weights to read its channel count from; it is rewritten as a Convolution with group = "
+            "num_output, so set num_output to the layer's input channel count."
+        )
+    if count is not None:
+        p.num_output = count
+        if layer.type != "DepthwiseConvolution" or channels is not None:
+            p.group = count
+    layer.type = "Convolution"

@@ -53,6 +53,7 @@ from amct_caffe.model.io import atomic_write, output_conflict
 from amct_caffe.model.weights import weights_to_net
 from amct_caffe.quant.ptq_config import QuantConfig, dumps_json, load_json_config
 from amct_caffe.workflows import ptq
+from amct_caffe.workflows.inference import InputShapes, atc_request
 from amct_caffe.workflows.save import model_paths
 
 LOGGER = get_logger("auto_calibration")
@@ -412,9 +413,13 @@ def accuracy_based_auto_calibration(
     save_dir: str | os.PathLike[str],
     strategy: Any = "BinarySearch",
     sensitivity: Any = "CosineSimilarity",
+    *,
+    for_atc: bool = False,
+    input_shape: InputShapes | None = None,
 ) -> AutoCalibrationResult:
     """PTQ with the most sensitive layers kept float until the goal holds (see
-    ``amct_caffe.amct.accuracy_based_auto_calibration`` and the module docstring).
+    ``amct_caffe.amct.accuracy_based_auto_calibration`` and the module docstring); ``for_atc`` and
+    ``input_shape`` as in ``ptq.save_model``.
 
     Raises:
         EvaluatorError: the evaluator is not a subclass instance, misses a method, or ``metric_eval`` returns
@@ -424,6 +429,7 @@ def accuracy_based_auto_calibration(
         ModelFormatError, RecordError: see the PTQ flow.
     """
     evaluator = check_evaluator(model_evaluator)
+    atc_request(for_atc, input_shape, API)  # argument check before the evaluations
     search = resolve_strategy(strategy)
     measure = resolve_sensitivity(sensitivity)
     model_file, weights_file, config_file, record_file, prefix = (
@@ -462,7 +468,8 @@ def accuracy_based_auto_calibration(
             prefix + SENSITIVITY_SUFFIX: json_bytes(sensitivity_json(ranking, measure.name)),
             prefix + HISTORY_SUFFIX: json_bytes(history_json(search.name, original, prober.history, probe)),
         }
-        ptq.save_model(chosen.graph, "Both", prefix, extra_files=extra)
+        ptq.save_model(chosen.graph, "Both", prefix, extra_files=extra, for_atc=for_atc,
+                       input_shape=input_shape)
     files = list(outputs.values())
     LOGGER.info("Accuracy-based auto calibration done: %d of %d layer(s) kept float %s, %s; files %s.",
                 len(probe.fallback), len(candidates), list(probe.fallback),

@@ -230,8 +230,12 @@ def run_calibration(
     calibration_config: str | None = None,
     batch_num: int | None = None,
     gpu_id: int | None = None,
+    *,
+    for_atc: bool = False,
 ) -> list[str]:
-    """Quantize ``model_file`` after training (module docstring); returns the files written.
+    """Quantize ``model_file`` after training (module docstring); returns the files written. ``for_atc``
+    writes the inference / ATC-ready prototxts (``ptq.save_model``), its Input shapes from ``input_shape``
+    where given.
 
     Raises:
         ConfigError: missing or conflicting options; anything the PTQ API refuses.
@@ -286,7 +290,8 @@ def run_calibration(
         run(*modified)
         extra = {prefix + CONFIG_SUFFIX: Path(config_path).read_bytes(),
                  prefix + RECORD_SUFFIX: Path(record_path).read_bytes()}
-        ptq.save_model(graph, "Both", prefix, extra_files=extra)
+        shapes = dict(parse_input_shape(input_shape)) if for_atc and input_shape is not None else None
+        ptq.save_model(graph, "Both", prefix, extra_files=extra, for_atc=for_atc, input_shape=shapes)
     written = [prefix + suffix for suffix in ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel",
                                               "_deploy_model.prototxt", "_deploy_weights.caffemodel",
                                               ptq.QUANT_INFO_SUFFIX, CONFIG_SUFFIX, RECORD_SUFFIX)]

@@ -34,6 +34,7 @@ from amct_caffe.quant.arq import weight_channel_axis
 from amct_caffe.quant.config import CHANNEL_WISE_TYPES, WEIGHTLESS_TYPES
 from amct_caffe.quant.numerics import BiasOverflowError
 from amct_caffe.quant.record import LayerRecord, read_records
+from amct_caffe.workflows.inference import InputShapes, atc_request, recorded_by_blob
 from amct_caffe.workflows.ptq import (
     SavedModels,
     build_saved_models,
@@ -91,9 +92,12 @@ def convert_model(
     weights_file: str | os.PathLike[str],
     scale_offset_record_file: str | os.PathLike[str],
     save_path: str | os.PathLike[str],
+    *,
+    for_atc: bool = False,
+    input_shape: InputShapes | None = None,
 ) -> SavedModels:
     """Write the fake-quant and deploy models of a float model from a user-written record (module docstring;
-    ``amct_caffe.amct.convert_model``).
+    ``amct_caffe.amct.convert_model``); ``for_atc``/``input_shape`` as in ``ptq.save_model``.
 
     Raises:
         ConfigError: the model already holds AMCT layers; a bad ``save_path``; a quantized bias outside
@@ -103,6 +107,7 @@ def convert_model(
     """
     model_file, weights_file, record_file, save_path = (
         os.fspath(p) for p in (model_file, weights_file, scale_offset_record_file, save_path))
+    atc_request(for_atc, input_shape, API)  # argument check before any file is read
     paths = model_paths(save_path, "Both", API)
     sources = {os.path.abspath(p) for p in (model_file, weights_file, record_file)}
     for path in paths:
@@ -149,7 +154,9 @@ def convert_model(
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} Remove layer '{exc.layer}' from the record '{record_file}' to keep "
                                 "it float, or give it larger scales.", exc.channels, exc.layer) from exc
-    write_saved_models(paths, models, {})
+    recorded = {name: rec.shape for name, rec in records.items()}
+    atc = atc_request(for_atc, input_shape, API, recorded_by_blob(groups, recorded))
+    write_saved_models(paths, models, {}, atc, model_file)
     for fold in folds:
         LOGGER.debug("Fused BatchNorm '%s' into '%s'.", fold.batch_norm, fold.conv)
     LOGGER.info("Convert model success: %d quantized layer(s) from record '%s'; files %s.", len(factors),

@@ -87,6 +87,14 @@ from amct_caffe.quant.ptq_config import (
     load_json_config,
 )
 from amct_caffe.quant.record import LayerRecord, read_records, record_text, validate_records
+from amct_caffe.workflows.inference import (
+    AtcRequest,
+    InputShapes,
+    atc_request,
+    inference_models,
+    record_shapes,
+    recorded_by_blob,
+)
 from amct_caffe.workflows.refine import adaround, bias_correction, check_refine
 from amct_caffe.workflows.save import check_save_type, model_paths
 
@@ -573,6 +581,8 @@ class SavedModels:
     fake: caffe_pb2.NetParameter | None
     deploy: caffe_pb2.NetParameter | None
     groups: list[QuantGroup] = field(default_factory=list)
+    #: The float weights the caffemodels were built from (the ATC view reads a depthwise layer's channels).
+    weights: Weights = field(default_factory=dict)
 
 
 def build_saved_models(
@@ -601,7 +611,7 @@ def build_saved_models(
         deploy = deploy_caffemodel(saved, weights, groups, like, chosen) if save_type != "Fakequant" else None
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{api}: {exc}", exc.channels, exc.layer) from exc
-    return SavedModels(saved, fake, deploy, list(groups))
+    return SavedModels(saved, fake, deploy, list(groups), weights)
 
 
 def quant_info(
@@ -629,16 +639,34 @@ def quant_info(
     return {"version": QUANT_INFO_VERSION, "quantized_layers": layers, "fusions": fusions}
 
 
-def write_saved_models(paths: Sequence[str | None], models: SavedModels, extra: Mapping[str, bytes]) -> None:
-    """Write the saved models (``paths`` from ``save.model_paths``) and ``extra`` files, all-or-nothing."""
+def write_saved_models(
+    paths: Sequence[str | None], models: SavedModels, extra: Mapping[str, bytes],
+    atc: AtcRequest | None = None, model_file: str = "",
+) -> None:
+    """Write the saved models (``paths`` from ``save.model_paths``) and ``extra`` files, all-or-nothing;
+    with ``atc``, the fake-quant prototxt in its inference view and the deploy prototxt (and its
+    caffemodel's type strings) in ATC's form (``workflows.inference``).
+
+    Raises:
+        AtcUnsupportedLayerError: ``atc`` and the deploy model holds a layer type ATC does not convert.
+        ConfigError: ``atc`` and a data layer's input shape is unknown.
+    """
     fake_model, fake_weights, deploy_model, deploy_weights = paths
-    text = prototxt_text(models.net).encode("utf-8")
+    fake_text = deploy_text = prototxt_text(models.net).encode("utf-8")
+    if atc is not None:
+        views = inference_models(models.net, models.weights, atc, model_file or models.net.name,
+                                 fake=models.fake is not None, deploy=models.deploy is not None)
+        if views.fake is not None:
+            fake_text = prototxt_text(views.fake).encode("utf-8")
+        if views.deploy is not None and models.deploy is not None:
+            deploy_text = prototxt_text(views.deploy.net).encode("utf-8")
+            views.retype_deploy_weights(models.deploy)
     with AtomicFiles() as files:
         if models.fake is not None and fake_model and fake_weights:
-            files.write(fake_model, text)
+            files.write(fake_model, fake_text)
             files.write(fake_weights, models.fake.SerializeToString())
         if models.deploy is not None and deploy_model and deploy_weights:
-            files.write(deploy_model, text)
+            files.write(deploy_model, deploy_text)
             files.write(deploy_weights, models.deploy.SerializeToString())
         for path, data in extra.items():
             files.write(path, data)
@@ -687,13 +715,17 @@ def save_model(
     *,
     refine: str | None = None,
     calibration_data: Sequence[Mapping[str, np.ndarray]] | None = None,
+    for_atc: bool = False,
+    input_shape: InputShapes | None = None,
 ) -> SavedModels:
     """Write the fake-quant and/or deploy model after the calibration (see ``amct_caffe.amct.save_model``).
 
     ``extra_files`` (path -> bytes) are written in the same all-or-nothing step (the command line's copies of
     the config and the record). ``refine="bias_correction"`` (off by default) corrects the quantized layers'
     float biases on ``calibration_data`` before the models are built; ``refine="adaround"`` learns their
-    INT8 weight codes (floor or ceil on ARQ's grid) on it instead (``workflows.refine``).
+    INT8 weight codes (floor or ceil on ARQ's grid) on it instead (``workflows.refine``). ``for_atc``
+    writes the inference / ATC-ready prototxts (``workflows.inference``; ``input_shape``: ``{top: shape}``
+    of the Input layers that replace data layers, when the net cannot tell).
 
     Raises:
         ConfigError: a bad ``save_type``/``save_path``; a quantized bias outside INT32.
@@ -706,6 +738,7 @@ def save_model(
         raise ConfigError(f"{api}: graph must be the object init() returns, got {type(graph).__name__}.")
     check_refine(refine, calibration_data, api)
     save_type = check_save_type(save_type, api)
+    atc_request(for_atc, input_shape, api)  # argument check before any work
     save_path = os.fspath(save_path)
     paths = model_paths(save_path, save_type, api)
     info_path = save_path + QUANT_INFO_SUFFIX
@@ -740,7 +773,8 @@ def save_model(
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc
     placement = quant_info(groups, calibration.folds, models.net)
     extra = {info_path: (json.dumps(placement, indent=4) + "\n").encode("utf-8"), **(extra_files or {})}
-    write_saved_models(paths, models, extra)
+    atc = atc_request(for_atc, input_shape, api, recorded_by_blob(groups, record_shapes(graph.record_file)))
+    write_saved_models(paths, models, extra, atc, graph.model_file)
     for group in groups:
         for layer in group.layers:
             LOGGER.info('Do layer: "%s" quant success!', layer.name)

@@ -18,9 +18,10 @@ from amct_caffe.model.io import (
     output_conflict,
     prototxt_text,
 )
-from amct_caffe.model.phase import TEST, filter_net
+from amct_caffe.model.phase import TEST, TRAIN, filter_net
 from amct_caffe.model.validate import check_net, check_weights
 from amct_caffe.model.weights import weights_from_net, weights_to_net
+from amct_caffe.passes.atc import DATA_SOURCE_TYPES
 from amct_caffe.passes.depthwise import depthwise_as_convolution
 from amct_caffe.passes.fuse_bn import fuse_bn
 from amct_caffe.passes.quantizable import check_not_quantized, describe_layers
@@ -105,7 +106,8 @@ def create_quant_retrain_config(
 class RetrainPaths:
     """The files the last successful ``create_quant_retrain_model`` of this process used (absolute paths).
 
-    ``save_quant_retrain_model`` falls back on them for its ``None`` arguments (docs/decisions.md row 3b).
+    Informational only: ``save_quant_retrain_model`` reads the record path from the retrain model itself,
+    never from here (docs/decisions.md row 3b).
     """
 
     record_file: str
@@ -166,6 +168,7 @@ def create_quant_retrain_model(
             "nothing to retrain; set retrain_enable to true for the layers to quantize."
         )
     _check_unique_targets(net, enabled, model_file)
+    _warn_if_untrainable(net, model_file)
     caffemodel = load_caffemodel(weights_file)
     check_weights(net, caffemodel, weights_file)
     weights = weights_from_net(caffemodel, weights_file)
@@ -200,6 +203,23 @@ def create_quant_retrain_model(
         outputs[0], outputs[1], len(order), len(groups), outputs[2],
     )
     return groups
+
+
+def _warn_if_untrainable(net: caffe_pb2.NetParameter, model_file: str) -> None:
+    """A WARNING when the TRAIN phase has no data layer or no loss: a solver would train nothing (QAT on a
+    deploy prototxt); the retrain model is still written (it runs forward and saves)."""
+    train = filter_net(net, TRAIN, path=model_file)
+    missing = []
+    if not any(layer.type in DATA_SOURCE_TYPES for layer in train.layer):
+        missing.append("no data layer (its inputs would stay zero)")
+    if not any(layer.type.endswith("Loss") or any(layer.loss_weight) for layer in train.layer):
+        missing.append("no loss layer (no gradient would reach a weight)")
+    if missing:
+        LOGGER.warning(
+            "The TRAIN phase of '%s' has %s: training its retrain model learns nothing. QAT needs the "
+            "training prototxt (data layers with the training data, the loss), as AMCT's samples use; a "
+            "deploy prototxt only serves PTQ (create_quant_config / calibration).", model_file,
+            " and ".join(missing))
 
 
 def _check_outputs(outputs: Sequence[str], inputs: Sequence[str]) -> None:

@@ -4,8 +4,8 @@
 The flow (docs/decisions.md rows 3, 3b, 5-7, 10, 11, 14; §6):
 
 1. check ``save_type`` ('Fakequant' | 'Deploy' | 'Both') and the paths; resolve the record path (``None``:
-   the one ``create_quant_retrain_model`` used earlier in this process, else
-   ``<save_path>_scale_offset_record.txt``);
+   the ``record_file_path`` the retrain model's ``ActivationQAT`` layers carry, else a
+   :class:`MissingRecordPathError`);
 2. load the retrain prototxt and the retrained caffemodel; take the TEST-phase view (``filter_net``);
 3. read every factor from the weights (``passes.retrain_removal.read_retrain_factors``): clips -> ``s_d``,
    ``o_d``; float shadow weights -> ARQ ``s_w``;
@@ -48,6 +48,7 @@ from amct_caffe.log import get_logger
 from amct_caffe.model.blobs import has_legacy_shape
 from amct_caffe.model.graph import Graph
 from amct_caffe.model.io import AtomicFiles, load_caffemodel, load_prototxt, output_conflict, prototxt_text
+from amct_caffe.model.layer_types import ACTIVATION_QAT
 from amct_caffe.model.phase import TEST, filter_net, restore_state
 from amct_caffe.model.validate import check_net, check_weights
 from amct_caffe.model.weights import Weights, weights_from_net, weights_to_net
@@ -66,12 +67,12 @@ from amct_caffe.quant.arq import arq_scale
 from amct_caffe.quant.config import load_json_config
 from amct_caffe.quant.numerics import BiasOverflowError
 from amct_caffe.quant.record import LayerRecord, legacy_chw, read_records, record_text, validate_records
-from amct_caffe.workflows.qat import last_retrain_paths
+from amct_caffe.workflows.inference import InputShapes, atc_request, inference_models, recorded_by_blob
 
 LOGGER = get_logger("save")
 
+API = "save_quant_retrain_model"
 SAVE_TYPES = ("Fakequant", "Deploy", "Both")
-RECORD_SUFFIX = "_scale_offset_record.txt"
 
 
 @dataclass(frozen=True)
@@ -126,17 +127,61 @@ def model_paths(
     )
 
 
-def output_paths(save_path: str, save_type: str, record_file: str | None) -> SavePaths:
-    """The output files for ``save_path`` (folder + file-name prefix) and ``save_type``.
+class MissingRecordPathError(RecordError):
+    """``scale_offset_record_file=None`` but the retrain model names no record file (its ``ActivationQAT``
+    layers have no ``record_file_path``), or its layers name different ones."""
+
+
+def record_path_of(net: caffe_pb2.NetParameter, model_file: str) -> str:
+    """The record file the retrain model's ``ActivationQAT`` layers name (``record_file_path``, written by
+    ``create_quant_retrain_model``; a relative path is relative to the working directory, as the layers
+    open it).
+
+    Raises:
+        MissingRecordPathError: no ``ActivationQAT`` names a record file, or they name different ones.
+    """
+    named = {layer.retrain_data_quant_param.record_file_path for layer in net.layer
+             if layer.type == ACTIVATION_QAT and layer.retrain_data_quant_param.record_file_path}
+    if len(named) == 1:
+        return named.pop()
+    if not any(layer.type == ACTIVATION_QAT for layer in net.layer):
+        raise MissingRecordPathError(
+            f"{API}: scale_offset_record_file is None but '{model_file}' has no ActivationQAT layer to read "
+            "the record path from: it is not a retrain model. Give the modified_model_file written by "
+            "create_quant_retrain_model (or pass scale_offset_record_file)."
+        )
+    if not named:
+        raise MissingRecordPathError(
+            f"{API}: scale_offset_record_file is None but retrain model '{model_file}' names no record file "
+            "(its ActivationQAT layers have no record_file_path). Pass scale_offset_record_file, the record "
+            "path given to create_quant_retrain_model."
+        )
+    raise MissingRecordPathError(
+        f"{API}: scale_offset_record_file is None but the ActivationQAT layers of retrain model "
+        f"'{model_file}' name different record files {sorted(named)}; pass scale_offset_record_file."
+    )
+
+
+def resolve_record_path(record_file: str | None, model_file: str) -> str:
+    """``record_file``, or when None the record path the retrain prototxt ``model_file`` carries
+    (:func:`record_path_of`; docs/decisions.md row 3b).
+
+    Raises:
+        MissingRecordPathError: None and the model names no single record file.
+        ModelFormatError: ``model_file`` is missing or malformed (only read when ``record_file`` is None).
+    """
+    if record_file is not None:
+        return record_file
+    return record_path_of(load_prototxt(model_file), model_file)
+
+
+def output_paths(save_path: str, save_type: str, record_file: str) -> SavePaths:
+    """The output files for ``save_path`` (folder + file-name prefix), ``save_type`` and the record path.
 
     Raises:
         ConfigError: ``save_path`` has no file-name prefix (it ends with a path separator).
     """
-    models = model_paths(save_path, save_type)
-    if record_file is None:
-        last = last_retrain_paths()
-        record_file = last.record_file if last is not None else save_path + RECORD_SUFFIX
-    return SavePaths(*models, record_file)
+    return SavePaths(*model_paths(save_path, save_type), record_file)
 
 
 def _check_paths(paths: SavePaths, inputs: Mapping[str, str | None]) -> None:
@@ -391,6 +436,9 @@ def save_quant_retrain_model(
     save_path: str | os.PathLike[str],
     scale_offset_record_file: str | os.PathLike[str] | None = None,
     config_file: str | os.PathLike[str] | None = None,
+    *,
+    for_atc: bool = False,
+    input_shape: InputShapes | None = None,
 ) -> list[QuantGroup]:
     """Write the fake-quant and/or deploy model of a retrained net (``amct_caffe.amct.
     save_quant_retrain_model``; the steps are in the module docstring).
@@ -407,11 +455,15 @@ def save_quant_retrain_model(
         UnsupportedLayerError: channel-wise scales for a convolution whose output is not N x C x H x W.
     """
     save_type = check_save_type(save_type)
+    atc_request(for_atc, input_shape, API)  # argument check before any file is read
     model_file, weights_file, save_path = (os.fspath(p) for p in (retrained_model_file,
                                                                    retrained_weights_file, save_path))
     record_arg = None if scale_offset_record_file is None else os.fspath(scale_offset_record_file)
     config = None if config_file is None else os.fspath(config_file)
-    paths = output_paths(save_path, save_type, record_arg)
+    model_paths(save_path, save_type)  # the save_path check before any file is read
+    net = load_prototxt(model_file)
+    paths = output_paths(save_path, save_type,
+                         record_path_of(net, model_file) if record_arg is None else record_arg)
     _check_paths(paths, {"retrained_model_file": model_file, "retrained_weights_file": weights_file,
                          "config_file": config})
 
@@ -440,12 +492,22 @@ def save_quant_retrain_model(
     order = [layer.name for group in groups for layer in group.layers]
     validate_records(records, paths.record)
     text = prototxt_text(saved).encode("utf-8")
+    fake_text = deploy_text = text
+    request = atc_request(for_atc, input_shape, API, recorded_by_blob(groups, shapes))
+    if request is not None:
+        views = inference_models(saved, weights, request, model_file, fake=fake is not None,
+                                 deploy=deploy is not None)
+        if views.fake is not None:
+            fake_text = prototxt_text(views.fake).encode("utf-8")
+        if views.deploy is not None and deploy is not None:
+            deploy_text = prototxt_text(views.deploy.net).encode("utf-8")
+            views.retype_deploy_weights(deploy)
     with AtomicFiles() as files:
         if fake is not None and paths.fake_model and paths.fake_weights:
-            files.write(paths.fake_model, text)
+            files.write(paths.fake_model, fake_text)
             files.write(paths.fake_weights, fake.SerializeToString())
         if deploy is not None and paths.deploy_model and paths.deploy_weights:
-            files.write(paths.deploy_model, text)
+            files.write(paths.deploy_model, deploy_text)
             files.write(paths.deploy_weights, deploy.SerializeToString())
         files.write(paths.record, record_text(records, order).encode("utf-8"))
 

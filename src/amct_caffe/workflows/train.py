@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from amct_caffe.engine import distributed
 from amct_caffe.engine.device import set_device, set_mode_gpu
 from amct_caffe.engine.solver import Solver, get_solver
+from amct_caffe.engine.solver.param import read_solver_param
 from amct_caffe.errors import ConfigError
+from amct_caffe.log import ProgressLines
+from amct_caffe.workflows.solver import check_training_solver
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,12 @@ class TrainSummary:
 
 
 def check_options(options: TrainOptions) -> None:
-    """The checks ``caffe train`` makes before building anything.
+    """The checks ``caffe train`` makes before building anything, and those of
+    :func:`~amct_caffe.workflows.solver.check_training_solver` (a solver that would train nothing).
 
     Raises:
-        ConfigError: both weights and a snapshot, or a file that does not exist.
+        ConfigError: both weights and a snapshot, a file that does not exist, or a solver that would train
+            nothing (no max_iter, no data layer or loss, a retrain model without weights).
     """
     if options.weights and options.snapshot:
         raise ConfigError("give --snapshot to resume training or --weights to fine-tune, not both "
@@ -57,6 +62,8 @@ def check_options(options: TrainOptions) -> None:
                          *((w, "--weights") for w in options.weights)):
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{option}: file '{path}' does not exist")
+    check_training_solver(read_solver_param(options.solver), options.solver,
+                          bool(options.weights or options.snapshot))
 
 
 def _select_device(gpu: int | None) -> None:
@@ -85,6 +92,9 @@ def train(options: TrainOptions) -> TrainSummary:
     if options.snapshot:
         solver.restore(options.snapshot)  # what solve(resume_file) does first; done here to count the steps
     start_iter = solver.iter
+    if solver.world.is_root:  # a line every few seconds where no progress bar shows (a log, a CI job)
+        progress = ProgressLines(solver.param.max_iter - start_iter, "iteration")
+        solver.add_callback(on_start=progress.tick)
     start = time.perf_counter()
     solver.solve()
     snapshot = solver.snapshot_filename(".caffemodel")

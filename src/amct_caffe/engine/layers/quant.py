@@ -238,6 +238,12 @@ class ActivationQAT(Layer):
         cmin = cmin.reshape(shape).to(self.blobs[1].dtype)
         self.previous_clips = (cmax.clone(), cmin.clone())
         self.clip_init.done = True
+        if not bool(x.detach().any()):
+            LOGGER.warning(
+                "Layer '%s': IFMR initialised the clips from an all-zero input, so they fit no real data. "
+                "The net's inputs were zeros: a retrain model made from a deploy prototxt (no data layer) "
+                "trains on nothing. Build the retrain model from the training prototxt with its data layers, "
+                "or feed real data before the first forward.", self.name)
         LOGGER.info(
             "Layer '%s': clips initialised by IFMR: clip_max %.9g, clip_min %.9g.",
             self.name,

@@ -316,9 +316,10 @@ class PriorBox(Layer):
 
 
 # ---------------------------------------------------------------------------------------------------
-@register("DetectionOutput")
+@register("DetectionOutput", "SSDDetectionOutput")
 class DetectionOutput(Layer):
-    """SSD's detection head: decode, per-class NMS and top-k (Caffe-SSD's ``Forward_cpu``).
+    """SSD's detection head: decode, per-class NMS and top-k (Caffe-SSD's ``Forward_cpu``). ATC's Caffe
+    parser knows it as ``SSDDetectionOutput`` (the type an ATC-ready prototxt carries), read the same way.
 
     Bottoms: ``loc [N, num_priors*4*num_loc_classes]`` (per prior, per loc class, 4 values), ``conf
     [N, num_priors*num_classes]`` (probabilities, per prior then class), ``prior [1, 2, num_priors*4]``
