@@ -508,7 +508,7 @@ def _compare_sensitivity(args: argparse.Namespace, inputs: dict[str, np.ndarray]
               "(retrain_enable false in the QAT config) costs the least accuracy")
     else:
         print(f"no layer alone brings the outputs below cosine {args.threshold:g}")
-    print(f"sensitivity: {write_sensitivity(ranking, args.output)}")
+    print(f"sensitivity: {write_sensitivity(ranking, args.output_dir)}")
     return 0
 
 

@@ -468,10 +468,12 @@ def _saturation_stats(net: Net, index: int) -> SaturationStats:
 
 
 def _check_models_match(nets: ReportNets, blobs: Sequence[str]) -> None:
-    """Refuse models that do not belong together: other input blobs, or a compared blob missing."""
+    """Refuse models that do not belong together: an input blob the other model lacks (a model saved in
+    inference form has Input blobs where the float model has data layers of the same tops), or a compared
+    blob missing."""
     reference = nets.nets["float"]
     for which, net in nets.nets.items():
-        if sorted(net.inputs) != sorted(reference.inputs):
+        if not (set(net.inputs) <= set(reference.blob_names) and set(reference.inputs) <= set(net.blob_names)):
             raise ModelMismatchError(
                 f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has the input blobs "
                 f"{sorted(net.inputs)} but the float model {nets.models['float']} has "
@@ -482,7 +484,7 @@ def _check_models_match(nets: ReportNets, blobs: Sequence[str]) -> None:
             raise ModelMismatchError(
                 f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has no blob(s) "
                 f"{missing}, which the comparison needs (the quantized layers' outputs of the fake-quant "
-                "model and the float model's outputs); the models do not belong together -- give the float "
+                "model); the models do not belong together -- give the float "
                 "model the quantized models were made from (or, after QAT, the retrain model)."
             )
 
@@ -500,9 +502,12 @@ class _ReportCollector:
                 "not a quantized model; give the <prefix>_fake_quant_model.prototxt and its caffemodel that "
                 "save_quant_retrain_model (or PTQ's save_model) wrote."
             )
-        outputs = list(self.nets["float"].outputs)
+        _check_models_match(nets, [q.blob for q in quantized])
+        # the float model's outputs that every model has (a model saved in inference form has no loss or
+        # accuracy tops)
+        outputs = [blob for blob in self.nets["float"].outputs
+                   if all(blob in net.blob_names for net in self.nets.values())]
         self.blobs = list(dict.fromkeys([q.blob for q in quantized] + outputs))
-        _check_models_match(nets, self.blobs)
         self.accuracy_blobs = accuracy_tops(self.nets["float"])
         pairs = [key for key, a, b in PAIRS if a in self.nets and b in self.nets]
         self.quants = {which: _quant_indices(net) for which, net in self.nets.items() if which != "float"}

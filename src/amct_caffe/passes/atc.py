@@ -9,8 +9,8 @@ Two rewrites of a saved (fake-quant or deploy) net, neither of which changes a w
   (an identity at inference). The fake-quant model is written so; it keeps Caffe's type strings, so any
   Caffe runs it.
 * :func:`atc_net` -- on top of that, the type strings ATC's Caffe parser asks for: ``DetectionOutput`` ->
-  ``SSDDetectionOutput``, the depthwise forks (``ConvolutionDepthwise``, ``DepthwiseConvolution``,
-  ``DepthwiseConv``) -> ``Convolution`` with ``group = num_output = channels``, YOLO's ``Region`` and
+  ``SSDDetectionOutput``, the depthwise forks -> the ``Convolution`` they compute
+  (``passes.depthwise.as_grouped_convolution``), YOLO's ``Region`` and
   ``Detection`` -> ``Yolo``. A layer type outside ATC's Caffe operator list is refused with
   :class:`AtcUnsupportedLayerError` naming every such layer: ATC rejects an unknown type anyway, so a file
   it would refuse is never written as "ATC-ready".

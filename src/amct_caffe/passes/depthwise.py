@@ -46,24 +46,24 @@ def depthwise_as_convolution(net: caffe_pb2.NetParameter, model_file: str) -> li
 
 
 def as_grouped_convolution(layer: caffe_pb2.LayerParameter, channels: int | None, model_file: str) -> None:
-    """Rewrite one depthwise layer, in place, as ``Convolution`` with ``group = num_output = C``.
+    """Rewrite one depthwise layer, in place, as the ``Convolution`` it computes.
 
-    ``C`` is ``channels`` when given (e.g. the weight's axis 0), else ``num_output``; a
-    ``DepthwiseConvolution`` without either keeps its own ``group`` (it is a grouped convolution already).
+    ``DepthwiseConvolution`` computes what ``Convolution`` computes with the same ``convolution_param``: only
+    its type changes. ``ConvolutionDepthwise`` ignores ``group``: it becomes ``group = num_output = C``,
+    ``C`` being ``channels`` when given (e.g. its weight's axis 0), else its ``num_output``.
 
     Raises:
-        ConfigError: no channel count for a layer that needs one.
+        ConfigError: a ``ConvolutionDepthwise`` without a channel count.
     """
-    p = layer.convolution_param
-    count = channels if channels is not None else (p.num_output if p.num_output > 0 else None)
-    if count is None and layer.type != "DepthwiseConvolution":
-        raise ConfigError(
-            f"Layer '{layer.name}' (type {layer.type}) of model '{model_file}' has no num_output and no "
-            "weights to read its channel count from; it is rewritten as a Convolution with group = "
-            "num_output, so set num_output to the layer's input channel count."
-        )
-    if count is not None:
+    if layer.type != "DepthwiseConvolution":
+        p = layer.convolution_param
+        count = channels if channels is not None else (p.num_output if p.num_output > 0 else None)
+        if count is None:
+            raise ConfigError(
+                f"Layer '{layer.name}' (type {layer.type}) of model '{model_file}' has no num_output and no "
+                "weights to read its channel count from; it is rewritten as a Convolution with group = "
+                "num_output, so set num_output to the layer's input channel count."
+            )
         p.num_output = count
-        if layer.type != "DepthwiseConvolution" or channels is not None:
-            p.group = count
+        p.group = count
     layer.type = "Convolution"
