@@ -473,7 +473,9 @@ def _check_models_match(nets: ReportNets, blobs: Sequence[str]) -> None:
     blob missing."""
     reference = nets.nets["float"]
     for which, net in nets.nets.items():
-        if not (set(net.inputs) <= set(reference.blob_names) and set(reference.inputs) <= set(net.blob_names)):
+        fed_alike = (set(net.inputs) <= set(reference.blob_names)
+                     and set(reference.inputs) <= set(net.blob_names))
+        if not fed_alike:
             raise ModelMismatchError(
                 f"compare_report: the {MODEL_LABELS[which]} model {nets.models[which]} has the input blobs "
                 f"{sorted(net.inputs)} but the float model {nets.models['float']} has "
