@@ -223,6 +223,12 @@ def broadcast(tensors: Sequence[Tensor], src: int = 0) -> None:
                 t.copy_(buffer)
 
 
+def barrier() -> None:
+    """Wait until every worker gets here (a no-op in one process)."""
+    if world().distributed:
+        _collective("waiting for the other workers", dist.barrier)
+
+
 def gather(values: Tensor) -> Tensor:
     """All workers' ``values``, flattened and concatenated in rank order (the same tensor on every worker).
 
@@ -279,6 +285,8 @@ def _worker(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tupl
                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
         fn(*args)
+        # leave together: a worker tearing its group down while another still talks to it can abort
+        barrier()
     except BaseException as exc:
         # written before this process exits (and its connections close), so the launcher can tell the
         # worker that failed first from those that lost it

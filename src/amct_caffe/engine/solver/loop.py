@@ -389,6 +389,7 @@ class Solver:
                 LOGGER.info("Iteration %d, loss = %g", self.iter, float(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0 and root:
             self.test_all()
+        distributed.barrier()  # the workers finish together (rank 0 may still be writing its snapshot)
         LOGGER.info("Optimization Done.")
 
     # -- testing ---------------------------------------------------------------------------------------------
