@@ -32,6 +32,7 @@ from amct_caffe.engine.device import set_device, set_mode_cpu, set_mode_gpu
 from amct_caffe.engine.fillers import set_random_seed
 from amct_caffe.engine.layers import supported_types, user_types
 from amct_caffe.engine.layers.base import Layer
+from amct_caffe.engine.layers.python import LegacyBlobAxes
 from amct_caffe.engine.net import Net as EngineNet
 from amct_caffe.engine.optimize import note_param_array
 from amct_caffe.errors import RuntimeEngineError
@@ -52,7 +53,7 @@ def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
-class Blob:
+class Blob(LegacyBlobAxes):
     """One activation blob of a net (pycaffe's ``Blob``)."""
 
     def __init__(self, net: EngineNet, name: str) -> None:
@@ -78,26 +79,6 @@ class Blob:
     @property
     def count(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
-
-    def _legacy(self, axis: int) -> int:
-        shape = self.shape
-        return shape[axis] if len(shape) > axis else 1
-
-    @property
-    def num(self) -> int:
-        return self._legacy(0)
-
-    @property
-    def channels(self) -> int:
-        return self._legacy(1)
-
-    @property
-    def height(self) -> int:
-        return self._legacy(2)
-
-    @property
-    def width(self) -> int:
-        return self._legacy(3)
 
     def reshape(self, *shape: int) -> None:
         """Give the blob a new shape (values become zeros); call ``net.reshape()`` to propagate it."""

@@ -70,23 +70,17 @@ def python_layers_allowed() -> bool:
 
 
 # -- pycaffe's blobs ---------------------------------------------------------------------------------------
-class PyBlob:
-    """A bottom or top blob as pycaffe shows it to a Python layer: float32 numpy ``data`` and ``diff``."""
-
-    def __init__(self, data: np.ndarray | None = None) -> None:
-        self.data: np.ndarray = np.zeros((0,), np.float32) if data is None else data
-        self.diff: np.ndarray = np.zeros_like(self.data)
+class LegacyBlobAxes:
+    """pycaffe's ``num``/``channels``/``height``/``width`` of a blob: axes 0-3 of ``shape``, 1 where the blob
+    has fewer axes (shared by the Python layers' blobs and the facade's ``caffe.Blob``)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    @property
-    def count(self) -> int:
-        return int(self.data.size)
+        raise NotImplementedError
 
     def _legacy(self, axis: int) -> int:
-        return int(self.data.shape[axis]) if self.data.ndim > axis else 1
+        shape = self.shape
+        return int(shape[axis]) if len(shape) > axis else 1
 
     @property
     def num(self) -> int:
@@ -103,6 +97,22 @@ class PyBlob:
     @property
     def width(self) -> int:
         return self._legacy(3)
+
+
+class PyBlob(LegacyBlobAxes):
+    """A bottom or top blob as pycaffe shows it to a Python layer: float32 numpy ``data`` and ``diff``."""
+
+    def __init__(self, data: np.ndarray | None = None) -> None:
+        self.data: np.ndarray = np.zeros((0,), np.float32) if data is None else data
+        self.diff: np.ndarray = np.zeros_like(self.data)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def count(self) -> int:
+        return int(self.data.size)
 
     def reshape(self, *shape: int) -> None:
         """New zero-filled ``data``/``diff`` when the shape changes (Caffe's contents are undefined then)."""
