@@ -342,3 +342,18 @@ def test_qat_flow_on_the_command_line(tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [layer["layer"] for layer in report["layers"]] == ["conv1", "ip1"]
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_run_input_blob_named_like_a_forward_keyword(tmp_path: Path) -> None:
+    """An input blob called 'start' is fed like any other (not taken for forward's start layer)."""
+    from amct_caffe import cli
+
+    model = tmp_path / "m.prototxt"
+    model.write_text('layer { name: "in" type: "Input" top: "start" '
+                     'input_param { shape { dim: 1 dim: 3 } } }\n'
+                     'layer { name: "r" type: "ReLU" bottom: "start" top: "out" }\n')
+    x = np.array([[-1.0, 0.5, 2.0]], np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out.npz"
+    assert cli.main(["run", str(model), "--input", f"start={tmp_path / 'x.npy'}", "--output", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out)["out"], np.maximum(x, 0))  # ReLU by hand
