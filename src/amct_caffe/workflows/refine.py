@@ -99,6 +99,21 @@ def _layer_net(net: caffe_pb2.NetParameter, weights: caffe_pb2.NetParameter) -> 
     return engine
 
 
+def _fed_layer_nets(
+    float_net: caffe_pb2.NetParameter, float_weights: caffe_pb2.NetParameter,
+    fake_net: caffe_pb2.NetParameter, fake_weights: caffe_pb2.NetParameter,
+    data: Sequence[Mapping[str, np.ndarray]], api: str,
+) -> tuple[Net, Net]:
+    """The float and fake-quant nets, run layer by layer, both holding all calibration batches as one."""
+    reference = _layer_net(float_net, float_weights)
+    fake = _layer_net(fake_net, fake_weights)
+    stacked = _stack(data, reference.inputs, api)
+    for net in (reference, fake):
+        for name, value in stacked.items():
+            net.set_tensor(name, value.to(net.device))
+    return reference, fake
+
+
 def _channel_means(diff: torch.Tensor) -> np.ndarray:
     """Mean over every axis but 1 (the output channels of Convolution/Deconvolution/InnerProduct)."""
     axes = [a for a in range(diff.dim()) if a != 1]
@@ -132,12 +147,7 @@ def bias_correction(
     Raises:
         ConfigError: a batch lacks an input blob.
     """
-    reference = _layer_net(float_net, float_weights)
-    fake = _layer_net(fake_net, fake_weights)
-    stacked = _stack(data, reference.inputs, api)
-    for net in (reference, fake):
-        for name, value in stacked.items():
-            net.set_tensor(name, value)
+    reference, fake = _fed_layer_nets(float_net, float_weights, fake_net, fake_weights, data, api)
     targets = {name for name in layers
                if name in weights and len(weights[name]) > 1
                and fake.engine_layers[fake.layer_index(name)].type_name in _BIASED_TYPES}
@@ -249,12 +259,7 @@ def adaround(
     Raises:
         ConfigError: a batch lacks an input blob.
     """
-    reference = _layer_net(float_net, float_weights)
-    fake = _layer_net(fake_net, fake_weights)
-    stacked = _stack(data, reference.inputs, api)
-    for net in (reference, fake):
-        for name, value in stacked.items():
-            net.set_tensor(name, value.to(net.device))
+    reference, fake = _fed_layer_nets(float_net, float_weights, fake_net, fake_weights, data, api)
     targets = {name for name in layers if name in weights
                and fake.engine_layers[fake.layer_index(name)].type_name in _BIASED_TYPES}
     ref_index = {name: i for i, name in enumerate(reference.layer_names)}
