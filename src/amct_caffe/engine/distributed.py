@@ -285,8 +285,11 @@ def _worker(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tupl
                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
         fn(*args)
-        # leave together: a worker tearing its group down while another still talks to it can abort
         barrier()
+        # past the barrier every worker has finished ``fn``: what happens after (tearing the group down,
+        # which gloo sometimes aborts on) cannot lose work, and the launcher reads this mark to know it
+        with open(os.path.join(error_dir, f"done.{rank}"), "w", encoding="utf-8"):
+            pass
     except BaseException as exc:
         # written before this process exits (and its connections close), so the launcher can tell the
         # worker that failed first from those that lost it
@@ -299,10 +302,17 @@ def _worker(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tupl
         shutdown()
 
 
+def _all_finished(error_dir: str) -> bool:
+    """True when a worker got past the final barrier, i.e. every worker finished its work."""
+    return any(name.startswith("done.") for name in os.listdir(error_dir))
+
+
 def _root_cause(error_dir: str) -> dict[str, Any] | None:
     """The report of a worker that failed by itself (not by losing a peer), lowest rank first."""
     reports = []
     for name in os.listdir(error_dir):
+        if not name.endswith(".json"):
+            continue
         with open(os.path.join(error_dir, name), encoding="utf-8") as fh:
             reports.append(json.load(fh))
     reports.sort(key=lambda r: (bool(r["lost_peer"]), int(r["rank"])))
@@ -327,6 +337,11 @@ def launch(nproc: int, fn: Callable[..., Any], args: tuple[Any, ...] = ()) -> No
             mp.start_processes(_worker, args=(nproc, port, fn, args, error_dir), nprocs=nproc, join=True,
                                start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            if isinstance(exc, mp.ProcessExitedException) and _all_finished(error_dir):
+                get_logger().debug("worker %d of %d died after every worker had finished (exit code %s, "
+                                   "while leaving the process group); the run is complete.", exc.error_index,
+                                   nproc, exc.exit_code)
+                return
             cause = _root_cause(error_dir)
             if cause is not None and not cause["lost_peer"]:
                 raise RuntimeEngineError(f"worker {cause['rank']} of {nproc} failed: {cause['error']}; the "
