@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from amct_caffe.errors import (
     RecordError,
 )
 from amct_caffe.proto import caffe_pb2
+from amct_caffe.workflows import ptq
 from tests.helpers import (
     caffemodel_blobs,
     caffemodel_raw_blobs,
@@ -408,6 +410,28 @@ def test_graph_reused_after_its_files_changed(tmp_path):
     os.remove(flow.weights)
     with pytest.raises(GraphStateError, match="removed"):
         amct.save_model(graph, "Fakequant", str(tmp_path / "o" / "m"))
+
+
+def test_graph_rehashes_only_files_that_may_have_changed(tmp_path, monkeypatch):
+    # Files older than the racy window are trusted by their stat (no second read of a big caffemodel);
+    # a same-size rewrite still moves the stat (ctime), so it is caught.
+    flow = PtqFlow(tmp_path, batch_num=1)
+    old = time.time() - 3600
+    for path in (flow.config, flow.model, flow.weights):
+        os.utime(path, (old, old))
+    time.sleep(2.1)  # ctime (moved by utime) must also be older than the racy window
+    graph = amct.init(flow.config, flow.model, flow.weights, str(tmp_path / "record.txt"))
+    hashed: list[str] = []
+    real_digest = ptq.file_digest
+    monkeypatch.setattr(ptq, "file_digest", lambda path: hashed.append(path) or real_digest(path))
+    amct.quantize_model(graph, flow.cal_model, flow.cal_weights)
+    assert hashed == []
+    data = bytearray(Path(flow.weights).read_bytes())
+    data[-1] ^= 0x01  # same size, other bytes
+    Path(flow.weights).write_bytes(bytes(data))
+    with pytest.raises(GraphStateError, match="weights_file"):
+        amct.quantize_model(graph, flow.cal_model, flow.cal_weights)
+    assert hashed == [os.path.abspath(flow.weights)]
 
 
 def test_init_errors_write_no_record(tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,6 +208,53 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+#: A file whose modification time is this close to the moment it was hashed may still change within the
+#: same timestamp tick (file systems stamp with a coarse clock); its stat is then not trusted.
+_RACY_SECONDS = 2.0
+
+
+def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
+    """What a rewrite of the file always changes: device, inode, size, mtime and ctime (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """A file's SHA-256 and its stat when hashed.
+
+    :meth:`unchanged` trusts an identical stat (a write always moves ctime, which no user call can set
+    back) unless the file was modified within :data:`_RACY_SECONDS` of the hashing, when a second write could
+    carry the same coarse timestamps; then, and whenever the stat differs, it hashes again. So a graph
+    re-reads a 100 MB caffemodel only when it may really have changed.
+    """
+
+    digest: str
+    stat: tuple[int, int, int, int, int] | None
+    trusted_stat: bool
+
+    @classmethod
+    def of(cls, path: str) -> FileFingerprint:
+        stat = _stat_key(path)
+        digest = file_digest(path)
+        hashed_at = time.time_ns()
+        trusted = stat is not None and stat == _stat_key(path) and \
+            hashed_at - max(stat[3], stat[4]) > _RACY_SECONDS * 1e9
+        return cls(digest, stat, trusted)
+
+    def unchanged(self, path: str) -> bool | None:
+        """True if ``path`` still has these bytes, False if not, None if it is gone."""
+        stat = _stat_key(path)
+        if stat is None or not os.path.isfile(path):
+            return None
+        if self.trusted_stat and stat == self.stat:
+            return True
+        return file_digest(path) == self.digest
+
+
 @dataclass(frozen=True)
 class QuantLayerInfo:
     """A quantized layer as ``quantize_model`` prepared it.
@@ -255,7 +303,7 @@ class CalibrationGraph:
     """The graph ``init`` returns: the model's inference view, its weights and config, and what
     ``quantize_model`` made of them.
 
-    It remembers the files it was built from (absolute paths and SHA-256 of their contents);
+    It remembers the files it was built from (absolute paths, SHA-256 of their contents and their stat);
     ``quantize_model`` and ``save_model`` refuse it (:class:`GraphStateError`) once one of them changed.
 
     Attributes:
@@ -286,7 +334,7 @@ class CalibrationGraph:
         self.weights = weights
         #: The parsed caffemodel, kept only when it stores legacy 4-D blob shapes to write back alike.
         self.like = like
-        self.digests = {path: file_digest(path) for path in self.input_files}
+        self.fingerprints = {path: FileFingerprint.of(path) for path in self.input_files}
         self.calibration: CalibrationModel | None = None
 
     @property
@@ -297,10 +345,10 @@ class CalibrationGraph:
         """Raise :class:`GraphStateError` if an input file changed (or vanished) since ``init``."""
         names = {self.config_file: "config_file", self.model_file: "model_file",
                  self.weights_file: "weights_file"}
-        for path, digest in self.digests.items():
-            now = file_digest(path) if os.path.isfile(path) else None
-            if now != digest:
-                what = "was removed" if now is None else "changed"
+        for path, fingerprint in self.fingerprints.items():
+            same = fingerprint.unchanged(path)
+            if not same:
+                what = "was removed" if same is None else "changed"
                 raise GraphStateError(
                     f"{api}: the {names[path]} '{path}' {what} after init() built this graph; the graph no "
                     "longer matches its files. Call init() again (and create_quant_config() first if the "
