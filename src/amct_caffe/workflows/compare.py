@@ -75,7 +75,6 @@ def layer_sensitivity(
 
 def write_sensitivity(ranking: Sequence[LayerSensitivity], out_dir: str | os.PathLike[str]) -> str:
     """Write ``<out_dir>/sensitivity.json`` (the auto calibration's sensitivity format); returns its path."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(os.fspath(out_dir), SENSITIVITY_FILE)
     with AtomicFiles() as files:
         files.write(path, json_bytes(sensitivity_json(list(ranking), "CosineSimilarity")))
