@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amct_caffe.analysis.metrics import AgreementStats, SaturationStats
-from amct_caffe.analysis.results import MODEL_LABELS, PAIR_LABELS, PAIRS
+from amct_caffe.analysis.results import MODEL_LABELS, PAIR_LABELS, PAIRS, QuantizedLayer
 from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, BlobScale, integer_blob_scales
 from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
@@ -163,26 +163,6 @@ def _params(net: Net) -> list[caffe_pb2.LayerParameter]:
 def quant_factors(param: caffe_pb2.LayerParameter) -> tuple[float, int]:
     """``(s_d, o_d)`` of a ``Quant`` layer, read from its ``quant_param`` as the layer reads them."""
     return quant_step(param.quant_param.scale), offset_byte(param.quant_param.offset)
-
-
-@dataclass(frozen=True)
-class QuantizedLayer:
-    """A quantized layer of a fake-quant (or deploy) net, found from its ``DeQuant``.
-
-    Attributes:
-        layer: the quantized layer ``L`` (``dequant_param.object_layer``).
-        layer_type: its Caffe type ('' when no layer writes the DeQuant's bottom).
-        blob: the DeQuant's top, L's original top.
-        quant_layer: the ``Quant`` layer whose codes ``L`` reads ('' when none).
-        scale_d, offset_d: that Quant's factors (None when none).
-    """
-
-    layer: str
-    layer_type: str
-    blob: str
-    quant_layer: str
-    scale_d: float | None
-    offset_d: int | None
 
 
 def quantized_layers(net: Net) -> list[QuantizedLayer]:

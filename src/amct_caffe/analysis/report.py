@@ -57,12 +57,18 @@ from amct_caffe.analysis.collect import (
     Collected,
     InputBatch,
     ModelArg,
-    QuantizedLayer,
     collect_report,
     load_report_nets,
 )
 from amct_caffe.analysis.metrics import Metrics
-from amct_caffe.analysis.results import RANDOM_NOTE, SKIP_HINT, LayerReport, OutputReport, ReportResult
+from amct_caffe.analysis.results import (
+    RANDOM_NOTE,
+    SKIP_HINT,
+    LayerReport,
+    OutputReport,
+    QuantizedLayer,
+    ReportResult,
+)
 from amct_caffe.errors import AmctError, ConfigError
 from amct_caffe.log import get_logger
 from amct_caffe.model.io import AtomicFiles

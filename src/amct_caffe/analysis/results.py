@@ -28,16 +28,31 @@ RANDOM_NOTE = ("random inputs: these numbers measure the numerics of quantizatio
 # ---------------------------------------------------------------------------------------------------------
 # the per-layer report
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
-class LayerReport:
-    """One quantized layer.
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """A quantized layer of a fake-quant (or deploy) net, found from its ``DeQuant``.
 
     Attributes:
         layer: the quantized layer ``L`` (``dequant_param.object_layer``).
-        layer_type: its Caffe type.
-        blob: the compared blob, L's original top (written by ``<L>_dequant_layer``).
-        quant_layer: the ``Quant`` layer feeding ``L`` ('' when none was found).
-        scale_d, offset_d: that Quant's activation factors (``s_d = 1/quant_param.scale``, ``o_d``).
+        layer_type: its Caffe type ('' when no layer writes the DeQuant's bottom).
+        blob: the DeQuant's top, L's original top.
+        quant_layer: the ``Quant`` layer whose codes ``L`` reads ('' when none).
+        scale_d, offset_d: that Quant's factors (None when none).
+    """
+
+    layer: str
+    layer_type: str
+    blob: str
+    quant_layer: str
+    scale_d: float | None
+    offset_d: int | None
+
+
+@dataclass(frozen=True)
+class LayerReport(QuantizedLayer):
+    """One quantized layer: where it is (the :class:`QuantizedLayer` fields) and what was measured there.
+
+    Attributes:
         shape: the blob's shape in the float model (last batch).
         is_output: True when the blob is an output of the float net.
         metrics: ``{pair key: Metrics or None}`` for the pairs of :data:`PAIRS` that were run (None: the
@@ -47,12 +62,6 @@ class LayerReport:
             written to the JSON).
     """
 
-    layer: str
-    layer_type: str
-    blob: str
-    quant_layer: str
-    scale_d: float | None
-    offset_d: int | None
     shape: tuple[int, ...]
     is_output: bool
     metrics: dict[str, Metrics | None]
