@@ -83,10 +83,11 @@ def check_params(
 #: temporary); the blocks also fix the order of the float64 sums, which is the brute-force search's.
 LOSS_BLOCK_ELEMENTS = 1 << 22
 #: Values per step of the histogram pass: its buffers (allocated once) stay in the CPU caches.
-PASS_ELEMENTS = 1 << 16
-#: Values per step of the selection and counting passes (bounds their temporary memory), and the size of a
-#: cell above which the k-th extreme is first checked for a repeated extreme.
-_SELECT_ELEMENTS = 1 << 20
+PASS_ELEMENTS = 1 << 18
+#: Values per row of the data's per-row extremes (see _Rows).
+ROW_ELEMENTS = 1 << 10
+#: Values in the extreme's own cell above which the k-th extreme is first checked for a repeated extreme.
+_SELECT_ELEMENTS = 1 << 16  # (also a quarter of the step of the counting pass)
 #: About this many histogram cells span the data's range (the cell width is the power of two above
 #: range / HISTOGRAM_CELLS): fine enough that a candidate's rounding boundaries rarely leave doubt.
 HISTOGRAM_CELLS = 1 << 18
@@ -134,14 +135,14 @@ def ifmr_gathered(
     n = sum(c.numel() for c in flat)
     if n == 0:
         raise QuantDataError("IFMR calibration got an empty tensor; there is no data to calibrate on.")
-    extremes = torch.stack([torch.stack(torch.aminmax(c)) for c in flat])  # aminmax propagates NaN
-    check_finite(extremes, "calibration data")
-    xmin, xmax = extremes[:, 0].min(), extremes[:, 1].max()
+    rows = _Rows(flat)
+    xmin, xmax = rows.extremes()
+    check_finite(torch.stack([xmin, xmax]), "calibration data")  # amin/amax propagate NaN
 
     k_max, k_min = percentile_rank(n, max_percentile), percentile_rank(n, min_percentile)
     hist = _Histogram.of(flat, xmin, xmax) if k_max > 1 or k_min > 1 else None
-    vmax = xmax if hist is None or k_max == 1 else hist.kth_extreme(flat, k_max, largest=True)
-    vmin = xmin if hist is None or k_min == 1 else hist.kth_extreme(flat, k_min, largest=False)
+    vmax = xmax if hist is None or k_max == 1 else hist.kth_extreme(rows, k_max, largest=True)
+    vmin = xmin if hist is None or k_min == 1 else hist.kth_extreme(rows, k_min, largest=False)
     vmax = torch.clamp(vmax, min=0.0)
     vmin = torch.clamp(vmin, max=0.0)
     ratios = torch.tensor(search_ratios(search_start, search_end, search_step), dtype=vmax.dtype,
@@ -406,28 +407,83 @@ class _Histogram:
         at or below each, and its count and sum (float64; 0 for an empty cell)."""
         return self.ranks[cell], self.cell_counts[cell], self.cell_sums[cell]
 
-    def kth_extreme(self, flat: Sequence[Tensor], k: int, largest: bool) -> Tensor:
-        """The k-th largest (or smallest) value of ``flat`` (1-based ``k``), as a 0-d tensor.
+    def kth_extreme(self, rows: _Rows, k: int, largest: bool) -> Tensor:
+        """The k-th largest (or smallest) value of the data (1-based ``k``), as a 0-d tensor.
 
-        The histogram finds its cell. When that is the cell of the extreme itself and holds many values, the
-        extreme often repeats (ReLU's zeros, a clamp): one counting pass settles that case. Otherwise one
-        selection pass keeps the values from that cell outwards, and ``topk`` picks among them.
+        The histogram finds its cell; the values from that cell outwards are read from the rows whose
+        extreme reaches that far (few), and ``topk`` picks among them. When the cell is the extreme's own and
+        holds many values, the extreme often repeats (ReLU's zeros, a clamp): counting it settles that case.
         """
-        dtype = flat[0].dtype
         counts = torch.flip(self.counts, [0]) if largest else self.counts
         outward = int(torch.searchsorted(torch.cumsum(counts, 0), float(k)))
-        if outward == 0 and float(counts[0]) > _SELECT_ELEMENTS:
-            extreme = self.extremes[1] if largest else self.extremes[0]
-            if _count_equal(flat, extreme) >= k:
-                return extreme
+        extreme = self.extremes[1] if largest else self.extremes[0]
+        if outward == 0 and float(counts[0]) > _SELECT_ELEMENTS and rows.count_equal(extreme, largest) >= k:
+            return extreme
         at = self.positions[-1 - outward if largest else outward]
-        if largest:
-            edge = _float_toward(float(self.low(at)), dtype, -math.inf)
-            kept = torch.cat([part[part >= edge] for c in flat for part in c.split(_SELECT_ELEMENTS)])
-        else:
-            edge = _float_toward(float(self.high(at)), dtype, math.inf)
-            kept = torch.cat([part[part <= edge] for c in flat for part in c.split(_SELECT_ELEMENTS)])
+        edge = float(self.low(at)) if largest else float(self.high(at))
+        kept = rows.beyond(_float_toward(edge, extreme.dtype, -math.inf if largest else math.inf), largest)
         return torch.topk(kept, k, largest=largest).values[-1]
+
+
+class _Rows:
+    """The data as rows of ``ROW_ELEMENTS`` values (a chunk's last row may be shorter), with every row's
+    minimum and maximum: one cheap pass that gives the data's extremes and lets the selections of the
+    k-th extremes read only the rows that can hold what they look for.
+
+    Declared state: ``chunks`` (the flat data), ``mins``, ``maxs`` (per chunk, each row's extremes).
+    """
+
+    def __init__(self, chunks: Sequence[Tensor]) -> None:
+        self.chunks = list(chunks)
+        self.mins: list[Tensor] = []
+        self.maxs: list[Tensor] = []
+        for c in self.chunks:
+            body = self._body(c)
+            mins, maxs = body.amin(dim=1), body.amax(dim=1)  # amin/amax reduce rows fast; aminmax does not
+            if body.numel() < c.numel():
+                tail = c[body.numel():]
+                mins, maxs = torch.cat([mins, tail.amin()[None]]), torch.cat([maxs, tail.amax()[None]])
+            self.mins.append(mins)
+            self.maxs.append(maxs)
+
+    @staticmethod
+    def _body(c: Tensor) -> Tensor:
+        """The full rows of chunk ``c``, (rows, ``ROW_ELEMENTS``)."""
+        full = c.numel() // ROW_ELEMENTS * ROW_ELEMENTS
+        return c[:full].reshape(-1, ROW_ELEMENTS)
+
+    def extremes(self) -> tuple[Tensor, Tensor]:
+        """The data's minimum and maximum (0-d)."""
+        lows, highs = torch.stack([m.min() for m in self.mins]), torch.stack([m.max() for m in self.maxs])
+        return lows.min(), highs.max()
+
+    def _rows_where(self, chunk: int, wanted: Tensor) -> Tensor:
+        """The values of chunk ``chunk``'s rows marked by ``wanted`` (bool per row), flat."""
+        c, body = self.chunks[chunk], self._body(self.chunks[chunk])
+        if bool(wanted.all()):
+            return c
+        picked = torch.nonzero(wanted[:len(body)]).reshape(-1)
+        parts = [body.index_select(0, picked).reshape(-1)]
+        if len(body) < len(wanted) and bool(wanted[-1]):
+            parts.append(c[body.numel():])
+        return torch.cat(parts)
+
+    def beyond(self, edge: float, largest: bool) -> Tensor:
+        """Every value ``>= edge`` (``largest``) or ``<= edge``."""
+        kept = []
+        for i in range(len(self.chunks)):
+            values = self._rows_where(i, self.maxs[i] >= edge if largest else self.mins[i] <= edge)
+            kept.append(values[values >= edge] if largest else values[values <= edge])
+        return torch.cat(kept)
+
+    def count_equal(self, value: Tensor, largest: bool) -> int:
+        """How many values equal ``value``, the data's maximum (``largest``) or minimum."""
+        total = 0
+        for i in range(len(self.chunks)):
+            holds = self.maxs[i] == value if largest else self.mins[i] == value
+            parts = self._rows_where(i, holds).split(_SELECT_ELEMENTS * 4)
+            total += sum(int(torch.count_nonzero(part == value)) for part in parts)
+        return total
 
 
 def _cell_totals(flat: Sequence[Tensor], shift: Tensor, scale: float, cells: int) -> tuple[Tensor, Tensor]:
@@ -471,11 +527,6 @@ def _prefix_sum(values: Tensor) -> Tensor:
     prefix = torch.zeros(len(values) + 1, dtype=values.dtype, device=values.device)
     torch.cumsum(values, 0, out=prefix[1:])
     return prefix
-
-
-def _count_equal(flat: Sequence[Tensor], value: Tensor) -> int:
-    """How many values of ``flat`` equal ``value``."""
-    return sum(int(torch.count_nonzero(part == value)) for c in flat for part in c.split(_SELECT_ELEMENTS))
 
 
 def _float_toward(value: float, dtype: torch.dtype, direction: float) -> float:
