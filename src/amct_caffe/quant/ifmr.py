@@ -169,13 +169,14 @@ def _best_candidate(flat: Sequence[Tensor], n: int, extremes: tuple[Tensor, Tens
     """Index of the first candidate of least brute-force loss.
 
     Candidates with equal ``(low, high, scale)`` have equal losses, so only the first of them competes. A
-    histogram of the data (power-of-two cells, counts and float64 sums) gives every remaining candidate an
-    interval that provably holds its brute-force loss (less the candidate-independent ``sum(x^2)``): the
-    values of a cell that no rounding boundary of the candidate cuts share one code, so their error is
-    ``n q^2 - 2 q sum(x) + sum(x^2)``; a cut cell bounds what its values can add; the bounds also cover the
-    float32 rounding of the brute-force errors and every float64 rounding on both sides. When one interval
-    lies below all others its candidate wins; otherwise the brute-force loss of the few candidates whose
-    intervals reach the lowest upper bound decides, computed exactly as the brute-force search does.
+    histogram of the data (power-of-two cells, counts and float64 sums; see :class:`_Histogram`) gives every
+    remaining candidate an interval that provably holds its brute-force loss (less the candidate-independent
+    ``sum(x^2)``): the values of a cell that no rounding boundary of the candidate cuts share one code, so
+    their error is ``n q^2 - 2 q sum(x) + sum(x^2)``; a cut cell bounds what its values can add; the bounds
+    also cover the float32 rounding of the brute-force errors and every float64 rounding on both sides. When
+    one interval lies below all others its candidate wins; otherwise the brute-force loss of the few
+    candidates whose intervals reach the lowest upper bound decides, computed exactly as the brute-force
+    search does.
     """
     keys: dict[tuple[float, float, float], int] = {}
     for i, key in enumerate(zip(lows.tolist(), highs.tolist(), scales.tolist(), strict=True)):
@@ -328,24 +329,24 @@ def _loss_bounds(hist: _Histogram, n: int, lows: Tensor, highs: Tensor,
 
 
 class _Histogram:
-    """Counts and float64 sums of the data in cells of a power-of-two width ``w = 2**p``, kept for the
-    cells that hold values.
+    """Counts and float64 sums of the data in cells of a power-of-two width ``w = 2**p``.
 
     A value's cell is ``trunc(x * 2**-p - base)`` computed in the data's dtype, with ``base = floor(xmin *
     2**-p)`` kept below 2**24 so that it is exact. It is monotone in ``x``, which is what the bounds rely on
     (a value in a lower cell than a threshold's is below it), and within ``slack`` cells of the exact
     ``floor(x / w) - base`` (the rounding of the subtraction), so cell ``j`` holds values in
     ``[low(j), high(j)]`` = ``[(base + j - slack) w, (base + j + 1 + slack) w]``. ``of`` makes one pass over
-    the data; everything else costs in the number of occupied cells (at most the number of values), not in
-    ``cells``.
+    the data; apart from two cheap scans of the per-cell tables (occupancy and its running count) everything
+    else runs over the occupied cells (at most the number of values), not over all ``cells``.
 
     Declared state: ``scale`` (``2**-p``, 0-d, data dtype), ``shift`` (``-base``, 0-d, data dtype),
     ``width``, ``base``, ``cells`` (cell positions run over ``0 .. cells - 1``), ``slack``, ``extremes``
-    (the data's ``(min, max)``, 0-d tensors), ``positions`` (the occupied cells, ascending, int64),
-    ``counts`` and ``sums`` (theirs, float64; counts are exact integers), the prefix sums over the occupied
-    cells ``prefix_counts``, ``prefix_index`` (of count * cell position; both int64) and ``prefix_rest`` (of
-    each cell's sum less count * its nominal start), and the error bounds ``sum_error`` (all cells' float64
-    sums together), ``prefix_error`` (one ``prefix_rest`` entry) and ``square_bound`` (above ``sum(x^2)``).
+    (the data's ``(min, max)``, 0-d tensors), per cell ``cell_counts``, ``cell_sums`` (float64; counts are
+    exact integers) and ``ranks`` (how many occupied cells lie at or below it, int64); for the occupied
+    cells ``positions`` (ascending, int64), ``counts`` and ``sums``, and their prefix sums ``prefix_counts``,
+    ``prefix_index`` (of count * cell position; both int64) and ``prefix_rest`` (of each cell's sum less
+    count * its nominal start); the error bounds ``sum_error`` (all cells' float64 sums together),
+    ``prefix_error`` (one ``prefix_rest`` entry) and ``square_bound`` (above ``sum(x^2)``).
     """
 
     def __init__(self, scale: Tensor, shift: Tensor, width: float, extremes: tuple[Tensor, Tensor],
