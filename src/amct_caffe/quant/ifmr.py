@@ -87,7 +87,9 @@ PASS_ELEMENTS = 1 << 18
 #: Values per row of the data's per-row extremes (see _Rows).
 ROW_ELEMENTS = 1 << 10
 #: Values in the extreme's own cell above which the k-th extreme is first checked for a repeated extreme.
-_SELECT_ELEMENTS = 1 << 16  # (also a quarter of the step of the counting pass)
+_SELECT_ELEMENTS = 1 << 16
+#: Rows counted at a time when checking for a repeated extreme.
+_REPEAT_ROWS = 1 << 6
 #: About this many histogram cells span the data's range (the cell width is the power of two above
 #: range / HISTOGRAM_CELLS): fine enough that a candidate's rounding boundaries rarely leave doubt.
 HISTOGRAM_CELLS = 1 << 18
@@ -282,9 +284,9 @@ def _loss_bounds(hist: _Histogram, n: int, lows: Tensor, highs: Tensor,
               > torch.cat([zero, cell + 1], dim=1).clamp(0, cells))
     start = torch.cat([zero, above], dim=1)  # prefix sums run over the occupied cells
     end = torch.cat([below, zero + occupied], dim=1)
-    n_r = torch.where(filled, hist.prefix_counts[end] - hist.prefix_counts[start], 0)
-    j_r = torch.where(filled, hist.prefix_index[end] - hist.prefix_index[start], 0).double()
-    d_r = torch.where(filled, hist.prefix_rest[end] - hist.prefix_rest[start], 0.0)
+    n_r = torch.where(filled, _pick(hist.prefix_counts, end) - _pick(hist.prefix_counts, start), 0)
+    j_r = torch.where(filled, _pick(hist.prefix_index, end) - _pick(hist.prefix_index, start), 0).double()
+    d_r = torch.where(filled, _pick(hist.prefix_rest, end) - _pick(hist.prefix_rest, start), 0.0)
     n_r = n_r.double()
     big = n_r * base * width
     sum_r = (big + j_r * width) + d_r
@@ -341,9 +343,9 @@ class _Histogram:
 
     Declared state: ``scale`` (``2**-p``, 0-d, data dtype), ``shift`` (``-base``, 0-d, data dtype),
     ``width``, ``base``, ``cells`` (cell positions run over ``0 .. cells - 1``), ``slack``, ``extremes``
-    (the data's ``(min, max)``, 0-d tensors), per cell ``cell_counts``, ``cell_sums`` (float64; counts are
-    exact integers) and ``ranks`` (how many occupied cells lie at or below it, int64); for the occupied
-    cells ``positions`` (ascending, int64), ``counts`` and ``sums``, and their prefix sums ``prefix_counts``,
+    (the data's ``(min, max)``, 0-d tensors), per cell ``ranks`` (how many occupied cells lie at or below
+    it, int64); for the occupied cells ``positions`` (ascending, int64), ``counts`` and ``sums`` (float64;
+    counts are exact integers), and their prefix sums ``prefix_counts``,
     ``prefix_index`` (of count * cell position; both int64) and ``prefix_rest`` (of each cell's sum less
     count * its nominal start); the error bounds ``sum_error`` (all cells' float64 sums together),
     ``prefix_error`` (one ``prefix_rest`` entry) and ``square_bound`` (above ``sum(x^2)``).
@@ -358,7 +360,6 @@ class _Histogram:
         self.cells = len(counts)
         self.slack = (self.cells + 2) * 2.0**-23  # < 1: only the cells at 0 and -1 hold both signs
         self.extremes = extremes
-        self.cell_counts, self.cell_sums = counts, sums
         occupied = counts > 0
         self.ranks = torch.cumsum(occupied, 0)
         self.positions = torch.nonzero(occupied).reshape(-1)
@@ -406,7 +407,11 @@ class _Histogram:
     def locate(self, cell: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For the cell positions ``cell`` (int64, within ``0 .. cells - 1``): how many occupied cells lie
         at or below each, and its count and sum (float64; 0 for an empty cell)."""
-        return self.ranks[cell], self.cell_counts[cell], self.cell_sums[cell]
+        upto = _pick(self.ranks, cell)
+        at = (upto - 1).clamp(min=0)  # the last occupied cell at or below: ``cell`` itself when occupied
+        occupied = _pick(self.positions, at) == cell
+        return (upto, torch.where(occupied, _pick(self.counts, at), 0.0),
+                torch.where(occupied, _pick(self.sums, at), 0.0))
 
     def kth_extreme(self, rows: _Rows, k: int, largest: bool) -> Tensor:
         """The k-th largest (or smallest) value of the data (1-based ``k``), as a 0-d tensor.
@@ -418,7 +423,7 @@ class _Histogram:
         counts = torch.flip(self.counts, [0]) if largest else self.counts
         outward = int(torch.searchsorted(torch.cumsum(counts, 0), float(k)))
         extreme = self.extremes[1] if largest else self.extremes[0]
-        if outward == 0 and float(counts[0]) > _SELECT_ELEMENTS and rows.count_equal(extreme, largest) >= k:
+        if outward == 0 and float(counts[0]) > _SELECT_ELEMENTS and rows.repeats(extreme, largest, k):
             return extreme
         at = self.positions[-1 - outward if largest else outward]
         edge = float(self.low(at)) if largest else float(self.high(at))
@@ -458,33 +463,35 @@ class _Rows:
         lows, highs = torch.stack([m.min() for m in self.mins]), torch.stack([m.max() for m in self.maxs])
         return lows.min(), highs.max()
 
-    def _rows_where(self, chunk: int, wanted: Tensor) -> Tensor:
-        """The values of chunk ``chunk``'s rows marked by ``wanted`` (bool per row), flat."""
+    def _rows(self, chunk: int, picked: Tensor) -> Tensor:
+        """The values of chunk ``chunk``'s rows ``picked`` (ascending row numbers, int64), flat."""
         c, body = self.chunks[chunk], self._body(self.chunks[chunk])
-        if bool(wanted.all()):
-            return c
-        picked = torch.nonzero(wanted[:len(body)]).reshape(-1)
-        parts = [body.index_select(0, picked).reshape(-1)]
-        if len(body) < len(wanted) and bool(wanted[-1]):
-            parts.append(c[body.numel():])
-        return torch.cat(parts)
+        full = picked[picked < len(body)]
+        values = body.index_select(0, full).reshape(-1)
+        if len(full) < len(picked):  # the short last row
+            return torch.cat([values, c[body.numel():]])
+        return values
 
     def beyond(self, edge: float, largest: bool) -> Tensor:
         """Every value ``>= edge`` (``largest``) or ``<= edge``."""
         kept = []
         for i in range(len(self.chunks)):
-            values = self._rows_where(i, self.maxs[i] >= edge if largest else self.mins[i] <= edge)
+            wanted = self.maxs[i] >= edge if largest else self.mins[i] <= edge
+            values = self._rows(i, torch.nonzero(wanted).reshape(-1))
             kept.append(values[values >= edge] if largest else values[values <= edge])
         return torch.cat(kept)
 
-    def count_equal(self, value: Tensor, largest: bool) -> int:
-        """How many values equal ``value``, the data's maximum (``largest``) or minimum."""
+    def repeats(self, value: Tensor, largest: bool, k: int) -> bool:
+        """Whether ``value``, the data's maximum (``largest``) or minimum, occurs at least ``k`` times:
+        counted over the rows holding it, a block of rows at a time, until ``k`` are found."""
         total = 0
-        for i in range(len(self.chunks)):
-            holds = self.maxs[i] == value if largest else self.mins[i] == value
-            parts = self._rows_where(i, holds).split(_SELECT_ELEMENTS * 4)
-            total += sum(int(torch.count_nonzero(part == value)) for part in parts)
-        return total
+        for i, extremes in enumerate(self.maxs if largest else self.mins):
+            holding = torch.nonzero(extremes == value).reshape(-1)
+            for block in holding.split(_REPEAT_ROWS):
+                total += int(torch.count_nonzero(self._rows(i, block) == value))
+                if total >= k:
+                    return True
+        return False
 
 
 def _cell_totals(flat: Sequence[Tensor], shift: Tensor, scale: float, cells: int) -> tuple[Tensor, Tensor]:
@@ -521,6 +528,11 @@ def _cell_totals(flat: Sequence[Tensor], shift: Tensor, scale: float, cells: int
             values[:m].copy_(part)
             sums.index_add_(0, index[:m], values[:m])
     return counts, sums
+
+
+def _pick(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 1-D ``table`` (``index_select``: several times faster than indexing)."""
+    return table.index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
 def _prefix_sum(values: Tensor) -> Tensor:
