@@ -209,6 +209,23 @@ def test_kth_extreme_of_a_repeated_extreme() -> None:
         check_kth_extremes([torch.from_numpy(data)], (2, 3, 4, 10, 50_000))
 
 
+def test_cell_totals_paired_and_separate_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The histogram pass accumulates counts and sums with one complex index_add_ on the CPU and with two
+    elsewhere: both give the counts of a direct count and the same float64 sums, over several steps."""
+    monkeypatch.setattr(ifmr_module, "PASS_ELEMENTS", 1000)
+    rng = np.random.default_rng(25)
+    x = torch.from_numpy(np.maximum(rng.standard_normal(5500), 0.0).astype(np.float32))
+    chunks = [x[:2500], x[2500:]]
+    hist = ifmr_module._Histogram.of(chunks, x.min(), x.max())
+    args = (chunks, hist.shift, float(hist.scale), hist.cells)
+    counts, sums = ifmr_module._cell_totals(*args, paired=True)
+    counts2, sums2 = ifmr_module._cell_totals(*args, paired=False)
+    cell = torch.add(hist.shift, x, alpha=float(hist.scale)).long()
+    assert torch.equal(counts, torch.bincount(cell, minlength=hist.cells).double())
+    assert torch.equal(counts, counts2) and torch.equal(sums, sums2)
+    assert float((sums - torch.bincount(cell, x.double(), minlength=hist.cells)).abs().max()) < 1e-9
+
+
 def check_kth_extremes(chunks: list[torch.Tensor], ranks: tuple[int, ...]) -> None:
     x = torch.cat(chunks)
     ordered = torch.sort(x).values
