@@ -242,7 +242,10 @@ def _threshold_cells(hist: _Histogram, lo: Tensor, hi: Tensor,
     cells = hist.cell_of(down)
     across = torch.nonzero(valid & resolved & (cells != hist.cell_of(up)), as_tuple=True)
     if len(across[0]):
-        floats = torch.stack([_step_ulps(down[across], i) for i in range(2 * _BOUNDARY_ULPS + 1)], dim=-1)
+        bracket = [down[across]]
+        for _ in range(2 * _BOUNDARY_ULPS):
+            bracket.append(_step_ulps(bracket[-1], 1))
+        floats = torch.stack(bracket, dim=-1)  # the bracket's floats, ascending
         row = across[0]
         reached = _codes(floats, lo[row], hi[row], s[row]) >= codes[across][:, None]
         first = torch.argmax(reached.to(torch.int8), dim=-1, keepdim=True)
