@@ -183,15 +183,57 @@ def test_loss_bounds_hold_the_brute_force_losses(kind: str) -> None:
 
 def test_kth_extreme_from_the_histogram() -> None:
     """Percentile ranks above 1 (n > 10**6 with the default 0.999999) take the k-th value from the histogram's
-    cell and one selection: the same value as a full sort."""
+    cell and the rows that can hold it: the same value as a full sort."""
     rng = np.random.default_rng(23)
     x = torch.from_numpy(rng.standard_normal(3000).astype(np.float32) ** 3)
-    chunks = [x[:1000], x[1000:]]
+    check_kth_extremes([x[:1000], x[1000:]], (1, 2, 17, 1500, 3000))
+    # full rows of the per-row extremes, a short last row, and chunks of other lengths
+    y = torch.from_numpy(rng.standard_normal(7000).astype(np.float32))
+    check_kth_extremes([y[:2048], y[2048:2049], y[2049:]], (1, 3, 40, 3500, 7000))
+
+
+def test_kth_extreme_of_a_repeated_extreme() -> None:
+    """ReLU outputs: the k-th smallest is one of many zeros (settled by counting them), and a clamp repeats
+    the maximum a few times only (fewer than k: the selection decides)."""
+    rng = np.random.default_rng(24)
+    x = np.maximum(rng.standard_normal(300_000), 0.0).astype(np.float32)
+    x[rng.choice(len(x), 5, replace=False)] = 9.0
+    t = torch.from_numpy(x)
+    check_kth_extremes([t[:100_000], t[100_000:]], (1, 4, 5, 6, 30, 200_000))
+    # the minimum's cell holds many distinct values (an outlier widens the cells): the minimum repeats
+    # three times, so counting settles k <= 3 and the selection decides k > 3; mirrored for the maximum
+    y = rng.uniform(0.0, 1e-8, 100_000).astype(np.float32)
+    y[70_000] = 1.0
+    y[[8, 9]] = y.min()
+    for data in (y, -y):
+        check_kth_extremes([torch.from_numpy(data)], (2, 3, 4, 10, 50_000))
+
+
+def test_cell_totals_paired_and_separate_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The histogram pass accumulates counts and sums with one complex index_add_ on the CPU and with two
+    elsewhere: both give the counts of a direct count and the same float64 sums, over several steps."""
+    monkeypatch.setattr(ifmr_module, "PASS_ELEMENTS", 1000)
+    rng = np.random.default_rng(25)
+    x = torch.from_numpy(np.maximum(rng.standard_normal(5500), 0.0).astype(np.float32))
+    chunks = [x[:2500], x[2500:]]
+    hist = ifmr_module._Histogram.of(chunks, x.min(), x.max())
+    args = (chunks, hist.shift, float(hist.scale), hist.cells)
+    counts, sums = ifmr_module._cell_totals(*args, paired=True)
+    counts2, sums2 = ifmr_module._cell_totals(*args, paired=False)
+    cell = torch.add(hist.shift, x, alpha=float(hist.scale)).long()
+    assert torch.equal(counts, torch.bincount(cell, minlength=hist.cells).double())
+    assert torch.equal(counts, counts2) and torch.equal(sums, sums2)
+    assert float((sums - torch.bincount(cell, x.double(), minlength=hist.cells)).abs().max()) < 1e-9
+
+
+def check_kth_extremes(chunks: list[torch.Tensor], ranks: tuple[int, ...]) -> None:
+    x = torch.cat(chunks)
     ordered = torch.sort(x).values
     hist = ifmr_module._Histogram.of(chunks, x.min(), x.max())
-    for k in (1, 2, 17, 1500, 3000):
-        assert hist.kth_extreme(chunks, k, largest=True).item() == ordered[-k].item()
-        assert hist.kth_extreme(chunks, k, largest=False).item() == ordered[k - 1].item()
+    rows = ifmr_module._Rows(chunks)
+    for k in ranks:
+        assert hist.kth_extreme(rows, k, largest=True).item() == ordered[-k].item()
+        assert hist.kth_extreme(rows, k, largest=False).item() == ordered[k - 1].item()
 
 
 @settings(max_examples=60, deadline=None)
