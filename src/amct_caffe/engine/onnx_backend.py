@@ -200,9 +200,12 @@ class _Weights:
     def unchanged(self, tensors: Sequence[Tensor]) -> bool:
         if len(tensors) != len(self.tensors):
             return False
-        for t, mine, v in zip(tensors, self.tensors, self.versions):
-            if t is not mine or v < 0 or blob_version(t) != v:
-                return False
+        try:  # once per forward over every blob: the version counters read directly
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # an inference tensor keeps no version: treat it as changed
+            return False
+        if versions != self.versions or any(t is not mine for t, mine in zip(tensors, self.tensors)):
+            return False
         for k, copy in self.copies.items():
             if not torch.equal(copy, self.tensors[k]):
                 return False
