@@ -23,6 +23,7 @@ from amct_caffe.engine.randomize import randomize_params
 from amct_caffe.errors import ConfigError
 from amct_caffe.proto import caffe_pb2
 from tests.references.layers import batchnorm_global, conv2d, inner_product, pool2d, scale_bias
+from tests.references.quant import quant_layer_codes
 from tests.references.real_caffe import SHARED
 
 HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
@@ -354,6 +355,45 @@ def test_auto_stays_on_the_engine_for_layer_by_layer_readers(monkeypatch: pytest
         net.forward(data=x)
         net.blobs["conv1"].data.sum()
     assert net.backend_stats.exports == 0 and net.backend_stats.engine_forwards == 4
+
+
+# a fake-quant model's layers: Quant (offset 3), a convolution, DeQuant with a shift of 2 bits; "qcopy" makes
+# the Quant layer's value an output of the session
+FAKE_QUANT = r"""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "q" type: "Quant" bottom: "data" top: "q" quant_param { scale: 20.0 offset: "\003" } }
+layer { name: "qcopy" type: "Power" bottom: "q" top: "qcopy" }
+layer { name: "conv" type: "Convolution" bottom: "q" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "dq" type: "DeQuant" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" inner_product_param { num_output: 5 } }
+"""
+
+
+@needs_ort
+def test_fake_quant_layers_run_in_the_session(x: np.ndarray) -> None:
+    net = make_net(FAKE_QUANT)
+    rng = np.random.default_rng(4)
+    for name in ("conv", "ip"):
+        for blob in net.params[name]:
+            blob.data[...] = rng.normal(0, 0.5, blob.data.shape)
+    net.params["dq"][0].data[...] = 0.05
+    net.params["dq"][1].data[...] = 2.0
+    net.blobs["data"].data[...] = x
+    expected = engine_blobs(net)
+    net.backend = "onnxruntime"
+    out = net.forward(data=x)
+    assert net.backend_stats.session_forwards == 1, net.backend_stats.reason
+    s_d = 1.0 / float(np.float32(20.0))
+    quantized = ((quant_layer_codes(x, 20.0, 3) - 3) * s_d).astype(np.float32)
+    np.testing.assert_allclose(out["qcopy"], quantized, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out["ip"], expected["ip"], **TOL)
+    # DeQuant's blobs decide between identity and shift-N: a change re-exports
+    net.params["dq"][1].data[...] = 0.0
+    expected = engine_blobs(net)
+    out = net.forward(data=x)
+    np.testing.assert_allclose(out["ip"], expected["ip"], **TOL)
+    assert net.backend_stats.exports == 2
 
 
 def test_constants_second_swaps_only_constant_first_operands() -> None:
