@@ -11,8 +11,10 @@ prototxt itself:
   engine's SGD solver (momentum, weight decay) -- the float step;
 * the QAT retrain model of the same net (``create_quant_retrain_model``), trained the same way -- the QAT
   step, after a first step that initialises the clips with IFMR (timed on its own);
-* for the TEST forward: the engine's optimised forward, and ONNX Runtime on the ``torch.nn`` module exported
-  to ONNX (when ``onnxruntime`` and ``onnx`` are installed; the column is empty otherwise).
+* for the TEST forward: the engine's optimised forward, ONNX Runtime on the ``torch.nn`` module exported
+  to ONNX, and the engine's net with its ONNX Runtime backend (``net.backend = "onnxruntime"``: time per
+  forward after the first, and the export time) -- the last two when ``onnxruntime`` and ``onnx`` are
+  installed (the columns are empty otherwise). These run in one process, interleaved over ``--fwd-rounds``.
 
 Each training measurement runs in a fresh process (``_measure.run_worker``: wall time of ``--steps`` steps
 after two warm-up steps, and the peak RSS), rounds interleaved so that other load hits all columns alike;
@@ -20,6 +22,7 @@ the table shows medians and throughput ratios. Timings vary with load; read the 
 
     PYTHONPATH=src python benchmarks/bench_train.py                      # needs the public models folder
     PYTHONPATH=src python benchmarks/bench_train.py --configs mobilenet_v2:8 --steps 5 --rounds 3
+    PYTHONPATH=src python benchmarks/bench_train.py --test-forward-only --configs mobilenet_v2:1 resnet50:8
 """
 
 from __future__ import annotations
