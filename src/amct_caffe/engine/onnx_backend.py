@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
+import operator
 import os
 import statistics
 import time
@@ -66,6 +68,8 @@ LOGGER = get_logger("engine.onnx_backend")
 
 Tensor = torch.Tensor
 
+_VERSION = operator.attrgetter("_version")
+
 #: The environment variable that chooses every new net's backend (default ``engine``).
 BACKEND_ENV = "AMCT_CAFFE_BACKEND"
 ENGINE = "engine"
@@ -73,9 +77,10 @@ ONNXRUNTIME = "onnxruntime"
 AUTO = "auto"
 BACKENDS = (ENGINE, ONNXRUNTIME, AUTO)
 
-#: ``auto``'s estimate of the export time (trace, ONNX, session) per layer, in seconds: measured 5-9 ms
-#: per layer for ResNet-50 and MobileNet-v2 on a loaded 2-core machine (docs/design.md).
-AUTO_EXPORT_SECONDS_PER_LAYER = 0.01
+#: ``auto``'s estimate of the export time (trace, ONNX, session, check) per layer, in seconds: measured
+#: 2-25 ms per layer for ResNet-50 (229 layers) and MobileNet-v2 (209) at batch 1 and 8 on a 2-core
+#: machine under load 7-12 (docs/design.md).
+AUTO_EXPORT_SECONDS_PER_LAYER = 0.02
 
 #: A session output may differ from the engine's by this fraction of the output's largest value.
 CHECK_TOLERANCE = 1e-4
@@ -162,6 +167,7 @@ class _Layout:
 
     def __init__(self, net: WholeNet) -> None:
         layers = net.engine_layers
+        self.layers = list(layers)
         self.signature = tuple(map(id, layers))
         self.sources = [i for i, bottoms in enumerate(net.layer_bottoms) if not bottoms]
         source_set = set(self.sources)
@@ -204,10 +210,10 @@ class _Weights:
         if len(tensors) != len(self.tensors):
             return False
         try:  # once per forward over every blob: the version counters read directly
-            versions = tuple(t._version for t in tensors)
+            versions = tuple(map(_VERSION, tensors))
         except RuntimeError:  # an inference tensor keeps no version: treat it as changed
             return False
-        if versions != self.versions or any(t is not mine for t, mine in zip(tensors, self.tensors)):
+        if versions != self.versions or list(map(id, tensors)) != list(map(id, self.tensors)):
             return False
         for k, copy in self.copies.items():
             if not torch.equal(copy, self.tensors[k]):
@@ -365,7 +371,8 @@ class OrtBackend:
     # -- sessions ----------------------------------------------------------------------------------------
     def _layout_of(self, net: WholeNet) -> _Layout:
         layout = self._layout
-        if layout is None or layout.signature != tuple(map(id, net.engine_layers)):
+        # a list compares its items by identity first (layers define no equality): a cheap C loop
+        if layout is None or layout.layers != net.engine_layers:
             layout = self._layout = _Layout(net)
             self._session = None
         return layout
@@ -377,7 +384,7 @@ class OrtBackend:
 
     @staticmethod
     def _weights_of(net: WholeNet) -> list[Tensor]:
-        return [blob for layer in net.engine_layers for blob in layer.blobs]
+        return list(itertools.chain.from_iterable(layer.blobs for layer in net.engine_layers))
 
     def _session_for(self, net: WholeNet, layout: _Layout, data: dict[str, Tensor], key: tuple[Any, ...],
                      mode: str) -> _Session | None:
