@@ -276,6 +276,19 @@ def test_live_parameter_array_is_compared_by_value(x: np.ndarray) -> None:
 
 
 @needs_ort
+def test_arrays_handed_out_of_other_blobs_do_not_reexport(x: np.ndarray) -> None:
+    net = make_net()
+    set_params(net)
+    other = make_net()
+    net.backend = "onnxruntime"
+    net.forward(data=x)
+    float(other.params["conv1"][0].data.sum())
+    net.forward(data=x)
+    net.forward(data=x)
+    assert net.backend_stats.exports == 1
+
+
+@needs_ort
 def test_copy_from_reexports(tmp_path, x: np.ndarray) -> None:
     net = make_net()
     set_params(net, seed=0)

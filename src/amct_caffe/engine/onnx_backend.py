@@ -218,10 +218,13 @@ class _Weights:
         for k, copy in self.copies.items():
             if not torch.equal(copy, self.tensors[k]):
                 return False
-        if param_array_epoch() == self.epoch:
+        epoch = param_array_epoch()
+        if epoch == self.epoch:
             return True
-        return not any(k not in self.copies and param_array_since(t, self.epoch)
-                       for k, t in enumerate(self.tensors))
+        if any(k not in self.copies and param_array_since(t, self.epoch) for k, t in enumerate(self.tensors)):
+            return False
+        self.epoch = epoch  # hand-outs so far were of other blobs: look only at later ones from now on
+        return True
 
 
 class _Traced(torch.nn.Module):
