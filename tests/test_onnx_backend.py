@@ -140,6 +140,40 @@ def test_backend_from_environment_and_bad_values(monkeypatch: pytest.MonkeyPatch
         net.backend = "onnx"
 
 
+def test_use_backend_block_and_command_line_flag(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                x: np.ndarray) -> None:
+    from amct_caffe import cli
+
+    assert cli._BACKENDS == onnx_backend.BACKENDS
+    with onnx_backend.use_backend("auto"):
+        assert make_net().backend == "auto"
+        with onnx_backend.use_backend(None):
+            assert make_net().backend == "engine"
+    assert make_net().backend == "engine"
+    with pytest.raises(ConfigError), onnx_backend.use_backend("onnx"):
+        pass
+    # the command line's --backend reaches the nets its flows build
+    modes: list[str] = []
+    real_run = onnx_backend.OrtBackend.run
+
+    def recording_run(self: onnx_backend.OrtBackend, net: object, data: dict, mode: str) -> None:
+        modes.append(mode)
+        real_run(self, net, data, mode)
+
+    monkeypatch.setattr(onnx_backend.OrtBackend, "run", recording_run)
+    model = tmp_path / "net.prototxt"
+    model.write_text(NET)
+    np.save(tmp_path / "x.npy", x)
+    outputs = {}
+    for flags in ([], ["--backend", "onnxruntime"]):
+        out = tmp_path / f"out{len(flags)}.npz"
+        assert cli.main(["run", str(model), "--input", f"data={tmp_path / 'x.npy'}", "--output", str(out),
+                         *flags]) == 0
+        outputs[len(flags)] = np.load(out)["prob"]
+    assert modes == ["onnxruntime"]
+    np.testing.assert_allclose(outputs[2], outputs[0], **TOL)
+
+
 def test_without_onnxruntime_the_engine_runs(monkeypatch: pytest.MonkeyPatch, x: np.ndarray,
                                              caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(onnx_backend, "onnxruntime_available", lambda: False)

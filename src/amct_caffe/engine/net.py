@@ -32,8 +32,8 @@ from amct_caffe.engine.onnx_backend import (
     ENGINE,
     BackendStats,
     OrtBackend,
-    backend_from_env,
     check_backend,
+    default_backend,
 )
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import (
@@ -166,7 +166,7 @@ class Net:
         self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
         self._set_up = False
         self._plan: InferencePlan | None = None
-        self._backend = backend_from_env()
+        self._backend = default_backend()
         self._onnx = OrtBackend(self.path or self.param.name)
         self.force_backward = bool(self.param.force_backward)
         self.backward_plan = BackwardPlan((), (), ())  # decided once the layers have their blobs (below)
@@ -342,7 +342,7 @@ class Net:
 
     @property
     def backend(self) -> str:
-        """Who runs a TEST net's whole forwards: ``"engine"`` (default, or ``$AMCT_CAFFE_BACKEND``),
+        """Who runs a TEST net's whole forwards: ``"engine"`` (default; see ``default_backend``),
         ``"onnxruntime"`` or ``"auto"`` (:mod:`amct_caffe.engine.onnx_backend`; every blob read still
         gives the engine's layer-by-layer value). Partial forwards, backward and TRAIN nets always run on
         the engine.

@@ -36,6 +36,8 @@ back to the engine once a caller reads an intermediate blob after a session forw
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import io
 import itertools
@@ -44,7 +46,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -112,12 +114,35 @@ def check_backend(value: str, where: str = "backend") -> str:
     return value
 
 
-def backend_from_env() -> str:
-    """The backend new nets start with: ``$AMCT_CAFFE_BACKEND``, else ``engine``.
+#: The innermost :func:`use_backend` choice (None: none, the environment decides).
+_CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("amct_caffe_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Within the block, nets built by any code (the AMCT API calls and the command line's flows included)
+    start with ``backend``; ``None`` leaves it to ``$AMCT_CAFFE_BACKEND``.
+
+    Raises:
+        ConfigError: ``backend`` names no backend.
+    """
+    token = _CHOICE.set(None if backend is None else check_backend(backend))
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
+def default_backend() -> str:
+    """The backend a net built now starts with: the innermost :func:`use_backend` choice, else
+    ``$AMCT_CAFFE_BACKEND``, else ``engine``.
 
     Raises:
         ConfigError: the variable names no backend.
     """
+    choice = _CHOICE.get()
+    if choice is not None:
+        return choice
     value = os.environ.get(BACKEND_ENV, "").strip().lower()
     return check_backend(value, f"${BACKEND_ENV}") if value else ENGINE
 
