@@ -188,17 +188,37 @@ def test_without_onnxruntime_the_engine_runs(monkeypatch: pytest.MonkeyPatch, x:
     assert "runs its TEST forwards on the engine" in caplog.text
 
 
-def test_unsupported_layer_keeps_the_engine(x: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
-    net = make_net(NET + ARGMAX)
+def test_unsupported_first_layer_keeps_the_engine(x: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    text = NET.replace('layer { name: "conv1"', ARGMAX.replace('"prob"', '"data"') + 'layer { name: "conv1"')
+    net = make_net(text)
     p = set_params(net)
     net.backend = "onnxruntime"
     with caplog.at_level(logging.WARNING, logger="amct_caffe"):
         out = net.forward(data=x)
-    ref = reference(p, x)
-    np.testing.assert_array_equal(out["top1"].reshape(2), ref["prob"].argmax(axis=1))
+    np.testing.assert_allclose(out["prob"], reference(p, x)["prob"], **TOL)
+    np.testing.assert_array_equal(out["top1"].reshape(2), x.reshape(2, -1).argmax(axis=1))
     assert net.backend_stats.session_forwards == 0 and net.backend_stats.exports == 0
     assert "'top1' (type ArgMax)" in net.backend_stats.reason
     assert "ArgMax" in caplog.text
+
+
+@needs_ort
+def test_layers_after_an_unsupported_one_run_on_the_engine(x: np.ndarray) -> None:
+    """The session runs up to the ArgMax; ArgMax (and what follows) runs on the engine from its values."""
+    tail = ARGMAX + 'layer { name: "scaled" type: "Power" bottom: "ip" top: "ip" power_param { scale: 2 } }\n'
+    net = make_net(NET + tail)
+    p = set_params(net)
+    net.backend = "onnxruntime"
+    out = net.forward(data=x)
+    ref = reference(p, x)
+    assert net.backend_stats.session_forwards == 1, net.backend_stats.reason
+    np.testing.assert_array_equal(out["top1"].reshape(2), ref["prob"].argmax(axis=1))
+    np.testing.assert_allclose(net.blobs["prob"].data, ref["prob"], **TOL)  # the session computed it
+    assert net.backend_stats.fills == 0
+    # the tail's in-place Power keeps its value when the other blobs are filled
+    np.testing.assert_allclose(net.blobs["pool"].data, ref["pool"], **TOL)
+    assert net.backend_stats.fills == 1
+    np.testing.assert_allclose(net.blobs["ip"].data, 2 * ref["ip"], **TOL)
 
 
 def test_partial_forward_backward_and_train_use_the_engine(x: np.ndarray) -> None:

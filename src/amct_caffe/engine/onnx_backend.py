@@ -188,36 +188,52 @@ class BackendStats:
 
 
 class _Layout:
-    """The net's layers split into sources (no bottoms: run on the engine) and the exported rest."""
+    """The net's layers in three parts: up to the first layer that does not export (the cut), the sources
+    (no bottoms; run on the engine, they feed the session) and the exported layers (``segments``); from the
+    cut on, the tail, run on the engine after the session from the blobs the session computed."""
 
     def __init__(self, net: WholeNet) -> None:
         layers = net.engine_layers
+        bottoms, tops = net.layer_bottoms, net.layer_tops
+        n = len(layers)
         self.layers = list(layers)
         self.signature = tuple(map(id, layers))
-        self.sources = [i for i, bottoms in enumerate(net.layer_bottoms) if not bottoms]
+        self.cut = next((i for i, layer in enumerate(layers)
+                         if bottoms[i] and type(layer) not in EXPORTABLE), n)
+        #: the first layer that does not export (the tail's first), if any
+        self.blocker = layers[self.cut] if self.cut < n else None
+        head = range(self.cut)
+        self.sources = [i for i in head if not bottoms[i]]
         source_set = set(self.sources)
-        # maximal runs of non-source layers, in order
-        self.segments: list[tuple[int, int]] = []
-        for i in range(len(layers)):
+        self.segments: list[tuple[int, int]] = []  # maximal runs of exported layers, in order
+        written: set[str] = set()
+        #: a source's top that an earlier exported layer writes too (the traced module would confuse them)
+        self.clash = ""
+        for i in head:
             if i in source_set:
+                self.clash = self.clash or next(iter(written & set(tops[i])), "")
                 continue
+            written.update(tops[i])
             if self.segments and self.segments[-1][1] == i - 1:
                 self.segments[-1] = (self.segments[-1][0], i)
             else:
                 self.segments.append((i, i))
-        source_tops = {t for i in self.sources for t in net.layer_tops[i]}
-        read = {b for i, bottoms in enumerate(net.layer_bottoms) if i not in source_set for b in bottoms}
+        source_tops = {t for i in self.sources for t in tops[i]}
+        read = {b for i in head if i not in source_set for b in bottoms[i]}
         self.inputs = sorted(source_tops & read)
-        writer: dict[str, int] = {}
-        for i, tops in enumerate(net.layer_tops):
-            for t in tops:
-                writer[t] = i
-        self.outputs = [o for o in net.outputs if writer.get(o) not in source_set]
-        self.pending = {t for i, tops in enumerate(net.layer_tops) if i not in source_set for t in tops}
-        self.pending.difference_update(self.outputs)
-        #: the first layer that keeps the net on the engine
-        self.blocker = next((layer for i, layer in enumerate(layers)
-                             if i not in source_set and type(layer) not in EXPORTABLE), None)
+        last_writer: dict[str, int] = {}
+        for i in head:
+            for t in tops[i]:
+                last_writer[t] = i
+        from_session = {name for name, i in last_writer.items() if i not in source_set}
+        tail_reads = {b for i in range(self.cut, n) for b in bottoms[i]}
+        #: blobs the tail computes: fresh after every forward
+        self.tail_writes = {t for i in range(self.cut, n) for t in tops[i]}
+        finals = set(net.outputs) - self.tail_writes
+        #: the session's outputs: what the tail reads and the net's outputs the exported layers compute
+        self.outputs = sorted(from_session & (tail_reads | finals))
+        #: blobs whose value after a session forward is older than it
+        self.pending = from_session - set(self.outputs) - self.tail_writes
 
 
 class _Weights:
@@ -312,23 +328,38 @@ class OrtBackend:
         it, else on the engine."""
         self._pending_data = None
         layout = self._layout_of(net)
-        if layout.blocker is not None or not layout.segments:
-            if layout.blocker is not None:
-                self._refuse(None, f"layer '{layout.blocker.name}' (type {layout.blocker.type_name}) is not "
-                                   "exported to ONNX", quiet=mode == AUTO)
+        reason = self._unexportable(layout)
+        if reason:
+            self._refuse(None, reason, quiet=mode == AUTO)
             net.run_engine(0, len(net.engine_layers) - 1)
             return
         for i in layout.sources:
             net.run_engine(i, i)
         key = self._key(net, layout, data)
-        if (layout.signature, key) in self._refused or not self._wanted(net, key, mode):
-            self._engine_rest(net, layout, mode, key)
-            return
-        session = self._session_for(net, layout, data, key, mode)
+        session = None
+        if (layout.signature, key) not in self._refused and self._wanted(net, key, mode):
+            session = self._session_for(net, layout, data, key, mode)
         if session is None:
             self._engine_rest(net, layout, mode, key)
-            return
-        self._session_forward(net, layout, session, data)
+        else:
+            self._session_forward(net, layout, session, data)
+        if layout.cut < len(net.engine_layers):
+            net.run_engine(layout.cut, len(net.engine_layers) - 1)
+
+    def _unexportable(self, layout: _Layout) -> str:
+        """Why no layer of the net can run in a session ("" when some can)."""
+        blocker = layout.blocker
+        if not layout.segments and blocker is not None:
+            return f"layer '{blocker.name}' (type {blocker.type_name}) is not exported to ONNX"
+        if not layout.segments:
+            return "the net has no layer with bottoms"
+        if layout.clash:
+            return f"blob '{layout.clash}' of a layer without bottoms is also written by an earlier layer"
+        if blocker is not None:
+            log_once(LOGGER, 20, ("onnx backend tail", self.label, blocker.name),
+                     "Net '%s': layers from '%s' (type %s, not exported to ONNX) on run on the engine after "
+                     "the ONNX Runtime session.", self.label, blocker.name, blocker.type_name)
+        return ""
 
     def _engine_rest(self, net: WholeNet, layout: _Layout, mode: str, key: tuple[Any, ...]) -> None:
         start = time.perf_counter()
@@ -383,15 +414,17 @@ class OrtBackend:
 
     def fill(self, net: WholeNet, data: dict[str, Tensor]) -> None:
         """Give every blob the engine's value for the last session forward's inputs (one engine forward
-        of the non-source layers)."""
+        of the exported layers; the tail's blobs are already the engine's)."""
         layout = self._layout
         self._pending_data = None
         if layout is None:
             return
+        tail = {name: data[name] for name in layout.tail_writes if name in data}
         for name, value in self._snapshot.items():
             data[name] = value
         for a, b in layout.segments:
             net.run_engine(a, b)
+        data.update(tail)  # a tail layer in place on a blob of the exported layers keeps its value
         self.stats.fills += 1
         if self._session is not None and self._session.mode == AUTO:
             self._drop("intermediate blobs are read after forwards")
