@@ -14,18 +14,21 @@ A TEST-phase net whose ``backend`` is ``"onnxruntime"`` (or ``"auto"``, see belo
 * **Check.** The first run of a new session is compared with the engine's values for the same inputs (the
   wrapper's own outputs); a difference above ``1e-4`` of the output's largest value (the tolerance of the
   engine's own checks against Caffe) keeps the net on the engine.
-* **Fallback, never an error.** A layer type outside :data:`EXPORTABLE` (data-dependent Python, SSD's
-  DetectionOutput, Python and custom layers, IFMR and the QAT layers, variants such as the integer
-  emulation), an export or session error, a CUDA net without ONNX Runtime's CUDA provider, or a failed
-  check: the net runs on the engine and the reason is logged once.
+* **Tail and fallback, never an error.** The first layer outside :data:`EXPORTABLE` (data-dependent
+  Python such as SSD's DetectionOutput, Accuracy, Python and custom layers, IFMR and the QAT layers,
+  variants such as the integer emulation) and every later one run on the engine after the session, from
+  the blobs the session computed. Where that leaves nothing to export, or on an export or session error,
+  a CUDA net without ONNX Runtime's CUDA provider, or a failed check, the whole net runs on the engine and
+  the reason is logged once.
 * **Re-export** when the input shapes change or a learnable blob changes: torch's version counter, another
   tensor put into ``layer.blobs``, and the numpy arrays pycaffe hands out (``net.params[...][i].data``,
   reported to :mod:`amct_caffe.engine.optimize`): an array handed out after the export counts as a change;
   one alive at export time is compared by value at every forward (a copy of its blob is kept).
-* **Blobs.** Only the net's outputs come from the session. The other blobs are marked pending; the first
-  read of one (``Net.tensor``, hence pycaffe's ``blob.data``) runs the engine's forward of the non-source
-  layers on the inputs the session saw (kept as a copy) and fills every blob with its layer-by-layer
-  value. That read thus costs one engine forward (counted in :attr:`BackendStats.fills`).
+* **Blobs.** Only the net's outputs (and what the tail reads) come from the session. The other blobs are
+  marked pending; the first read of one (``Net.tensor``, hence pycaffe's ``blob.data``) runs the engine's
+  forward of the exported layers on the inputs the session saw (kept as a copy) and fills every blob with
+  its layer-by-layer value. That read thus costs one engine forward (counted in
+  :attr:`BackendStats.fills`).
 
 ``"auto"`` switches a net to the session only where it pays: after whole forwards with the same input
 shapes and weights, no intermediate blob read between them, and an engine time at least the estimated
@@ -101,6 +104,7 @@ EXPORTABLE: frozenset[type[Layer]] = frozenset({
     structure.Eltwise, structure.Concat, structure.Slice, structure.Split, structure.Flatten,
     structure.Reshape, structure.Softmax, structure.Crop,
     ssd.Permute, ssd.Normalize,
+    ssd.PriorBox,  # its values depend on the shapes only: a constant of the export
     # the fake-quant model's layers (their double-precision arithmetic exports as it is; DeQuant's choice
     # between identity and shift-N depends on its blobs, which a weight change re-exports)
     quant.Quant, quant.DeQuant, quant.AntiQuant,
