@@ -44,6 +44,7 @@ import contextvars
 import importlib.util
 import io
 import itertools
+import logging
 import operator
 import os
 import statistics
@@ -360,7 +361,7 @@ class OrtBackend:
         if layout.clash:
             return f"blob '{layout.clash}' of a layer without bottoms is also written by an earlier layer"
         if blocker is not None:
-            log_once(LOGGER, 20, ("onnx backend tail", self.label, blocker.name),
+            log_once(LOGGER, logging.INFO, ("onnx backend tail", self.label, blocker.name),
                      "Net '%s': layers from '%s' (type %s, not exported to ONNX) on run on the engine after "
                      "the ONNX Runtime session.", self.label, blocker.name, blocker.type_name)
         return ""
@@ -547,7 +548,7 @@ class OrtBackend:
         self.stats.reason = reason
         if where is not None:
             self._refused[where] = reason
-        log_once(LOGGER, 20 if quiet else 30, ("onnx backend", self.label, reason),
+        log_once(LOGGER, logging.INFO if quiet else logging.WARNING, ("onnx backend", self.label, reason),
                  "Net '%s' runs its TEST forwards on the engine: %s.", self.label, reason)
 
     def _drop(self, reason: str) -> None:
