@@ -11,8 +11,10 @@ prototxt itself:
   engine's SGD solver (momentum, weight decay) -- the float step;
 * the QAT retrain model of the same net (``create_quant_retrain_model``), trained the same way -- the QAT
   step, after a first step that initialises the clips with IFMR (timed on its own);
-* for the TEST forward: the engine's optimised forward, and ONNX Runtime on the ``torch.nn`` module exported
-  to ONNX (when ``onnxruntime`` and ``onnx`` are installed; the column is empty otherwise).
+* for the TEST forward: the engine's optimised forward, ONNX Runtime on the ``torch.nn`` module exported
+  to ONNX, and the engine's net with its ONNX Runtime backend (``net.backend = "onnxruntime"``: time per
+  forward after the first, and the export time) -- the last two when ``onnxruntime`` and ``onnx`` are
+  installed (the columns are empty otherwise). These run in one process, interleaved over ``--fwd-rounds``.
 
 Each training measurement runs in a fresh process (``_measure.run_worker``: wall time of ``--steps`` steps
 after two warm-up steps, and the peak RSS), rounds interleaved so that other load hits all columns alike;
@@ -20,6 +22,7 @@ the table shows medians and throughput ratios. Timings vary with load; read the 
 
     PYTHONPATH=src python benchmarks/bench_train.py                      # needs the public models folder
     PYTHONPATH=src python benchmarks/bench_train.py --configs mobilenet_v2:8 --steps 5 --rounds 3
+    PYTHONPATH=src python benchmarks/bench_train.py --test-forward-only --configs mobilenet_v2:1 resnet50:8
 """
 
 from __future__ import annotations
@@ -255,7 +258,7 @@ for _ in range(args["steps"]):
 '''
 
 TEST_FORWARD = SETUP + r'''
-import logging, time
+import logging, statistics, time
 logging.getLogger("amct_caffe").setLevel(logging.WARNING)
 from amct_caffe.engine.net import Net
 from amct_caffe.engine.randomize import randomize_params
@@ -280,12 +283,12 @@ def timed(fn, iters):
         fn()
     return (time.perf_counter() - t0) / iters
 
+columns = {"engine_ms": net.run}
 with torch.no_grad():
-    result["engine_ms"] = timed(net.run, args["iters"]) * 1000
     model = CaffeAsTorch(deploy).eval()
     xc = x.contiguous(memory_format=torch.channels_last)
     model_cl = model.to(memory_format=torch.channels_last)
-    result["torch_eager_ms"] = timed(lambda: model_cl(xc), args["iters"]) * 1000
+    columns["torch_eager_ms"] = lambda: model_cl(xc)
 try:
     import onnxruntime as ort
     import onnx  # noqa: F401  (torch's exporter needs it)
@@ -298,7 +301,28 @@ if ort is not None:
     so.intra_op_num_threads = args["threads"]
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feed = {"data": x.numpy()}
-    result["ort_ms"] = timed(lambda: sess.run(None, feed), args["iters"]) * 1000
+    columns["ort_ms"] = lambda: sess.run(None, feed)
+    # the same engine net with the ONNX Runtime backend (engine/onnx_backend.py): the first forward
+    # exports (trace, ONNX, session, check; the exporter's import included)
+    net.backend = "onnxruntime"
+    t0 = time.perf_counter()
+    net.run()
+    result["backend_first_s"] = time.perf_counter() - t0
+    result["backend_export_s"] = net.backend_stats.export_seconds
+    if net.backend_stats.session_forwards != 1:
+        raise SystemExit(f"benchmark: the backend stayed on the engine: {net.backend_stats.reason}")
+    engine_net = net
+    net = Net(engine_param, caffe_pb2.TEST)  # the engine column's own net (same weights)
+    net.copy_from(engine_net.to_proto())
+    net.input_layer(net.inputs[0]).set_input(net.inputs[0], x)
+    columns["engine_ms"] = net.run
+    columns["backend_ms"] = engine_net.run
+times = {k: [] for k in columns}
+with torch.no_grad():
+    for _ in range(args["fwd_rounds"]):  # interleaved, so that other load hits every column alike
+        for k, fn in columns.items():
+            times[k].append(timed(fn, args["iters"]) * 1000)
+result.update({k: statistics.median(v) for k, v in times.items()})
 print(json.dumps(result))
 raise SystemExit(0)
 '''
@@ -311,6 +335,10 @@ def models_root(explicit: str | None) -> Path | None:
     return None
 
 
+def _cell(row: dict, key: str, fmt: str, suffix: str = "") -> str:
+    return format(row[key], fmt) + suffix if key in row else "-"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="model:batch pairs")
@@ -320,6 +348,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10, help="timed TEST forwards")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-test-forward", action="store_true")
+    parser.add_argument("--test-forward-only", action="store_true", help="skip the training measurements")
+    parser.add_argument("--fwd-rounds", type=int, default=3, help="interleaved rounds of the TEST forwards")
     opts = parser.parse_args()
     root = models_root(opts.models)
     if root is None:
@@ -333,7 +363,7 @@ def main() -> int:
         times: dict[str, list[float]] = {"torch": [], "float": [], "qat": []}
         peaks: dict[str, list[float]] = {"torch": [], "float": [], "qat": []}
         first: list[float] = []
-        for _ in range(opts.rounds):
+        for _ in range(0 if opts.test_forward_only else opts.rounds):
             for mode in ("torch", "float", "qat"):
                 with tempfile.TemporaryDirectory() as work:
                     args = {"prototxt": prototxt, "batch": int(batch_text), "threads": opts.threads,
@@ -345,34 +375,46 @@ def main() -> int:
                     if mode == "qat":
                         record = json.loads(Path(work, "first_step.json").read_text())
                         first.append(record["first_step"] * 1000)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        peak = {k: statistics.median(v) for k, v in peaks.items()}
-        row = {"config": config, **{f"{k}_ms": v for k, v in med.items()},
-               "float_vs_torch": med["torch"] / med["float"], "qat_vs_float": med["qat"] / med["float"],
-               "ifmr_first_step_ms": statistics.median(first), "first_vs_float": statistics.median(first) /
-               med["float"], "peak_qat_vs_float": peak["qat"] / peak["float"]}
+        row: dict = {"config": config}
+        if not opts.test_forward_only:
+            med = {k: statistics.median(v) for k, v in times.items()}
+            peak = {k: statistics.median(v) for k, v in peaks.items()}
+            row.update({**{f"{k}_ms": v for k, v in med.items()},
+                        "float_vs_torch": med["torch"] / med["float"],
+                        "qat_vs_float": med["qat"] / med["float"],
+                        "ifmr_first_step_ms": statistics.median(first),
+                        "first_vs_float": statistics.median(first) / med["float"],
+                        "peak_qat_vs_float": peak["qat"] / peak["float"]})
         if not opts.skip_test_forward:
             with tempfile.TemporaryDirectory() as work:
                 # the worker prints its own result line and exits before the generic measurement
                 fwd = run_worker(worker_script(TEST_FORWARD, ""), {
                     "prototxt": prototxt, "batch": int(batch_text), "threads": opts.threads,
-                    "iters": opts.iters, "work": work})
+                    "iters": opts.iters, "work": work, "fwd_rounds": opts.fwd_rounds})
             row.update(fwd)
             if "ort_ms" in fwd:
                 row["engine_vs_ort"] = fwd["ort_ms"] / fwd["engine_ms"]
+                row["backend_vs_ort"] = fwd["ort_ms"] / fwd["backend_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
-    print("| config | torch.nn step ms | float step ms | QAT step ms | float/torch.nn | QAT/float | "
-          "first QAT step (IFMR) / float | peak QAT/float | TEST engine ms | ONNX Runtime ms | engine/ORT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ort = f"{r['ort_ms']:.1f}" if "ort_ms" in r else "-"
-        ratio = f"{r['engine_vs_ort']:.2f}x" if "engine_vs_ort" in r else "-"
-        engine = f"{r['engine_ms']:.1f}" if "engine_ms" in r else "-"
-        print(f"| {r['config']} | {r['torch_ms']:.0f} | {r['float_ms']:.0f} | {r['qat_ms']:.0f} | "
-              f"{r['float_vs_torch']:.2f}x | {r['qat_vs_float']:.2f}x | {r['first_vs_float']:.1f}x | "
-              f"{r['peak_qat_vs_float']:.2f}x | {engine} | {ort} | {ratio} |")
+    if not opts.test_forward_only:
+        print("| config | torch.nn step ms | float step ms | QAT step ms | float/torch.nn | QAT/float | "
+              "first QAT step (IFMR) / float | peak QAT/float |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | {r['torch_ms']:.0f} | {r['float_ms']:.0f} | {r['qat_ms']:.0f} | "
+                  f"{r['float_vs_torch']:.2f}x | {r['qat_vs_float']:.2f}x | {r['first_vs_float']:.1f}x | "
+                  f"{r['peak_qat_vs_float']:.2f}x |")
+        print()
+    if not opts.skip_test_forward:
+        print("| config | TEST engine ms | ONNX Runtime ms | engine/ORT | engine + ORT backend ms | "
+              "backend/ORT | backend export s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | {_cell(r, 'engine_ms', '.1f')} | {_cell(r, 'ort_ms', '.1f')} | "
+                  f"{_cell(r, 'engine_vs_ort', '.2f', 'x')} | {_cell(r, 'backend_ms', '.1f')} | "
+                  f"{_cell(r, 'backend_vs_ort', '.2f', 'x')} | {_cell(r, 'backend_export_s', '.2f')} |")
     return 0
 
 

@@ -619,6 +619,10 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_te
     return parser
 
 
+_BACKEND_HELP = ("who runs the whole TEST forwards of the nets (also: AMCT_CAFFE_BACKEND): engine (default), "
+                 "onnxruntime (needs amct-caffe[ort]) or auto; every blob read keeps the engine's value")
+_BACKENDS = ("engine", "onnxruntime", "auto")
+
 _PYTHON_LAYERS_HELP = ("let the model's type: \"Python\" layers import and run their modules (also: "
                        "AMCT_CAFFE_ALLOW_PYTHON_LAYERS=1); only for models and modules you trust")
 
@@ -646,12 +650,14 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--allow-python-layers", action="store_true", help=_PYTHON_LAYERS_HELP)
+    parser.add_argument("--backend", choices=_BACKENDS, default=None, help=_BACKEND_HELP)
     # also accepted after the subcommand; SUPPRESS keeps a value given before it
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error")
     debug.add_argument("--allow-python-layers", action="store_true", default=argparse.SUPPRESS,
                        help=_PYTHON_LAYERS_HELP)
+    debug.add_argument("--backend", choices=_BACKENDS, default=argparse.SUPPRESS, help=_BACKEND_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     if calibration:
@@ -854,8 +860,13 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         from amct_caffe.engine.layers.python import allow_python_layers
 
         python_layers = allow_python_layers(True)
+    backend: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if args.backend is not None:
+        from amct_caffe.engine.onnx_backend import use_backend
+
+        backend = use_backend(args.backend)
     try:
-        with python_layers:
+        with python_layers, backend:
             return int(args.func(args))
     except KeyboardInterrupt:
         if debug:

@@ -281,9 +281,10 @@ class Net(EngineNet):
         end_ind = self.layer_index(end) if end is not None else len(self.engine_layers) - 1
         if start is None:
             self._refresh_inputs()
-        self.run(start_ind, end_ind)
         names = list(self.layer_tops[end_ind]) if end is not None else list(self.outputs)
         names += [b for b in (blobs or []) if b not in names]
+        # asked for intermediate blobs: one engine forward gives them all (see Net.backend)
+        self.run(start_ind, end_ind, engine_only=set(names) > set(self.outputs))
         return {name: Blob(self, name).data for name in names}
 
     def _feed(self, name: str, value: np.ndarray) -> None:

@@ -28,6 +28,13 @@ from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.layers.python import allow_python_layers as python_layer_choice
+from amct_caffe.engine.onnx_backend import (
+    ENGINE,
+    BackendStats,
+    OrtBackend,
+    check_backend,
+    default_backend,
+)
 from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
 from amct_caffe.errors import (
     AmctError,
@@ -159,6 +166,8 @@ class Net:
         self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
         self._set_up = False
         self._plan: InferencePlan | None = None
+        self._backend = default_backend()
+        self._onnx = OrtBackend(self.path or self.param.name)
         self.force_backward = bool(self.param.force_backward)
         self.backward_plan = BackwardPlan((), (), ())  # decided once the layers have their blobs (below)
         # an explicit choice for this net only; None keeps the caller's block or the environment
@@ -331,12 +340,44 @@ class Net:
     #: layers exactly as written.
     optimize: bool = True
 
-    def run(self, start: int = 0, end: int | None = None) -> None:
-        """Run layers ``start`` .. ``end`` (inclusive) on the current blob values (Caffe's ForwardFromTo)."""
+    @property
+    def backend(self) -> str:
+        """Who runs a TEST net's whole forwards: ``"engine"`` (default; see ``default_backend``),
+        ``"onnxruntime"`` or ``"auto"`` (:mod:`amct_caffe.engine.onnx_backend`; every blob read still
+        gives the engine's layer-by-layer value). Partial forwards, backward and TRAIN nets always run on
+        the engine.
+
+        Raises:
+            ConfigError: (on assignment) an unknown backend.
+        """
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_backend(value, f"Net '{self.path or self.param.name}': backend")
+
+    @property
+    def backend_stats(self) -> BackendStats:
+        """What the ONNX Runtime backend did for this net (exports, forwards, fills, why not)."""
+        return self._onnx.stats
+
+    def run(self, start: int = 0, end: int | None = None, *, engine_only: bool = False) -> None:
+        """Run layers ``start`` .. ``end`` (inclusive) on the current blob values (Caffe's ForwardFromTo).
+
+        A whole TEST forward runs where :attr:`backend` says unless ``engine_only`` (e.g. when the caller
+        reads intermediate blobs right after it)."""
         end = len(self.engine_layers) - 1 if end is None else end
-        data = self._data
         if start == 0 and _INPUT_OBSERVERS:
             self._tell_observers()
+        whole = start == 0 and end == len(self.engine_layers) - 1
+        if whole and self.phase == TEST and self._backend != ENGINE and not engine_only:
+            self._onnx.run(self, self._data, self._backend)
+            return
+        self.run_engine(start, end)
+
+    def run_engine(self, start: int, end: int) -> None:
+        """Run layers ``start`` .. ``end`` (inclusive) on the engine (whatever :attr:`backend` says)."""
+        data = self._data
         if self.phase == TEST and self.optimize:
             with torch.no_grad(), full_float32(self.device):
                 self.inference_plan().run(data, start, end)
@@ -556,6 +597,8 @@ class Net:
         return plan
 
     def tensor(self, name: str) -> Tensor:
+        if self._onnx.pending(self._data, name):
+            self._onnx.fill(self, self._data)  # the last forward ran in ONNX Runtime: the engine's values
         try:
             value = self._data[name]
         except KeyError:
@@ -567,6 +610,8 @@ class Net:
         return value
 
     def set_tensor(self, name: str, value: Tensor) -> None:
+        if self._onnx.pending(self._data, name):
+            self._onnx.fill(self, self._data)  # the other blobs keep the last forward's values
         if name in self.inputs:
             self.input_layer(name).set_input(name, value)
         self._data[name] = value
@@ -717,4 +762,4 @@ class Net:
 
     def blob_arrays(self) -> dict[str, np.ndarray]:
         """Every blob's current value as numpy (a copy), in blob order."""
-        return {name: self._data[name].detach().cpu().numpy().copy() for name in self.blob_names}
+        return {name: self.tensor(name).detach().cpu().numpy().copy() for name in self.blob_names}

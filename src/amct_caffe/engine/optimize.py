@@ -140,6 +140,28 @@ def note_param_array(tensor: Tensor, array: np.ndarray) -> None:
         _REGISTRY.note(tensor, array)
 
 
+def param_array_epoch() -> int:
+    """How many parameter arrays pycaffe has handed out so far (grows with every hand-out)."""
+    return _REGISTRY.epoch
+
+
+def param_array_alive(tensor: Tensor) -> bool:
+    """Whether a numpy array of ``tensor``'s storage that pycaffe handed out (or a view of it) is alive:
+    writes through it bump no version counter, so the blob may change at any time."""
+    return _REGISTRY.alive(storage_ptr(tensor))
+
+
+def param_array_since(tensor: Tensor, epoch: int) -> bool:
+    """Whether pycaffe handed out an array of ``tensor``'s storage after hand-out number ``epoch``."""
+    return _REGISTRY.touched_since([storage_ptr(tensor)], epoch)
+
+
+def blob_version(t: Tensor) -> int:
+    """The tensor's version counter (bumped by in-place torch ops); -1 for inference tensors, which keep
+    none (callers treat them as changed every time)."""
+    return _version(t)
+
+
 def _version(t: Tensor) -> int:
     try:
         return int(t._version)
