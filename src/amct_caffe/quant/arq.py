@@ -87,10 +87,10 @@ def arq_scale(w: ArrayLike, channel_wise: bool = True, axis: int = 0) -> Tensor:
     channel). Weights with inf/NaN raise :class:`~amct_caffe.quant.numerics.QuantDataError`.
     """
     w = as_float_tensor(w)
-    check_finite(w, "weight")
     rows = _rows(w, channel_wise, axis)
-    wmax = rows.amax(dim=1)
-    wmin = rows.amin(dim=1)
+    wmin, wmax = torch.aminmax(rows, dim=1)
+    # the extremes are finite exactly when every element is (the reductions propagate NaN): one pass
+    check_finite(torch.cat([wmin, wmax]), "weight")
     m = torch.where(wmax.abs() > wmin.abs(), wmax, wmin)
     s = torch.where(m > 0, div_exact(m, INT8_MAX), div_exact(m, INT8_MIN))
     return process_scale(s, "weight")
@@ -117,4 +117,4 @@ def arq_fake_quant(w: ArrayLike, channel_wise: bool = True, axis: int = 0) -> tu
     w = as_float_tensor(w)
     s_w = arq_scale(w, channel_wise, axis)
     s = _broadcast_scale(s_w, w, axis)
-    return int8_codes(w, s, 0, round_away) * s, s_w
+    return int8_codes(w, s, 0, round_away).mul_(s), s_w

@@ -122,15 +122,39 @@ def check_finite(x: Tensor, what: str) -> None:
 def round_away(x: ArrayLike) -> Tensor:
     """C ``round()``: nearest integer, ties away from zero (``2.5 -> 3``, ``-2.5 -> -3``).
 
-    Exact for every float: ``x - trunc(x)`` is computed without rounding error, so the tie test is exact.
-    (``floor(x + 0.5)`` is not: in float32 ``0.49999997 + 0.5`` rounds up to 1.0, and it rounds negative
-    ties towards +inf.) inf and NaN pass through. Integer tensors are returned unchanged.
+    Exact for every float. Computed as ``r = round_even(x)`` corrected at exact .5 ties, the only values
+    where the two roundings differ: ``x - r`` is exact (``r`` is within a factor 2 of ``x``, or 0), so
+    ``|x - r| == 0.5`` is an exact tie test, and at a tie ``x + 0.5*sign(x)`` is exact. (``floor(x + 0.5)``
+    is not: in float32 ``0.49999997 + 0.5`` rounds up to 1.0, and it rounds negative ties towards +inf.)
+    On CPU the correction runs only when :func:`has_ties` finds a tie (one read of ``x - r``), so the
+    usual cost is three elementwise passes; on other devices it always runs, to avoid a host
+    synchronisation. inf and NaN pass through. Integer tensors are returned unchanged.
     """
     x = as_tensor(x)
     if not x.is_floating_point():
         return x
-    t = torch.trunc(x)
-    return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
+    r = torch.round(x)
+    if x.numel() == 0:
+        return r
+    frac = x - r
+    if not may_have_ties(frac):
+        return r
+    half = torch.sign(x).mul_(0.5)
+    return torch.where(frac.abs_() == 0.5, half.add_(x), r)
+
+
+def may_have_ties(frac: Tensor) -> bool:
+    """Whether ``frac`` (``x - round_even(x)``, or its negation) may hold an exact .5 tie.
+
+    On CPU one read of ``frac`` answers exactly (``|frac| <= 0.5`` everywhere, so a tie is a 0.5 extreme;
+    NaN answers True); elsewhere the answer is always True, so that callers need no host synchronisation.
+    """
+    if frac.numel() == 0:
+        return False
+    if frac.device.type != "cpu":
+        return True
+    lo, hi = torch.aminmax(frac)
+    return not (bool(hi < 0.5) and bool(lo > -0.5))
 
 
 def round_even(x: ArrayLike) -> Tensor:
@@ -194,7 +218,7 @@ def int8_codes(x: Tensor, scale: ArrayLike, offset: ArrayLike = 0, rounding: Rou
     """
     s = as_tensor(scale, like=x)
     o = as_tensor(offset, like=x)
-    return torch.clamp(rounding(x / s) + o, INT8_MIN, INT8_MAX)
+    return torch.clamp_(rounding(x / s) + o, INT8_MIN, INT8_MAX)
 
 
 def dequantize(q: Tensor, scale: ArrayLike, offset: ArrayLike = 0) -> Tensor:
