@@ -41,7 +41,9 @@ from amct_caffe.quant.numerics import (
     as_tensor,
     data_scale_offset,
     div_exact,
+    memory_flat_views,
     round_away,
+    where_ties_,
 )
 
 
@@ -132,57 +134,15 @@ class UlqTrainForward(NamedTuple):
     outside: Tensor | None
 
 
-#: Block length of the sparse passes: the .5-tie fix-up visits only blocks whose extremes show a tie
-#: (exact ties are rare, about one element in 10**5, but a large tensor nearly always holds some); and
-#: :func:`_dot` sums blocks with one BLAS dot product each before torch's pairwise sum adds them up, which
-#: keeps the float32 error near that of ``(a * b).sum()``.
-BLOCK = 256
+#: Block length of :func:`_dot`: blocks are summed with one BLAS dot product each, then added by torch's
+#: pairwise summation, which keeps the float32 error near that of ``(a * b).sum()``.
+DOT_BLOCK = 256
 
 
-def _memory_flat(t: Tensor) -> Tensor | None:
-    """A 1-D view of ``t``'s elements in memory order, or None when ``t`` is not densely laid out."""
-    if t.dim() == 0:
-        return t.reshape(1)
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-    p = t.permute(order)
-    return p.view(-1) if p.is_contiguous() else None
-
-
-def _flat_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``a`` and ``b`` (same shape) as 1-D views whose elements correspond, or None when they are not laid
-    out alike and densely."""
-    if a.shape != b.shape or a.stride() != b.stride():
-        return None
-    fa, fb = _memory_flat(a), _memory_flat(b)
-    return None if fa is None or fb is None else (fa, fb)
-
-
-def _ties_fixed(res: Tensor, r: Tensor) -> Tensor:
-    """``res`` (``r - q`` with ``r = round_even(q)``) with every exact .5 tie replaced by
-    ``round_away(q) - q = 0.5 * sign(q)``; ``q = r - res`` exactly there."""
-    return torch.where(res.abs() == 0.5, torch.sign(r - res).mul_(0.5), res)
-
-
-def _fix_ties(res: Tensor, r: Tensor) -> None:
-    """Turn ``res`` from ``round_even(q) - q`` into ``round_away(q) - q`` in place (they differ at exact .5
-    ties only). On CPU only the blocks whose extremes reach +-0.5 are visited (``|res| <= 0.5``; a NaN
-    block is visited too); elsewhere every element is, so that no host synchronisation is needed."""
-    flat = _flat_pair(res, r) if res.device.type == "cpu" else None
-    if flat is None:
-        res.copy_(_ties_fixed(res, r))
-        return
-    fres, fr = flat
-    k = fres.numel() // BLOCK
-    head = k * BLOCK
-    if k:
-        blocks, rblocks = fres[:head].view(k, BLOCK), fr[:head].view(k, BLOCK)
-        # two row reductions: torch.aminmax along a dimension is much slower than amax + amin
-        hit = ~((blocks.amax(dim=1) < 0.5) & (blocks.amin(dim=1) > -0.5))
-        rows = hit.nonzero().reshape(-1)
-        if rows.numel():
-            blocks[rows] = _ties_fixed(blocks[rows], rblocks[rows])
-    if head < fres.numel():
-        fres[head:] = _ties_fixed(fres[head:], fr[head:])
+def _away_residual_at_tie(res: Tensor, _frac: Tensor, r: Tensor) -> Tensor:
+    """``round_away(q) - q`` at a tie, from ``res = r - q`` and ``r = round_even(q)``: ``0.5 * sign(q)``,
+    with ``q = r - res`` exactly."""
+    return torch.sign(r - res).mul_(0.5)
 
 
 def _mark_outside(x: Tensor, lower: Tensor, upper: Tensor, coeff: Tensor, d_cmin: Tensor) -> Tensor | None:
@@ -228,7 +188,7 @@ def ulq_forward_train(
     r = torch.round(q)
     # r - q is exact (r and q are within a factor 2 of each other, or r is 0): D(v) up to the tie fix
     coeff = torch.sub(r, q, out=q)
-    _fix_ties(coeff, r)
+    where_ties_(coeff, coeff, _away_residual_at_tie, r)
     y = r.mul_(s)
     q_cmin = torch.clamp(cmin_t, max=0.0) / s
     d_cmin = (round_away(q_cmin) - q_cmin).reshape(())
@@ -237,14 +197,14 @@ def ulq_forward_train(
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """``sum(a * b)`` over all elements (same shape) in one read of each, without a product tensor."""
-    flat = _flat_pair(a, b)
+    flat = memory_flat_views(a, b)
     fa, fb = flat if flat is not None else (a.reshape(-1), b.reshape(-1))
-    k = fa.numel() // BLOCK
-    head = k * BLOCK
+    k = fa.numel() // DOT_BLOCK
+    head = k * DOT_BLOCK
     tail = torch.dot(fa[head:], fb[head:])
     if k == 0:
         return tail
-    blocks = torch.bmm(fa[:head].view(k, 1, BLOCK), fb[:head].view(k, BLOCK, 1))
+    blocks = torch.bmm(fa[:head].view(k, 1, DOT_BLOCK), fb[:head].view(k, DOT_BLOCK, 1))
     return blocks.sum() + tail
 
 
