@@ -266,7 +266,23 @@ def int8_codes(x: Tensor, scale: ArrayLike, offset: ArrayLike = 0, rounding: Rou
     """
     s = as_tensor(scale, like=x)
     o = as_tensor(offset, like=x)
-    return torch.clamp_(rounding(x / s) + o, INT8_MIN, INT8_MAX)
+    q = x / s
+    codes = _round_away_consuming(q) if rounding is round_away else rounding(q)
+    if torch.broadcast_shapes(codes.shape, o.shape) == codes.shape and not codes.requires_grad:
+        codes.add_(o)  # in place on the fresh rounding result: one full-size allocation less
+    else:
+        codes = codes + o
+    return torch.clamp_(codes, INT8_MIN, INT8_MAX)
+
+
+def _round_away_consuming(q: Tensor) -> Tensor:
+    """:func:`round_away` of a fresh floating tensor, overwriting ``q`` with ``q - round_even(q)`` instead
+    of allocating it."""
+    if q.requires_grad and torch.is_grad_enabled():
+        return round_away(q)
+    r = torch.round(q)
+    where_ties_(r, q.sub_(r), _away_at_tie)
+    return r
 
 
 def dequantize(q: Tensor, scale: ArrayLike, offset: ArrayLike = 0) -> Tensor:
