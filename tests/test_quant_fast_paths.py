@@ -8,6 +8,7 @@ tensors, 0-d tensors and channels-last / non-contiguous layouts.
   (``dx`` exactly, the clip gradients up to float32 summation order).
 * ``round_away`` (round_even corrected at ties, block by block) against the numpy reference.
 * ARQ against the numpy reference, with ties in the quotients.
+* The opt-in fused kernels (``AMCT_CAFFE_COMPILE=1``) against the eager path, and their fallback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from amct_caffe.quant import ulq as ulq_module
 from amct_caffe.quant.arq import arq_fake_quant
+from amct_caffe.quant.fused import FusedKernels
 from amct_caffe.quant.numerics import TIE_BLOCK, QuantDataError, round_away
 from amct_caffe.quant.ulq import (
     ULQFunction,
@@ -229,3 +232,62 @@ def test_arq_fast_path_rejects_inf_and_nan_anywhere() -> None:
             arq_fake_quant(torch.from_numpy(w))
         with pytest.raises(QuantDataError):
             arq_fake_quant(torch.from_numpy(w), channel_wise=False)
+
+
+# -- the opt-in fused kernels (torch.compile) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def fused_kernels() -> FusedKernels:
+    """Fused kernels turned on and compiled once for the module; skips where compiling is impossible."""
+    kernels = FusedKernels(enabled=True)
+    x = torch.linspace(-3, 3, 50)
+    out = kernels.ulq_forward(x, torch.tensor([0.02]), torch.tensor([-2.0]), torch.tensor([2.0]),
+                              torch.tensor(255.0), torch.tensor(0.0))
+    if out is None:
+        pytest.skip("torch.compile is not usable here (the eager path took over, as it should)")
+    return kernels
+
+
+@pytest.mark.slow
+def test_fused_kernels_equal_eager(fused_kernels: FusedKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMCT_CAFFE_COMPILE=1's kernels: output, coefficients, mask and dx bit for bit the eager path's, the
+    clip gradients the reference's; channels-last tensors keep their layout."""
+    x_np = _adversarial(4 * 6 * 10 * 10, seed=51).reshape(4, 6, 10, 10)
+    dy_np = np.random.default_rng(52).standard_normal(x_np.shape).astype(np.float32)
+    clips = (torch.tensor([CMAX]), torch.tensor([CMIN]))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.from_numpy(x_np).contiguous(memory_format=layout)
+        dy = torch.from_numpy(dy_np).contiguous(memory_format=layout)
+        y_e, coeff_e, outside_e = ulq_forward_train(x, *clips)
+        dx_e, gmax_e, gmin_e = ulq_backward_saved(dy, coeff_e, outside_e)
+        monkeypatch.setattr(ulq_module, "FUSED", fused_kernels)
+        y, coeff, outside = ulq_forward_train(x, *clips)
+        dx, gmax, gmin = ulq_backward_saved(dy, coeff, outside)
+        monkeypatch.undo()
+        assert not fused_kernels.failed
+        assert y.stride() == x.stride() and dx.stride() == dy.stride()
+        np.testing.assert_array_equal(_bits(y), _bits(y_e))
+        np.testing.assert_array_equal(coeff.numpy(), coeff_e.numpy())
+        assert outside_e is not None and torch.equal(outside, outside_e)
+        np.testing.assert_array_equal(_bits(dx), _bits(dx_e))
+        assert gmax.item() == pytest.approx(gmax_e.item(), rel=1e-5, abs=1e-4)
+        assert gmin.item() == pytest.approx(gmin_e.item(), rel=1e-5, abs=1e-4)
+
+
+def test_fused_kernels_fall_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that cannot compile or run disables the fused path for good; the results stay the eager
+    ones. Off by default, and off for tensors without a dense layout."""
+    assert FusedKernels(enabled=False).ulq_forward(torch.ones(3), *[torch.tensor(1.0)] * 5) is None
+    kernels = FusedKernels(enabled=True)
+    assert kernels.ulq_forward(torch.ones(4, 4)[:, ::2], *[torch.tensor(1.0)] * 5) is None
+
+    def broken(fn: object, dynamic: bool) -> object:
+        def run(*_: object) -> None:
+            raise RuntimeError("no compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(ulq_module, "FUSED", kernels)
+    x = torch.from_numpy(_adversarial(600, seed=61))
+    y, coeff, outside = ulq_forward_train(x, torch.tensor([CMAX]), torch.tensor([CMIN]))
+    assert kernels.failed and not kernels.active
+    np.testing.assert_array_equal(y.numpy(), quant.ulq_forward(x.numpy(), CMAX, CMIN))

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from amct_caffe.quant.fused import FUSED
 from amct_caffe.quant.numerics import (
     DATA_SPAN,
     INT8_MIN,
@@ -184,14 +185,17 @@ def ulq_forward_train(
     cmax_t = as_tensor(cmax, like=x)
     cmin_t = torch.zeros_like(cmax_t) if fixed_min else as_tensor(cmin, like=x)
     s, _, lower, upper = _grid(cmax_t, cmin_t, x)
+    q_cmin = torch.clamp(cmin_t, max=0.0) / s
+    d_cmin = (round_away(q_cmin) - q_cmin).reshape(())
+    fused = FUSED.ulq_forward(x, s, lower, upper, d_cmin + DATA_SPAN, d_cmin)
+    if fused is not None:
+        return UlqTrainForward(*fused)
     q = torch.clamp(x, lower, upper).div_(s)
     r = torch.round(q)
     # r - q is exact (r and q are within a factor 2 of each other, or r is 0): D(v) up to the tie fix
     coeff = torch.sub(r, q, out=q)
     where_ties_(coeff, coeff, _away_residual_at_tie, r)
     y = r.mul_(s)
-    q_cmin = torch.clamp(cmin_t, max=0.0) / s
-    d_cmin = (round_away(q_cmin) - q_cmin).reshape(())
     return UlqTrainForward(y, coeff, _mark_outside(x, lower, upper, coeff, d_cmin))
 
 
@@ -221,6 +225,11 @@ def ulq_backward_saved(
     rounding). With ``outside`` None, ``dx`` is ``dy`` itself.
     """
     dy = as_tensor(dy, like=coeff).expand_as(coeff)
+    fused = FUSED.ulq_backward(dy, coeff, outside) if outside is not None else None
+    if fused is not None:
+        dx, dot, outside_sum = fused
+        dcmax = div_exact(dot, DATA_SPAN)
+        return dx, dcmax, outside_sum - dcmax
     dcmax = div_exact(_dot(dy, coeff), DATA_SPAN)
     if outside is None:
         return dy, dcmax, -dcmax
