@@ -24,6 +24,15 @@ These are the exact derivatives of the surrogate ``y = v + s*r``, ``v = clamp(x,
 rounding residual ``r = round(v/s) - v/s`` held constant (``D(cmax) = D(cmin)`` because
 ``cmax/s - cmin/s = 255``). They are not the derivatives of the forward itself, which is piecewise
 constant in the clips.
+
+Implementation (docs/design.md, "QAT kernels"): the training forward (:func:`ulq_forward_train`) computes,
+from the same quotient ``v / s`` as the output, each element's ``dcmax`` weight ``W`` (``D(x)`` inside,
+``D(cmin) + 1`` above, ``D(cmin)`` below; stored as ``255 * W``) and the outside mask, and keeps those
+instead of ``x``. The three cases then fold into ``dcmax = sum(dy * W)`` and ``dcmin = sum_outside(dy) -
+dcmax`` (each element's ``dcmin`` weight is ``-W``, plus 1 outside), so the backward
+(:func:`ulq_backward_saved`) is a few reads of ``dy``. ``D``'s ``round_away`` is the forward's
+``round_even`` corrected at exact .5 ties, the only values where they differ. With
+``AMCT_CAFFE_COMPILE=1`` both directions run as fused kernels (:mod:`amct_caffe.quant.fused`).
 """
 
 from __future__ import annotations
