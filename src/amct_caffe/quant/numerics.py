@@ -155,7 +155,8 @@ def memory_flat(t: Tensor) -> Tensor | None:
     """A 1-D view of ``t``'s elements in memory order, or None when ``t`` is not densely laid out."""
     if t.dim() == 0:
         return t.reshape(1)
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: -strides[d])
     p = t.permute(order)
     return p.view(-1) if p.is_contiguous() else None
 
