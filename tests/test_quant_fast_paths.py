@@ -291,3 +291,17 @@ def test_fused_kernels_fall_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> No
     y, coeff, outside = ulq_forward_train(x, torch.tensor([CMAX]), torch.tensor([CMIN]))
     assert kernels.failed and not kernels.active
     np.testing.assert_array_equal(y.numpy(), quant.ulq_forward(x.numpy(), CMAX, CMIN))
+
+
+def test_ulq_function_all_inside_passes_dy_through() -> None:
+    """No element outside: nothing is masked, dx is dy, and dcmin = -dcmax (reference gradients)."""
+    x_np = (np.arange(-100, 100, dtype=np.float32) * 0.037).reshape(4, 50)
+    dy_np = np.random.default_rng(71).standard_normal(x_np.shape).astype(np.float32)
+    x = torch.tensor(x_np, requires_grad=True)
+    cmax = torch.tensor([CMAX], requires_grad=True)
+    cmin = torch.tensor([CMIN], requires_grad=True)
+    ULQFunction.apply(x, cmax, cmin, False).backward(torch.from_numpy(dy_np))
+    dx_ref, gmax_ref, gmin_ref = quant.ulq_backward(x_np.reshape(-1), dy_np.reshape(-1), CMAX, CMIN)
+    np.testing.assert_array_equal(x.grad.numpy().reshape(-1), dx_ref)
+    assert cmax.grad.item() == pytest.approx(gmax_ref, rel=1e-5, abs=1e-6)
+    assert cmin.grad.item() == pytest.approx(gmin_ref, rel=1e-5, abs=1e-6)
