@@ -112,10 +112,15 @@ def check_finite(x: Tensor, what: str) -> None:
     """Raise :class:`QuantDataError` if ``x`` holds inf or NaN (AMCT refuses such data,
     AMCT reference §1.4)."""
     if not bool(torch.isfinite(x).all()):
-        raise QuantDataError(
-            f"The {what} to be quantized contains inf or NaN values; check the model's weights and the "
-            "input data (a diverged training run produces such values)."
-        )
+        raise non_finite_data_error(what)
+
+
+def non_finite_data_error(what: str) -> QuantDataError:
+    """The error for ``what`` (data or weights) holding inf or NaN values."""
+    return QuantDataError(
+        f"The {what} to be quantized contains inf or NaN values; check the model's weights and the "
+        "input data (a diverged training run produces such values)."
+    )
 
 
 # -- rounding ----------------------------------------------------------------------------------------------
@@ -229,13 +234,28 @@ def process_scale(scale: ArrayLike, what: str = "quantization") -> Tensor:
         raise InvalidScaleError(
             f"The {what} scale is inf or NaN; the data it was computed from contains inf/NaN values."
         )
-    s = torch.where(s < FLT_EPSILON, torch.ones_like(s), s)
-    if not bool((1.0 / s >= FLT_EPSILON).all()):
-        raise InvalidScaleError(
-            f"The {what} scale is too large (its reciprocal is below FLT_EPSILON = 2**-23); the data range "
-            "is too wide for INT8 quantization. Skip this layer in the quantization config."
-        )
+    s = replace_tiny_scales(s)
+    if not bool(scales_in_range(s)):
+        raise scale_too_large_error(what)
     return s
+
+
+def replace_tiny_scales(s: Tensor) -> Tensor:
+    """:func:`process_scale`'s replacement: scales below FLT_EPSILON become 1.0."""
+    return torch.where(s < FLT_EPSILON, torch.ones_like(s), s)
+
+
+def scales_in_range(s: Tensor) -> Tensor:
+    """0-d bool tensor: every reciprocal of ``s`` is at least FLT_EPSILON (:func:`process_scale`'s check)."""
+    return (1.0 / s >= FLT_EPSILON).all()
+
+
+def scale_too_large_error(what: str) -> InvalidScaleError:
+    """The error for a ``what`` scale whose reciprocal is below FLT_EPSILON."""
+    return InvalidScaleError(
+        f"The {what} scale is too large (its reciprocal is below FLT_EPSILON = 2**-23); the data range "
+        "is too wide for INT8 quantization. Skip this layer in the quantization config."
+    )
 
 
 def data_scale_offset(clip_min: ArrayLike, clip_max: ArrayLike) -> tuple[Tensor, Tensor]:
