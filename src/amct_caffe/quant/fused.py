@@ -88,7 +88,8 @@ class FusedKernels:
             return None
         if self._forward is None:
             self._forward = torch.compile(ulq_forward_kernel, dynamic=True)
-        out = self._run("forward", self._forward, flat, s, lower, upper, d_above, d_below)
+        # detach(): a plain tensor, not a view of x, so the compiled function guards on no base shape
+        out = self._run("forward", self._forward, flat.detach(), s, lower, upper, d_above, d_below)
         if out is None:
             return None
         y, coeff, outside = (t.as_strided(x.shape, x.stride()) for t in out)
@@ -103,7 +104,7 @@ class FusedKernels:
             return None
         if self._backward is None:
             self._backward = torch.compile(ulq_backward_kernel, dynamic=True)
-        out = self._run("backward", self._backward, *flat)
+        out = self._run("backward", self._backward, *(f.detach() for f in flat))
         if out is None:
             return None
         dx, dot, outside_sum = out
