@@ -136,17 +136,19 @@ def test_ulq_fast_path_zero_size_and_0d() -> None:
     assert gmin.item() == pytest.approx(gmin_ref, rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided"])
 def test_ulq_fast_path_layouts(layout: str) -> None:
     """Memory layouts other than contiguous: the block passes follow memory order, the results the logical
-    order."""
+    order; tensors that are not dense take the copying fallbacks."""
     x_np = _adversarial(2 * 6 * 9 * 11, seed=11).reshape(2, 6, 9, 11)
     dy_np = np.random.default_rng(12).standard_normal(x_np.shape).astype(np.float32)
     x, dy = torch.from_numpy(x_np), torch.from_numpy(dy_np)
     if layout == "channels_last":
         x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
-    else:
+    elif layout == "transposed":
         x, dy = x.transpose(1, 3), dy.transpose(1, 3)
+    else:  # not dense: every other column, and dy laid out differently from x
+        x, dy = x[..., ::2], dy.transpose(1, 3).contiguous().transpose(1, 3)[..., ::2]
     xr, dyr = x.contiguous().numpy().reshape(-1), dy.contiguous().numpy().reshape(-1)
     y, coeff, outside = ulq_forward_train(x, torch.tensor([CMAX]), torch.tensor([CMIN]))
     np.testing.assert_array_equal(y.contiguous().numpy().reshape(-1), quant.ulq_forward(xr, CMAX, CMIN))
