@@ -250,6 +250,7 @@ def fused_kernels() -> FusedKernels:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised by torch.compile's imports
 def test_fused_kernels_equal_eager(fused_kernels: FusedKernels, monkeypatch: pytest.MonkeyPatch) -> None:
     """AMCT_CAFFE_COMPILE=1's kernels: output, coefficients, mask and dx bit for bit the eager path's, the
     clip gradients the reference's; channels-last tensors keep their layout."""
