@@ -33,11 +33,13 @@ from amct_caffe.quant.numerics import (
     Tensor,
     as_float_tensor,
     as_tensor,
-    check_finite,
     div_exact,
     int8_codes,
-    process_scale,
+    non_finite_data_error,
+    replace_tiny_scales,
     round_away,
+    scale_too_large_error,
+    scales_in_range,
 )
 
 #: The weight axis that holds the output channels, per quantizable Caffe layer type.
@@ -87,13 +89,22 @@ def arq_scale(w: ArrayLike, channel_wise: bool = True, axis: int = 0) -> Tensor:
     channel). Weights with inf/NaN raise :class:`~amct_caffe.quant.numerics.QuantDataError`.
     """
     w = as_float_tensor(w)
-    check_finite(w, "weight")
     rows = _rows(w, channel_wise, axis)
+    # two vectorised row reductions (torch.aminmax along a dimension is a much slower scalar loop)
     wmax = rows.amax(dim=1)
     wmin = rows.amin(dim=1)
     m = torch.where(wmax.abs() > wmin.abs(), wmax, wmin)
-    s = torch.where(m > 0, div_exact(m, INT8_MAX), div_exact(m, INT8_MIN))
-    return process_scale(s, "weight")
+    s = replace_tiny_scales(torch.where(m > 0, div_exact(m, INT8_MAX), div_exact(m, INT8_MIN)))
+    # process_scale's checks and the finiteness check with one host read (a single synchronisation on
+    # CUDA, per WeightQAT forward): the extremes are finite exactly when every element is (the reductions
+    # propagate NaN), and then the scales are finite too
+    finite = torch.isfinite(wmax).all() & torch.isfinite(wmin).all()
+    all_finite, in_range = torch.stack([finite, scales_in_range(s)]).tolist()
+    if not all_finite:
+        raise non_finite_data_error("weight")
+    if not in_range:
+        raise scale_too_large_error("weight")
+    return s
 
 
 def arq_quantize(w: ArrayLike, s_w: ArrayLike, axis: int = 0) -> Tensor:
@@ -117,4 +128,4 @@ def arq_fake_quant(w: ArrayLike, channel_wise: bool = True, axis: int = 0) -> tu
     w = as_float_tensor(w)
     s_w = arq_scale(w, channel_wise, axis)
     s = _broadcast_scale(s_w, w, axis)
-    return int8_codes(w, s, 0, round_away) * s, s_w
+    return int8_codes(w, s, 0, round_away).mul_(s), s_w

@@ -112,25 +112,103 @@ def check_finite(x: Tensor, what: str) -> None:
     """Raise :class:`QuantDataError` if ``x`` holds inf or NaN (AMCT refuses such data,
     AMCT reference §1.4)."""
     if not bool(torch.isfinite(x).all()):
-        raise QuantDataError(
-            f"The {what} to be quantized contains inf or NaN values; check the model's weights and the "
-            "input data (a diverged training run produces such values)."
-        )
+        raise non_finite_data_error(what)
+
+
+def non_finite_data_error(what: str) -> QuantDataError:
+    """The error for ``what`` (data or weights) holding inf or NaN values."""
+    return QuantDataError(
+        f"The {what} to be quantized contains inf or NaN values; check the model's weights and the "
+        "input data (a diverged training run produces such values)."
+    )
 
 
 # -- rounding ----------------------------------------------------------------------------------------------
 def round_away(x: ArrayLike) -> Tensor:
     """C ``round()``: nearest integer, ties away from zero (``2.5 -> 3``, ``-2.5 -> -3``).
 
-    Exact for every float: ``x - trunc(x)`` is computed without rounding error, so the tie test is exact.
-    (``floor(x + 0.5)`` is not: in float32 ``0.49999997 + 0.5`` rounds up to 1.0, and it rounds negative
-    ties towards +inf.) inf and NaN pass through. Integer tensors are returned unchanged.
+    Exact for every float. Computed as ``r = round_even(x)`` corrected at exact .5 ties, the only values
+    where the two roundings differ: ``x - r`` is exact (``r`` is within a factor 2 of ``x``, or 0), so
+    ``|x - r| == 0.5`` is an exact tie test, and at a tie ``x + 0.5*sign(x)`` is exact. (``floor(x + 0.5)``
+    is not: in float32 ``0.49999997 + 0.5`` rounds up to 1.0, and it rounds negative ties towards +inf.)
+    The correction visits only the blocks that hold a tie (:func:`where_ties_`), so the usual cost is three
+    elementwise passes. inf and NaN pass through. Integer tensors are returned unchanged.
     """
     x = as_tensor(x)
     if not x.is_floating_point():
         return x
-    t = torch.trunc(x)
-    return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
+    if x.requires_grad and torch.is_grad_enabled():
+        # out of place, for an autograd graph: the same values by the plain formula
+        t = torch.trunc(x)
+        return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
+    r = torch.round(x)
+    where_ties_(r, x - r, _away_at_tie)
+    return r
+
+
+def _away_at_tie(r: Tensor, frac: Tensor, *_: Tensor) -> Tensor:
+    """round_away at a tie, from ``r = round_even(x)`` and ``frac = x - r`` (so ``r + frac == x``)."""
+    x = r + frac
+    return torch.sign(x).mul_(0.5).add_(x)
+
+
+#: Block length of :func:`where_ties_`'s sparse pass.
+TIE_BLOCK = 256
+
+
+def memory_flat(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t``'s elements in memory order, or None when ``t`` is not densely laid out."""
+    if t.dim() == 0:
+        return t.reshape(1)
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: -strides[d])
+    p = t.permute(order)
+    return p.view(-1) if p.is_contiguous() else None
+
+
+def memory_flat_views(*tensors: Tensor) -> list[Tensor] | None:
+    """Tensors of one shape as 1-D views whose elements correspond (memory order), or None when they are
+    not all laid out alike and densely."""
+    first = tensors[0]
+    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors[1:]):
+        return None
+    flat = [memory_flat(t) for t in tensors]
+    return None if any(f is None for f in flat) else [f for f in flat if f is not None]
+
+
+def where_ties_(
+    dst: Tensor, frac: Tensor, at_tie: Callable[..., Tensor], *extra: Tensor
+) -> None:
+    """``dst = where(|frac| == 0.5, at_tie(dst, frac, *extra), dst)`` in place, elementwise.
+
+    ``frac`` is ``x - round_even(x)`` or its negation, so ``|frac| <= 0.5`` and an exact .5 tie is an
+    extreme. Exact ties are rare (about one float32 element in 10**5) but a large tensor nearly always
+    holds some, so on CPU, for tensors laid out alike and densely, the extremes of each block of
+    :data:`TIE_BLOCK` elements are taken (two vectorised reductions) and only blocks reaching +-0.5 (or
+    holding NaN) are computed. Elsewhere every element is, so that no host synchronisation is needed.
+    ``extra`` tensors (``dst``'s shape) are passed to ``at_tie`` alongside.
+    """
+    flat = memory_flat_views(dst, frac, *extra) if dst.device.type == "cpu" else None
+    if flat is None:
+        dst.copy_(torch.where(frac.abs() == 0.5, at_tie(dst, frac, *extra), dst))
+        return
+    n = flat[0].numel()
+    k = n // TIE_BLOCK
+    head = k * TIE_BLOCK
+
+    def fix(parts: list[Tensor]) -> Tensor:
+        d, f = parts[0], parts[1]
+        return torch.where(f.abs() == 0.5, at_tie(*parts), d)
+
+    if k:
+        blocks = [f[:head].view(k, TIE_BLOCK) for f in flat]
+        # amax + amin: torch.aminmax along a dimension is an unvectorised loop, several times slower
+        hit = ~((blocks[1].amax(dim=1) < 0.5) & (blocks[1].amin(dim=1) > -0.5))
+        rows = hit.nonzero().reshape(-1)
+        if rows.numel():
+            blocks[0][rows] = fix([b[rows] for b in blocks])
+    if head < n:
+        flat[0][head:] = fix([f[head:] for f in flat])
 
 
 def round_even(x: ArrayLike) -> Tensor:
@@ -156,13 +234,28 @@ def process_scale(scale: ArrayLike, what: str = "quantization") -> Tensor:
         raise InvalidScaleError(
             f"The {what} scale is inf or NaN; the data it was computed from contains inf/NaN values."
         )
-    s = torch.where(s < FLT_EPSILON, torch.ones_like(s), s)
-    if not bool((1.0 / s >= FLT_EPSILON).all()):
-        raise InvalidScaleError(
-            f"The {what} scale is too large (its reciprocal is below FLT_EPSILON = 2**-23); the data range "
-            "is too wide for INT8 quantization. Skip this layer in the quantization config."
-        )
+    s = replace_tiny_scales(s)
+    if not bool(scales_in_range(s)):
+        raise scale_too_large_error(what)
     return s
+
+
+def replace_tiny_scales(s: Tensor) -> Tensor:
+    """:func:`process_scale`'s replacement: scales below FLT_EPSILON become 1.0."""
+    return torch.where(s < FLT_EPSILON, torch.ones_like(s), s)
+
+
+def scales_in_range(s: Tensor) -> Tensor:
+    """0-d bool tensor: every reciprocal of ``s`` is at least FLT_EPSILON (:func:`process_scale`'s check)."""
+    return (1.0 / s >= FLT_EPSILON).all()
+
+
+def scale_too_large_error(what: str) -> InvalidScaleError:
+    """The error for a ``what`` scale whose reciprocal is below FLT_EPSILON."""
+    return InvalidScaleError(
+        f"The {what} scale is too large (its reciprocal is below FLT_EPSILON = 2**-23); the data range "
+        "is too wide for INT8 quantization. Skip this layer in the quantization config."
+    )
 
 
 def data_scale_offset(clip_min: ArrayLike, clip_max: ArrayLike) -> tuple[Tensor, Tensor]:
@@ -194,7 +287,23 @@ def int8_codes(x: Tensor, scale: ArrayLike, offset: ArrayLike = 0, rounding: Rou
     """
     s = as_tensor(scale, like=x)
     o = as_tensor(offset, like=x)
-    return torch.clamp(rounding(x / s) + o, INT8_MIN, INT8_MAX)
+    q = x / s
+    codes = _round_away_consuming(q) if rounding is round_away else rounding(q)
+    if torch.broadcast_shapes(codes.shape, o.shape) == codes.shape and not codes.requires_grad:
+        codes.add_(o)  # in place on the fresh rounding result: one full-size allocation less
+    else:
+        codes = codes + o
+    return torch.clamp_(codes, INT8_MIN, INT8_MAX)
+
+
+def _round_away_consuming(q: Tensor) -> Tensor:
+    """:func:`round_away` of a fresh floating tensor, overwriting ``q`` with ``q - round_even(q)`` instead
+    of allocating it."""
+    if q.requires_grad and torch.is_grad_enabled():
+        return round_away(q)
+    r = torch.round(q)
+    where_ties_(r, q.sub_(r), _away_at_tie)
+    return r
 
 
 def dequantize(q: Tensor, scale: ArrayLike, offset: ArrayLike = 0) -> Tensor:

@@ -24,6 +24,15 @@ These are the exact derivatives of the surrogate ``y = v + s*r``, ``v = clamp(x,
 rounding residual ``r = round(v/s) - v/s`` held constant (``D(cmax) = D(cmin)`` because
 ``cmax/s - cmin/s = 255``). They are not the derivatives of the forward itself, which is piecewise
 constant in the clips.
+
+Implementation (docs/design.md, "QAT kernels"): the training forward (:func:`ulq_forward_train`) computes,
+from the same quotient ``v / s`` as the output, each element's ``dcmax`` weight ``W`` (``D(x)`` inside,
+``D(cmin) + 1`` above, ``D(cmin)`` below; stored as ``255 * W``) and the outside mask, and keeps those
+instead of ``x``. The three cases then fold into ``dcmax = sum(dy * W)`` and ``dcmin = sum_outside(dy) -
+dcmax`` (each element's ``dcmin`` weight is ``-W``, plus 1 outside), so the backward
+(:func:`ulq_backward_saved`) is a few reads of ``dy``. ``D``'s ``round_away`` is the forward's
+``round_even`` corrected at exact .5 ties, the only values where they differ. With
+``AMCT_CAFFE_COMPILE=1`` both directions run as fused kernels (:mod:`amct_caffe.quant.fused`).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from amct_caffe.quant.fused import FUSED
 from amct_caffe.quant.numerics import (
     DATA_SPAN,
     INT8_MIN,
@@ -41,8 +51,9 @@ from amct_caffe.quant.numerics import (
     as_tensor,
     data_scale_offset,
     div_exact,
+    memory_flat_views,
     round_away,
-    round_even,
+    where_ties_,
 )
 
 
@@ -108,13 +119,132 @@ def ulq_forward(x: ArrayLike, cmax: ArrayLike, cmin: ArrayLike, fixed_min: bool 
     """ULQ training forward ``round_even(clamp(x, lower, upper) / s) * s`` (see the module docstring).
 
     ``cmax``/``cmin`` are the layer's clip values after ClipCheck (tensors of shape [1] or numbers);
-    ``fixed_min`` uses ``cmin = 0``. Not differentiable by autograd: use :class:`ULQFunction` to train.
+    ``fixed_min`` uses ``cmin = 0``. Not differentiable by autograd: use :class:`ULQFunction` to train
+    (its forward is :func:`ulq_forward_train`, which gives the same output).
     """
     x = as_float_tensor(x)
     cmax_t = as_tensor(cmax, like=x)
     cmin_t = torch.zeros_like(cmax_t) if fixed_min else as_tensor(cmin, like=x)
     s, _, lower, upper = _grid(cmax_t, cmin_t, x)
-    return round_even(torch.clamp(x, lower, upper) / s) * s
+    with torch.no_grad():
+        # round_ is round_even (torch.round); in place on the fresh clamp result: one allocation
+        return torch.clamp(x, lower, upper).div_(s).round_().mul_(s)
+
+
+class UlqTrainForward(NamedTuple):
+    """What :func:`ulq_forward_train` returns: the output and what :func:`ulq_backward_saved` needs.
+
+    ``coeff`` holds ``255 * W`` per element, where ``W`` is the element's ``dcmax`` weight: ``D(x)`` inside
+    the grid-aligned bounds, ``D(cmin) + 1`` above, ``D(cmin)`` below (module docstring). ``outside`` is
+    True where ``x`` lies outside the bounds, or None when no element does. Shapes are the output's.
+    """
+
+    y: Tensor
+    coeff: Tensor
+    outside: Tensor | None
+
+
+#: Block length of :func:`_dot`: blocks are summed with one BLAS dot product each, then added by torch's
+#: pairwise summation, which keeps the float32 error near that of ``(a * b).sum()``.
+DOT_BLOCK = 256
+
+
+def _away_residual_at_tie(res: Tensor, _frac: Tensor, r: Tensor) -> Tensor:
+    """``round_away(q) - q`` at a tie, from ``res = r - q`` and ``r = round_even(q)``: ``0.5 * sign(q)``,
+    with ``q = r - res`` exactly."""
+    return torch.sign(r - res).mul_(0.5)
+
+
+def _mark_outside(x: Tensor, lower: Tensor, upper: Tensor, coeff: Tensor, d_cmin: Tensor) -> Tensor | None:
+    """Set ``coeff`` to ``255*D(cmin) + 255`` above and ``255*D(cmin)`` below the bounds, in place; return
+    the outside mask (None when no element is outside). On CPU one read of ``x`` first tells which of the
+    two cases occur (after a ReLU nothing is below ``lower = 0``), and the mask passes of an absent case
+    are skipped."""
+    if x.numel() == 0:
+        return None
+    has_above = has_below = True
+    if x.device.type == "cpu":
+        lo, hi = torch.aminmax(x)
+        has_above = not bool(hi <= upper)  # NaN: take the general path, which leaves NaN inside
+        has_below = not bool(lo >= lower)
+    outside: Tensor | None = None
+    if has_above:
+        outside = x > upper
+        torch.where(outside, d_cmin + DATA_SPAN, coeff, out=coeff)
+    if has_below:
+        below = x < lower
+        torch.where(below, d_cmin, coeff, out=coeff)
+        outside = below if outside is None else outside.logical_or_(below)
+    return outside
+
+
+@torch.no_grad()
+def ulq_forward_train(
+    x: ArrayLike, cmax: ArrayLike, cmin: ArrayLike, fixed_min: bool = False
+) -> UlqTrainForward:
+    """ULQ's training forward: :func:`ulq_forward`'s output (bit-identical) and the per-element values of
+    the straight-through backward (:class:`UlqTrainForward`), computed from the same quotient ``v / s``.
+
+    Keeping these instead of ``x`` makes the backward a few reads of ``dy`` (:func:`ulq_backward_saved`).
+    ``D(v)``'s ``round_away`` comes from the forward's ``round_even``, corrected at exact .5 ties, the only
+    values where they differ. Arguments as :func:`ulq_forward`; with ``fixed_min`` the gradients are those
+    of ``cmin = 0``.
+    """
+    x = as_float_tensor(x)
+    cmax_t = as_tensor(cmax, like=x)
+    cmin_t = torch.zeros_like(cmax_t) if fixed_min else as_tensor(cmin, like=x)
+    s, _, lower, upper = _grid(cmax_t, cmin_t, x)
+    q_cmin = torch.clamp(cmin_t, max=0.0) / s
+    d_cmin = (round_away(q_cmin) - q_cmin).reshape(())
+    fused = FUSED.ulq_forward(x, s, lower, upper, d_cmin + DATA_SPAN, d_cmin)
+    if fused is not None:
+        return UlqTrainForward(*fused)
+    q = torch.clamp(x, lower, upper).div_(s)
+    r = torch.round(q)
+    # r - q is exact (r and q are within a factor 2 of each other, or r is 0): D(v) up to the tie fix
+    coeff = torch.sub(r, q, out=q)
+    where_ties_(coeff, coeff, _away_residual_at_tie, r)
+    y = r.mul_(s)
+    return UlqTrainForward(y, coeff, _mark_outside(x, lower, upper, coeff, d_cmin))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b)`` over all elements (same shape) in one read of each, without a product tensor."""
+    flat = memory_flat_views(a, b)
+    fa, fb = flat if flat is not None else (a.reshape(-1), b.reshape(-1))
+    k = fa.numel() // DOT_BLOCK
+    head = k * DOT_BLOCK
+    tail = torch.dot(fa[head:], fb[head:])
+    if k == 0:
+        return tail
+    blocks = torch.bmm(fa[:head].view(k, 1, DOT_BLOCK), fb[:head].view(k, DOT_BLOCK, 1))
+    return blocks.sum() + tail
+
+
+@torch.no_grad()
+def ulq_backward_saved(
+    dy: Tensor, coeff: Tensor, outside: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ULQ straight-through gradients ``(dx, dcmax, dcmin)`` from :func:`ulq_forward_train`'s values.
+
+    ``dx = dy`` inside, 0 outside; ``dcmax = sum(dy * W)``; and, since ``dcmin``'s per-element weight is
+    ``-W``, plus 1 outside the bounds (module docstring), ``dcmin = sum_outside(dy) - dcmax`` with
+    ``sum_outside(dy) = sum(dy) - sum(dx)``. At most four reads of ``dy``-sized tensors; ``dcmax`` and
+    ``dcmin`` are 0-d tensors, summed in float32 in another order than the per-case formulas (equal up to
+    rounding). With ``outside`` None, ``dx`` is ``dy`` itself.
+    """
+    dy = as_tensor(dy, like=coeff).expand_as(coeff)
+    fused = FUSED.ulq_backward(dy, coeff, outside) if outside is not None else None
+    if fused is not None:
+        dx, dot, outside_sum = fused
+        dcmax = div_exact(dot, DATA_SPAN)
+        return dx, dcmax, outside_sum - dcmax
+    dcmax = div_exact(_dot(dy, coeff), DATA_SPAN)
+    if outside is None:
+        return dy, dcmax, -dcmax
+    dx = dy.masked_fill(outside, 0.0)
+    dcmin = (dy.sum() - dx.sum()) - dcmax
+    return dx, dcmax, dcmin
 
 
 def ulq_backward(
@@ -125,31 +255,12 @@ def ulq_backward(
 
     ``cmax``/``cmin`` are the values the forward used (pass ``cmin = 0`` for ``fixed_min``; a ``cmin > 0``
     or ``cmax < 0`` is clamped to 0 as in the forward). ``dcmax``/``dcmin`` are 0-d tensors, summed over
-    every element of ``x``.
+    every element of ``x``. The same computation as :class:`ULQFunction`'s backward
+    (:func:`ulq_forward_train` then :func:`ulq_backward_saved`).
     """
     x = as_float_tensor(x)
-    dy = as_tensor(dy, like=x)
-    s, _, lower, upper = _grid(cmax, cmin, x)
-    cmin_eff = torch.clamp(as_tensor(cmin, like=x), max=0.0)
-
-    def residual(v: Tensor) -> Tensor:
-        # D(v): the rounding error of v on the grid, per unit of clip range.
-        q = v / s
-        return div_exact(round_away(q) - q, DATA_SPAN)
-
-    # The per-element gradients are constants outside the bounds, so the sums split by region: a few
-    # full-size passes instead of a where() per case (the backward of every ActivationQAT in training).
-    above = x > upper
-    below = x < lower
-    dx = dy.masked_fill(above | below, 0.0)
-    d_c = residual(cmin_eff).reshape(())
-    # (outside the bounds dx is 0; the clamp keeps an inf there from turning 0 * D into NaN)
-    inside_sum = (dx * residual(torch.clamp(x, lower, upper))).sum()
-    above_sum = dy.masked_fill(~above, 0.0).sum()
-    below_sum = dy.masked_fill(~below, 0.0).sum()
-    dcmax = above_sum * (d_c + 1) + below_sum * d_c + inside_sum
-    dcmin = below_sum * (1 - d_c) - above_sum * d_c - inside_sum
-    return dx, dcmax, dcmin
+    saved = ulq_forward_train(x, cmax, cmin)
+    return ulq_backward_saved(as_tensor(dy, like=x), saved.coeff, saved.outside)
 
 
 class ULQFunction(torch.autograd.Function):
@@ -163,15 +274,15 @@ class ULQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, clip_max: Tensor, clip_min: Tensor, fixed_min: bool = False) -> Tensor:
-        ctx.fixed_min = bool(fixed_min)
-        ctx.save_for_backward(x, clip_max, clip_min)
-        return ulq_forward(x, clip_max.detach(), clip_min.detach(), ctx.fixed_min)
+        # the backward needs only the coefficients and the mask, not x (see ulq_forward_train)
+        y, coeff, outside = ulq_forward_train(x.detach(), clip_max.detach(), clip_min.detach(), fixed_min)
+        ctx.save_for_backward(coeff, outside, clip_max, clip_min)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        x, clip_max, clip_min = ctx.saved_tensors
-        cmin = torch.zeros_like(clip_min) if ctx.fixed_min else clip_min
-        dx, dcmax, dcmin = ulq_backward(x, dy, clip_max, cmin)
+        coeff, outside, clip_max, clip_min = ctx.saved_tensors
+        dx, dcmax, dcmin = ulq_backward_saved(dy, coeff, outside)
         return (
             dx if ctx.needs_input_grad[0] else None,
             dcmax.reshape(clip_max.shape).to(clip_max.dtype) if ctx.needs_input_grad[1] else None,
