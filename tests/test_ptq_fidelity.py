@@ -30,6 +30,7 @@ import pytest
 from amct_caffe import amct, caffe
 from amct_caffe.errors import ConfigError
 from tests.helpers import caffemodel_blobs, read_record
+from tests.references import refine as refine_ref
 from tests.references.nets import write_random_net
 from tests.references.real_caffe import SHARED
 
@@ -332,3 +333,83 @@ def test_adaround_lowers_the_last_layer_output_error(tiny, tiny_rounded):
     errors = {key: float(np.mean((x_q @ (codes * s_w).T + bias - ref) ** 2))
               for key, codes in (("nearest", nearest), ("learned", learned))}
     assert errors["learned"] <= errors["nearest"] * (1 + 1e-6), errors
+
+
+# -- end-to-end learned codes on the small net --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_e2e(tiny):
+    proto, weights, data, plain, _, folder = tiny
+    return run_ptq(proto, weights, folder / "e2e", data, "end_to_end")
+
+
+def _record_factors(folder: Path) -> dict[str, tuple[float, int]]:
+    record = read_record(folder / "record.txt")
+    return {name: (float(rec.scale_d), int(rec.offset_d)) for name, rec in record.items()}
+
+
+def test_end_to_end_keeps_the_structure_scales_and_dequant_words(tiny, tiny_e2e):
+    *_, plain, _, _ = tiny
+    for suffix in ("_fake_quant_model.prototxt", "_deploy_model.prototxt", "_quant.json"):
+        assert Path(tiny_e2e + suffix).read_text() == Path(plain + suffix).read_text(), suffix
+    a, b = caffemodel_blobs(plain + "_deploy_weights.caffemodel"), caffemodel_blobs(
+        tiny_e2e + "_deploy_weights.caffemodel")
+    assert list(a) == list(b)
+    for name in a:
+        assert [(v.shape, v.dtype) for v in a[name]] == [(v.shape, v.dtype) for v in b[name]], name
+        if name not in ("conv1", "conv2", "ip"):  # Quant/DeQuant: the same factors, deq_scale words
+            for x, y in zip(a[name], b[name]):
+                np.testing.assert_array_equal(x, y)
+    assert len(b["conv2"]) == 1  # bias_term: false stays without a bias
+
+
+def test_end_to_end_codes_and_biases_are_on_the_record_grids(tiny, tiny_e2e):
+    *_, folder = tiny
+    record = read_record(folder / "e2e" / "record.txt")
+    fake = caffemodel_blobs(tiny_e2e + "_fake_quant_weights.caffemodel")
+    deploy = caffemodel_blobs(tiny_e2e + "_deploy_weights.caffemodel")
+    for name in ("conv1", "conv2", "ip"):
+        w = deploy[name][0]
+        s_w = np.asarray(record[name].scale_w, np.float64).reshape([-1] + [1] * (w.ndim - 1))
+        assert w.min() >= -128 and w.max() <= 127
+        np.testing.assert_allclose(fake[name][0], w.astype(np.float64) * s_w, rtol=1e-6, atol=0)
+    for name in ("conv1", "ip"):
+        step = np.float64(record[name].scale_d) * np.asarray(record[name].scale_w, np.float64)
+        codes = deploy[name][1].astype(np.float64)
+        np.testing.assert_allclose(fake[name][1], codes * step, rtol=1e-6, atol=1e-12)
+
+
+def test_end_to_end_lowers_the_output_error_of_the_fake_quant_model(tiny, tiny_e2e):
+    # numpy: the small net fake-quantized with the record's factors, with the saved codes and biases of the
+    # plain and the refined deploy model, against the float model
+    proto, weights, data, plain, _, folder = tiny
+    x = np.concatenate([batch["data"] for batch in data]).astype(np.float64)
+    factors = _record_factors(folder / "e2e")
+    assert factors == _record_factors(folder / "plain")
+    ref = refine_ref.tiny_forward(x, caffemodel_blobs(weights))
+    record = read_record(folder / "e2e" / "record.txt")
+    errors = {}
+    for key, prefix in (("plain", plain), ("refined", tiny_e2e)):
+        deploy = caffemodel_blobs(prefix + "_deploy_weights.caffemodel")
+        blobs = {}
+        for name in ("conv1", "conv2", "ip"):
+            w = deploy[name][0].astype(np.float64)
+            s_w = np.asarray(record[name].scale_w, np.float64)
+            blobs[name] = [w * s_w.reshape([-1] + [1] * (w.ndim - 1))]
+            if len(deploy[name]) > 1:
+                blobs[name].append(deploy[name][1] * np.float64(record[name].scale_d) * s_w)
+        errors[key] = float(np.mean((refine_ref.tiny_forward(x, blobs, factors) - ref) ** 2))
+        # the engine's fake-quant model computes the same
+        net = caffe.Net(prefix + "_fake_quant_model.prototxt", caffe.TEST,
+                        weights=prefix + "_fake_quant_weights.caffemodel")
+        net.blobs["data"].reshape(*x.shape)
+        net.reshape()
+        out = net.forward(data=x.astype(np.float32))["ip"]
+        np.testing.assert_allclose(out, refine_ref.tiny_forward(x, blobs, factors), rtol=1e-4, atol=1e-4)
+    assert errors["refined"] < 0.9 * errors["plain"], errors
+
+
+def test_end_to_end_is_deterministic(tiny, tiny_e2e):
+    proto, weights, data, _, _, folder = tiny
+    again = run_ptq(proto, weights, folder / "e2e_again", data, "end_to_end")
+    for suffix in ("_fake_quant_weights.caffemodel", "_deploy_weights.caffemodel"):
+        assert Path(again + suffix).read_bytes() == Path(tiny_e2e + suffix).read_bytes(), suffix
