@@ -741,7 +741,8 @@ def save_model(
     ``extra_files`` (path -> bytes) are written in the same all-or-nothing step (the command line's copies of
     the config and the record). ``refine="bias_correction"`` (off by default) corrects the quantized layers'
     float biases on ``calibration_data`` before the models are built; ``refine="adaround"`` learns their
-    INT8 weight codes (floor or ceil on ARQ's grid) on it instead (``workflows.refine``). ``for_atc``
+    INT8 weight codes (floor or ceil on ARQ's grid) on it instead; ``refine="end_to_end"`` trains the codes
+    and the float biases with the whole fake-quant model in the loop (``workflows.refine``). ``for_atc``
     writes the inference / ATC-ready prototxts (``workflows.inference``; ``input_shape``: ``{top: shape}``
     of the Input layers that replace data layers, when the net cannot tell).
 

@@ -1,4 +1,4 @@
-"""Optional post-training refinements of the PTQ models: empirical bias correction, learned weight rounding.
+"""Optional post-training refinements of the PTQ models: bias correction, learned rounding, end-to-end codes.
 
 Off by default (``save_model``'s ``refine=None`` writes exactly AMCT's models). With
 ``refine="bias_correction"`` the float bias of every quantized Convolution/Deconvolution/InnerProduct that
@@ -24,7 +24,22 @@ and the float model's output of that layer on the calibration data (``quant.adar
 done in file order, each one measured with the earlier ones already rounded, a fixed number of Adam steps
 each on all calibration batches together (no sampling, so the result is deterministic). A layer keeps
 ARQ's codes when the learned ones do not lower its output error. Only the codes change: scales, biases,
-layers and formats are those of the plain save. See docs/design.md, "Post-training refinement".
+layers and formats are those of the plain save.
+
+With ``refine="end_to_end"`` the INT8 weight codes and the float biases of every quantized
+Convolution/Deconvolution/InnerProduct are trained together, with the whole fake-quant model in the loop,
+against the float model's outputs on the calibration data (``end_to_end``): each layer holds a latent weight
+``u`` in code units (starting at ``w / s_w``, so the first step's codes are ARQ's) and its float bias; the
+forward uses exactly what the saved models will hold (``s_w * clamp(round(u), -128, 127)``, the bias on its
+``s_d * s_w`` grid, every input through its ``Quant`` layer with the record's factors), the backward treats
+each rounding as the identity (``quant.ste_codes``). So a layer's codes see, and can partly compensate, the
+activation rounding of every layer before it, which the layer-wise objective of ``adaround`` cannot. Adam
+runs a fixed number of steps, each over all calibration batches (gradients summed, one batch in memory at a
+time), the learning rates falling to 0 on a cosine; the step whose loss (the mean squared difference of
+the outputs, each batch weighted by its sample count) is lowest wins, and the first step is ARQ's codes
+with the record's biases, so the result is never worse on the calibration data. Scales, offsets, layers
+and formats are those of the plain save; only the INT8 weights and the INT32 bias codes change. See
+docs/design.md, "Post-training refinement".
 """
 
 from __future__ import annotations
@@ -69,8 +84,8 @@ ADAROUND_PENALTY = 0.01
 ADAROUND_WARMUP = 0.2
 #: Adam steps of ``refine="end_to_end"`` and its learning rates (latent weights in code units, float
 #: biases), both falling to 0 on a cosine.
-E2E_STEPS = 100
-E2E_LR = 0.05
+E2E_STEPS = 150
+E2E_LR = 0.03
 E2E_BIAS_LR = 1e-3
 _BIASED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
