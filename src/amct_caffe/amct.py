@@ -439,8 +439,10 @@ def save_model(
             ``calibration_data``, layer after layer; the models keep their structure and the deploy bias is
             ``round(b' / (scale_d * scale_w))`` as usual. ``"adaround"`` instead chooses every weight's
             INT8 code between ``floor`` and ``ceil`` of ``w / scale_w`` (the record's scales unchanged) to
-            bring each layer's output on ``calibration_data`` closer to the float layer's, layer after layer
-            (docs/design.md, "Post-training refinement").
+            bring each layer's output on ``calibration_data`` closer to the float layer's, layer after layer.
+            ``"end_to_end"`` trains the INT8 weight codes (any code on the record's ``scale_w`` grid) and the
+            float biases of all quantized layers together, the whole fake-quant model in the loop, against
+            the float model's outputs on ``calibration_data`` (docs/design.md, "Post-training refinement").
         calibration_data: keyword-only, needed by ``refine``: the calibration batches, a list of
             ``{input blob name: array}`` (the arrays the calibration model ran on).
         for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True

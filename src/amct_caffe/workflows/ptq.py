@@ -96,7 +96,7 @@ from amct_caffe.workflows.inference import (
     record_shapes,
     recorded_by_blob,
 )
-from amct_caffe.workflows.refine import adaround, bias_correction, check_refine
+from amct_caffe.workflows.refine import CodeLayer, adaround, bias_correction, check_refine, end_to_end
 from amct_caffe.workflows.save import check_save_type, model_paths
 
 LOGGER = get_logger("ptq")
@@ -755,6 +755,24 @@ def _learned_rounding(
                     api)
 
 
+def _end_to_end(
+    graph: CalibrationGraph,
+    calibration: CalibrationModel,
+    groups: Sequence[QuantGroup],
+    data: Sequence[Mapping[str, np.ndarray]],
+    api: str,
+) -> tuple[Weights, dict[str, np.ndarray]]:
+    """Learned INT8 codes and float biases of the quantized layers (``workflows.refine.end_to_end``)."""
+    fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
+    assert fake.fake is not None
+    float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
+    quantized = {layer.name: CodeLayer(layer.scale_d, layer.scale_w, layer.axis) for group in groups
+                 for layer in group.layers if layer.has_weights}
+    ordered = {name: quantized[name] for name in calibration.layers if name in quantized}
+    return end_to_end(calibration.net, float_weights, fake.net, fake.fake, ordered, calibration.weights, data,
+                      api)
+
+
 def save_model(
     graph: CalibrationGraph,
     save_type: str,
@@ -771,7 +789,8 @@ def save_model(
     ``extra_files`` (path -> bytes) are written in the same all-or-nothing step (the command line's copies of
     the config and the record). ``refine="bias_correction"`` (off by default) corrects the quantized layers'
     float biases on ``calibration_data`` before the models are built; ``refine="adaround"`` learns their
-    INT8 weight codes (floor or ceil on ARQ's grid) on it instead (``workflows.refine``). ``for_atc``
+    INT8 weight codes (floor or ceil on ARQ's grid) on it instead; ``refine="end_to_end"`` trains the codes
+    and the float biases with the whole fake-quant model in the loop (``workflows.refine``). ``for_atc``
     writes the inference / ATC-ready prototxts (``workflows.inference``; ``input_shape``: ``{top: shape}``
     of the Input layers that replace data layers, when the net cannot tell).
 
@@ -816,6 +835,8 @@ def save_model(
             weights = _bias_corrected(graph, calibration, groups, calibration_data, api)
         elif refine == "adaround" and calibration_data:
             codes = _learned_rounding(graph, calibration, groups, calibration_data, api)
+        elif refine == "end_to_end" and calibration_data:
+            weights, codes = _end_to_end(graph, calibration, groups, calibration_data, api)
         models = build_saved_models(calibration.net, weights, groups, save_type, api, graph.like, codes)
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc

@@ -1,4 +1,4 @@
-"""Optional post-training refinements of the PTQ models: empirical bias correction, learned weight rounding.
+"""Optional post-training refinements of the PTQ models: bias correction, learned rounding, end-to-end codes.
 
 Off by default (``save_model``'s ``refine=None`` writes exactly AMCT's models). With
 ``refine="bias_correction"`` the float bias of every quantized Convolution/Deconvolution/InnerProduct that
@@ -24,17 +24,36 @@ and the float model's output of that layer on the calibration data (``quant.adar
 done in file order, each one measured with the earlier ones already rounded, a fixed number of Adam steps
 each on all calibration batches together (no sampling, so the result is deterministic). A layer keeps
 ARQ's codes when the learned ones do not lower its output error. Only the codes change: scales, biases,
-layers and formats are those of the plain save. See docs/design.md, "Post-training refinement".
+layers and formats are those of the plain save.
+
+With ``refine="end_to_end"`` the INT8 weight codes and the float biases of every quantized
+Convolution/Deconvolution/InnerProduct are trained together, with the whole fake-quant model in the loop,
+against the float model's outputs on the calibration data (``end_to_end``): each layer holds a latent weight
+``u`` in code units (starting at ``w / s_w``, so the first step's codes are ARQ's) and its float bias; the
+forward uses exactly what the saved models will hold (``s_w * clamp(round(u), -128, 127)``, the bias on its
+``s_d * s_w`` grid, every input through its ``Quant`` layer with the record's factors), the backward treats
+each rounding as the identity (``quant.ste_codes``). So a layer's codes see, and can partly compensate, the
+activation rounding of every layer before it, which the layer-wise objective of ``adaround`` cannot. Adam
+runs a fixed number of steps, each over all calibration batches (gradients summed, one batch in memory at a
+time), the learning rates falling to 0 on a cosine; the step whose loss (the mean squared difference of
+the outputs, each batch weighted by its sample count) is lowest wins, and the first step is ARQ's codes
+with the record's biases, so the result is never worse on the calibration data. Scales, offsets, layers
+and formats are those of the plain save; only the INT8 weights and the INT32 bias codes change. See
+docs/design.md, "Post-training refinement".
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from amct_caffe.engine.device import full_float32
 from amct_caffe.engine.layers.vision import Convolution, Deconvolution, InnerProduct
 from amct_caffe.engine.net import Net
 from amct_caffe.errors import ConfigError
@@ -50,18 +69,24 @@ from amct_caffe.quant.adaround import (
     rounding_start,
     soft_weight,
 )
-from amct_caffe.quant.numerics import fake_quant_bias
+from amct_caffe.quant.numerics import deq_scale, fake_quant_bias
+from amct_caffe.quant.ste_codes import final_codes, ste_bias, ste_codes
 
 LOGGER = get_logger("ptq.refine")
 
 #: The refinements ``save_model`` accepts (besides None).
-REFINEMENTS = ("bias_correction", "adaround")
+REFINEMENTS = ("bias_correction", "adaround", "end_to_end")
 #: Adam steps per layer of ``refine="adaround"``, its learning rate on ``v``, the weight of the rounding
 #: penalty, and the share of the steps run without the penalty first.
 ADAROUND_STEPS = 300
 ADAROUND_LR = 1e-2
 ADAROUND_PENALTY = 0.01
 ADAROUND_WARMUP = 0.2
+#: Adam steps of ``refine="end_to_end"`` and its learning rates (latent weights in code units, float
+#: biases), both falling to 0 on a cosine.
+E2E_STEPS = 150
+E2E_LR = 0.03
+E2E_BIAS_LR = 1e-3
 _BIASED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
 
@@ -289,3 +314,182 @@ def adaround(
     LOGGER.info("Learned rounding: %d layer(s) on %d calibration batch(es), %d steps each.", len(codes),
                 len(data), steps)
     return codes
+
+
+# -- end-to-end learned codes ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CodeLayer:
+    """A quantized layer whose INT8 codes the end-to-end refinement learns: its record factors."""
+
+    scale_d: float
+    scale_w: np.ndarray
+    axis: int
+
+
+@dataclass
+class _Latent:
+    """One layer's trained values: latent weights in code units, the float bias, their grids."""
+
+    layer: WeightedLayer
+    scale: torch.Tensor
+    u: torch.Tensor
+    bias: torch.Tensor | None
+    bias_step: torch.Tensor | None
+
+    def weight(self) -> torch.Tensor:
+        return self.scale * ste_codes(self.u)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self.bias_step is None:
+            return None
+        return ste_bias(self.bias, self.bias_step)
+
+
+def _bias_step(scale_d: float, scale_w: np.ndarray, bias: torch.Tensor) -> torch.Tensor:
+    """``s_d * s_w`` per channel (the bias grid, the deploy model's ``deq_scale``) shaped like ``bias``."""
+    step = deq_scale(np.float32(scale_d), np.asarray(scale_w, np.float32))
+    return step.to(bias).expand(bias.numel()).reshape(bias.shape).clone()
+
+
+def _graph_forward(
+    net: Net, inputs: Mapping[str, torch.Tensor], latents: Mapping[str, _Latent]
+) -> dict[str, torch.Tensor]:
+    """The outputs of ``net`` on ``inputs`` with autograd: the layers of ``latents`` use their trained
+    weights and biases, every other layer (Quant with its straight-through backward included) its own
+    forward. Layers without bottoms that make only fed blobs (the data layers) are skipped."""
+    values: dict[str, torch.Tensor] = dict(inputs)
+    for i, layer in enumerate(net.engine_layers):
+        bottoms, tops = net.layer_bottoms[i], net.layer_tops[i]
+        if not bottoms and all(top in values for top in tops):
+            continue
+        xs = [values[name] for name in bottoms]
+        latent = latents.get(net.layer_names[i])
+        if latent is None:
+            outs = layer.forward(xs)
+        else:
+            weight, bias = latent.weight(), latent.quantized_bias()
+            outs = [latent.layer.apply(x, weight, bias) for x in xs]
+        values.update(zip(tops, outs))
+    return {name: values[name] for name in net.outputs}
+
+
+def _batches(data: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[str], device: torch.device,
+             api: str) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches as tensors on ``device`` (one dict per batch)."""
+    return [{name: tensor.to(device) for name, tensor in _stack([batch], inputs, api).items()}
+            for batch in data]
+
+
+def _latents(fake: Net, layers: Mapping[str, CodeLayer], weights: Weights) -> dict[str, _Latent]:
+    """Each layer's trainable values, starting at the float weight ``w / s_w`` (so the first step's codes
+    are ARQ's) and the bias the fake-quant model holds."""
+    latents = {}
+    for name, info in layers.items():
+        layer = fake.engine_layers[fake.layer_index(name)]
+        if name not in weights or not isinstance(layer, (Convolution, Deconvolution, InnerProduct)):
+            continue
+        weight = torch.as_tensor(np.asarray(weights[name][0], np.float32), device=fake.device)
+        scale = _scale_view(info.scale_w, weight, info.axis)
+        bias = bias_step = None
+        if len(layer.blobs) > 1:
+            bias = layer.blobs[1].detach().clone().requires_grad_(True)
+            bias_step = _bias_step(info.scale_d, info.scale_w, bias)
+        latents[name] = _Latent(layer, scale, (weight / scale).requires_grad_(True), bias, bias_step)
+    return latents
+
+
+def _snapshot(latents: Mapping[str, _Latent]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    return {name: (final_codes(lat.u).clone(),
+                   None if lat.bias is None else lat.bias.detach().clone()) for name, lat in latents.items()}
+
+
+def end_to_end(
+    float_net: caffe_pb2.NetParameter,
+    float_weights: caffe_pb2.NetParameter,
+    fake_net: caffe_pb2.NetParameter,
+    fake_weights: caffe_pb2.NetParameter,
+    layers: Mapping[str, CodeLayer],
+    weights: Weights,
+    data: Sequence[Mapping[str, np.ndarray]],
+    api: str = "save_model",
+    steps: int = E2E_STEPS,
+) -> tuple[Weights, dict[str, np.ndarray]]:
+    """Learned INT8 codes and float biases of ``layers`` against the float model's outputs, the whole
+    fake-quant model in the loop (module docstring).
+
+    Args:
+        float_net, float_weights: the folded float model (what the saved models are built from).
+        fake_net, fake_weights: its fake-quant model (the Quant/DeQuant layers inserted).
+        layers: the quantized layers with weights, each with its record factors.
+        weights: the float weights by layer name (not changed; the result is a new mapping).
+        data: the calibration batches ``{input blob: array}``.
+        steps: Adam steps, each on every calibration batch (gradients summed over the batches).
+
+    Returns:
+        ``(weights, codes)``: a copy of ``weights`` whose trained layers with a bias hold the learned float
+        bias, and ``{layer name: int8 codes}`` of the trained layers. The step with the lowest loss wins;
+        the first step's loss is that of ARQ's codes and the record's bias, so the result is never worse
+        on the calibration data.
+
+    Raises:
+        ConfigError: a batch lacks an input blob.
+    """
+    reference = Net(float_net, TEST, weights=float_weights)
+    fake = Net(fake_net, TEST, weights=fake_weights)
+    for layer in fake.engine_layers:
+        for blob in layer.blobs:
+            blob.requires_grad_(False)
+    batches = _batches(data, reference.inputs, fake.device, api)
+    targets = []
+    with torch.no_grad():
+        for batch in batches:
+            for name, value in batch.items():
+                reference.set_tensor(name, value)
+            reference.reshape()
+            reference.run()
+            targets.append({name: reference.tensor(name).detach().clone() for name in reference.outputs})
+    latents = _latents(fake, layers, weights)
+    groups: list[dict[str, Any]] = [{"params": [lat.u for lat in latents.values()], "lr": E2E_LR}]
+    biases = [lat.bias for lat in latents.values() if lat.bias is not None]
+    if biases:
+        groups.append({"params": biases, "lr": E2E_BIAS_LR})
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    count = sum(next(iter(batch.values())).shape[0] for batch in batches)
+
+    def loss_of(batch: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        outs = _graph_forward(fake, batch, latents)
+        share = next(iter(batch.values())).shape[0] / count
+        losses = [_mse(outs[name], target[name]) for name in target]
+        return share * torch.stack(losses).sum()
+
+    best_loss, best = math.inf, _snapshot(latents)
+    first = math.nan
+    progress = tqdm(range(steps + 1), desc="end-to-end refinement", disable=None)
+    for step in progress:
+        final = step == steps
+        optimizer.zero_grad()
+        total = 0.0
+        with torch.set_grad_enabled(not final), full_float32(fake.device):
+            for batch, target in zip(batches, targets):
+                loss = loss_of(batch, target)
+                if not final:
+                    loss.backward()
+                total += float(loss.detach())
+        if step == 0:
+            first = total
+        if total < best_loss:  # the forward holds the hard codes: this loss is the saved model's
+            best_loss, best = total, _snapshot(latents)
+        progress.set_postfix(loss=f"{total:.4g}")
+        if not final:
+            optimizer.step()
+            schedule.step()
+    refined: Weights = {name: list(blobs) for name, blobs in weights.items()}
+    codes: dict[str, np.ndarray] = {}
+    for name, (chosen, bias) in best.items():
+        codes[name] = chosen.cpu().numpy().astype(np.int8)
+        if bias is not None:
+            refined[name][1] = bias.cpu().numpy().astype(np.float32).reshape(refined[name][1].shape)
+    LOGGER.info("End-to-end refinement: %d layer(s), %d calibration batch(es), %d steps; output MSE %.4g -> "
+                "%.4g.", len(codes), len(data), steps, first, best_loss)
+    return refined, codes
