@@ -28,7 +28,14 @@ from amct_caffe.engine.layers import LayerVariant, layer_class
 from amct_caffe.engine.layers.base import TEST, Layer
 from amct_caffe.engine.layers.data import Input
 from amct_caffe.engine.layers.python import allow_python_layers as python_layer_choice
-from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
+from amct_caffe.engine.optimize import (
+    InferenceOptions,
+    InferencePlan,
+    TrainLayout,
+    build_plan,
+    contiguous_blob,
+    is_channels_last,
+)
 from amct_caffe.errors import (
     AmctError,
     ConfigError,
@@ -159,6 +166,7 @@ class Net:
         self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
         self._set_up = False
         self._plan: InferencePlan | None = None
+        self._train_layout: TrainLayout | None = None
         self.force_backward = bool(self.param.force_backward)
         self.backward_plan = BackwardPlan((), (), ())  # decided once the layers have their blobs (below)
         # an explicit choice for this net only; None keeps the caller's block or the environment
@@ -358,6 +366,7 @@ class Net:
         becomes a leaf that records one."""
         if len(self._tape) != len(self.engine_layers):
             self._tape = [None] * len(self.engine_layers)
+        layout = self.train_layout()
         with torch.enable_grad(), full_float32(self.device):
             for i in range(start, end + 1):
                 bottoms = []
@@ -367,7 +376,7 @@ class Net:
                     if self.backward_plan.bottom[i][j] and leaf:
                         value = data[name] = value.detach().requires_grad_(True)
                     bottoms.append(value)
-                outs = self.engine_layers[i].forward(bottoms)
+                outs = self.engine_layers[i].forward(layout.bottoms(i, bottoms))
                 tops = list(outs[:len(self.layer_tops[i])])
                 for name, value in zip(self.layer_tops[i], tops):
                     data[name] = value
@@ -382,7 +391,9 @@ class Net:
         Raises:
             RuntimeEngineError: the net has no blob ``name``.
         """
-        shape = tuple(self.tensor(name).shape)
+        if name not in self._data:
+            self.tensor(name)  # raises the error naming the net
+        shape = tuple(self._data[name].shape)  # the shape only: no NCHW copy of a channels-last value
         value = self._diffs.get(name)
         if value is None or tuple(value.shape) != shape:
             value = self._diffs[name] = torch.zeros(shape, dtype=torch.float32)
@@ -546,6 +557,14 @@ class Net:
             total = total + weight * self._data[self.layer_tops[li][ti]].sum()
         return total
 
+    def train_layout(self) -> TrainLayout:
+        """The layout in which a recording forward hands each layer its bottoms, decided on first use and
+        when the layer list changed (see :class:`~amct_caffe.engine.optimize.TrainLayout`)."""
+        layout = self._train_layout
+        if layout is None or layout.signature != tuple(map(id, self.engine_layers)):
+            layout = self._train_layout = TrainLayout(self.engine_layers, self.device)
+        return layout
+
     def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
         """The optimised TEST-phase plan, built on first use, when the layer list changed, or with new
         ``options`` (which later calls keep)."""
@@ -560,9 +579,9 @@ class Net:
             value = self._data[name]
         except KeyError:
             raise UnknownNameError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
-        if value.dim() == 4 and not value.is_contiguous() and \
-                value.is_contiguous(memory_format=torch.channels_last):
-            # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW
+        if is_channels_last(value):
+            # the optimised or recording forward's channels-last layout; Caffe blobs (and pycaffe arrays)
+            # are NCHW
             value = contiguous_blob(self._data, name)
         return value
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from amct_caffe.engine.layers.activation import ReLU, ReLU6
 from amct_caffe.engine.layers.base import TEST, Layer
+from amct_caffe.engine.layers.fork import ConvolutionDepthwise, DepthwiseConvolution
 from amct_caffe.engine.layers.normalization import BatchNorm, Scale
 from amct_caffe.engine.layers.structure import Concat, Eltwise, Softmax
 from amct_caffe.engine.layers.vision import Convolution, InnerProduct, Pooling
@@ -63,6 +64,8 @@ _CL = torch.channels_last
 _CHANNELS_LAST_SAFE: tuple[type[Layer], ...] = (
     Convolution, Pooling, Eltwise, Concat, ReLU, ReLU6, BatchNorm, Scale, InnerProduct, Softmax,
 )
+#: Layers a recording (TRAIN) forward hands channels-last bottoms (see :class:`TrainLayout`).
+_CONVERTS: tuple[type[Layer], ...] = (Convolution, ConvolutionDepthwise, DepthwiseConvolution)
 #: Layers whose top is a new tensor (never a bottom, never a cached value), so an in-place ReLU on it is
 #: safe; checked again at run time against the bottoms' storage.
 _FRESH_TOP: tuple[type[Layer], ...] = (Eltwise, Pooling, Concat, InnerProduct)
@@ -642,6 +645,44 @@ def contiguous_blob(data: dict[str, Tensor], name: str) -> Tensor:
         if value is t:
             data[key] = c
     return c
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor in channels-last layout that is not also NCHW-contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=_CL)
+
+
+class TrainLayout:
+    """The memory layout in which a recording (TRAIN) forward hands each layer its bottoms.
+
+    On the CPU with oneDNN, convolutions forward and backward run faster on channels-last activations
+    (oneDNN's native layout; NCHW ones are reordered on every call). So a plain Convolution gets its 4-D
+    bottoms in channels-last layout (a copy the first time; autograd carries the gradient back), its top is
+    channels-last, and the layers of ``_CHANNELS_LAST_SAFE`` -- element-wise or layout-aware torch ops --
+    pass that layout on. Every other layer (exact types only: a subclass may read its bottoms' memory) gets
+    NCHW-contiguous bottoms, as does every reader of a blob outside the net (``Net.tensor``). Values are
+    the same in either layout; only float rounding of the convolution's summation order may differ.
+
+    Args:
+        layers: the net's layers in order.
+        device: the device the net runs on; off the CPU every bottom is handed over as it is.
+    """
+
+    def __init__(self, layers: Sequence[Layer], device: torch.device) -> None:
+        enabled = device.type == "cpu" and _mkldnn_available()
+        #: the identity of the layers the layout was decided for (a net redecides when they change)
+        self.signature = tuple(map(id, layers))
+        self.convert = [enabled and type(layer) in _CONVERTS for layer in layers]
+        self.keep = [not enabled or type(layer) in _CHANNELS_LAST_SAFE for layer in layers]
+
+    def bottoms(self, i: int, values: list[Tensor]) -> list[Tensor]:
+        """Layer ``i``'s bottoms ``values`` in the layout that layer takes (differentiable conversions)."""
+        if self.convert[i]:
+            return [x.contiguous(memory_format=_CL) if x.dim() == 4 and x.is_floating_point() else x
+                    for x in values]
+        if self.keep[i]:
+            return values
+        return [x.contiguous() if is_channels_last(x) else x for x in values]
 
 
 def build_plan(
