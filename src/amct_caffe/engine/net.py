@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -91,6 +92,18 @@ def observe_inputs(observer: Callable[[Net, dict[str, Tensor]], None]) -> Iterat
         _INPUT_OBSERVERS.remove(observer)
 
 
+class Recorded(NamedTuple):
+    """One layer's part of the last forward that recorded a graph (see ``Net._record``)."""
+
+    #: the blob values the layer read (a value's diff is keyed by the tensor's identity)
+    bottoms: list[Tensor]
+    #: the values it wrote
+    tops: list[Tensor]
+    #: per bottom, what the layer's forward was given: an alias of the value that only this layer read
+    #: (the value itself where it has no graph)
+    inputs: list[Tensor]
+
+
 def layer_name(layer: caffe_pb2.LayerParameter, index: int) -> str:
     """The name the net gives layer ``index`` of its (phase-filtered) list: its own, or ``<type>_<index>``
     when it has none."""
@@ -163,7 +176,7 @@ class Net:
         # the diff each bottom that shares its value with other bottoms last computed (Caffe's split tops)
         self._reader_diffs: dict[tuple[int, int], Tensor] = {}
         # per layer, the (bottom, top) tensors of the last forward that recorded a graph (see ``run``)
-        self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
+        self._tape: list[Recorded | None] = []
         self._set_up = False
         self._plan: InferencePlan | None = None
         self._train_layout: TrainLayout | None = None
@@ -363,7 +376,13 @@ class Net:
     def _record(self, data: dict[str, Tensor], start: int, end: int) -> None:
         """Run layers ``start`` .. ``end`` with a graph, keeping each layer's bottom and top tensors for
         :meth:`backward`; a bottom that gets a diff but has no graph (a net input with ``force_backward``)
-        becomes a leaf that records one."""
+        becomes a leaf that records one.
+
+        Each layer reads an alias (a view) of every bottom that has a graph, which only that layer reads:
+        the gradient at the alias is the diff of that layer alone (Caffe's layer backward), while the
+        gradient at the value itself would also collect every other path from the layer's tops to it (the
+        other bottom of a residual Eltwise reaches it through the branch). The whole-net ``loss.backward()``
+        of a solver is unaffected: a view passes its gradient on unchanged."""
         if len(self._tape) != len(self.engine_layers):
             self._tape = [None] * len(self.engine_layers)
         layout = self.train_layout()
@@ -376,11 +395,12 @@ class Net:
                     if self.backward_plan.bottom[i][j] and leaf:
                         value = data[name] = value.detach().requires_grad_(True)
                     bottoms.append(value)
-                outs = self.engine_layers[i].forward(layout.bottoms(i, bottoms))
+                inputs = [b.view_as(b) if b.requires_grad else b for b in bottoms]
+                outs = self.engine_layers[i].forward(layout.bottoms(i, inputs))
                 tops = list(outs[:len(self.layer_tops[i])])
                 for name, value in zip(self.layer_tops[i], tops):
                     data[name] = value
-                self._tape[i] = (bottoms, tops)
+                self._tape[i] = Recorded(bottoms, tops, inputs)
 
     # -- backward --------------------------------------------------------------------------------------------
     def diff(self, name: str) -> Tensor:
@@ -452,7 +472,7 @@ class Net:
             for blob in switched:
                 blob.requires_grad_(False)
 
-    def _test_tape(self, start: int) -> list[tuple[list[Tensor], list[Tensor]] | None]:
+    def _test_tape(self, start: int) -> list[Recorded | None]:
         """Re-run a TEST net's layers ``0 .. start`` with a graph on a copy of its blobs; layers without
         bottoms (data, Input) keep their outputs, so data cursors do not move."""
         saved_tape, saved_data = self._tape, self._data
@@ -477,7 +497,7 @@ class Net:
                 writer[name] = (i, t)
         return readers
 
-    def _backprop(self, tape: Sequence[tuple[list[Tensor], list[Tensor]] | None], start: int,
+    def _backprop(self, tape: Sequence[Recorded | None], start: int,
                   end: int) -> None:
         """Layer by layer, ``start`` down to ``end``, as Caffe's ``BackwardFromTo`` with its split layers: a
         value read by several layers keeps each reader's diff (``_reader_diffs``, as Caffe's split tops) and
@@ -493,7 +513,7 @@ class Net:
             entry = tape[i]
             if entry is None:
                 continue
-            bottoms, tops = entry
+            bottoms, tops, inputs = entry
             if i < start:
                 self._merge_reader_diffs(i, tops, readers, grads)
             if not plan.layer[i]:
@@ -507,11 +527,12 @@ class Net:
                     if out_grads[-1] is None:
                         out_grads[-1] = self.diff(name).to(top.device).reshape(top.shape)
             wanted = [(j, b) for j, b in enumerate(bottoms) if plan.bottom[i][j] and b.requires_grad]
+            # the gradient at the layer's own aliases of its bottoms: its diffs alone (see ``_record``)
             params = [blob for blob, need in zip(layer.blobs, plan.param[i]) if need and blob.requires_grad]
             if not outs or not (wanted or params):
                 continue
             with full_float32(self.device):
-                results = torch.autograd.grad(outs, [b for _, b in wanted] + params, out_grads,
+                results = torch.autograd.grad(outs, [inputs[j] for j, _ in wanted] + params, out_grads,
                                               retain_graph=True, allow_unused=True)
             for (j, bottom), g in zip(wanted, results[:len(wanted)]):
                 g = torch.zeros_like(bottom) if g is None else g.detach()
@@ -522,7 +543,10 @@ class Net:
                 self._store_diff(self.layer_bottoms[i][j], g)
             for blob, g in zip(params, results[len(wanted):]):
                 if g is not None:
-                    blob.grad = g.detach() if blob.grad is None else blob.grad + g.detach()
+                    # in the blob's (Caffe's) layout, as a whole-net backward leaves it: a channels-last
+                    # convolution gives its weight gradient channels-last
+                    g = g.detach().contiguous()
+                    blob.grad = g if blob.grad is None else blob.grad + g
 
     def _merge_reader_diffs(self, i: int, tops: Sequence[Tensor],
                             readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]],
