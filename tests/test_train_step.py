@@ -22,9 +22,10 @@ import torch
 from amct_caffe import caffe
 from amct_caffe.engine.layers.base import TRAIN
 from amct_caffe.engine.net import Net
+from amct_caffe.engine.optimize import is_channels_last
 from amct_caffe.model.io import save_caffemodel
 from tests.helpers import assert_close, make_layer, parse_net
-from tests.references.real_caffe import reference_python
+from tests.references.real_caffe import reference_python, run_reference
 
 CL = torch.channels_last
 
@@ -237,3 +238,50 @@ def test_frozen_batchnorm_channels_last(layout: torch.memory_format) -> None:
     dy = np.random.RandomState(6).randn(*x.shape).astype(np.float32)
     (gx,) = torch.autograd.grad(y, [xt], torch.from_numpy(dy))
     np.testing.assert_allclose(gx.numpy(), dy / std, rtol=1e-5, atol=1e-6)
+
+
+MIXED = """
+name: "mixed"
+layer { name: "data" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } shape { dim: 2 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "tanh" type: "TanH" bottom: "conv2" top: "tanh" }
+layer { name: "fc" type: "InnerProduct" bottom: "tanh" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_layout_choice_and_nchw_bottoms_for_other_layers(reference_caffe: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(parse_net(MIXED), TRAIN)
+    random_weights(net, 70)
+    weights = tmp_path / "mixed.caffemodel"
+    save_caffemodel(net.to_proto(), weights)
+    inputs = {"data": np.random.RandomState(71).randn(2, 3, 8, 8).astype(np.float32),
+              "label": np.array([0.0, 2.0], np.float32)}
+    for name, value in inputs.items():
+        net.set_tensor(name, torch.from_numpy(value))
+    tanh = net.engine_layers[net.layer_index("tanh")]
+    seen: list[bool] = []
+    forward = tanh.forward
+
+    def checking(bottoms: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append(bottoms[0].is_contiguous())
+        return forward(bottoms)
+
+    monkeypatch.setattr(tanh, "forward", checking)
+    with torch.enable_grad():
+        net.run()
+    if torch.backends.mkldnn.is_available():
+        # conv1's top flows only into conv2: channels-last; conv2's into TanH (8x8 -> 4x4 spatial): it keeps
+        # the layout it is given (conv1's), and TanH gets an NCHW copy
+        assert [net.train_layout().convert[net.layer_index(n)] for n in ("conv1", "conv2")] == [True, False]
+        assert is_channels_last(net._data["conv2"])
+    assert seen == [True]
+    ref = run_reference(MIXED, inputs=inputs, weights=weights, phase="TRAIN")
+    for name in net.blob_names:
+        assert_close(net.tensor(name).detach().numpy(), ref["blobs"][name], name)

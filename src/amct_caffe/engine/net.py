@@ -586,7 +586,8 @@ class Net:
         when the layer list changed (see :class:`~amct_caffe.engine.optimize.TrainLayout`)."""
         layout = self._train_layout
         if layout is None or layout.signature != tuple(map(id, self.engine_layers)):
-            layout = self._train_layout = TrainLayout(self.engine_layers, self.device)
+            shapes = {name: tuple(value.shape) for name, value in self._data.items()}
+            layout = self._train_layout = TrainLayout(self.engine_layers, self.device, shapes)
         return layout
 
     def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
