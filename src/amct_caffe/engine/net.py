@@ -604,11 +604,22 @@ class Net:
             value = self._data[name]
         except KeyError:
             raise UnknownNameError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
-        if is_channels_last(value):
-            # the optimised or recording forward's channels-last layout; Caffe blobs (and pycaffe arrays)
-            # are NCHW
+        if is_channels_last(value) and not value.requires_grad:
+            # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW. A
+            # recording forward's value stays the live tensor of the graph (same values and shape).
             value = contiguous_blob(self._data, name)
         return value
+
+    def nchw_tensor(self, name: str) -> Tensor:
+        """Blob ``name``'s value in Caffe's NCHW layout (C-contiguous), for numpy views such as pycaffe's
+        ``blob.data``: a channels-last value is replaced by its NCHW copy, so writes through the view land
+        in the blob later reads see; a recording forward's graph keeps the original.
+
+        Raises:
+            UnknownNameError: the net has no blob ``name``.
+        """
+        value = self.tensor(name)
+        return contiguous_blob(self._data, name) if is_channels_last(value) else value
 
     def set_tensor(self, name: str, value: Tensor) -> None:
         if name in self.inputs:
