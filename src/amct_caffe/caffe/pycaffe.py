@@ -64,7 +64,7 @@ class Blob(LegacyBlobAxes):
     def data(self) -> np.ndarray:
         if self._name in self._net.inputs:
             return self._net.input_layer(self._name).buffers[self._name].numpy()
-        return _as_numpy(self._net.tensor(self._name))
+        return _as_numpy(self._net.nchw_tensor(self._name))
 
     @property
     def diff(self) -> np.ndarray:

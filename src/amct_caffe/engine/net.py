@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +36,14 @@ from amct_caffe.engine.onnx_backend import (
     check_backend,
     default_backend,
 )
-from amct_caffe.engine.optimize import InferenceOptions, InferencePlan, build_plan, contiguous_blob
+from amct_caffe.engine.optimize import (
+    InferenceOptions,
+    InferencePlan,
+    TrainLayout,
+    build_plan,
+    contiguous_blob,
+    is_channels_last,
+)
 from amct_caffe.errors import (
     AmctError,
     ConfigError,
@@ -89,6 +97,18 @@ def observe_inputs(observer: Callable[[Net, dict[str, Tensor]], None]) -> Iterat
         yield
     finally:
         _INPUT_OBSERVERS.remove(observer)
+
+
+class Recorded(NamedTuple):
+    """One layer's part of the last forward that recorded a graph (see ``Net._record``)."""
+
+    #: the blob values the layer read (a value's diff is keyed by the tensor's identity)
+    bottoms: list[Tensor]
+    #: the values it wrote
+    tops: list[Tensor]
+    #: per bottom, what the layer's forward was given: an alias of the value that only this layer read
+    #: (the value itself where it has no graph)
+    inputs: list[Tensor]
 
 
 def layer_name(layer: caffe_pb2.LayerParameter, index: int) -> str:
@@ -163,11 +183,12 @@ class Net:
         # the diff each bottom that shares its value with other bottoms last computed (Caffe's split tops)
         self._reader_diffs: dict[tuple[int, int], Tensor] = {}
         # per layer, the (bottom, top) tensors of the last forward that recorded a graph (see ``run``)
-        self._tape: list[tuple[list[Tensor], list[Tensor]] | None] = []
+        self._tape: list[Recorded | None] = []
         self._set_up = False
         self._plan: InferencePlan | None = None
         self._backend = default_backend()
         self._onnx = OrtBackend(self.path or self.param.name)
+        self._train_layout: TrainLayout | None = None
         self.force_backward = bool(self.param.force_backward)
         self.backward_plan = BackwardPlan((), (), ())  # decided once the layers have their blobs (below)
         # an explicit choice for this net only; None keeps the caller's block or the environment
@@ -396,9 +417,16 @@ class Net:
     def _record(self, data: dict[str, Tensor], start: int, end: int) -> None:
         """Run layers ``start`` .. ``end`` with a graph, keeping each layer's bottom and top tensors for
         :meth:`backward`; a bottom that gets a diff but has no graph (a net input with ``force_backward``)
-        becomes a leaf that records one."""
+        becomes a leaf that records one.
+
+        Each layer reads an alias (a view) of every bottom that has a graph, which only that layer reads:
+        the gradient at the alias is the diff of that layer alone (Caffe's layer backward), while the
+        gradient at the value itself would also collect every other path from the layer's tops to it (the
+        other bottom of a residual Eltwise reaches it through the branch). The whole-net ``loss.backward()``
+        of a solver is unaffected: a view passes its gradient on unchanged."""
         if len(self._tape) != len(self.engine_layers):
             self._tape = [None] * len(self.engine_layers)
+        layout = self.train_layout()
         with torch.enable_grad(), full_float32(self.device):
             for i in range(start, end + 1):
                 bottoms = []
@@ -408,11 +436,12 @@ class Net:
                     if self.backward_plan.bottom[i][j] and leaf:
                         value = data[name] = value.detach().requires_grad_(True)
                     bottoms.append(value)
-                outs = self.engine_layers[i].forward(bottoms)
+                inputs = [b.view_as(b) if b.requires_grad else b for b in bottoms]
+                outs = self.engine_layers[i].forward(layout.bottoms(i, inputs))
                 tops = list(outs[:len(self.layer_tops[i])])
                 for name, value in zip(self.layer_tops[i], tops):
                     data[name] = value
-                self._tape[i] = (bottoms, tops)
+                self._tape[i] = Recorded(bottoms, tops, inputs)
 
     # -- backward --------------------------------------------------------------------------------------------
     def diff(self, name: str) -> Tensor:
@@ -423,7 +452,9 @@ class Net:
         Raises:
             RuntimeEngineError: the net has no blob ``name``.
         """
-        shape = tuple(self.tensor(name).shape)
+        if name not in self._data:
+            self.tensor(name)  # raises the error naming the net
+        shape = tuple(self._data[name].shape)  # the shape only: no NCHW copy of a channels-last value
         value = self._diffs.get(name)
         if value is None or tuple(value.shape) != shape:
             value = self._diffs[name] = torch.zeros(shape, dtype=torch.float32)
@@ -482,7 +513,7 @@ class Net:
             for blob in switched:
                 blob.requires_grad_(False)
 
-    def _test_tape(self, start: int) -> list[tuple[list[Tensor], list[Tensor]] | None]:
+    def _test_tape(self, start: int) -> list[Recorded | None]:
         """Re-run a TEST net's layers ``0 .. start`` with a graph on a copy of its blobs; layers without
         bottoms (data, Input) keep their outputs, so data cursors do not move."""
         saved_tape, saved_data = self._tape, self._data
@@ -507,7 +538,7 @@ class Net:
                 writer[name] = (i, t)
         return readers
 
-    def _backprop(self, tape: Sequence[tuple[list[Tensor], list[Tensor]] | None], start: int,
+    def _backprop(self, tape: Sequence[Recorded | None], start: int,
                   end: int) -> None:
         """Layer by layer, ``start`` down to ``end``, as Caffe's ``BackwardFromTo`` with its split layers: a
         value read by several layers keeps each reader's diff (``_reader_diffs``, as Caffe's split tops) and
@@ -523,7 +554,7 @@ class Net:
             entry = tape[i]
             if entry is None:
                 continue
-            bottoms, tops = entry
+            bottoms, tops, inputs = entry
             if i < start:
                 self._merge_reader_diffs(i, tops, readers, grads)
             if not plan.layer[i]:
@@ -537,11 +568,12 @@ class Net:
                     if out_grads[-1] is None:
                         out_grads[-1] = self.diff(name).to(top.device).reshape(top.shape)
             wanted = [(j, b) for j, b in enumerate(bottoms) if plan.bottom[i][j] and b.requires_grad]
+            # the gradient at the layer's own aliases of its bottoms: its diffs alone (see ``_record``)
             params = [blob for blob, need in zip(layer.blobs, plan.param[i]) if need and blob.requires_grad]
             if not outs or not (wanted or params):
                 continue
             with full_float32(self.device):
-                results = torch.autograd.grad(outs, [b for _, b in wanted] + params, out_grads,
+                results = torch.autograd.grad(outs, [inputs[j] for j, _ in wanted] + params, out_grads,
                                               retain_graph=True, allow_unused=True)
             for (j, bottom), g in zip(wanted, results[:len(wanted)]):
                 g = torch.zeros_like(bottom) if g is None else g.detach()
@@ -552,7 +584,10 @@ class Net:
                 self._store_diff(self.layer_bottoms[i][j], g)
             for blob, g in zip(params, results[len(wanted):]):
                 if g is not None:
-                    blob.grad = g.detach() if blob.grad is None else blob.grad + g.detach()
+                    # in the blob's (Caffe's) layout, as a whole-net backward leaves it: a channels-last
+                    # convolution gives its weight gradient channels-last
+                    g = g.detach().contiguous()
+                    blob.grad = g if blob.grad is None else blob.grad + g
 
     def _merge_reader_diffs(self, i: int, tops: Sequence[Tensor],
                             readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]],
@@ -587,6 +622,15 @@ class Net:
             total = total + weight * self._data[self.layer_tops[li][ti]].sum()
         return total
 
+    def train_layout(self) -> TrainLayout:
+        """The layout in which a recording forward hands each layer its bottoms, decided on first use and
+        when the layer list changed (see :class:`~amct_caffe.engine.optimize.TrainLayout`)."""
+        layout = self._train_layout
+        if layout is None or layout.signature != tuple(map(id, self.engine_layers)):
+            shapes = {name: tuple(value.shape) for name, value in self._data.items()}
+            layout = self._train_layout = TrainLayout(self.engine_layers, self.device, shapes)
+        return layout
+
     def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
         """The optimised TEST-phase plan, built on first use, when the layer list changed, or with new
         ``options`` (which later calls keep)."""
@@ -603,11 +647,22 @@ class Net:
             value = self._data[name]
         except KeyError:
             raise UnknownNameError(f"Net '{self.path or self.param.name}' has no blob '{name}'.") from None
-        if value.dim() == 4 and not value.is_contiguous() and \
-                value.is_contiguous(memory_format=torch.channels_last):
-            # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW
+        if is_channels_last(value) and not value.requires_grad:
+            # the optimised forward's channels-last layout; Caffe blobs (and pycaffe arrays) are NCHW. A
+            # recording forward's value stays the live tensor of the graph (same values and shape).
             value = contiguous_blob(self._data, name)
         return value
+
+    def nchw_tensor(self, name: str) -> Tensor:
+        """Blob ``name``'s value in Caffe's NCHW layout (C-contiguous), for numpy views such as pycaffe's
+        ``blob.data``: a channels-last value is replaced by its NCHW copy, so writes through the view land
+        in the blob later reads see; a recording forward's graph keeps the original.
+
+        Raises:
+            UnknownNameError: the net has no blob ``name``.
+        """
+        value = self.tensor(name)
+        return contiguous_blob(self._data, name) if is_channels_last(value) else value
 
     def set_tensor(self, name: str, value: Tensor) -> None:
         if self._onnx.pending(self._data, name):

@@ -37,7 +37,7 @@ in-place ops on the tensor itself under ``torch.no_grad()`` (as ``torch.optim`` 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from amct_caffe.engine.layers.activation import ReLU, ReLU6
 from amct_caffe.engine.layers.base import TEST, Layer
+from amct_caffe.engine.layers.fork import ConvolutionDepthwise, DepthwiseConvolution
 from amct_caffe.engine.layers.normalization import BatchNorm, Scale
 from amct_caffe.engine.layers.structure import Concat, Eltwise, Softmax
 from amct_caffe.engine.layers.vision import Convolution, InnerProduct, Pooling
@@ -63,6 +64,8 @@ _CL = torch.channels_last
 _CHANNELS_LAST_SAFE: tuple[type[Layer], ...] = (
     Convolution, Pooling, Eltwise, Concat, ReLU, ReLU6, BatchNorm, Scale, InnerProduct, Softmax,
 )
+#: Layers a recording (TRAIN) forward hands channels-last bottoms (see :class:`TrainLayout`).
+_CONVERTS: tuple[type[Layer], ...] = (Convolution, ConvolutionDepthwise, DepthwiseConvolution)
 #: Layers whose top is a new tensor (never a bottom, never a cached value), so an in-place ReLU on it is
 #: safe; checked again at run time against the bottoms' storage.
 _FRESH_TOP: tuple[type[Layer], ...] = (Eltwise, Pooling, Concat, InnerProduct)
@@ -664,6 +667,95 @@ def contiguous_blob(data: dict[str, Tensor], name: str) -> Tensor:
         if value is t:
             data[key] = c
     return c
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor in channels-last layout that is not also NCHW-contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=_CL)
+
+
+class TrainLayout:
+    """The memory layout in which a recording (TRAIN) forward hands each layer its bottoms.
+
+    On the CPU with oneDNN, convolutions forward and backward run faster on channels-last activations
+    (oneDNN's native layout; NCHW ones are reordered on every call). So a plain Convolution may get its 4-D
+    bottoms in channels-last layout (a copy where an NCHW value enters; autograd carries the gradient back),
+    its top is then channels-last, and the layers of ``_CHANNELS_LAST_SAFE`` -- element-wise or
+    layout-aware torch ops -- pass that layout on. Every other layer (exact types only: a subclass, a
+    Python or a QAT layer may read its bottoms' memory) gets NCHW-contiguous bottoms, as does every reader
+    of a blob outside the net (``Net.tensor``). Values are the same in either layout; only float rounding
+    of the convolution's summation order may differ.
+
+    A convolution converts an NCHW bottom only when the values its top flows into through layout-keeping
+    layers reach no other layer with spatial extent (H * W > 1, from the blob shapes of the net's last
+    shape pass): there the value would be converted back, forward and backward, which costs more than the
+    faster convolution gains (a QAT net's activation quantizers before every convolution). A bottom that
+    already is channels-last passes through.
+
+    Args:
+        layers: the net's layers in order (their ``LayerParameter`` names bottoms and tops).
+        device: the device the net runs on; off the CPU every bottom is handed over as it is.
+        shapes: the current shape of every blob name.
+    """
+
+    def __init__(self, layers: Sequence[Layer], device: torch.device,
+                 shapes: Mapping[str, tuple[int, ...]]) -> None:
+        enabled = device.type == "cpu" and _mkldnn_available()
+        #: the identity of the layers the layout was decided for (a net redecides when they change)
+        self.signature = tuple(map(id, layers))
+        self.keep = [not enabled or type(layer) in _CHANNELS_LAST_SAFE for layer in layers]
+        self.convert = [False] * len(layers)
+        if enabled:
+            readers = _value_readers(layers)
+            for i, layer in enumerate(layers):
+                if type(layer) in _CONVERTS:
+                    self.convert[i] = not self._reaches_nchw_reader(i, layers, readers, shapes)
+
+    @staticmethod
+    def _reaches_nchw_reader(i: int, layers: Sequence[Layer],
+                             readers: Mapping[tuple[int, int], list[int]],
+                             shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether layer ``i``'s tops flow, through layout-keeping layers, into a layer that takes NCHW
+        bottoms with spatial extent."""
+        pending = [(i, t) for t in range(len(layers[i].param.top))]
+        seen: set[tuple[int, int]] = set()
+        while pending:
+            key = pending.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            shape = shapes.get(layers[key[0]].param.top[key[1]], ())
+            for r in readers.get(key, []):
+                kind = type(layers[r])
+                if kind in _CONVERTS:
+                    continue
+                if kind in _CHANNELS_LAST_SAFE:
+                    pending.extend((r, t) for t in range(len(layers[r].param.top)))
+                elif len(shape) == 4 and shape[2] * shape[3] > 1:
+                    return True
+        return False
+
+    def bottoms(self, i: int, values: list[Tensor]) -> list[Tensor]:
+        """Layer ``i``'s bottoms ``values`` in the layout that layer takes (differentiable conversions)."""
+        if self.convert[i]:
+            return [x.contiguous(memory_format=_CL) if x.dim() == 4 and x.is_floating_point() else x
+                    for x in values]
+        if self.keep[i]:
+            return values
+        return [x.contiguous() if is_channels_last(x) else x for x in values]
+
+
+def _value_readers(layers: Sequence[Layer]) -> dict[tuple[int, int], list[int]]:
+    """``{(producer layer, top index): [reader layer, ...]}`` for every blob value, by the layers' names."""
+    writer: dict[str, tuple[int, int]] = {}
+    readers: dict[tuple[int, int], list[int]] = {}
+    for i, layer in enumerate(layers):
+        for name in layer.param.bottom:
+            if name in writer:
+                readers.setdefault(writer[name], []).append(i)
+        for t, name in enumerate(layer.param.top):
+            writer[name] = (i, t)
+    return readers
 
 
 def build_plan(

@@ -118,6 +118,10 @@ class BatchNorm(Layer):
         view = (1, channels) + (1,) * (x.dim() - 2)
         if self.use_global_stats:
             mean, var = global_statistics(*(b.detach() for b in self.blobs))
+            if x.dtype == mean.dtype and x.numel() > 0:
+                # torch's fused kernel: one pass forward and one backward (dy / std) instead of the formula's
+                # subtract and divide, in any memory layout
+                return [F.batch_norm(x, mean, var, None, None, False, 0.0, float(self.eps))]
             std = torch.sqrt(var + self.eps)
             return [(x - mean.view(view)) / std.view(view)]
         m = x.numel() // channels
@@ -195,11 +199,32 @@ class Scale(_AxisLayer):
 
     def forward(self, bottoms: Sequence[Tensor]) -> list[Tensor]:
         x = bottoms[0]
+        if len(bottoms) == 1 and self._per_channel(x):
+            return [self._per_channel_forward(x)]
         scale = bottoms[1] if len(bottoms) == 2 else self.blobs[0]
         y = x * _broadcastable(self, scale.to(x.dtype), x, self.axis, "the scale")
         if self.bias_term:
             y = y + _broadcastable(self, self.blobs[-1].to(x.dtype), x, self.axis, "the bias")
         return [y]
+
+    def _per_channel(self, x: Tensor) -> bool:
+        """One scale (and bias) per channel of axis 1, in ``x``'s dtype: the affine part of a batch norm."""
+        scale = self.blobs[0]
+        return (
+            x.dim() >= 2 and scale.dim() == 1 and self.axis in (1, 1 - x.dim()) and x.numel() > 0
+            and scale.shape[0] == x.shape[1] and scale.dtype == x.dtype
+            and (not self.bias_term or self.blobs[-1].shape == scale.shape)
+        )
+
+    def _per_channel_forward(self, x: Tensor) -> Tensor:
+        """``x * s + b`` in torch's fused batch-norm kernel with mean 0, variance 1 and eps 0 (its inverse
+        standard deviation is exactly 1): one pass forward and one backward, which also gives the scale and
+        bias gradients (``sum(dy * x)``, ``sum(dy)``), in any memory layout."""
+        channels = int(x.shape[1])
+        zeros = torch.zeros(channels, dtype=x.dtype, device=x.device)
+        ones = torch.ones(channels, dtype=x.dtype, device=x.device)
+        bias = self.blobs[-1] if self.bias_term else None
+        return F.batch_norm(x, zeros, ones, self.blobs[0], bias, False, 0.0, 0.0)
 
 
 @register("Bias")
