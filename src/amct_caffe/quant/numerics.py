@@ -137,8 +137,9 @@ def round_away(x: ArrayLike) -> Tensor:
     x = as_tensor(x)
     if not x.is_floating_point():
         return x
-    if x.requires_grad and torch.is_grad_enabled():
-        # out of place, for an autograd graph: the same values by the plain formula
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing():
+        # out of place, for an autograd graph or a traced export (the sparse tie pass depends on the
+        # data, which a trace would freeze): the same values by the plain formula
         t = torch.trunc(x)
         return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
     r = torch.round(x)
@@ -188,7 +189,8 @@ def where_ties_(
     holding NaN) are computed. Elsewhere every element is, so that no host synchronisation is needed.
     ``extra`` tensors (``dst``'s shape) are passed to ``at_tie`` alongside.
     """
-    flat = memory_flat_views(dst, frac, *extra) if dst.device.type == "cpu" else None
+    sparse = dst.device.type == "cpu" and not torch.jit.is_tracing()  # a trace must not freeze the blocks
+    flat = memory_flat_views(dst, frac, *extra) if sparse else None
     if flat is None:
         dst.copy_(torch.where(frac.abs() == 0.5, at_tie(dst, frac, *extra), dst))
         return
