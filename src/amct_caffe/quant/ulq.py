@@ -27,10 +27,12 @@ constant in the clips.
 
 Implementation (docs/design.md, "QAT kernels"): the training forward (:func:`ulq_forward_train`) computes,
 from the same quotient ``v / s`` as the output, each element's ``dcmax`` weight ``W`` (``D(x)`` inside,
-``D(cmin) + 1`` above, ``D(cmin)`` below; stored as ``255 * W``) and the outside mask, and keeps those
-instead of ``x``. The three cases then fold into ``dcmax = sum(dy * W)`` and ``dcmin = sum_outside(dy) -
-dcmax`` (each element's ``dcmin`` weight is ``-W``, plus 1 outside), so the backward
-(:func:`ulq_backward_saved`) is a few reads of ``dy``. ``D``'s ``round_away`` is the forward's
+``D(cmin) + 1`` above, ``D(cmin)`` below; stored as ``255 * W``) and the outside mask. The three cases then
+fold into ``dcmax = sum(dy * W)`` and ``dcmin = sum_outside(dy) - dcmax`` (each element's ``dcmin`` weight
+is ``-W``, plus 1 outside), so :func:`ulq_backward_saved` is a few reads of ``dy``. :class:`ULQFunction`
+keeps ``x`` (usually held by another layer anyway) and computes ``W`` and the mask in its backward: keeping
+them from the forward instead would add a float and a bool tensor per activation to the step's peak
+memory. ``D``'s ``round_away`` is the forward's
 ``round_even`` corrected at exact .5 ties, the only values where they differ. With
 ``AMCT_CAFFE_COMPILE=1`` both directions run as fused kernels (:mod:`amct_caffe.quant.fused`).
 """
@@ -185,7 +187,8 @@ def ulq_forward_train(
     """ULQ's training forward: :func:`ulq_forward`'s output (bit-identical) and the per-element values of
     the straight-through backward (:class:`UlqTrainForward`), computed from the same quotient ``v / s``.
 
-    Keeping these instead of ``x`` makes the backward a few reads of ``dy`` (:func:`ulq_backward_saved`).
+    With these the backward is a few reads of ``dy`` (:func:`ulq_backward_saved`); :class:`ULQFunction`
+    calls this in its backward, from the ``x`` it keeps.
     ``D(v)``'s ``round_away`` comes from the forward's ``round_even``, corrected at exact .5 ties, the only
     values where they differ. Arguments as :func:`ulq_forward`; with ``fixed_min`` the gradients are those
     of ``cmin = 0``.
@@ -274,15 +277,19 @@ class ULQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, clip_max: Tensor, clip_min: Tensor, fixed_min: bool = False) -> Tensor:
-        # the backward needs only the coefficients and the mask, not x (see ulq_forward_train)
-        y, coeff, outside = ulq_forward_train(x.detach(), clip_max.detach(), clip_min.detach(), fixed_min)
-        ctx.save_for_backward(coeff, outside, clip_max, clip_min)
-        return y
+        # Keep x, not the backward's coefficients: x is usually held anyway (by the ReLU or the layer that
+        # wrote it), while the coefficient tensor and the mask would add a full-size float and a bool
+        # tensor per ActivationQAT to the step's peak memory (measured: 3x the float step's at batch 32
+        # on MobileNet-v2). The backward recomputes them from x in one ulq_forward_train.
+        ctx.fixed_min = bool(fixed_min)
+        ctx.save_for_backward(x, clip_max, clip_min)
+        return ulq_forward(x.detach(), clip_max.detach(), clip_min.detach(), ctx.fixed_min)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        coeff, outside, clip_max, clip_min = ctx.saved_tensors
-        dx, dcmax, dcmin = ulq_backward_saved(dy, coeff, outside)
+        x, clip_max, clip_min = ctx.saved_tensors
+        saved = ulq_forward_train(x.detach(), clip_max.detach(), clip_min.detach(), ctx.fixed_min)
+        dx, dcmax, dcmin = ulq_backward_saved(dy, saved.coeff, saved.outside)
         return (
             dx if ctx.needs_input_grad[0] else None,
             dcmax.reshape(clip_max.shape).to(clip_max.dtype) if ctx.needs_input_grad[1] else None,
