@@ -241,6 +241,15 @@ class _Layout:
         self.pending = from_session - set(self.outputs) - self.tail_writes
 
 
+def _copy(value: Tensor) -> Tensor:
+    """A copy of an input blob. On the CPU through numpy: a torch copy runs on OpenMP threads, which then
+    spin for a while and take the cores from ONNX Runtime's threads during the session run."""
+    value = value.detach()
+    if value.device.type != "cpu":
+        return value.clone()
+    return torch.from_numpy(np.array(value.numpy(), copy=True))
+
+
 class _Weights:
     """The learnable blobs a session was exported with, and whether they changed since."""
 
@@ -395,7 +404,7 @@ class OrtBackend:
 
     def _session_forward(self, net: WholeNet, layout: _Layout, session: _Session,
                          data: dict[str, Tensor]) -> None:
-        self._snapshot = {name: data[name].detach().clone() for name in layout.inputs}
+        self._snapshot = {name: _copy(data[name]) for name in layout.inputs}
         outs = self._ort_run(session, layout, data)
         for name, value in zip(layout.outputs, outs):
             data[name] = torch.from_numpy(value).to(net.device)
