@@ -137,13 +137,19 @@ def round_away(x: ArrayLike) -> Tensor:
     x = as_tensor(x)
     if not x.is_floating_point():
         return x
+    return _round_away_float(x, consume=False)
+
+
+def _round_away_float(x: Tensor, consume: bool) -> Tensor:
+    """:func:`round_away` of a floating tensor; ``consume`` lets it overwrite ``x`` (a fresh tensor the
+    caller no longer needs) with ``x - round_even(x)`` instead of allocating that."""
     if (x.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing():
         # out of place, for an autograd graph or a traced export (the sparse tie pass depends on the
         # data, which a trace would freeze): the same values by the plain formula
         t = torch.trunc(x)
         return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
     r = torch.round(x)
-    where_ties_(r, x - r, _away_at_tie)
+    where_ties_(r, x.sub_(r) if consume else x - r, _away_at_tie)
     return r
 
 
@@ -290,22 +296,12 @@ def int8_codes(x: Tensor, scale: ArrayLike, offset: ArrayLike = 0, rounding: Rou
     s = as_tensor(scale, like=x)
     o = as_tensor(offset, like=x)
     q = x / s
-    codes = _round_away_consuming(q) if rounding is round_away else rounding(q)
+    codes = _round_away_float(q, consume=True) if rounding is round_away else rounding(q)
     if torch.broadcast_shapes(codes.shape, o.shape) == codes.shape and not codes.requires_grad:
         codes.add_(o)  # in place on the fresh rounding result: one full-size allocation less
     else:
         codes = codes + o
     return torch.clamp_(codes, INT8_MIN, INT8_MAX)
-
-
-def _round_away_consuming(q: Tensor) -> Tensor:
-    """:func:`round_away` of a fresh floating tensor, overwriting ``q`` with ``q - round_even(q)`` instead
-    of allocating it."""
-    if q.requires_grad and torch.is_grad_enabled():
-        return round_away(q)
-    r = torch.round(q)
-    where_ties_(r, q.sub_(r), _away_at_tie)
-    return r
 
 
 def dequantize(q: Tensor, scale: ArrayLike, offset: ArrayLike = 0) -> Tensor:
