@@ -2,12 +2,13 @@
 (docs/design.md, "QAT kernels").
 
 With the environment variable ``AMCT_CAFFE_COMPILE=1`` the elementwise work of :class:`ULQFunction`
-(:mod:`amct_caffe.quant.ulq`) runs as two generated kernels, one per direction, instead of a dozen eager
-passes; the values are the eager path's (the output and ``dx`` bit for bit, the clip gradients up to
-float32 summation order). Compiling costs seconds once per process (more without a warm cache), so it is
-off by default. Any failure to compile or run (no C++ compiler, an unsupported torch) logs one WARNING
-and leaves the eager path in charge for the rest of the process. Tensors that are not densely laid out,
-empty or 0-d always take the eager path.
+(:mod:`amct_caffe.quant.ulq`) in its backward -- recomputing the coefficients from ``x``, then the
+gradients -- runs as two generated kernels instead of a dozen eager passes; the values are the eager
+path's (the coefficients and ``dx`` bit for bit, the clip gradients up to float32 summation order).
+Compiling costs seconds once per process (more without a warm cache), so it is off by default. Any
+failure to compile or run (no C++ compiler, an unsupported torch) logs one WARNING and leaves the eager
+path in charge for the rest of the process. Tensors that are not densely laid out, empty or 0-d always
+take the eager path.
 """
 
 from __future__ import annotations

@@ -180,19 +180,28 @@ def _mark_outside(x: Tensor, lower: Tensor, upper: Tensor, coeff: Tensor, d_cmin
     return outside
 
 
-@torch.no_grad()
 def ulq_forward_train(
     x: ArrayLike, cmax: ArrayLike, cmin: ArrayLike, fixed_min: bool = False
 ) -> UlqTrainForward:
     """ULQ's training forward: :func:`ulq_forward`'s output (bit-identical) and the per-element values of
     the straight-through backward (:class:`UlqTrainForward`), computed from the same quotient ``v / s``.
 
-    With these the backward is a few reads of ``dy`` (:func:`ulq_backward_saved`); :class:`ULQFunction`
-    calls this in its backward, from the ``x`` it keeps.
+    With these the backward is a few reads of ``dy`` (:func:`ulq_backward_saved`).
     ``D(v)``'s ``round_away`` comes from the forward's ``round_even``, corrected at exact .5 ties, the only
     values where they differ. Arguments as :func:`ulq_forward`; with ``fixed_min`` the gradients are those
     of ``cmin = 0``.
     """
+    y, coeff, outside = _train_terms(x, cmax, cmin, fixed_min, with_output=True)
+    assert y is not None
+    return UlqTrainForward(y, coeff, outside)
+
+
+@torch.no_grad()
+def _train_terms(
+    x: ArrayLike, cmax: ArrayLike, cmin: ArrayLike, fixed_min: bool, with_output: bool
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """:func:`ulq_forward_train`'s ``(y, coeff, outside)``; ``y`` is None (not computed) unless
+    ``with_output``: the backward needs only the other two."""
     x = as_float_tensor(x)
     cmax_t = as_tensor(cmax, like=x)
     cmin_t = torch.zeros_like(cmax_t) if fixed_min else as_tensor(cmin, like=x)
@@ -201,14 +210,13 @@ def ulq_forward_train(
     d_cmin = (round_away(q_cmin) - q_cmin).reshape(())
     fused = FUSED.ulq_forward(x, s, lower, upper, d_cmin + DATA_SPAN, d_cmin)
     if fused is not None:
-        return UlqTrainForward(*fused)
+        return fused[0] if with_output else None, fused[1], fused[2]
     q = torch.clamp(x, lower, upper).div_(s)
     r = torch.round(q)
     # r - q is exact (r and q are within a factor 2 of each other, or r is 0): D(v) up to the tie fix
     coeff = torch.sub(r, q, out=q)
     where_ties_(coeff, coeff, _away_residual_at_tie, r)
-    y = r.mul_(s)
-    return UlqTrainForward(y, coeff, _mark_outside(x, lower, upper, coeff, d_cmin))
+    return r.mul_(s) if with_output else None, coeff, _mark_outside(x, lower, upper, coeff, d_cmin)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -258,12 +266,12 @@ def ulq_backward(
 
     ``cmax``/``cmin`` are the values the forward used (pass ``cmin = 0`` for ``fixed_min``; a ``cmin > 0``
     or ``cmax < 0`` is clamped to 0 as in the forward). ``dcmax``/``dcmin`` are 0-d tensors, summed over
-    every element of ``x``. The same computation as :class:`ULQFunction`'s backward
-    (:func:`ulq_forward_train` then :func:`ulq_backward_saved`).
+    every element of ``x``. :class:`ULQFunction`'s backward: :func:`ulq_forward_train`'s coefficients
+    (without its output) then :func:`ulq_backward_saved`.
     """
     x = as_float_tensor(x)
-    saved = ulq_forward_train(x, cmax, cmin)
-    return ulq_backward_saved(as_tensor(dy, like=x), saved.coeff, saved.outside)
+    _, coeff, outside = _train_terms(x, cmax, cmin, False, with_output=False)
+    return ulq_backward_saved(as_tensor(dy, like=x), coeff, outside)
 
 
 class ULQFunction(torch.autograd.Function):
@@ -280,7 +288,7 @@ class ULQFunction(torch.autograd.Function):
         # Keep x, not the backward's coefficients: x is usually held anyway (by the ReLU or the layer that
         # wrote it), while the coefficient tensor and the mask would add a full-size float and a bool
         # tensor per ActivationQAT to the step's peak memory (measured: 3x the float step's at batch 32
-        # on MobileNet-v2). The backward recomputes them from x in one ulq_forward_train.
+        # on MobileNet-v2). The backward recomputes them from x (ulq_backward).
         ctx.fixed_min = bool(fixed_min)
         ctx.save_for_backward(x, clip_max, clip_min)
         return ulq_forward(x.detach(), clip_max.detach(), clip_min.detach(), ctx.fixed_min)
@@ -288,8 +296,8 @@ class ULQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, clip_max, clip_min = ctx.saved_tensors
-        saved = ulq_forward_train(x.detach(), clip_max.detach(), clip_min.detach(), ctx.fixed_min)
-        dx, dcmax, dcmin = ulq_backward_saved(dy, saved.coeff, saved.outside)
+        cmin = torch.zeros_like(clip_min) if ctx.fixed_min else clip_min
+        dx, dcmax, dcmin = ulq_backward(x.detach(), dy, clip_max.detach(), cmin.detach())
         return (
             dx if ctx.needs_input_grad[0] else None,
             dcmax.reshape(clip_max.shape).to(clip_max.dtype) if ctx.needs_input_grad[1] else None,
