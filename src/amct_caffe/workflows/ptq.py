@@ -720,57 +720,32 @@ def write_saved_models(
             files.write(path, data)
 
 
-def _bias_corrected(
+def _refined(
     graph: CalibrationGraph,
     calibration: CalibrationModel,
     groups: Sequence[QuantGroup],
+    refine: str,
     data: Sequence[Mapping[str, np.ndarray]],
     api: str,
-) -> Weights:
-    """The calibration's float weights with bias correction applied (``workflows.refine``)."""
+) -> tuple[Weights, dict[str, np.ndarray] | None]:
+    """The float weights and INT8 codes of the saved models after ``refine`` (``workflows.refine``): every
+    refinement compares the folded float model with the plain fake-quant model on ``data``, layer by layer
+    in file order."""
     fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
     assert fake.fake is not None
     float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
-    factors = {layer.name: (layer.scale_d, layer.scale_w) for group in groups for layer in group.layers}
-    ordered = {name: factors[name] for name in calibration.layers}
-    return bias_correction(calibration.net, float_weights, fake.net, fake.fake, ordered, calibration.weights,
-                           data, api)
-
-
-def _learned_rounding(
-    graph: CalibrationGraph,
-    calibration: CalibrationModel,
-    groups: Sequence[QuantGroup],
-    data: Sequence[Mapping[str, np.ndarray]],
-    api: str,
-) -> dict[str, np.ndarray]:
-    """Learned INT8 weight codes of the quantized layers (``workflows.refine.adaround``)."""
-    fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
-    assert fake.fake is not None
-    float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
-    quantized = {layer.name: (layer.scale_w, layer.axis) for group in groups for layer in group.layers
-                 if layer.has_weights}
-    ordered = {name: quantized[name] for name in calibration.layers if name in quantized}
-    return adaround(calibration.net, float_weights, fake.net, fake.fake, ordered, calibration.weights, data,
-                    api)
-
-
-def _end_to_end(
-    graph: CalibrationGraph,
-    calibration: CalibrationModel,
-    groups: Sequence[QuantGroup],
-    data: Sequence[Mapping[str, np.ndarray]],
-    api: str,
-) -> tuple[Weights, dict[str, np.ndarray]]:
-    """Learned INT8 codes and float biases of the quantized layers (``workflows.refine.end_to_end``)."""
-    fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
-    assert fake.fake is not None
-    float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
-    quantized = {layer.name: CodeLayer(layer.scale_d, layer.scale_w, layer.axis) for group in groups
-                 for layer in group.layers if layer.has_weights}
-    ordered = {name: quantized[name] for name in calibration.layers if name in quantized}
-    return end_to_end(calibration.net, float_weights, fake.net, fake.fake, ordered, calibration.weights, data,
-                      api)
+    by_name = {layer.name: layer for group in groups for layer in group.layers}
+    ordered = [by_name[name] for name in calibration.layers if name in by_name]
+    nets = (calibration.net, float_weights, fake.net, fake.fake)
+    if refine == "bias_correction":
+        factors = {layer.name: (layer.scale_d, layer.scale_w) for layer in ordered}
+        return bias_correction(*nets, factors, calibration.weights, data, api), None
+    weighted = [layer for layer in ordered if layer.has_weights]
+    if refine == "adaround":
+        grids = {layer.name: (layer.scale_w, layer.axis) for layer in weighted}
+        return calibration.weights, adaround(*nets, grids, calibration.weights, data, api)
+    code_layers = {layer.name: CodeLayer(layer.scale_d, layer.scale_w, layer.axis) for layer in weighted}
+    return end_to_end(*nets, code_layers, calibration.weights, data, api)
 
 
 def save_model(
@@ -829,14 +804,10 @@ def save_model(
     hint = (f"Set \"quant_enable\": false for layer '{{layer}}' in the PTQ config '{graph.config_file}' and "
             "run init/quantize_model/calibration again (the layer then stays float).")
     try:
-        weights = calibration.weights
-        codes = None
-        if refine == "bias_correction" and calibration_data:
-            weights = _bias_corrected(graph, calibration, groups, calibration_data, api)
-        elif refine == "adaround" and calibration_data:
-            codes = _learned_rounding(graph, calibration, groups, calibration_data, api)
-        elif refine == "end_to_end" and calibration_data:
-            weights, codes = _end_to_end(graph, calibration, groups, calibration_data, api)
+        weights: Weights = calibration.weights
+        codes: dict[str, np.ndarray] | None = None
+        if refine is not None and calibration_data:
+            weights, codes = _refined(graph, calibration, groups, refine, calibration_data, api)
         models = build_saved_models(calibration.net, weights, groups, save_type, api, graph.like, codes)
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc
