@@ -101,7 +101,8 @@ def run_ptq(proto: str, weights: str, folder: Path, data: list[dict[str, np.ndar
 
 
 @pytest.fixture(scope="module")
-def fsrcnn_psnr(tmp_path_factory):
+def fsrcnn_case():
+    """FSRCNN's files, the two photos as ``{name: (HR, LR)}`` and the LR images as calibration batches."""
     if not FSRCNN.is_dir():
         pytest.skip("the sibling shared/models is not present")
     datasets = pytest.importorskip("sklearn.datasets", reason="the sample photos come from scikit-learn")
@@ -109,19 +110,41 @@ def fsrcnn_psnr(tmp_path_factory):
     images = {Path(name).stem: hr_lr(rgb) for name, rgb in zip(photos.filenames, photos.images)}
     proto, weights = str(FSRCNN / "FSRCNN_mat.prototxt"), str(FSRCNN / "snapshot_iter_2546000.caffemodel")
     data = [{"data": lr[None, None].astype(np.float32)} for _, lr in images.values()]
-    results: dict[str, dict[str, float]] = {}
-    prefixes = {}
-    for refine in (None, "bias_correction"):
-        key = refine or "ptq"
-        prefixes[key] = run_ptq(proto, weights, tmp_path_factory.mktemp(key), data, refine)
+    return proto, weights, images, data
+
+
+def psnr_rows(images: dict[str, tuple[np.ndarray, np.ndarray]],
+              prefixes: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per photo, the PSNR of each saved model pair: ``key`` (fake-quant) and ``key_deploy``."""
+    rows: dict[str, dict[str, float]] = {}
     for name, (hr, lr) in images.items():
-        row = {"float": sr_psnr(super_resolve(proto, weights, lr), hr)}
+        row = rows.setdefault(name, {})
         for key, prefix in prefixes.items():
             row[key] = sr_psnr(super_resolve(prefix + "_fake_quant_model.prototxt",
                                              prefix + "_fake_quant_weights.caffemodel", lr), hr)
             row[key + "_deploy"] = sr_psnr(super_resolve(prefix + "_deploy_model.prototxt",
                                                          prefix + "_deploy_weights.caffemodel", lr), hr)
-        results[name] = row
+    return rows
+
+
+def refined_rows(case, base_rows: dict[str, dict[str, float]], folder: Path, refine: str,
+                 key: str) -> dict[str, dict[str, float]]:
+    """``base_rows`` plus the PSNR of the models saved with ``refine`` (under ``key``)."""
+    proto, weights, images, data = case
+    rows = psnr_rows(images, {key: run_ptq(proto, weights, folder, data, refine)})
+    return {name: {**base_rows[name], **row} for name, row in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def fsrcnn_psnr(fsrcnn_case, tmp_path_factory):
+    proto, weights, images, data = fsrcnn_case
+    prefixes = {}
+    for refine in (None, "bias_correction"):
+        key = refine or "ptq"
+        prefixes[key] = run_ptq(proto, weights, tmp_path_factory.mktemp(key), data, refine)
+    results = psnr_rows(images, prefixes)
+    for name, (hr, lr) in images.items():
+        results[name]["float"] = sr_psnr(super_resolve(proto, weights, lr), hr)
     return results
 
 
@@ -145,22 +168,8 @@ def test_fsrcnn_bias_correction_stays_within_half_a_db(fsrcnn_psnr, image):
 
 
 @pytest.fixture(scope="module")
-def fsrcnn_adaround(fsrcnn_psnr, tmp_path_factory):
-    datasets = pytest.importorskip("sklearn.datasets", reason="the sample photos come from scikit-learn")
-    photos = datasets.load_sample_images()
-    images = {Path(name).stem: hr_lr(rgb) for name, rgb in zip(photos.filenames, photos.images)}
-    proto, weights = str(FSRCNN / "FSRCNN_mat.prototxt"), str(FSRCNN / "snapshot_iter_2546000.caffemodel")
-    data = [{"data": lr[None, None].astype(np.float32)} for _, lr in images.values()]
-    prefix = run_ptq(proto, weights, tmp_path_factory.mktemp("adaround"), data, "adaround")
-    results = {}
-    for name, (hr, lr) in images.items():
-        row = dict(fsrcnn_psnr[name])
-        row["adaround"] = sr_psnr(super_resolve(prefix + "_fake_quant_model.prototxt",
-                                                prefix + "_fake_quant_weights.caffemodel", lr), hr)
-        row["adaround_deploy"] = sr_psnr(super_resolve(prefix + "_deploy_model.prototxt",
-                                                       prefix + "_deploy_weights.caffemodel", lr), hr)
-        results[name] = row
-    return results
+def fsrcnn_adaround(fsrcnn_case, fsrcnn_psnr, tmp_path_factory):
+    return refined_rows(fsrcnn_case, fsrcnn_psnr, tmp_path_factory.mktemp("adaround"), "adaround", "adaround")
 
 
 @pytest.mark.slow
@@ -185,22 +194,8 @@ def test_fsrcnn_adaround_loses_at_most_a_fifth_of_a_db(fsrcnn_adaround, image):
 
 
 @pytest.fixture(scope="module")
-def fsrcnn_end_to_end(fsrcnn_psnr, tmp_path_factory):
-    datasets = pytest.importorskip("sklearn.datasets", reason="the sample photos come from scikit-learn")
-    photos = datasets.load_sample_images()
-    images = {Path(name).stem: hr_lr(rgb) for name, rgb in zip(photos.filenames, photos.images)}
-    proto, weights = str(FSRCNN / "FSRCNN_mat.prototxt"), str(FSRCNN / "snapshot_iter_2546000.caffemodel")
-    data = [{"data": lr[None, None].astype(np.float32)} for _, lr in images.values()]
-    prefix = run_ptq(proto, weights, tmp_path_factory.mktemp("end_to_end"), data, "end_to_end")
-    results = {}
-    for name, (hr, lr) in images.items():
-        row = dict(fsrcnn_psnr[name])
-        row["e2e"] = sr_psnr(super_resolve(prefix + "_fake_quant_model.prototxt",
-                                           prefix + "_fake_quant_weights.caffemodel", lr), hr)
-        row["e2e_deploy"] = sr_psnr(super_resolve(prefix + "_deploy_model.prototxt",
-                                                  prefix + "_deploy_weights.caffemodel", lr), hr)
-        results[name] = row
-    return results
+def fsrcnn_end_to_end(fsrcnn_case, fsrcnn_psnr, tmp_path_factory):
+    return refined_rows(fsrcnn_case, fsrcnn_psnr, tmp_path_factory.mktemp("end_to_end"), "end_to_end", "e2e")
 
 
 @pytest.mark.slow
