@@ -16,7 +16,10 @@ already costs 0.280 dB there (docs/design.md, "Post-training refinement"), so th
 target is a strict xfail. End-to-end learned codes and biases (``refine="end_to_end"``, the whole fake-quant
 model in the loop) lower it further (measured: china 0.063 -> 0.021 dB, flower 0.407 -> 0.288 dB), still not
 to 0.2 dB on flower (a strict xfail too); on a small net its saved codes and biases are checked against a
-numpy forward of the fake-quant net.
+numpy forward of the fake-quant net. Cross-layer range equalization before it
+(``refine=["equalization", "end_to_end"]``) removes most of the activation rounding noise that is left
+(measured: china 0.010 dB, flower 0.153 dB; refined on china alone, flower still 0.157 dB), so the 0.2 dB
+target holds on both photos and on the photo the refinement never saw.
 The correction itself is checked on a small net: the structure is unchanged, the deploy bias is the
 rounded corrected bias, and the corrected layer's mean output error on the calibration data is below half
 its bias quantization step.
@@ -80,7 +83,7 @@ def sr_psnr(sr: np.ndarray, hr: np.ndarray) -> float:
 
 
 def run_ptq(proto: str, weights: str, folder: Path, data: list[dict[str, np.ndarray]],
-            refine: str | None = None) -> str:
+            refine: str | list[str] | None = None) -> str:
     config, record = str(folder / "config.json"), str(folder / "record.txt")
     amct.create_quant_config(config, proto, weights, batch_num=len(data))
     graph = amct.init(config, proto, weights, record)
@@ -218,6 +221,39 @@ def test_fsrcnn_end_to_end_loses_less_than_ptq_and_deploy_agrees(fsrcnn_end_to_e
 def test_fsrcnn_end_to_end_loses_at_most_a_fifth_of_a_db(fsrcnn_end_to_end, image):
     row = fsrcnn_end_to_end[image]
     assert row["float"] - row["e2e"] <= MAX_REFINED_LOSS_DB, row
+
+
+def _equalized_rows(case, base_rows, folder: Path, calibration: list[str]) -> dict[str, dict[str, float]]:
+    """``base_rows`` plus the models saved with equalization and end-to-end refinement, both refined (and
+    calibrated) on the photos ``calibration`` only."""
+    proto, weights, images, data = case
+    chosen = [batch for name, batch in zip(images, data) if name in calibration]
+    prefix = run_ptq(proto, weights, folder, chosen, ["equalization", "end_to_end"])
+    rows = psnr_rows(images, {"eq": prefix})
+    return {name: {**base_rows[name], **row} for name, row in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def fsrcnn_equalized(fsrcnn_case, fsrcnn_psnr, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("equalized")
+    return _equalized_rows(fsrcnn_case, fsrcnn_psnr, folder, ["china", "flower"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image", ["china", "flower"])
+def test_fsrcnn_equalized_end_to_end_loses_at_most_a_fifth_of_a_db(fsrcnn_equalized, image):
+    # measured: china 0.010 dB, flower 0.153 dB
+    row = fsrcnn_equalized[image]
+    assert row["float"] - row["eq"] <= MAX_REFINED_LOSS_DB, row
+    assert abs(row["eq_deploy"] - row["eq"]) <= 0.01, row
+
+
+@pytest.mark.slow
+def test_fsrcnn_equalized_end_to_end_holds_on_a_photo_it_never_saw(fsrcnn_case, fsrcnn_psnr, tmp_path):
+    # calibrated, equalized and refined on china only; measured on flower: 0.157 dB
+    row = _equalized_rows(fsrcnn_case, fsrcnn_psnr, tmp_path, ["china"])["flower"]
+    assert row["float"] - row["eq"] <= MAX_REFINED_LOSS_DB, row
+    assert abs(row["eq_deploy"] - row["eq"]) <= 0.01, row
 
 
 # -- the bias correction on a small net ----------------------------------------------------------------------

@@ -415,7 +415,7 @@ def save_model(
     save_type: str,
     save_path: str,
     *,
-    refine: str | None = None,
+    refine: str | Sequence[str] | None = None,
     calibration_data: Sequence[Mapping[str, np.ndarray]] | None = None,
     for_atc: bool = False,
     input_shape: Mapping[str, Sequence[int]] | None = None,
@@ -443,6 +443,13 @@ def save_model(
             ``"end_to_end"`` trains the INT8 weight codes (any code on the record's ``scale_w`` grid) and the
             float biases of all quantized layers together, the whole fake-quant model in the loop, against
             the float model's outputs on ``calibration_data`` (docs/design.md, "Post-training refinement").
+            ``"equalization"`` -- alone or in a list with one of the three, e.g.
+            ``["equalization", "end_to_end"]``, and always run first -- multiplies the output channels of a
+            layer that feeds a quantized layer through ReLU/PReLU only by ``k_c >= 1`` and divides the
+            reader's weights by ``k_c``, so every channel of the quantized input fills the one activation
+            grid; the touched layers get new ARQ and IFMR factors on ``calibration_data``. The record file
+            keeps the calibration's factors; the models hold the new ones and ``<save_path>_quant.json``
+            lists each rescaled pair and its ``k_c`` under ``equalizations``.
         calibration_data: keyword-only, needed by ``refine``: the calibration batches, a list of
             ``{input blob name: array}`` (the arrays the calibration model ran on).
         for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True
@@ -464,7 +471,8 @@ def save_model(
         RecordError: the calibration has not run (no ``quantize_model`` on this graph, or the record lacks
             the activation factors: run the modified model ``batch_num`` times first).
         GraphStateError: the config, model or weights file changed since ``init``.
-        ConfigError: a bad argument (an unknown ``refine``, ``refine`` without ``calibration_data``); a
+        ConfigError: a bad argument (an unknown ``refine``, two weight refinements, ``refine`` without
+            ``calibration_data``); a
             quantized bias does not fit INT32 (``BiasOverflowError``: set ``quant_enable`` false for that
             layer in the config).
         AtcUnsupportedLayerError: ``for_atc`` and the deploy model holds a layer type ATC does not convert

@@ -88,6 +88,7 @@ from amct_caffe.quant.ptq_config import (
     load_json_config,
 )
 from amct_caffe.quant.record import LayerRecord, read_records, record_text, validate_records
+from amct_caffe.workflows.equalize import Equalized, equalize
 from amct_caffe.workflows.inference import (
     AtcRequest,
     InputShapes,
@@ -96,7 +97,7 @@ from amct_caffe.workflows.inference import (
     record_shapes,
     recorded_by_blob,
 )
-from amct_caffe.workflows.refine import CodeLayer, adaround, bias_correction, check_refine, end_to_end
+from amct_caffe.workflows.refine import CodeLayer, adaround, bias_correction, end_to_end, refine_plan
 from amct_caffe.workflows.save import check_save_type, model_paths
 
 LOGGER = get_logger("ptq")
@@ -723,6 +724,7 @@ def write_saved_models(
 def _refined(
     graph: CalibrationGraph,
     calibration: CalibrationModel,
+    weights: Weights,
     groups: Sequence[QuantGroup],
     refine: str,
     data: Sequence[Mapping[str, np.ndarray]],
@@ -730,22 +732,22 @@ def _refined(
 ) -> tuple[Weights, dict[str, np.ndarray] | None]:
     """The float weights and INT8 codes of the saved models after ``refine`` (``workflows.refine``): every
     refinement compares the folded float model with the plain fake-quant model on ``data``, layer by layer
-    in file order."""
-    fake = build_saved_models(calibration.net, calibration.weights, groups, "Fakequant", api, graph.like)
+    in file order. ``weights``: the folded float weights (equalized, when that ran)."""
+    fake = build_saved_models(calibration.net, weights, groups, "Fakequant", api, graph.like)
     assert fake.fake is not None
-    float_weights = weights_to_net(calibration.weights, calibration.net, like=graph.like)
+    float_weights = weights_to_net(weights, calibration.net, like=graph.like)
     by_name = {layer.name: layer for group in groups for layer in group.layers}
     ordered = [by_name[name] for name in calibration.layers if name in by_name]
     nets = (calibration.net, float_weights, fake.net, fake.fake)
     if refine == "bias_correction":
         factors = {layer.name: (layer.scale_d, layer.scale_w) for layer in ordered}
-        return bias_correction(*nets, factors, calibration.weights, data, api), None
+        return bias_correction(*nets, factors, weights, data, api), None
     weighted = [layer for layer in ordered if layer.has_weights]
     if refine == "adaround":
         grids = {layer.name: (layer.scale_w, layer.axis) for layer in weighted}
-        return calibration.weights, adaround(*nets, grids, calibration.weights, data, api)
+        return weights, adaround(*nets, grids, weights, data, api)
     code_layers = {layer.name: CodeLayer(layer.scale_d, layer.scale_w, layer.axis) for layer in weighted}
-    return end_to_end(*nets, code_layers, calibration.weights, data, api)
+    return end_to_end(*nets, code_layers, weights, data, api)
 
 
 def save_model(
@@ -754,7 +756,7 @@ def save_model(
     save_path: str | os.PathLike[str],
     extra_files: Mapping[str, bytes] | None = None,
     *,
-    refine: str | None = None,
+    refine: str | Sequence[str] | None = None,
     calibration_data: Sequence[Mapping[str, np.ndarray]] | None = None,
     for_atc: bool = False,
     input_shape: InputShapes | None = None,
@@ -765,7 +767,9 @@ def save_model(
     the config and the record). ``refine="bias_correction"`` (off by default) corrects the quantized layers'
     float biases on ``calibration_data`` before the models are built; ``refine="adaround"`` learns their
     INT8 weight codes (floor or ceil on ARQ's grid) on it instead; ``refine="end_to_end"`` trains the codes
-    and the float biases with the whole fake-quant model in the loop (``workflows.refine``). ``for_atc``
+    and the float biases with the whole fake-quant model in the loop (``workflows.refine``);
+    ``"equalization"``, alone or in a list with one of those, first rescales the channels of the quantized
+    layers' inputs and calibrates them again (``workflows.equalize``). ``for_atc``
     writes the inference / ATC-ready prototxts (``workflows.inference``; ``input_shape``: ``{top: shape}``
     of the Input layers that replace data layers, when the net cannot tell).
 
@@ -778,7 +782,7 @@ def save_model(
     api = "save_model"
     if not isinstance(graph, CalibrationGraph):
         raise ConfigError(f"{api}: graph must be the object init() returns, got {type(graph).__name__}.")
-    check_refine(refine, calibration_data, api)
+    plan = refine_plan(refine, calibration_data, api)
     save_type = check_save_type(save_type, api)
     atc_request(for_atc, input_shape, api)  # argument check before any work
     save_path = os.fspath(save_path)
@@ -799,19 +803,28 @@ def save_model(
                                   "modified model": calibration.model_file,
                                   "modified weights": calibration.weights_file})
     factors = calibrated_factors(graph, calibration)
+    equalized: Equalized | None = None
+    if plan is not None and plan.equalize and calibration_data:
+        equalized = equalize(calibration.net, calibration.weights, factors, calibration.groups,
+                             graph.config.activation_offset, calibration_data, graph.model_file, graph.like,
+                             api)
+        factors = equalized.factors
     net_graph = Graph(calibration.net, graph.model_file)
     groups = plan_quant_groups(net_graph, factors, graph.config.activation_offset)
     hint = (f"Set \"quant_enable\": false for layer '{{layer}}' in the PTQ config '{graph.config_file}' and "
             "run init/quantize_model/calibration again (the layer then stays float).")
     try:
-        weights: Weights = calibration.weights
+        weights: Weights = calibration.weights if equalized is None else equalized.weights
         codes: dict[str, np.ndarray] | None = None
-        if refine is not None and calibration_data:
-            weights, codes = _refined(graph, calibration, groups, refine, calibration_data, api)
+        if plan is not None and plan.weights is not None and calibration_data:
+            weights, codes = _refined(graph, calibration, weights, groups, plan.weights, calibration_data,
+                                      api)
         models = build_saved_models(calibration.net, weights, groups, save_type, api, graph.like, codes)
     except BiasOverflowError as exc:
         raise BiasOverflowError(f"{exc} {hint.format(layer=exc.layer)}", exc.channels, exc.layer) from exc
     placement = quant_info(groups, calibration.folds, models.net)
+    if equalized is not None and equalized.pairs:
+        placement["equalizations"] = equalized.info()
     extra = {info_path: (json.dumps(placement, indent=4) + "\n").encode("utf-8"), **(extra_files or {})}
     atc = atc_request(for_atc, input_shape, api, recorded_by_blob(groups, record_shapes(graph.record_file)))
     write_saved_models(paths, models, extra, atc, graph.model_file)

@@ -74,8 +74,10 @@ from amct_caffe.quant.ste_codes import final_codes, ste_bias, ste_codes
 
 LOGGER = get_logger("ptq.refine")
 
-#: The refinements ``save_model`` accepts (besides None).
+#: The weight refinements ``save_model`` accepts (at most one per save).
 REFINEMENTS = ("bias_correction", "adaround", "end_to_end")
+#: The refinement that rescales channels before any of them (``workflows.equalize``).
+EQUALIZATION = "equalization"
 #: Adam steps per layer of ``refine="adaround"``, its learning rate on ``v``, the weight of the rounding
 #: penalty, and the share of the steps run without the penalty first.
 ADAROUND_STEPS = 300
@@ -90,17 +92,47 @@ E2E_BIAS_LR = 1e-3
 _BIASED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
 
-def check_refine(refine: str | None, data: Sequence[Mapping[str, np.ndarray]] | None, api: str) -> None:
-    """Raise :class:`ConfigError` for an unknown ``refine`` or a refinement without calibration data."""
+@dataclass(frozen=True)
+class RefinePlan:
+    """What ``save_model``'s ``refine`` asks for.
+
+    Attributes:
+        equalize: run cross-layer range equalization first (``workflows.equalize``).
+        weights: the weight refinement after it (one of :data:`REFINEMENTS`), or None.
+    """
+
+    equalize: bool
+    weights: str | None
+
+
+def refine_plan(
+    refine: str | Sequence[str] | None, data: Sequence[Mapping[str, np.ndarray]] | None, api: str
+) -> RefinePlan | None:
+    """The plan of ``refine``: None, one name, or a list/tuple of names holding at most one of
+    :data:`REFINEMENTS` and :data:`EQUALIZATION` at most once (equalization always runs first).
+
+    Raises:
+        ConfigError: an unknown name, two weight refinements, a repeated name, or a refinement without
+            calibration data.
+    """
     if refine is None:
-        return
-    if refine not in REFINEMENTS:
-        raise ConfigError(f"{api}: refine must be None or one of {list(REFINEMENTS)}, got {refine!r}.")
+        return None
+    names = [refine] if isinstance(refine, str) else list(refine) if isinstance(refine, (list, tuple)) else []
+    known = (EQUALIZATION, *REFINEMENTS)
+    valid = all(isinstance(n, str) and n in known for n in names) and len(set(names)) == len(names)
+    if not names or not valid:
+        raise ConfigError(f"{api}: refine must be None, one of {list(known)}, or a list of them with "
+                          f"'{EQUALIZATION}' and at most one other, got {refine!r}.")
+    chosen = [n for n in names if n in REFINEMENTS]
+    if len(chosen) > 1:
+        raise ConfigError(f"{api}: refine holds {chosen}; give at most one of {list(REFINEMENTS)} (each one "
+                          f"replaces the others' weights), with or without '{EQUALIZATION}'.")
     if not data:
         raise ConfigError(
             f"{api}: refine={refine!r} needs calibration_data: the input batches the calibration ran, as a "
             "list of {input blob name: array} dicts (the same arrays given to net.forward)."
         )
+    return RefinePlan(EQUALIZATION in names, chosen[0] if chosen else None)
 
 
 def _stack(
@@ -373,7 +405,7 @@ def _graph_forward(
     return {name: values[name] for name in net.outputs}
 
 
-def _batches(data: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[str], device: torch.device,
+def calibration_batches(data: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[str], device: torch.device,
              api: str) -> list[dict[str, torch.Tensor]]:
     """The calibration batches as tensors on ``device`` (one dict per batch)."""
     return [{name: tensor.to(device) for name, tensor in _stack([batch], inputs, api).items()}
@@ -439,7 +471,7 @@ def end_to_end(
     for layer in fake.engine_layers:
         for blob in layer.blobs:
             blob.requires_grad_(False)
-    batches = _batches(data, reference.inputs, fake.device, api)
+    batches = calibration_batches(data, reference.inputs, fake.device, api)
     targets = []
     with torch.no_grad():
         for batch in batches:
