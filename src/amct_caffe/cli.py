@@ -480,7 +480,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = report.compare_report(
         float_model, float_weights, args.fake_model, args.fake_weights, args.deploy_model,
         args.deploy_weights, inputs=inputs, out_dir=None, threshold=args.threshold, batches=args.batches,
-        seed=args.seed,
+        seed=args.seed, equalizations=_equalizations(args.quant_info, args.fake_model),
     )
     if not result.measured:
         raise ModelFormatError(
@@ -493,6 +493,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     html = written.get("report.html", os.path.join(args.output_dir, "report.html"))
     print(f"report: {html} ({len(written)} file(s) in {args.output_dir})")
     return 0
+
+
+def _equalizations(quant_info: str | None, fake_model: str) -> dict[str, np.ndarray] | None:
+    """The equalization factors of ``--quant-info``, or of the ``<prefix>_quant.json`` beside a
+    ``<prefix>_fake_quant_model.prototxt``; None when there is no such file."""
+    from amct_caffe.analysis.collect import read_equalizations
+
+    suffix = "_fake_quant_model.prototxt"
+    if quant_info is None and fake_model.endswith(suffix):
+        beside = fake_model[:-len(suffix)] + "_quant.json"
+        quant_info = beside if os.path.isfile(beside) else None
+    if quant_info is None:
+        return None
+    _check_file(quant_info, "--quant-info")
+    scales = read_equalizations(quant_info)
+    if scales:
+        print(f"float reference: {len(scales)} blob(s) scaled per channel as the equalization in "
+              f"{quant_info} lists")
+    return scales
 
 
 def _compare_sensitivity(args: argparse.Namespace, inputs: dict[str, np.ndarray] | None) -> int:
@@ -788,6 +807,9 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
     p.add_argument("--fake-weights", help="<prefix>_fake_quant_weights.caffemodel")
     p.add_argument("--deploy-model", help="<prefix>_deploy_model.prototxt (optional)")
     p.add_argument("--deploy-weights", help="<prefix>_deploy_weights.caffemodel (optional)")
+    p.add_argument("--quant-info", metavar="FILE",
+                   help="<prefix>_quant.json of PTQ's save_model (default: the one beside --fake-model, if "
+                        "any); its equalization factors are applied to the float reference")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
                    help="input values (axis 0 is split into --batches forward passes); repeat per input")
     p.add_argument("--output-dir", metavar="DIR", help="folder of report.json/.html and plots (required)")

@@ -38,6 +38,7 @@ shows each model's accuracy where the net measures one (TEST-phase data layers, 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from amct_caffe.emulation.integer import DEFAULT_QUANT_FORMULA, BlobScale, integ
 from amct_caffe.emulation.loader import load_net
 from amct_caffe.engine.layers.base import TEST
 from amct_caffe.engine.net import Net
-from amct_caffe.errors import ConfigError, ModelMismatchError, RuntimeEngineError
+from amct_caffe.errors import ConfigError, ModelFormatError, ModelMismatchError, RuntimeEngineError
 from amct_caffe.log import get_logger
 from amct_caffe.model.graph import producer_index, value_readers
 from amct_caffe.model.layer_types import DEQUANT, QUANT
@@ -124,17 +125,45 @@ class ReportNets:
         models: ``{"float"|"fake"|"deploy": "<prototxt> + <caffemodel>"}``, descriptions of the arguments.
         steps: the output steps of the deploy model's quantized blobs (:func:`output_steps`; empty without
             a deploy model).
+        float_scales: blob -> per-channel factors the quantized models' values of that blob carry against
+            the float model's (equalization, :func:`read_equalizations`); the float values are multiplied
+            by them before they are compared.
     """
 
     nets: dict[str, Net]
     models: dict[str, str]
     steps: dict[str, np.ndarray]
+    float_scales: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def read_equalizations(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Blob -> per-channel factors from the ``equalizations`` of a ``<prefix>_quant.json`` that
+    ``save_model(..., refine=["equalization", ...])`` wrote (empty when it has none).
+
+    Raises:
+        ModelFormatError: the file is not such a JSON object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        scales: dict[str, np.ndarray] = {}
+        for entry in info.get("equalizations", []):
+            k = np.asarray(entry["scales"], np.float64)
+            if k.ndim != 1 or not np.all(np.isfinite(k)) or np.any(k <= 0):
+                raise ValueError(f"entry for '{entry.get('consumer')}' has scales that are not positive")
+            for blob in entry["blobs"]:
+                scales[str(blob)] = k
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelFormatError(f"The quant info file '{os.fspath(path)}' cannot be read as save_model's "
+                               f"<prefix>_quant.json ({exc}); give the file save_model wrote.") from None
+    return scales
 
 
 def load_report_nets(
     float_model: ModelArg, float_weights: ModelArg, fake_model: ModelArg, fake_weights: ModelArg,
     deploy_model: ModelArg | None, deploy_weights: ModelArg | None, *,
     device: torch.device | str | None, quant_formula: str,
+    float_scales: Mapping[str, Sequence[float] | np.ndarray] | None = None,
 ) -> ReportNets:
     """Load the float, the fake-quant and (when both of its files are given) the deploy model.
 
@@ -150,7 +179,8 @@ def load_report_nets(
         nets["deploy"] = deploy.net
         models["deploy"] = _describe(deploy_model, deploy_weights)
         steps = output_steps(deploy)
-    return ReportNets(nets, models, steps)
+    scales = {blob: np.asarray(k, np.float64) for blob, k in (float_scales or {}).items()}
+    return ReportNets(nets, models, steps, scales)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,6 +397,23 @@ def _value(net: Net, blob: str) -> torch.Tensor | None:
         return None
 
 
+def _scaled(value: torch.Tensor | None, scales: np.ndarray | None) -> torch.Tensor | None:
+    """``value`` with channel ``c`` (axis 1) multiplied by ``scales[c]``; as it is without scales.
+
+    Raises:
+        ModelMismatchError: the blob has another number of channels than the scales.
+    """
+    if value is None or scales is None:
+        return value
+    if value.dim() < 2 or value.shape[1] != scales.size:
+        raise ModelMismatchError(
+            f"compare_report: a blob of shape {tuple(value.shape)} has {scales.size} equalization factors; "
+            "the quant info file does not belong to these models.")
+    shape = [1] * value.dim()
+    shape[1] = scales.size
+    return value * torch.as_tensor(scales, dtype=value.dtype, device=value.device).reshape(shape)
+
+
 def _check_same_data(nets: Mapping[str, Net]) -> None:
     ref = nets["float"]
     for name in _source_blobs(ref):
@@ -476,6 +523,7 @@ class _ReportCollector:
 
     def __init__(self, nets: ReportNets, plan: InputPlan, seed: int) -> None:
         self.nets = nets.nets
+        self.float_scales = nets.float_scales
         fake = self.nets["fake"]
         quantized = quantized_layers(fake)
         if not quantized:
@@ -524,6 +572,8 @@ class _ReportCollector:
         if batch is None:
             _check_same_data(self.nets)
         values = {which: {blob: _value(net, blob) for blob in self.blobs} for which, net in self.nets.items()}
+        values["float"] = {blob: _scaled(value, self.float_scales.get(blob))
+                           for blob, value in values["float"].items()}
         for blob in self.blobs:
             self._add(values, blob)
         for blob in self.accuracy_blobs:

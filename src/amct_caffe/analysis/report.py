@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from amct_caffe.analysis import render
@@ -92,6 +93,7 @@ def compare_report(
     device: torch.device | str | None = None,
     quant_formula: str = DEFAULT_QUANT_FORMULA,
     progress: bool | None = None,
+    equalizations: Mapping[str, Sequence[float] | np.ndarray] | None = None,
 ) -> ReportResult:
     """Compare the float, fake-quant and deploy models layer by layer (see the module docstring).
 
@@ -114,6 +116,10 @@ def compare_report(
         quant_formula: the deploy model's Quant formula, ``"caffe"`` (default) or ``"ascend"``
             (:mod:`amct_caffe.emulation.integer`).
         progress: show a tqdm bar over the batches (None: only on a terminal).
+        equalizations: for models saved with ``refine=["equalization", ...]``: blob -> the per-channel
+            factors the quantized models' values carry against the float model's
+            (``analysis.collect.read_equalizations(<prefix>_quant.json)``); the float values are multiplied
+            by them before any comparison. None: the blobs are compared as they are.
 
     Returns:
         The :class:`ReportResult`; :func:`amct_caffe.analysis.render.format_table` prints it.
@@ -128,7 +134,8 @@ def compare_report(
     if out_dir is not None:
         render.plot_figure_factory()  # fail on a missing matplotlib before the (possibly long) runs
     nets = load_report_nets(float_model, float_weights, fake_model, fake_weights, deploy_model,
-                            deploy_weights, device=device, quant_formula=quant_formula)
+                            deploy_weights, device=device, quant_formula=quant_formula,
+                            float_scales=equalizations)
     collected = collect_report(nets, inputs, batches, seed, progress=progress)
     result = _result(collected, float(threshold), seed, quant_formula, nets.models)
     _log_findings(result)
