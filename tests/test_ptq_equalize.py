@@ -96,12 +96,13 @@ def test_pairs_need_a_weighted_producer_homogeneous_layers_and_one_reader(tmp_pa
     quantized = {"a", "b", "c", "d", "e", "f", "g1", "g2", "i", "j", "k"}
     pairs = equalization_pairs(Graph(net), blobs, quantized)
     # a: reads the net input. b <- a through ReLU. c <- b through Sigmoid: no. d <- c through PReLU + ReLU
-    # (not in place). e: grouped reader. f <- e (group 2 producer's outputs are still its weight rows).
-    # g1, g2: f's value has two readers. i <- Concat: no producer with weights. j <- i through ReLU (in
-    # place). k <- j directly (no layer between).
+    # (not in place). e <- d directly, a grouped reader. f <- e (a grouped producer's outputs are still its
+    # weight rows). g1, g2: f's value has two readers. i <- Concat: no producer with weights. j <- i through
+    # ReLU (in place). k <- j directly (no layer between).
     assert pairs == [
         EqualizationPair("a", "b", "a", 4, ("a",)),
         EqualizationPair("c", "d", "c_r", 4, ("c", "c_p", "c_r")),
+        EqualizationPair("d", "e", "d", 4, ("d",)),
         EqualizationPair("e", "f", "e", 4, ("e",)),
         EqualizationPair("i", "j", "i", 3, ("i",)),
         EqualizationPair("j", "k", "j", 2, ("j",)),
@@ -109,7 +110,7 @@ def test_pairs_need_a_weighted_producer_homogeneous_layers_and_one_reader(tmp_pa
     # a reader that is not quantized is no pair; a producer quantized per tensor is none either
     assert [p.consumer for p in equalization_pairs(Graph(net), blobs, {"b", "f"})] == ["b", "f"]
     per_tensor = equalization_pairs(Graph(net), blobs, quantized, {"a", "i"})
-    assert [p.consumer for p in per_tensor] == ["d", "f", "k"]
+    assert [p.consumer for p in per_tensor] == ["d", "e", "f", "k"]
 
 
 def _forward(proto: str, weights: str, x: np.ndarray, top: str) -> np.ndarray:
@@ -118,6 +119,16 @@ def _forward(proto: str, weights: str, x: np.ndarray, top: str) -> np.ndarray:
     net.reshape()
     net.forward(data=x)
     return net.blobs[top].data.copy()
+
+
+def _saved(proto: str, weights: str, blobs: dict[str, list[np.ndarray]], path: Path) -> str:
+    """A caffemodel of ``proto`` holding ``blobs`` (the other layers' weights from ``weights``)."""
+    engine = caffe.Net(proto, caffe.TEST, weights=weights)
+    for name, values in blobs.items():
+        for i, value in enumerate(values):
+            engine.params[name][i].data[...] = value.reshape(engine.params[name][i].data.shape)
+    engine.save(path)
+    return str(path)
 
 
 def test_equalized_weights_by_hand_and_the_float_model_unchanged(tmp_path):
@@ -141,15 +152,29 @@ def test_equalized_weights_by_hand_and_the_float_model_unchanged(tmp_path):
     np.testing.assert_array_equal(after["ip"][1], before["ip"][1])
     np.testing.assert_array_equal(after["prelu1"][0], before["prelu1"][0])
 
-    equalized = str(tmp_path / "equalized.caffemodel")
-    engine = caffe.Net(proto, caffe.TEST, weights=weights)
-    for name, blobs in after.items():
-        for i, value in enumerate(blobs):
-            engine.params[name][i].data[...] = value.reshape(engine.params[name][i].data.shape)
-    engine.save(equalized)
+    equalized = _saved(proto, weights, after, tmp_path / "equalized.caffemodel")
     x = rng.uniform(-1.0, 1.0, (4, 3, 8, 8)).astype(np.float32)
     ref = _forward(proto, weights, x, "ip")
     np.testing.assert_allclose(_forward(proto, equalized, x, "ip"), ref, rtol=1e-4,
+                               atol=1e-5 * np.abs(ref).max())
+
+
+def test_every_pattern_keeps_the_float_model(tmp_path):
+    # Deconvolution producer, grouped reader, a chain of PReLU + ReLU not in place, InnerProduct chains
+    proto, weights = write_random_net(tmp_path, PATTERNS, seed=5)
+    graph = Graph(parse_net(Path(proto).read_text()))
+    before = caffemodel_blobs(weights)
+    pairs = equalization_pairs(graph, before, {"b", "d", "e", "f", "j", "k"})
+    rng = np.random.default_rng(1)
+    scales = {p.consumer: rng.uniform(1.0, 30.0, p.channels) for p in pairs}
+    after = equalize_weights(graph, before, pairs, scales)
+    k = scales["e"]  # e reads d's 4 channels in 2 groups of 2: row o reads channels 2 * (o // 2) + j
+    expected = np.stack([before["e"][0][o] / k[2 * (o // 2):2 * (o // 2) + 2, None, None] for o in range(4)])
+    np.testing.assert_allclose(after["e"][0] / scales["f"][:, None, None, None], expected, rtol=1e-6)
+    equalized = _saved(proto, weights, after, tmp_path / "equalized.caffemodel")
+    x = rng.uniform(-1.0, 1.0, (1, 4, 6, 6)).astype(np.float32)
+    ref = _forward(proto, weights, x, "k")
+    np.testing.assert_allclose(_forward(proto, equalized, x, "k"), ref, rtol=1e-4,
                                atol=1e-5 * np.abs(ref).max())
 
 

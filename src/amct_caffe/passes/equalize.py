@@ -9,13 +9,14 @@ the weights that read channel ``c`` in the next layer ``C`` are divided by ``k_c
 between them is positively homogeneous per channel: ``ReLU`` (any ``negative_slope``) and ``PReLU`` (per
 channel or shared slope), since ``f(k x) = k f(x)`` for ``k > 0``.
 
-The pattern (:func:`equalization_pairs`): ``C`` is a quantized Convolution (``group: 1``), Deconvolution
-(``group: 1``) or InnerProduct (``axis: 1``, no ``transpose``) with one bottom; the value it reads comes
-from ``P`` -- a Convolution (any ``group``), Deconvolution (``group: 1``) or InnerProduct (``axis: 1``, no
-``transpose``) with one bottom and one top and weights in the caffemodel -- through zero or more
-ReLU/PReLU layers, in place or not, and every value on that path has exactly one reader (the next layer of
-the path). So nothing else sees the rescaled channels. A ``P`` quantized with one weight scale for all its
-rows is left out (its grown rows would coarsen the grid of the others).
+The pattern (:func:`equalization_pairs`): ``C`` is a quantized Convolution (any ``group``; a depthwise
+reader's weight row ``c`` reads channel ``c`` alone, so its per-channel weight grid simply follows),
+Deconvolution (``group: 1``) or InnerProduct (``axis: 1``, no ``transpose``) with one bottom; the value it
+reads comes from ``P`` -- a Convolution (any ``group``), Deconvolution (``group: 1``) or InnerProduct
+(``axis: 1``, no ``transpose``) with one bottom and one top and weights in the caffemodel -- through zero or
+more ReLU/PReLU layers, in place or not, and every value on that path has exactly one reader (the next
+layer of the path). So nothing else sees the rescaled channels. A ``P`` quantized with one weight scale for
+all its rows is left out (its grown rows would coarsen the grid of the others).
 
 The scales (:func:`equalizing_scales`): from each channel's extremes over the calibration data,
 ``k_c = min(hi / hi_c, lo / lo_c)`` over the sides the channel has (``hi``, ``lo``: the tensor's extremes),
@@ -88,6 +89,14 @@ def _plain_weighted(layer: caffe_pb2.LayerParameter) -> bool:
     return False
 
 
+def _reads_channels(layer: caffe_pb2.LayerParameter) -> bool:
+    """A layer whose weights for input channel ``c`` can be scaled on their own: the plain ones and a
+    grouped Convolution (channel ``c`` is column ``c % (C_in / g)`` of the rows of its group)."""
+    if layer.type == "Convolution":
+        return layer.convolution_param.axis in (1, -3)
+    return _plain_weighted(layer)
+
+
 def _scalable_outputs(layer: caffe_pb2.LayerParameter) -> bool:
     """A layer whose output channel ``c`` is weight row (column, for Deconvolution) ``c`` and bias ``c``; a
     grouped Convolution's outputs are rows all the same."""
@@ -106,6 +115,10 @@ def _input_axis(layer_type: str) -> int:
     return 0 if layer_type == "Deconvolution" else 1
 
 
+def _groups(layer: caffe_pb2.LayerParameter) -> int:
+    return int(layer.convolution_param.group) if layer.type == "Convolution" else 1
+
+
 def _channels(layer: caffe_pb2.LayerParameter, weights: Weights) -> int | None:
     blobs = weights.get(layer.name)
     if not blobs:
@@ -115,7 +128,7 @@ def _channels(layer: caffe_pb2.LayerParameter, weights: Weights) -> int | None:
 
 def _pair_of(graph: Graph, consumer: caffe_pb2.LayerParameter, weights: Weights) -> EqualizationPair | None:
     """The pair ending at ``consumer``, or None when the path to its producer does not fit the pattern."""
-    if not (_one_in_one_out(consumer) and _plain_weighted(consumer) and weights.get(consumer.name)):
+    if not (_one_in_one_out(consumer) and _reads_channels(consumer) and weights.get(consumer.name)):
         return None
     reader, node = consumer, graph.producer(consumer.name, 0)
     tops: list[str] = []
@@ -131,7 +144,7 @@ def _pair_of(graph: Graph, consumer: caffe_pb2.LayerParameter, weights: Weights)
     channels = _channels(node, weights)
     if channels is None or channels < 2:
         return None
-    inputs = weights[consumer.name][0].shape[_input_axis(consumer.type)]
+    inputs = weights[consumer.name][0].shape[_input_axis(consumer.type)] * _groups(consumer)
     if consumer.type != "InnerProduct" and inputs != channels:
         return None
     if consumer.type == "InnerProduct" and inputs % channels:
@@ -174,12 +187,18 @@ def _along(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _scaled_input(layer_type: str, weight: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+def _scaled_input(layer: caffe_pb2.LayerParameter, weight: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     """``weight`` with the columns that read channel ``c`` multiplied by ``inverse[c]``."""
-    if layer_type == "InnerProduct":  # [out, channels * spatial]: each channel is a block of columns
+    if layer.type == "InnerProduct":  # [out, channels * spatial]: each channel is a block of columns
         blocks = weight.reshape(weight.shape[0], inverse.size, -1)
         return (blocks * inverse.reshape(1, -1, 1)).reshape(weight.shape)
-    return weight * _along(inverse, weight.ndim, _input_axis(layer_type))
+    groups = _groups(layer)
+    if groups > 1:  # [out, in / g, kh, kw]: row o of group o // (out / g) reads channels of that group
+        per_group = weight.shape[1]
+        group_of_row = np.arange(weight.shape[0]) // (weight.shape[0] // groups)
+        columns = inverse.reshape(groups, per_group)[group_of_row]
+        return weight * columns.reshape(weight.shape[0], per_group, *([1] * (weight.ndim - 2)))
+    return weight * _along(inverse, weight.ndim, _input_axis(layer.type))
 
 
 def equalize_weights(
@@ -197,6 +216,6 @@ def equalize_weights(
             blobs[1] = blobs[1] * k.reshape(blobs[1].shape)
         out[pair.producer] = [b.astype(np.float32) for b in blobs]
         reader = [np.asarray(b) for b in out[pair.consumer]]
-        reader[0] = _scaled_input(consumer.type, reader[0].astype(np.float64), 1.0 / k).astype(np.float32)
+        reader[0] = _scaled_input(consumer, reader[0].astype(np.float64), 1.0 / k).astype(np.float32)
         out[pair.consumer] = reader
     return out
