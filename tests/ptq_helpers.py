@@ -59,3 +59,23 @@ class PtqFlow:
             for name in seen:
                 seen[name].append(net.blobs[name].data.copy())
         return seen
+
+
+def calibrated_graph(proto: str, weights: str, folder: Path,
+                     data: list[dict[str, np.ndarray]]) -> CalibrationGraph:
+    """PTQ of any model up to ``save_model``: the default config with ``batch_num = len(data)``, ``init``,
+    ``quantize_model`` and the calibration model run on each batch of ``data`` (``{input blob: array}``,
+    the inputs reshaped to each batch); the files go to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config, record = str(folder / "config.json"), str(folder / "record.txt")
+    amct.create_quant_config(config, proto, weights, batch_num=len(data))
+    graph = amct.init(config, proto, weights, record)
+    cal_model, cal_weights = str(folder / "calibration.prototxt"), str(folder / "calibration.caffemodel")
+    amct.quantize_model(graph, cal_model, cal_weights)
+    net = caffe.Net(cal_model, caffe.TEST, weights=cal_weights)
+    for batch in data:
+        for name, value in batch.items():
+            net.blobs[name].reshape(*value.shape)
+        net.reshape()
+        net.forward(**batch)
+    return graph

@@ -27,6 +27,7 @@ from amct_caffe.passes.equalize import (
     equalizing_scales,
 )
 from tests.helpers import caffemodel_blobs, parse_net
+from tests.ptq_helpers import calibrated_graph
 from tests.references.ifmr import ifmr_exact
 from tests.references.nets import write_random_net
 
@@ -191,15 +192,8 @@ def _unbalanced_net(folder: Path) -> tuple[str, str]:
 
 
 def _save(proto: str, weights: str, folder: Path, data: list[dict[str, np.ndarray]], refine=None) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    config, record = str(folder / "config.json"), str(folder / "record.txt")
-    amct.create_quant_config(config, proto, weights, batch_num=len(data))
-    graph = amct.init(config, proto, weights, record)
-    cal_model, cal_weights = str(folder / "cal.prototxt"), str(folder / "cal.caffemodel")
-    amct.quantize_model(graph, cal_model, cal_weights)
-    net = caffe.Net(cal_model, caffe.TEST, weights=cal_weights)
-    for batch in data:
-        net.forward(**batch)
+    graph = calibrated_graph(proto, weights, folder, data)
+    record = folder / "record.txt"
     prefix = str(folder / "out" / "model")
     amct.save_model(graph, "Both", prefix + "_plain")
     record_bytes = Path(record).read_bytes()

@@ -36,6 +36,7 @@ import pytest
 from amct_caffe import amct, caffe
 from amct_caffe.errors import ConfigError
 from tests.helpers import caffemodel_blobs, read_record
+from tests.ptq_helpers import calibrated_graph
 from tests.references import refine as refine_ref
 from tests.references.nets import write_random_net
 from tests.references.real_caffe import SHARED
@@ -84,17 +85,7 @@ def sr_psnr(sr: np.ndarray, hr: np.ndarray) -> float:
 
 def run_ptq(proto: str, weights: str, folder: Path, data: list[dict[str, np.ndarray]],
             refine: str | list[str] | None = None) -> str:
-    config, record = str(folder / "config.json"), str(folder / "record.txt")
-    amct.create_quant_config(config, proto, weights, batch_num=len(data))
-    graph = amct.init(config, proto, weights, record)
-    cal_model, cal_weights = str(folder / "calibration.prototxt"), str(folder / "calibration.caffemodel")
-    amct.quantize_model(graph, cal_model, cal_weights)
-    net = caffe.Net(cal_model, caffe.TEST, weights=cal_weights)
-    for batch in data:
-        for name, value in batch.items():
-            net.blobs[name].reshape(*value.shape)
-        net.reshape()
-        net.forward(**batch)
+    graph = calibrated_graph(proto, weights, folder, data)
     prefix = str(folder / "out" / "model")
     if refine is None:
         amct.save_model(graph, "Both", prefix)

@@ -17,7 +17,7 @@ tool comparing the float model's blobs with the saved models' can undo them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +69,19 @@ class Equalized:
                  "scales": [float(v) for v in self.scales[p.consumer]]} for p in self.pairs]
 
 
+def _each_forward(engine: Net, data: Sequence[Mapping[str, np.ndarray]], desc: str,
+                  api: str) -> Iterator[int]:
+    """Run ``engine`` forward on each calibration batch (a progress bar over them); yields the batch index
+    after each forward, while the engine holds that batch's blobs."""
+    batches = calibration_batches(data, engine.inputs, engine.device, api)
+    for i, batch in enumerate(tqdm(batches, desc=desc, disable=None)):
+        for name, value in batch.items():
+            engine.set_tensor(name, value)
+        engine.reshape()
+        engine.run()
+        yield i
+
+
 def _channel_extremes(
     net: caffe_pb2.NetParameter, weights: caffe_pb2.NetParameter, blobs: Sequence[str],
     data: Sequence[Mapping[str, np.ndarray]], api: str,
@@ -78,12 +91,7 @@ def _channel_extremes(
     lows: dict[str, torch.Tensor] = {}
     highs: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for batch in tqdm(calibration_batches(data, engine.inputs, engine.device, api),
-                          desc="equalization statistics", disable=None):
-            for name, value in batch.items():
-                engine.set_tensor(name, value)
-            engine.reshape()
-            engine.run()
+        for _ in _each_forward(engine, data, "equalization statistics", api):
             for blob in blobs:
                 value = engine.tensor(blob)
                 per_channel = value.transpose(0, 1).reshape(value.shape[1], -1)
@@ -103,12 +111,8 @@ def _calibrated(
     insert_calibration_layers(graph, groups, len(data), with_offset, "")
     engine = Net(graph.to_net_parameter(), TEST, weights=weights)
     with torch.no_grad():
-        for batch in tqdm(calibration_batches(data, engine.inputs, engine.device, api),
-                          desc="equalization calibration", disable=None):
-            for name, value in batch.items():
-                engine.set_tensor(name, value)
-            engine.reshape()
-            engine.run()
+        for _ in _each_forward(engine, data, "equalization calibration", api):
+            pass
     found = {}
     for group in groups:
         layer = engine.engine_layers[engine.layer_index(group.name)]
