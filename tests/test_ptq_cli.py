@@ -204,3 +204,60 @@ def test_parsers():
         with pytest.raises(ConfigError):
             parse_input_shape(text)
     assert issubclass(CalibrationDataError, ConfigError)
+
+
+REFINE_NET = """
+name: "refine"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip" inner_product_param { num_output: 3 } }
+"""
+
+
+def test_refine_equalization_and_end_to_end_from_the_command_line(tmp_path, capsys):
+    import json
+
+    model, weights = write_random_net(tmp_path, REFINE_NET)
+    write_bins(tmp_path / "bins", 2)
+    base = ["--model", model, "--weights", weights, "--input_shape", "data:2,3,6,6", "--data_dir",
+            str(tmp_path / "bins"), "--data_types", "float32", "--batch_num", "2"]
+    code, err = run([*base, "--save_path", str(tmp_path / "plain" / "m")], capsys)
+    assert code == 0, err
+    out = str(tmp_path / "out" / "m")
+    code, err = run([*base, "--save_path", out, "--refine", "equalization, end_to_end"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(OUTPUTS)
+    info = json.loads((tmp_path / "out" / "m_quant.json").read_text())
+    assert [(e["producer"], e["consumer"]) for e in info["equalizations"]] == [("conv1", "ip")]
+    plain = (tmp_path / "plain" / "m_deploy_weights.caffemodel").read_bytes()
+    assert (tmp_path / "out" / "m_deploy_weights.caffemodel").read_bytes() != plain
+    # the record file written beside the models is the calibration's, as without --refine
+    assert (tmp_path / "out" / "m_scale_offset_record.txt").read_text() == \
+        (tmp_path / "plain" / "m_scale_offset_record.txt").read_text()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--refine", "equalize"], "refine must be None"),
+    (["--refine", "adaround,end_to_end"], "at most one of"),
+    (["--refine", "equalization,,end_to_end"], "empty name"),
+])
+def test_bad_refine_writes_nothing(tmp_path, capsys, extra, words):
+    model, weights = write_random_net(tmp_path)
+    write_bins(tmp_path / "bins", 1)
+    code, err = run(["--model", model, "--weights", weights, "--save_path", str(tmp_path / "out" / "m"),
+                     "--input_shape", "data:2,3,6,6", "--data_dir", str(tmp_path / "bins"),
+                     "--data_types", "float32", *extra], capsys)
+    assert code != 0 and words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refine_with_an_evaluator_is_refused(tmp_path, capsys):
+    model, weights = write_random_net(tmp_path)
+    script = tmp_path / "evaluator.py"
+    script.write_text("class Evaluator:\n    def calibration(self, model, weights):\n        pass\n")
+    code, err = run(["--model", model, "--weights", weights, "--save_path", str(tmp_path / "out" / "m"),
+                     "--evaluator", str(script), "--refine", "end_to_end"], capsys)
+    assert code == 1 and "--refine" in err and "--evaluator" in err, err
+    assert not (tmp_path / "out").exists()

@@ -567,7 +567,7 @@ def cmd_calibration(args: argparse.Namespace) -> int:
 
     written = run_calibration(args.model, args.weights, args.save_path, args.input_shape, args.data_dir,
                               args.data_types, args.evaluator, args.calibration_config, args.batch_num,
-                              args.gpu_id, for_atc=args.atc_ready)
+                              args.gpu_id, for_atc=args.atc_ready, refine=_names(args.refine, "--refine"))
     print("calibration done:")
     for path in written:
         print(f"  {path}")
@@ -585,6 +585,20 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _names(text: str | None, option: str) -> list[str] | None:
+    """The comma-separated names of ``option`` (blanks around them dropped); None when not given.
+
+    Raises:
+        ConfigError: an empty name.
+    """
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"{option} '{text}' has an empty name; separate the names by single commas.")
+    return names
 
 
 def _hidden_alias(parser: argparse.ArgumentParser, option: str, dest: str,
@@ -697,6 +711,10 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
         p.add_argument("--atc_ready", "--atc-ready", dest="atc_ready", action="store_true",
                        help="write the models in inference form (Input layers with --input_shape or the "
                             "net's shapes, no loss/accuracy), the deploy prototxt as ATC converts it as is")
+        p.add_argument("--refine", metavar="NAMES",
+                       help="not AMCT: refinements on the calibration batches, comma-separated: "
+                            "equalization, then at most one of bias_correction, adaround, end_to_end (e.g. "
+                            "equalization,end_to_end); needs the data options")
 
     p = _add(sub, "retrain-config", cmd_retrain_config,
              "write the QAT config of a float model (create_quant_retrain_config)", debug)

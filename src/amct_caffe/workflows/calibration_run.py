@@ -19,7 +19,9 @@ overrides the ``.cfg``'s ``batch_num`` (default 1).
 ``save_path`` is a folder plus a file-name prefix as in ``save_model`` (a folder alone, or a path ending
 with a separator, takes the model file's name as the prefix). Outputs: the four model files and
 ``<prefix>_quant.json`` of ``save_model``, plus ``<prefix>_quant_config.json`` (the PTQ config used) and
-``<prefix>_scale_offset_record.txt`` (the record). The calibration model lives in a temporary folder that is
+``<prefix>_scale_offset_record.txt`` (the record). Beyond AMCT, ``--refine`` runs ``save_model``'s
+refinements (``equalization``, ``bias_correction``, ``adaround``, ``end_to_end``; comma-separated) on the
+batches of the data options. The calibration model lives in a temporary folder that is
 removed afterwards. Everything is checked (inputs, data files, config) before the first output is written,
 and on any error no output is left.
 """
@@ -43,6 +45,7 @@ from amct_caffe.log import get_logger
 from amct_caffe.model.io import atomic_write
 from amct_caffe.quant.ptq_config import dumps_json
 from amct_caffe.workflows import ptq
+from amct_caffe.workflows.refine import refine_plan
 
 LOGGER = get_logger("calibration")
 
@@ -232,10 +235,12 @@ def run_calibration(
     gpu_id: int | None = None,
     *,
     for_atc: bool = False,
+    refine: Sequence[str] | None = None,
 ) -> list[str]:
     """Quantize ``model_file`` after training (module docstring); returns the files written. ``for_atc``
     writes the inference / ATC-ready prototxts (``ptq.save_model``), its Input shapes from ``input_shape``
-    where given.
+    where given. ``refine`` (not AMCT's): the refinements of ``save_model`` (``workflows.refine``), run on
+    the calibration batches of the data options.
 
     Raises:
         ConfigError: missing or conflicting options; anything the PTQ API refuses.
@@ -256,6 +261,12 @@ def run_calibration(
             raise ConfigError(f"{option}: file '{path}' does not exist.")
     if batch_num is not None and batch_num <= 0:
         raise ConfigError(f"--batch_num must be a positive integer, got {batch_num}.")
+    if refine:
+        refine_plan(list(refine), None, "--refine", need_data=False)
+        if evaluator is not None:
+            raise ConfigError("--refine trains on the calibration batches, which an evaluator script runs "
+                              "out of sight; give the data options (--input_shape, --data_dir, --data_types) "
+                              "instead of --evaluator.")
     if gpu_id is not None:
         from amct_caffe.engine import device
 
@@ -275,10 +286,13 @@ def run_calibration(
             config = replace(config, batch_num=batch_num)
             atomic_write(config_path, dumps_json(config).encode("utf-8"))
         run: Callable[[str, str], Any]
+        batches: list[dict[str, np.ndarray]] | None = None
         if evaluator is not None:
             run = load_evaluator(evaluator)
         else:
             inputs = calibration_inputs(str(input_shape), str(data_dir), str(data_types), config.batch_num)
+            if refine:
+                batches = [{data.name: data.batch(i) for data in inputs} for i in range(config.batch_num)]
 
             def run(model: str, weights: str) -> None:
                 run_batches(model, weights, inputs, config.batch_num)
@@ -291,7 +305,8 @@ def run_calibration(
         extra = {prefix + CONFIG_SUFFIX: Path(config_path).read_bytes(),
                  prefix + RECORD_SUFFIX: Path(record_path).read_bytes()}
         shapes = dict(parse_input_shape(input_shape)) if for_atc and input_shape is not None else None
-        ptq.save_model(graph, "Both", prefix, extra_files=extra, for_atc=for_atc, input_shape=shapes)
+        ptq.save_model(graph, "Both", prefix, extra_files=extra, refine=list(refine) if refine else None,
+                       calibration_data=batches, for_atc=for_atc, input_shape=shapes)
     written = [prefix + suffix for suffix in ("_fake_quant_model.prototxt", "_fake_quant_weights.caffemodel",
                                               "_deploy_model.prototxt", "_deploy_weights.caffemodel",
                                               ptq.QUANT_INFO_SUFFIX, CONFIG_SUFFIX, RECORD_SUFFIX)]

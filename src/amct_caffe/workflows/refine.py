@@ -106,10 +106,12 @@ class RefinePlan:
 
 
 def refine_plan(
-    refine: str | Sequence[str] | None, data: Sequence[Mapping[str, np.ndarray]] | None, api: str
+    refine: str | Sequence[str] | None, data: Sequence[Mapping[str, np.ndarray]] | None, api: str,
+    need_data: bool = True,
 ) -> RefinePlan | None:
     """The plan of ``refine``: None, one name, or a list/tuple of names holding at most one of
     :data:`REFINEMENTS` and :data:`EQUALIZATION` at most once (equalization always runs first).
+    ``need_data=False`` checks the names only (the data comes later).
 
     Raises:
         ConfigError: an unknown name, two weight refinements, a repeated name, or a refinement without
@@ -127,7 +129,7 @@ def refine_plan(
     if len(chosen) > 1:
         raise ConfigError(f"{api}: refine holds {chosen}; give at most one of {list(REFINEMENTS)} (each one "
                           f"replaces the others' weights), with or without '{EQUALIZATION}'.")
-    if not data:
+    if need_data and not data:
         raise ConfigError(
             f"{api}: refine={refine!r} needs calibration_data: the input batches the calibration ran, as a "
             "list of {input blob name: array} dicts (the same arrays given to net.forward)."
