@@ -78,6 +78,15 @@ layer { name: "e" type: "Convolution" bottom: "d" top: "e"
 layer { name: "f" type: "Convolution" bottom: "e" top: "f"
         convolution_param { num_output: 4 kernel_size: 1 } }
 layer { name: "f_relu" type: "ReLU" bottom: "f" top: "f" }
+layer { name: "f_pool" type: "Pooling" bottom: "f" top: "f_p"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "f_ave" type: "Pooling" bottom: "f_p" top: "f_a" pooling_param { pool: AVE kernel_size: 1 } }
+layer { name: "f_m" type: "Convolution" bottom: "f_a" top: "f_m"
+        convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "f_relu2" type: "ReLU" bottom: "f_m" top: "f_m" }
+layer { name: "f_pool2" type: "Pooling" bottom: "f_m" top: "f_m2" pooling_param { pool: MAX kernel_size: 1 } }
+layer { name: "f_n" type: "Convolution" bottom: "f_m2" top: "f_n"
+        convolution_param { num_output: 2 kernel_size: 1 } }
 layer { name: "g1" type: "Convolution" bottom: "f" top: "g1"
         convolution_param { num_output: 2 kernel_size: 1 } }
 layer { name: "g2" type: "Convolution" bottom: "f" top: "g2"
@@ -94,24 +103,25 @@ def test_pairs_need_a_weighted_producer_homogeneous_layers_and_one_reader(tmp_pa
     proto, weights = write_random_net(tmp_path, PATTERNS)
     net = parse_net(Path(proto).read_text())
     blobs = caffemodel_blobs(weights)
-    quantized = {"a", "b", "c", "d", "e", "f", "g1", "g2", "i", "j", "k"}
+    quantized = {"a", "b", "c", "d", "e", "f", "f_m", "f_n", "g1", "g2", "i", "j", "k"}
     pairs = equalization_pairs(Graph(net), blobs, quantized)
     # a: reads the net input. b <- a through ReLU. c <- b through Sigmoid: no. d <- c through PReLU + ReLU
     # (not in place). e <- d directly, a grouped reader. f <- e (a grouped producer's outputs are still its
-    # weight rows). g1, g2: f's value has two readers. i <- Concat: no producer with weights. j <- i through
-    # ReLU (in place). k <- j directly (no layer between).
+    # weight rows). f_m <- AVE Pooling: no. f_n <- f_m through ReLU and MAX Pooling. g1, g2: f's value has
+    # three readers. i <- Concat: no producer with weights. j <- i through ReLU (in place). k <- j directly.
     assert pairs == [
         EqualizationPair("a", "b", "a", 4, ("a",)),
         EqualizationPair("c", "d", "c_r", 4, ("c", "c_p", "c_r")),
         EqualizationPair("d", "e", "d", 4, ("d",)),
         EqualizationPair("e", "f", "e", 4, ("e",)),
+        EqualizationPair("f_m", "f_n", "f_m2", 2, ("f_m", "f_m2")),
         EqualizationPair("i", "j", "i", 3, ("i",)),
         EqualizationPair("j", "k", "j", 2, ("j",)),
     ]
     # a reader that is not quantized is no pair; a producer quantized per tensor is none either
     assert [p.consumer for p in equalization_pairs(Graph(net), blobs, {"b", "f"})] == ["b", "f"]
     per_tensor = equalization_pairs(Graph(net), blobs, quantized, {"a", "i"})
-    assert [p.consumer for p in per_tensor] == ["d", "e", "f", "k"]
+    assert [p.consumer for p in per_tensor] == ["d", "e", "f", "f_n", "k"]
 
 
 def _forward(proto: str, weights: str, x: np.ndarray, top: str) -> np.ndarray:
@@ -161,11 +171,12 @@ def test_equalized_weights_by_hand_and_the_float_model_unchanged(tmp_path):
 
 
 def test_every_pattern_keeps_the_float_model(tmp_path):
-    # Deconvolution producer, grouped reader, a chain of PReLU + ReLU not in place, InnerProduct chains
+    # Deconvolution producer, grouped reader, PReLU + ReLU not in place, ReLU + MAX Pooling, InnerProducts
     proto, weights = write_random_net(tmp_path, PATTERNS, seed=5)
     graph = Graph(parse_net(Path(proto).read_text()))
     before = caffemodel_blobs(weights)
-    pairs = equalization_pairs(graph, before, {"b", "d", "e", "f", "j", "k"})
+    pairs = equalization_pairs(graph, before, {"b", "d", "e", "f", "f_n", "j", "k"})
+    assert len(pairs) == 7
     rng = np.random.default_rng(1)
     scales = {p.consumer: rng.uniform(1.0, 30.0, p.channels) for p in pairs}
     after = equalize_weights(graph, before, pairs, scales)
@@ -174,9 +185,10 @@ def test_every_pattern_keeps_the_float_model(tmp_path):
     np.testing.assert_allclose(after["e"][0] / scales["f"][:, None, None, None], expected, rtol=1e-6)
     equalized = _saved(proto, weights, after, tmp_path / "equalized.caffemodel")
     x = rng.uniform(-1.0, 1.0, (1, 4, 6, 6)).astype(np.float32)
-    ref = _forward(proto, weights, x, "k")
-    np.testing.assert_allclose(_forward(proto, equalized, x, "k"), ref, rtol=1e-4,
-                               atol=1e-5 * np.abs(ref).max())
+    for top in ("k", "f_n"):
+        ref = _forward(proto, weights, x, top)
+        np.testing.assert_allclose(_forward(proto, equalized, x, top), ref, rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref).max())
 
 
 # -- the flow on an unbalanced net ---------------------------------------------------------------------------

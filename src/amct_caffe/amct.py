@@ -445,11 +445,11 @@ def save_model(
             the float model's outputs on ``calibration_data`` (docs/design.md, "Post-training refinement").
             ``"equalization"`` -- alone or in a list with one of the three, e.g.
             ``["equalization", "end_to_end"]``, and always run first -- multiplies the output channels of a
-            layer that feeds a quantized layer through ReLU/PReLU only by ``k_c >= 1`` and divides the
-            reader's weights by ``k_c``, so every channel of the quantized input fills the one activation
-            grid; the touched layers get new ARQ and IFMR factors on ``calibration_data``. The record file
-            keeps the calibration's factors; the models hold the new ones and ``<save_path>_quant.json``
-            lists each rescaled pair and its ``k_c`` under ``equalizations``.
+            layer that feeds a quantized layer through ReLU/PReLU/MAX Pooling only by ``k_c >= 1`` and
+            divides the reader's weights by ``k_c``, so every channel of the quantized input fills the one
+            activation grid; the touched layers get new ARQ and IFMR factors on ``calibration_data``. The
+            record file keeps the calibration's factors; the models hold the new ones and
+            ``<save_path>_quant.json`` lists each rescaled pair and its ``k_c`` under ``equalizations``.
         calibration_data: keyword-only, needed by ``refine``: the calibration batches, a list of
             ``{input blob name: array}`` (the arrays the calibration model ran on).
         for_atc: keyword-only, not part of AMCT's API; False (default) writes exactly AMCT's models. True

@@ -6,17 +6,17 @@ tensor have very different ranges (the input of FSRCNN's Deconvolution: 56 chann
 the narrow channels use a few codes of the grid and their rounding noise is large next to their signal.
 A float model does not change when output channel ``c`` of a layer ``P`` is multiplied by ``k_c > 0`` and
 the weights that read channel ``c`` in the next layer ``C`` are divided by ``k_c``, as long as what lies
-between them is positively homogeneous per channel: ``ReLU`` (any ``negative_slope``) and ``PReLU`` (per
-channel or shared slope), since ``f(k x) = k f(x)`` for ``k > 0``.
+between them is positively homogeneous per channel: ``ReLU`` (any ``negative_slope``), ``PReLU`` (per
+channel or shared slope) and MAX ``Pooling``, since ``f(k x) = k f(x)`` for ``k > 0``.
 
 The pattern (:func:`equalization_pairs`): ``C`` is a quantized Convolution (any ``group``; a depthwise
 reader's weight row ``c`` reads channel ``c`` alone, so its per-channel weight grid simply follows),
 Deconvolution (``group: 1``) or InnerProduct (``axis: 1``, no ``transpose``) with one bottom; the value it
 reads comes from ``P`` -- a Convolution (any ``group``), Deconvolution (``group: 1``) or InnerProduct
 (``axis: 1``, no ``transpose``) with one bottom and one top and weights in the caffemodel -- through zero or
-more ReLU/PReLU layers, in place or not, and every value on that path has exactly one reader (the next
-layer of the path). So nothing else sees the rescaled channels. A ``P`` quantized with one weight scale for
-all its rows is left out (its grown rows would coarsen the grid of the others).
+more ReLU/PReLU/MAX Pooling layers, in place or not, and every value on that path has exactly one reader
+(the next layer of the path). So nothing else sees the rescaled channels. A ``P`` quantized with one weight
+scale for all its rows is left out (its grown rows would coarsen the grid of the others).
 
 The scales (:func:`equalizing_scales`): from each channel's extremes over the calibration data,
 ``k_c = min(hi / hi_c, lo / lo_c)`` over the sides the channel has (``hi``, ``lo``: the tensor's extremes),
@@ -44,7 +44,7 @@ from amct_caffe.proto import caffe_pb2
 #: Largest factor a channel is scaled by: a channel whose range is a thousandth of the tensor's carries
 #: nothing the grid could resolve, and larger factors would only push its reader's weights toward zero.
 MAX_SCALE = 1024.0
-#: Layers between ``P`` and ``C`` that commute with a positive scale per channel.
+#: Layers between ``P`` and ``C`` that commute with a positive scale per channel (and MAX Pooling).
 HOMOGENEOUS_TYPES = ("ReLU", "PReLU")
 _WEIGHTED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
@@ -56,10 +56,10 @@ class EqualizationPair:
     Attributes:
         producer: ``P``'s name.
         consumer: ``C``'s name.
-        blob: the blob ``C`` reads (the value after the ReLU/PReLU layers, if any).
+        blob: the blob ``C`` reads (the value after the ReLU/PReLU/MAX Pooling layers, if any).
         channels: the number of channels scaled.
         values: the blobs on the way, each scaled by ``k_c`` per channel: ``P``'s top and the top of every
-            ReLU/PReLU up to ``blob`` (one name when they run in place).
+            ReLU/PReLU/MAX Pooling up to ``blob`` (one name when they run in place).
     """
 
     producer: str
@@ -67,6 +67,13 @@ class EqualizationPair:
     blob: str
     channels: int
     values: tuple[str, ...] = ()
+
+
+def _homogeneous(layer: caffe_pb2.LayerParameter) -> bool:
+    """ReLU, PReLU or MAX Pooling: ``f(k x) = k f(x)`` per channel for ``k > 0``."""
+    if layer.type == "Pooling":
+        return layer.pooling_param.pool == caffe_pb2.PoolingParameter.MAX
+    return layer.type in HOMOGENEOUS_TYPES
 
 
 def _single_reader(graph: Graph, layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter | None:
@@ -132,7 +139,7 @@ def _pair_of(graph: Graph, consumer: caffe_pb2.LayerParameter, weights: Weights)
         return None
     reader, node = consumer, graph.producer(consumer.name, 0)
     tops: list[str] = []
-    while node is not None and node.type in HOMOGENEOUS_TYPES:
+    while node is not None and _homogeneous(node):
         if not _one_in_one_out(node) or _single_reader(graph, node) is not reader:
             return None
         tops.append(node.top[0])

@@ -156,7 +156,7 @@ def equalize(
     pairs = equalization_pairs(graph, weights, set(factors), per_tensor)
     if not pairs:
         LOGGER.info("Equalization: no Convolution/Deconvolution/InnerProduct feeds a quantized layer through "
-                    "ReLU/PReLU only; nothing to equalize.")
+                    "ReLU/PReLU/MAX Pooling only; nothing to equalize.")
         return Equalized(weights, dict(factors))
     float_weights = weights_to_net(weights, net, like=like)
     extremes = _channel_extremes(net, float_weights, sorted({p.blob for p in pairs}), data, api)
