@@ -26,6 +26,7 @@ from amct_caffe.passes.equalize import (
     equalize_weights,
     equalizing_scales,
 )
+from amct_caffe.quant.numerics import QuantDataError
 from tests.helpers import caffemodel_blobs, parse_net
 from tests.ptq_helpers import calibrated_graph
 from tests.references.ifmr import ifmr_exact
@@ -316,6 +317,17 @@ layer { name: "ip" type: "InnerProduct" bottom: "sig" top: "ip" inner_product_pa
     prefix = _save(proto, weights, tmp_path / "q", data, "equalization")
     for suffix in ("_fake_quant_weights.caffemodel", "_deploy_weights.caffemodel", "_quant.json"):
         assert Path(prefix + suffix).read_bytes() == Path(prefix + "_plain" + suffix).read_bytes(), suffix
+
+
+def test_calibration_data_with_nan_is_a_named_error_and_writes_nothing(unbalanced, tmp_path):
+    proto, weights, data, _ = unbalanced
+    graph = calibrated_graph(proto, weights, tmp_path / "q", data)
+    bad = [{"data": batch["data"].copy()} for batch in data]
+    bad[1]["data"][0, 0, 0, 0] = np.nan
+    with pytest.raises(QuantDataError, match=r"calibration_data gives inf or NaN.*\['conv2', 'ip'\]"):
+        amct.save_model(graph, "Both", str(tmp_path / "out" / "m"), refine="equalization",
+                        calibration_data=bad)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("refine, message", [

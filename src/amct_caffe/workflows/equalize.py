@@ -39,6 +39,7 @@ from amct_caffe.passes.equalize import (
 )
 from amct_caffe.proto import caffe_pb2
 from amct_caffe.quant.arq import arq_scale, weight_channel_axis
+from amct_caffe.quant.numerics import QuantDataError
 from amct_caffe.workflows.refine import calibration_batches
 
 LOGGER = get_logger("ptq.equalize")
@@ -169,8 +170,14 @@ def equalize(
         new_factors[name] = (layer_type, scale_d, offset_d, arq.numpy().astype(np.float32), channel_wise)
     readers = {p.consumer for p in pairs}
     touched = [g for g in groups if readers & set(g.layers)]
-    for name, (scale_d, offset_d) in _calibrated(net, weights_to_net(equalized, net, like=like), touched,
-                                                 with_offset, data, model_file, api).items():
+    try:
+        calibrated = _calibrated(net, weights_to_net(equalized, net, like=like), touched, with_offset, data,
+                                 model_file, api)
+    except QuantDataError as exc:
+        raise QuantDataError(f"{api}: equalization of '{model_file}': calibration_data gives inf or NaN "
+                             f"values at the input of one of the layers {sorted(readers)}; give finite "
+                             "calibration batches.") from exc
+    for name, (scale_d, offset_d) in calibrated.items():
         layer_type, _, _, scale_w, channel_wise = new_factors[name]
         new_factors[name] = (layer_type, scale_d, offset_d, scale_w, channel_wise)
     for pair in pairs:
