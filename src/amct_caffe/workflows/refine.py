@@ -1,6 +1,8 @@
 """Optional post-training refinements of the PTQ models: bias correction, learned rounding, end-to-end codes.
 
-Off by default (``save_model``'s ``refine=None`` writes exactly AMCT's models). With
+Off by default (``save_model``'s ``refine=None`` writes exactly AMCT's models). ``refine`` is one name or a
+list of names: at most one of the three weight refinements below, optionally with ``"equalization"``
+(``workflows.equalize``), which always runs first. With
 ``refine="bias_correction"`` the float bias of every quantized Convolution/Deconvolution/InnerProduct that
 has one is shifted, per output channel, by the mean difference between the float model's output of that
 layer and the fake-quant model's output of it on the calibration data:
