@@ -153,29 +153,26 @@ def equalize(
         QuantDataError: a rescaled input holds inf/NaN.
     """
     graph = Graph(net, model_file)
-    per_tensor = {name for name, factor in factors.items() if not factor[4]}
+    per_tensor = {name for name, (*_, channel_wise) in factors.items() if not channel_wise}
     pairs = equalization_pairs(graph, weights, set(factors), per_tensor)
     if not pairs:
         LOGGER.info("Equalization: no Convolution/Deconvolution/InnerProduct feeds a quantized layer through "
                     "ReLU/PReLU/MAX Pooling only; nothing to equalize.")
         return Equalized(weights, dict(factors))
-    float_weights = weights_to_net(weights, net, like=like)
-    extremes = _channel_extremes(net, float_weights, sorted({p.blob for p in pairs}), data, api)
+    blobs = sorted({p.blob for p in pairs})
+    extremes = _channel_extremes(net, weights_to_net(weights, net, like=like), blobs, data, api)
     scales = {p.consumer: equalizing_scales(*extremes[p.blob]) for p in pairs}
     equalized = equalize_weights(graph, weights, pairs, scales)
-    new_factors = dict(factors)
-    for name in sorted({p.producer for p in pairs if p.producer in factors} | {p.consumer for p in pairs}):
-        layer_type, scale_d, offset_d, _, channel_wise = new_factors[name]
-        arq = arq_scale(equalized[name][0], channel_wise, weight_channel_axis(layer_type))
-        new_factors[name] = (layer_type, scale_d, offset_d, arq.numpy().astype(np.float32), channel_wise)
-    readers = {p.consumer for p in pairs}
-    touched = [g for g in groups if readers & set(g.layers)]
+    rescaled = {p.producer for p in pairs if p.producer in factors} | {p.consumer for p in pairs}
+    new_factors = _with_weight_scales(factors, equalized, rescaled)
+    readers = sorted(p.consumer for p in pairs)
     try:
-        calibrated = _calibrated(net, weights_to_net(equalized, net, like=like), touched, with_offset, data,
+        calibrated = _calibrated(net, weights_to_net(equalized, net, like=like),
+                                 [g for g in groups if set(readers) & set(g.layers)], with_offset, data,
                                  model_file, api)
     except QuantDataError as exc:
         raise QuantDataError(f"{api}: equalization of '{model_file}': calibration_data gives inf or NaN "
-                             f"values at the input of one of the layers {sorted(readers)}; give finite "
+                             f"values at the input of one of the layers {readers}; give finite "
                              "calibration batches.") from exc
     for name, (scale_d, offset_d) in calibrated.items():
         layer_type, _, _, scale_w, channel_wise = new_factors[name]
@@ -185,3 +182,13 @@ def equalize(
         LOGGER.info("Equalized '%s' -> '%s' (blob '%s'): %d channel(s) scaled by %.3g to %.3g.",
                     pair.producer, pair.consumer, pair.blob, pair.channels, float(k.min()), float(k.max()))
     return Equalized(equalized, new_factors, pairs, scales)
+
+
+def _with_weight_scales(factors: Factors, weights: Weights, names: set[str]) -> Factors:
+    """``factors`` with ARQ's ``scale_w`` of ``weights`` for the layers ``names``."""
+    out = dict(factors)
+    for name in sorted(names):
+        layer_type, scale_d, offset_d, _, channel_wise = out[name]
+        arq = arq_scale(weights[name][0], channel_wise, weight_channel_axis(layer_type))
+        out[name] = (layer_type, scale_d, offset_d, arq.numpy().astype(np.float32), channel_wise)
+    return out
