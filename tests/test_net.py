@@ -163,6 +163,47 @@ def test_param_sharing_by_name():
         net_from(SHARED_PARAMS.replace("NUM", "4"))
 
 
+STACKED_SHARED = """
+name: "stacked"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 2 dim: 4 } shape { dim: 2 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+        param { name: "w" } param { name: "b" } inner_product_param { num_output: 4 } }
+layer { name: "tanh" type: "TanH" bottom: "ip1" top: "t" }
+layer { name: "ip2" type: "InnerProduct" bottom: "t" top: "ip2"
+        param { name: "w" } param { name: "b" } inner_product_param { num_output: 4 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+
+def test_backward_of_a_parameter_shared_by_stacked_layers():
+    # one weight and bias used twice in a row: Caffe's shared diff is the sum of the two layers' own
+    # gradients, each layer counting only its direct use (a numpy reference of the chain rule)
+    net = net_from(STACKED_SHARED, caffe.TRAIN)
+    rng = np.random.default_rng(3)
+    w, b = rng.standard_normal((4, 4)), rng.standard_normal(4)
+    x, label = rng.standard_normal((2, 4)), np.array([1, 3])
+    net.params["ip1"][0].data[...] = w
+    net.params["ip1"][1].data[...] = b
+    net.blobs["data"].data[...] = x
+    net.blobs["label"].data[...] = label
+    net.forward()
+    net.backward()
+    w, b, x = (v.astype(np.float32).astype(np.float64) for v in (w, b, x))
+    t = np.tanh(x @ w.T + b)
+    y2 = t @ w.T + b
+    p = np.exp(y2 - y2.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    g2 = (p - np.eye(4)[label]) / 2  # SoftmaxWithLoss averages over the batch
+    g1 = (g2 @ w) * (1 - t ** 2)
+    expected_w, expected_b = g2.T @ t + g1.T @ x, g2.sum(axis=0) + g1.sum(axis=0)
+    for layer in ("ip1", "ip2"):
+        np.testing.assert_allclose(net.params[layer][0].diff, expected_w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(net.params[layer][1].diff, expected_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.blobs["t"].diff, g2 @ w, rtol=1e-5, atol=1e-6)
+
+
 def test_structural_errors_name_the_layer():
     with pytest.raises(ModelFormatError, match="'ip1'.*'nothing'"):
         net_from('layer { name: "ip1" type: "InnerProduct" bottom: "nothing" top: "x" }')

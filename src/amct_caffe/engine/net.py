@@ -182,6 +182,8 @@ class Net:
         self._diffs: dict[str, Tensor] = {}
         # the diff each bottom that shares its value with other bottoms last computed (Caffe's split tops)
         self._reader_diffs: dict[tuple[int, int], Tensor] = {}
+        # (layer, param index) of every parameter that several layers share (``param { name: ... }``)
+        self._shared_slots: set[tuple[int, int]] = set()
         # per layer, the (bottom, top) tensors of the last forward that recorded a graph (see ``run``)
         self._tape: list[Recorded | None] = []
         self._set_up = False
@@ -337,6 +339,7 @@ class Net:
                     owners[spec.name] = (li, pi)
                     continue
                 oli, opi = owners[spec.name]
+                self._shared_slots |= {(oli, opi), (li, pi)}
                 owner = self.engine_layers[oli].blobs[opi]
                 mine = layer.blobs[pi]
                 strict = spec.share_mode != caffe_pb2.ParamSpec.PERMISSIVE
@@ -569,12 +572,18 @@ class Net:
                         out_grads[-1] = self.diff(name).to(top.device).reshape(top.shape)
             wanted = [(j, b) for j, b in enumerate(bottoms) if plan.bottom[i][j] and b.requires_grad]
             # the gradient at the layer's own aliases of its bottoms: its diffs alone (see ``_record``)
-            params = [blob for blob, need in zip(layer.blobs, plan.param[i]) if need and blob.requires_grad]
+            slots = [k for k, (blob, need) in enumerate(zip(layer.blobs, plan.param[i]))
+                     if need and blob.requires_grad]
+            params = [layer.blobs[k] for k in slots]
             if not outs or not (wanted or params):
                 continue
             with full_float32(self.device):
-                results = torch.autograd.grad(outs, [inputs[j] for j, _ in wanted] + params, out_grads,
-                                              retain_graph=True, allow_unused=True)
+                results: list[Tensor | None] = list(torch.autograd.grad(
+                    outs, [inputs[j] for j, _ in wanted] + params, out_grads, retain_graph=True,
+                    allow_unused=True))
+                tied = [n for n, k in enumerate(slots) if (i, k) in self._shared_slots]
+                if tied:
+                    self._own_param_grads(entry, outs, out_grads, params, tied, results, len(wanted))
             for (j, bottom), g in zip(wanted, results[:len(wanted)]):
                 g = torch.zeros_like(bottom) if g is None else g.detach()
                 if (i, j) in shared:
@@ -588,6 +597,33 @@ class Net:
                     # convolution gives its weight gradient channels-last
                     g = g.detach().contiguous()
                     blob.grad = g if blob.grad is None else blob.grad + g
+
+    @staticmethod
+    def _own_param_grads(entry: Recorded, outs: Sequence[Tensor], out_grads: Sequence[Tensor | None],
+                         params: Sequence[Tensor], shared: Sequence[int], results: list[Tensor | None],
+                         offset: int) -> None:
+        """Keep in ``results[offset + n]`` (the gradient of the layer's tops at its parameter ``params[n]``,
+        ``n`` in ``shared``) only what flows through the layer's own use of the parameter.
+
+        A parameter the layer shares with a layer before it also reaches its tops through its bottoms (two
+        InnerProducts with one weight, stacked); autograd's gradient at the parameter counts both paths,
+        Caffe's layer backward only the first. The path through the bottoms is the gradient at the bottom
+        values of their own diffs (the gradient at the layer's aliases of them), which is subtracted."""
+        bottoms, _, inputs = entry
+        through = [(b, a) for b, a in zip(bottoms, inputs) if a is not b and a.requires_grad]
+        if not through:
+            return
+        diffs = torch.autograd.grad(outs, [a for _, a in through], out_grads, retain_graph=True,
+                                    allow_unused=True)
+        reached = [(b, d) for (b, _), d in zip(through, diffs) if d is not None]
+        if not reached:
+            return
+        indirect = torch.autograd.grad([b for b, _ in reached], [params[n] for n in shared],
+                                       [d for _, d in reached], retain_graph=True, allow_unused=True)
+        for n, g in zip(shared, indirect):
+            total = results[offset + n]
+            if g is not None and total is not None:
+                results[offset + n] = total - g
 
     def _merge_reader_diffs(self, i: int, tops: Sequence[Tensor],
                             readers: Mapping[tuple[int, int], Sequence[tuple[int, int]]],
