@@ -8,6 +8,7 @@ need onnxruntime skip without it; the fallbacks are checked either way.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 
@@ -311,6 +312,22 @@ def test_weight_changes_reexport(x: np.ndarray) -> None:
     # nothing changed: no export
     net.forward(data=x)
     assert net.backend_stats.exports == 3
+
+
+@needs_ort
+def test_invalidate_caches_after_a_write_through_a_torch_data_alias(x: np.ndarray) -> None:
+    net = make_net()
+    p = set_params(net)
+    net.backend = "onnxruntime"
+    before = net.forward(data=x)["prob"].copy()
+    gc.collect()  # no pycaffe parameter array is alive: the session check compares version counters only
+    blob = net.engine_layers[net.layer_index("ip")].blobs[1]
+    blob.data.add_(0.5)  # a .data alias keeps its own version counter: the check cannot see this write
+    p["ip"][1] = p["ip"][1] + 0.5
+    np.testing.assert_array_equal(net.forward(data=x)["prob"], before)  # the documented blind spot
+    net.invalidate_caches()
+    np.testing.assert_allclose(net.forward(data=x)["prob"], reference(p, x)["prob"], **TOL)
+    assert net.backend_stats.exports == 2
 
 
 @needs_ort

@@ -667,6 +667,18 @@ class Net:
             layout = self._train_layout = TrainLayout(self.engine_layers, self.device, shapes)
         return layout
 
+    def invalidate_caches(self) -> None:
+        """Forget everything derived from the weights -- the optimised TEST plan's folded and packed
+        parameters and the ONNX Runtime session -- so that the next forward rebuilds it from the blobs.
+
+        Needed only after weight writes the net cannot see: through a torch ``.data`` alias of a blob, or
+        ``blob.numpy()`` written by library code (:mod:`amct_caffe.engine.optimize`). Writes through
+        ``net.params[...][i].data``, ``copy_from`` and in-place torch ops on the blob itself are seen.
+        """
+        if self._plan is not None:
+            self._plan.invalidate()
+        self._onnx.invalidate()
+
     def inference_plan(self, options: InferenceOptions | None = None) -> InferencePlan:
         """The optimised TEST-phase plan, built on first use, when the layer list changed, or with new
         ``options`` (which later calls keep)."""

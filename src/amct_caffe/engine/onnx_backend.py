@@ -560,6 +560,12 @@ class OrtBackend:
         log_once(LOGGER, logging.INFO if quiet else logging.WARNING, ("onnx backend", self.label, reason),
                  "Net '%s' runs its TEST forwards on the engine: %s.", self.label, reason)
 
+    def invalidate(self) -> None:
+        """Drop the session (weights changed where its check cannot see); the next forward exports
+        again."""
+        if self._session is not None:
+            self._drop("the caller invalidated the weights")
+
     def _drop(self, reason: str) -> None:
         self._session = None
         self._engine_times = []

@@ -31,7 +31,8 @@ every array it hands out, the fold is redone at the next forward and, while any 
 every forward. Writes that bypass all three (``blob.data.add_(...)`` on a torch ``.data`` alias, whose
 version counter is separate, or ``blob.numpy()`` written by library code) are not seen: update blobs with
 in-place ops on the tensor itself under ``torch.no_grad()`` (as ``torch.optim`` does), call
-``net.inference_plan().invalidate()`` after such writes, or set ``net.optimize = False``.
+``net.invalidate_caches()`` after such writes (it drops an ONNX Runtime session too), or set
+``net.optimize = False``.
 """
 
 from __future__ import annotations
