@@ -1,10 +1,11 @@
 """``amct-caffe demo`` end to end (the CLI in a subprocess, with fewer iterations than the default).
 
-The printed table is parsed and checked: the fake-quant model is within one point of the float model's
-held-out accuracy, the deploy model's integer emulation predicts the same top-1 class as the fake-quant
-model on at least 99.5 % of the held-out images, the float accuracy is the one a numpy forward of the float
-caffemodel gives (tests/references/nets.py), the printed sizes are the files' sizes, and the model files,
-the record and the report exist where the demo says.
+The printed table is parsed and checked: for both flows (post-training quantization and QAT) the
+fake-quant model is within one point of the float model's held-out accuracy, the deploy model's integer
+emulation predicts the same top-1 class as the fake-quant model on at least 99.5 % of the held-out
+images, the float accuracy is the one a numpy forward of the float caffemodel gives
+(tests/references/nets.py), the printed sizes are the files' sizes, and the model files, the records and
+the report exist where the demo says.
 """
 
 from __future__ import annotations
@@ -63,21 +64,22 @@ def test_demo_succeeds_with_a_clean_stdout(demo_run):
     assert "Traceback" not in proc.stderr
     # progress bars and log lines go to stderr; stdout has the steps and the tables only
     assert "[AMCT]" not in proc.stdout and "\r" not in proc.stdout
-    for step in range(1, 8):
-        assert f"[{step}/7]" in proc.stdout
+    for step in range(1, 9):
+        assert f"[{step}/8]" in proc.stdout
     assert f"{FLOAT_ITERS} iterations" in proc.stdout and f"{RETRAIN_ITERS} iterations" in proc.stdout
     assert re.search(r"float [\d.]+ ms/step .*QAT retrain [\d.]+ ms/step", proc.stdout)
 
 
-def test_demo_accuracies(demo_run):
+@pytest.mark.parametrize("flow", ["PTQ", "QAT"])
+def test_demo_accuracies(demo_run, flow):
     stdout = demo_run.proc.stdout
     float_acc, _, _ = _row(stdout, "float")
-    fake_acc, _, _ = _row(stdout, "fake-quant")
-    deploy_acc, _, _ = _row(stdout, "deploy")
-    print(f"\ndemo: float {float_acc} %, fake-quant {fake_acc} %, deploy {deploy_acc} %")
+    fake_acc, _, _ = _row(stdout, f"{flow} fake-quant")
+    deploy_acc, _, _ = _row(stdout, f"{flow} deploy")
+    print(f"\ndemo {flow}: float {float_acc} %, fake-quant {fake_acc} %, deploy {deploy_acc} %")
     assert float_acc >= 90.0
     assert abs(fake_acc - float_acc) <= 1.0 + 1e-9
-    match = re.search(r"identical top-1 prediction on (\d+)/(\d+) held-out images \(([\d.]+) %\)", stdout)
+    match = re.search(rf"^{flow}: .* same top-1 on (\d+)/(\d+) held-out images \(([\d.]+) %\)", stdout, re.M)
     assert match, stdout
     same, total = int(match.group(1)), int(match.group(2))
     assert total == 360 and same / total >= 0.995
@@ -107,31 +109,34 @@ def test_demo_files_and_sizes(demo_run):
                                                    "deploy_model.prototxt", "deploy_weights.caffemodel",
                                                    "scale_offset_record.txt")]
     files += [out / "report" / "report.html", out / "report" / "report.json",
-              out / "retrain" / "config.json"]
+              out / "retrain" / "config.json", out / "ptq" / "config.json"]
+    files += [results / f"{PREFIX}_ptq_{s}" for s in ("fake_quant_model.prototxt", "deploy_model.prototxt",
+                                                       "scale_offset_record.txt")]
     for path in files:
         assert path.is_file(), path
     # the "files:" list names them (relative to the working directory)
     listing = stdout[stdout.index("files:"):]
-    for path in files[:6]:
+    for path in files[:6] + files[-3:]:
         assert str(path.relative_to(demo_run.cwd)) in listing, path
     # printed sizes are the caffemodels' sizes; the deploy weights are INT8 (about a quarter of float)
     sizes = {}
-    for label in ("float", "fake-quant", "deploy"):
+    for label in ("float", "QAT fake-quant", "QAT deploy", "PTQ fake-quant", "PTQ deploy"):
         _, rel, size_text = _row(stdout, label)
         actual = (out / rel).stat().st_size
         value, unit = size_text.split()
         scale = 1024 if unit == "KiB" else 1024 * 1024
         assert float(value) == pytest.approx(actual / scale, abs=0.051), (label, size_text, actual)
         sizes[label] = actual
-    assert sizes["deploy"] < sizes["float"] / 3
-    record = (results / f"{PREFIX}_scale_offset_record.txt").read_text()
-    for layer in QUANTIZED:
-        assert layer in record
+    assert sizes["QAT deploy"] < sizes["float"] / 3 and sizes["PTQ deploy"] < sizes["float"] / 3
+    for name in (f"{PREFIX}_scale_offset_record.txt", f"{PREFIX}_ptq_scale_offset_record.txt"):
+        record = (results / name).read_text()
+        for layer in QUANTIZED:
+            assert layer in record, (name, layer)
 
 
 def test_demo_prints_the_per_layer_report(demo_run):
     stdout = demo_run.proc.stdout
-    report = stdout[stdout.index("[7/7]"):stdout.index("files:")]
+    report = stdout[stdout.index("[8/8]"):stdout.index("files:")]
     for layer in QUANTIZED:
         assert re.search(rf"^\W?{layer}\s", report, re.M), layer
     assert "float vs fake-quant" in report and "fake-quant vs deploy" in report

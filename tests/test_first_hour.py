@@ -260,9 +260,10 @@ def test_demo_runs_without_optional_packages(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
                           cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "matplotlib is not installed" in proc.stdout and "[6/6]" in proc.stdout
+    assert "matplotlib is not installed" in proc.stdout and "[7/7]" in proc.stdout
     results = tmp_path / "out" / "results"
     assert (results / "lenet_digits_deploy_weights.caffemodel").is_file()
+    assert (results / "lenet_digits_ptq_deploy_weights.caffemodel").is_file()
     assert not list((tmp_path / "out" / "float").glob("*.h5"))  # the nets read MemoryData
 
 

@@ -534,10 +534,11 @@ def _compare_sensitivity(args: argparse.Namespace, inputs: dict[str, np.ndarray]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole QAT flow on the bundled LeNet-style digits net in seconds on a CPU: float training
-    with the engine's solver, create_quant_retrain_config -> create_quant_retrain_model -> retraining ->
-    save_quant_retrain_model('Both'), then the accuracy of the float, fake-quant and deploy (integer
-    emulation) models on held-out images, the model sizes, and the per-layer report.
+    """AMCT's two flows on the bundled LeNet-style digits net in seconds on a CPU: float training with the
+    engine's solver; PTQ (create_quant_config -> init -> quantize_model -> calibration batches ->
+    save_model('Both')); QAT (create_quant_retrain_config -> create_quant_retrain_model -> retraining ->
+    save_quant_retrain_model('Both')); then the accuracy of the float model and of each flow's fake-quant
+    and deploy (integer emulation) models on held-out images, the model sizes, and the per-layer report.
     Needs: pip install 'amct-caffe[demo]'."""
     from amct_caffe.demo.run import run_demo
 
@@ -840,7 +841,8 @@ def build_parser(prog: str = PROG, calibration: bool = True) -> argparse.Argumen
 
     from amct_caffe.demo.run import DEFAULT_OUTPUT, RETRAIN_ITERATIONS
 
-    p = _add(sub, "demo", cmd_demo, "QAT end to end on the bundled digits net (seconds on a CPU)", debug)
+    p = _add(sub, "demo", cmd_demo, "PTQ and QAT end to end on the bundled digits net (seconds on a CPU)",
+             debug)
     p.add_argument("--output-dir", default=f"./{DEFAULT_OUTPUT}", metavar="DIR",
                    help=f"output folder (default ./{DEFAULT_OUTPUT})")
     _hidden_alias(p, "--output", "output_dir")

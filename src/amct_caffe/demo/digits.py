@@ -395,6 +395,47 @@ def _scores_blob(param: caffe_pb2.NetParameter, net: Net, batch: int, path: str)
     return candidates[0]
 
 
+def predict(
+    prototxt: str | os.PathLike[str],
+    caffemodel: str | os.PathLike[str],
+    split: str = "test",
+    seed: int = 0,
+    batch_size: int = TEST_BATCH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-1 classes a digits net predicts for the images of one split, and their labels (see
+    :func:`evaluate`, which scores them).
+
+    Raises:
+        ConfigError: ``batch_size`` is not positive.
+        ModelFormatError: the net is not a digits net (no single data layer, no class-score blob) or the
+            caffemodel does not fit it.
+    """
+    path = os.fspath(prototxt)
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+    x, y = load_split(split, seed)
+    param, data_blob, label_blob = _input_fed(filter_net(load_prototxt(path), TEST, path=path), batch_size,
+                                              path)
+    net = load_net(param, os.fspath(caffemodel), TEST)  # a deploy caffemodel runs the integer emulation
+    scores_name = _scores_blob(param, net, batch_size, path)
+    predictions = []
+    for start in tqdm(range(0, len(y), batch_size), desc=f"Evaluating {Path(path).name} on {split}",
+                      unit="batch", disable=None, leave=False):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        count = len(yb)
+        if count < batch_size:
+            pad = batch_size - count
+            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, axis=0)])
+            yb = np.concatenate([yb, np.repeat(yb[-1:], pad, axis=0)])
+        net.set_tensor(data_blob, torch.from_numpy(np.ascontiguousarray(xb)))
+        if label_blob:
+            net.set_tensor(label_blob, torch.from_numpy(np.ascontiguousarray(yb)))
+        net.run()
+        scores = net.tensor(scores_name).detach().cpu().numpy().reshape(batch_size, -1)[:count]
+        predictions.append(scores.argmax(axis=1))
+    return np.concatenate(predictions), y.astype(np.int64)
+
+
 def evaluate(
     prototxt: str | os.PathLike[str],
     caffemodel: str | os.PathLike[str],
@@ -417,32 +458,8 @@ def evaluate(
         ModelFormatError: the net is not a digits net (no single data layer, no class-score blob) or the
             caffemodel does not fit it.
     """
-    path = os.fspath(prototxt)
-    if batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
-    x, y = load_split(split, seed)
-    param, data_blob, label_blob = _input_fed(filter_net(load_prototxt(path), TEST, path=path), batch_size,
-                                              path)
-    net = load_net(param, os.fspath(caffemodel), TEST)  # a deploy caffemodel runs the integer emulation
-    scores_name = _scores_blob(param, net, batch_size, path)
-    correct = 0
-    total = len(y)
-    starts = range(0, total, batch_size)
-    for start in tqdm(starts, desc=f"Evaluating {Path(path).name} on {split}", unit="batch", disable=None,
-                      leave=False):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        count = len(yb)
-        if count < batch_size:
-            pad = batch_size - count
-            xb = np.concatenate([xb, np.repeat(xb[-1:], pad, axis=0)])
-            yb = np.concatenate([yb, np.repeat(yb[-1:], pad, axis=0)])
-        net.set_tensor(data_blob, torch.from_numpy(np.ascontiguousarray(xb)))
-        if label_blob:
-            net.set_tensor(label_blob, torch.from_numpy(np.ascontiguousarray(yb)))
-        net.run()
-        scores = net.tensor(scores_name).detach().cpu().numpy().reshape(batch_size, -1)[:count]
-        correct += int((scores.argmax(axis=1) == y[start:start + count].astype(np.int64)).sum())
-    return correct / total
+    predictions, labels = predict(prototxt, caffemodel, split, seed, batch_size)
+    return float(np.mean(predictions == labels))
 
 
 __all__ = [
@@ -463,6 +480,7 @@ __all__ = [
     "input_fed_net",
     "memory_arrays",
     "evaluate",
+    "predict",
     "load_split",
     "prepare",
     "solver_param",

@@ -1,4 +1,5 @@
-"""``amct-caffe demo``: the whole QAT flow of AMCT for Caffe on the bundled digits net, in seconds on a CPU.
+"""``amct-caffe demo``: AMCT's two flows for Caffe -- post-training quantization and quantization-aware
+training -- on the bundled digits net, in seconds on a CPU.
 
 :func:`run_demo` composes the public pieces, exactly as an AMCT user's script would, and prints what a user
 wants to see:
@@ -6,15 +7,19 @@ wants to see:
 1. the float model: the bundled LeNet-style net (``amct_caffe/data/lenet_digits.prototxt``) trained on the
    fly on the bundled 8x8 digits (:mod:`amct_caffe.demo.digits`: HDF5 files, a train/test prototxt)
    with the engine's SGD solver;
-2. ``amct.create_quant_retrain_config`` -> ``amct.create_quant_retrain_model``;
-3. retraining of the retrain model with the engine's solver (``caffe.get_solver``, ``net.copy_from``,
+2. post-training quantization (PTQ) of the deploy net: ``amct.create_quant_config`` -> ``amct.init`` ->
+   ``amct.quantize_model``, :data:`PTQ_BATCHES` calibration batches of training images through
+   ``caffe.Net`` on the calibration model, ``amct.save_model(..., 'Both', ...)``;
+3. QAT: ``amct.create_quant_retrain_config`` -> ``amct.create_quant_retrain_model``;
+4. retraining of the retrain model with the engine's solver (``caffe.get_solver``, ``net.copy_from``,
    ``solve()``: the official sample's flow, docs/amct-reference.md §9.4);
-4. ``amct.save_quant_retrain_model(..., 'Both', ...)``: fake-quant and deploy models and the record;
-5. evaluation of the float, fake-quant and deploy models on the held-out split, each through
-   ``caffe.Net(prototxt, caffemodel, caffe.TEST)`` reading the held-out HDF5 file (the deploy model runs in
+5. ``amct.save_quant_retrain_model(..., 'Both', ...)``: fake-quant and deploy models and the record;
+6. evaluation of the float model and of both flows' fake-quant and deploy models on the held-out split (the
+   QAT and float models through ``caffe.Net(prototxt, caffemodel, caffe.TEST)`` reading the held-out HDF5
+   file, the PTQ models -- deploy-form nets with an ``Input`` -- fed the same images; a deploy model runs in
    the engine's integer emulation, which a deploy caffemodel switches on by itself), and the agreement of
-   the fake-quant and deploy predictions;
-6. the per-layer report (:mod:`amct_caffe.analysis.report`) float vs fake-quant vs deploy on a few
+   each flow's fake-quant and deploy predictions;
+7. the per-layer report (:mod:`amct_caffe.analysis.report`) float vs QAT fake-quant vs deploy on a few
    held-out batches, written to ``<output>/report`` (skipped, with a note, when matplotlib is absent).
 
 Layout of the output folder (files are overwritten, nothing else is touched)::
@@ -23,10 +28,12 @@ Layout of the output folder (files are overwritten, nothing else is touched)::
               lenet_digits_train_test.prototxt,
               lenet_digits_deploy.prototxt, lenet_digits_float_solver.prototxt,
               lenet_digits_float_iter_<N>.caffemodel (+ .solverstate)
+    ptq/      config.json, the calibration model (calibration.prototxt/.caffemodel)
     retrain/  config.json, lenet_digits_retrain.prototxt/.caffemodel, lenet_digits_retrain_solver.prototxt,
               lenet_digits_retrain_iter_<M>.caffemodel (+ .solverstate)
-    results/  lenet_digits_{fake_quant,deploy}_model.prototxt, lenet_digits_{fake_quant,deploy}_weights
-              .caffemodel, lenet_digits_scale_offset_record.txt
+    results/  QAT: lenet_digits_{fake_quant,deploy}_model.prototxt, lenet_digits_{fake_quant,deploy}_weights
+              .caffemodel, lenet_digits_scale_offset_record.txt; PTQ: the same with the prefix
+              lenet_digits_ptq, and lenet_digits_ptq_quant.json
     report/   the per-layer report
 
 Progress bars (training, evaluation, report batches) go to stderr through tqdm; the engine's INFO log
@@ -61,6 +68,8 @@ MODEL_NAME = "lenet_digits"
 RETRAIN_ITERATIONS = 100
 #: Retraining learning rate: AMCT's advice, about 1/100 of the float one (0.05).
 RETRAIN_LR = 5e-4
+#: Calibration batches (of :data:`amct_caffe.demo.digits.TRAIN_BATCH` training images) of the PTQ step.
+PTQ_BATCHES = 4
 #: Held-out batches (of 120 images) the per-layer report runs on.
 REPORT_BATCHES = 3
 #: The report's cosine-similarity threshold for flagging a layer.
@@ -92,9 +101,10 @@ class DemoResult:
 
     Attributes:
         output_dir: the absolute output folder.
-        models: ``{"float", "fake_quant", "deploy"}`` -> :class:`ModelResult`.
-        agreement: fraction of held-out images whose top-1 prediction is the same for the fake-quant and
-            the deploy model; ``agree_count`` of ``total`` images.
+        models: ``{"float", "ptq_fake_quant", "ptq_deploy", "fake_quant", "deploy"}`` -> :class:`ModelResult`
+            (``fake_quant``/``deploy``: QAT's).
+        agreement: fraction of held-out images whose top-1 prediction is the same for QAT's fake-quant and
+            deploy models; ``agree_count`` of ``total`` images; ``ptq_agree_count`` the same for PTQ's.
         step_seconds: mean wall time of one training step, ``{"float", "retrain"}``.
         iterations: training iterations, ``{"float", "retrain"}``.
         quantized_layers: the layers the QAT config enables.
@@ -108,6 +118,7 @@ class DemoResult:
     models: dict[str, ModelResult] = field(default_factory=dict)
     agreement: float = 0.0
     agree_count: int = 0
+    ptq_agree_count: int = 0
     total: int = 0
     step_seconds: dict[str, float] = field(default_factory=dict)
     iterations: dict[str, int] = field(default_factory=dict)
@@ -235,7 +246,7 @@ def run_demo(
     report: bool = True,
     stream: TextIO | None = None,
 ) -> DemoResult:
-    """Run the QAT demo (see the module docstring) and print its steps and tables to ``stream``.
+    """Run the PTQ and QAT demo (see the module docstring) and print its steps and tables to ``stream``.
 
     Args:
         output_dir: the output folder (created; existing files of the same names are overwritten).
@@ -281,12 +292,13 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     begin = time.perf_counter()
     result = DemoResult(root)
     result.iterations = {"float": float_iters, "retrain": retrain_iters}
-    float_dir, retrain_dir, results_dir = root / "float", root / "retrain", root / "results"
-    for folder in (float_dir, retrain_dir, results_dir):
+    float_dir, ptq_dir, retrain_dir = root / "float", root / "ptq", root / "retrain"
+    results_dir = root / "results"
+    for folder in (float_dir, ptq_dir, retrain_dir, results_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    steps = 7 if report else 6
-    say("amct-caffe demo: quantization-aware training (QAT) of a LeNet-style net on 8x8 handwritten digits "
-        "(UCI optical digits)")
+    steps = 8 if report else 7
+    say("amct-caffe demo: post-training quantization (PTQ) and quantization-aware training (QAT) of a "
+        "LeNet-style net on 8x8 handwritten digits (UCI optical digits)")
     say(f"  {digits.TRAIN_SIZE} training / {digits.TEST_SIZE} held-out images; output folder: {root}")
 
     # 1. the float model
@@ -300,21 +312,26 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     result.step_seconds["float"] = _timed_solve(float_solver, say)
     float_weights = float_solver.snapshot_filename(".caffemodel")
 
-    # 2. config and retrain model
+    # 2. post-training quantization
+    ptq_prefix = _ptq(files.deploy_prototxt, float_weights, ptq_dir, results_dir / f"{MODEL_NAME}_ptq", seed)
+    say(f"[2/{steps}] PTQ: create_quant_config -> init -> quantize_model, {PTQ_BATCHES} calibration batches "
+        f"of {digits.TRAIN_BATCH} training images, save_model(..., 'Both', ...)")
+
+    # 3. config and retrain model
     config = str(retrain_dir / "config.json")
     retrain_model = str(retrain_dir / f"{MODEL_NAME}_retrain.prototxt")
     retrain_weights = str(retrain_dir / f"{MODEL_NAME}_retrain.caffemodel")
     record = str(results_dir / f"{MODEL_NAME}_scale_offset_record.txt")
     amct.create_quant_retrain_config(config, files.train_test_prototxt, float_weights)
     result.quantized_layers = _enabled_layers(config)
-    say(f"[2/{steps}] create_quant_retrain_config: {len(result.quantized_layers)} layers to quantize "
+    say(f"[3/{steps}] QAT: create_quant_retrain_config: {len(result.quantized_layers)} layers to quantize "
         f"({', '.join(result.quantized_layers)})")
     amct.create_quant_retrain_model(files.train_test_prototxt, float_weights, config, retrain_model,
                                     retrain_weights, record)
-    say(f"[3/{steps}] create_quant_retrain_model: retrain model with ActivationQAT/WeightQAT layers")
+    say(f"[4/{steps}] QAT: create_quant_retrain_model: retrain model with ActivationQAT/WeightQAT layers")
 
-    # 3. retraining
-    say(f"[4/{steps}] QAT retraining: {retrain_iters} iterations of SGD (learning rate {RETRAIN_LR:g})")
+    # 4. retraining
+    say(f"[5/{steps}] QAT retraining: {retrain_iters} iterations of SGD (learning rate {RETRAIN_LR:g})")
     retrain_param = digits.solver_param(retrain_model, retrain_iters, seed, base_lr=RETRAIN_LR,
                                         snapshot_prefix=str(retrain_dir / f"{MODEL_NAME}_retrain"))
     retrain_solver = caffe.get_solver(_write_solver(retrain_dir / f"{MODEL_NAME}_retrain_solver.prototxt",
@@ -324,31 +341,41 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     result.step_seconds["retrain"] = _timed_solve(retrain_solver, say)
     retrained = retrain_solver.snapshot_filename(".caffemodel")
 
-    # 4. save
+    # 5. save
     prefix = results_dir / MODEL_NAME
     amct.save_quant_retrain_model(retrain_model, retrained, "Both", str(prefix), record, config)
-    say(f"[5/{steps}] save_quant_retrain_model(..., 'Both', ...): fake-quant and deploy models")
+    say(f"[6/{steps}] QAT: save_quant_retrain_model(..., 'Both', ...): fake-quant and deploy models")
     fake_model = f"{prefix}_fake_quant_model.prototxt"
     fake_weights = f"{prefix}_fake_quant_weights.caffemodel"
     deploy_model, deploy_weights = f"{prefix}_deploy_model.prototxt", f"{prefix}_deploy_weights.caffemodel"
 
-    # 5. evaluation
-    say(f"[6/{steps}] evaluating float, fake-quant and deploy (integer emulation) models on the "
-        f"{digits.TEST_SIZE} held-out images")
+    # 6. evaluation
+    say(f"[7/{steps}] evaluating the float model and the PTQ and QAT fake-quant and deploy (integer "
+        f"emulation) models on the {digits.TEST_SIZE} held-out images")
     total, batch = digits.TEST_SIZE, digits.TEST_BATCH
     for key, label, model, weights in (
         ("float", "float", files.train_test_prototxt, float_weights),
-        ("fake_quant", "fake-quant", fake_model, fake_weights),
-        ("deploy", "deploy", deploy_model, deploy_weights),
+        ("fake_quant", "QAT fake-quant", fake_model, fake_weights),
+        ("deploy", "QAT deploy", deploy_model, deploy_weights),
     ):
         result.models[key] = evaluate_model(label, model, weights, total, batch, seed)
+    for key, label, kind in (("ptq_fake_quant", "PTQ fake-quant", "fake_quant"),
+                             ("ptq_deploy", "PTQ deploy", "deploy")):
+        result.models[key] = _evaluate_deploy_form(label, f"{ptq_prefix}_{kind}_model.prototxt",
+                                                   f"{ptq_prefix}_{kind}_weights.caffemodel", seed)
     fake, deploy = result.models["fake_quant"], result.models["deploy"]
     result.agree_count = int(np.sum(fake.predictions == deploy.predictions))
+    result.ptq_agree_count = int(np.sum(result.models["ptq_fake_quant"].predictions
+                                        == result.models["ptq_deploy"].predictions))
     result.total = int(len(fake.predictions))
     result.agreement = result.agree_count / max(result.total, 1)
     result.files = {
         "float model": files.train_test_prototxt,
         "float weights": float_weights,
+        "PTQ config": str(ptq_dir / "config.json"),
+        "PTQ fake-quant model": f"{ptq_prefix}_fake_quant_model.prototxt",
+        "PTQ deploy model": f"{ptq_prefix}_deploy_model.prototxt",
+        "PTQ record": f"{ptq_prefix}_scale_offset_record.txt",
         "QAT config": config,
         "retrain model": retrain_model,
         "retrained weights": retrained,
@@ -361,10 +388,10 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     say("")
     say(format_summary(result))
 
-    # 6. the per-layer report
+    # 7. the per-layer report
     if report:
         say("")
-        say(f"[7/{steps}] per-layer report: float vs fake-quant vs deploy on {REPORT_BATCHES} held-out "
+        say(f"[8/{steps}] per-layer report: float vs QAT fake-quant vs deploy on {REPORT_BATCHES} held-out "
             "batches")
         _report(result, root / "report", files.train_test_prototxt, float_weights, fake_model, fake_weights,
                 deploy_model, deploy_weights, seed, say, memory=files.feed == "memory")
@@ -373,6 +400,41 @@ def _run(root: Path, float_iters: int, retrain_iters: int, seed: int, report: bo
     say(format_files(result))
     say(f"demo finished in {result.seconds:.1f} s")
     return result
+
+
+def _ptq(deploy_model: str, float_weights: str, work: Path, prefix: Path, seed: int) -> str:
+    """Post-training quantization of the deploy net (an ``Input`` of one 1x8x8 image): the default
+    config with :data:`PTQ_BATCHES` batches, ``init``, ``quantize_model``, the calibration model run on the
+    first :data:`PTQ_BATCHES` batches of training images, ``save_model('Both')``; returns the prefix of
+    the saved models (the record is ``<prefix>_scale_offset_record.txt``)."""
+    from amct_caffe import amct, caffe
+    from amct_caffe.demo import digits
+
+    config = str(work / "config.json")
+    record = f"{prefix}_scale_offset_record.txt"
+    amct.create_quant_config(config, deploy_model, float_weights, batch_num=PTQ_BATCHES)
+    graph = amct.init(config, deploy_model, float_weights, record)
+    cal_model, cal_weights = str(work / "calibration.prototxt"), str(work / "calibration.caffemodel")
+    amct.quantize_model(graph, cal_model, cal_weights)
+    net = caffe.Net(cal_model, caffe.TEST, weights=cal_weights)
+    x, _ = digits.load_split("train", seed)
+    step = digits.TRAIN_BATCH
+    net.blobs["data"].reshape(step, *digits.IMAGE_SHAPE)
+    for i in tqdm(range(PTQ_BATCHES), desc="Calibration", unit="batch", disable=None, leave=False):
+        net.forward(data=x[i * step:(i + 1) * step])
+    amct.save_model(graph, "Both", str(prefix))
+    return str(prefix)
+
+
+def _evaluate_deploy_form(label: str, prototxt: str, caffemodel: str, seed: int) -> ModelResult:
+    """A deploy-form digits model (``Input`` -> ``prob``) on the held-out split, the images fed in batches
+    of :data:`amct_caffe.demo.digits.TEST_BATCH` (:func:`amct_caffe.demo.digits.predict`)."""
+    from amct_caffe.demo import digits
+
+    start = time.perf_counter()
+    predictions, labels = digits.predict(prototxt, caffemodel, "test", seed)
+    return ModelResult(label, prototxt, caffemodel, float(np.mean(predictions == labels)), predictions,
+                       labels, time.perf_counter() - start)
 
 
 def _enabled_layers(config: str) -> list[str]:
@@ -419,7 +481,9 @@ def format_summary(result: DemoResult) -> str:
     base = result.output_dir
     float_size = result.models["float"].size
     rows = [("model", "held-out top-1", "caffemodel", "size", "vs float")]
-    for key in ("float", "fake_quant", "deploy"):
+    for key in ("float", "ptq_fake_quant", "ptq_deploy", "fake_quant", "deploy"):
+        if key not in result.models:
+            continue
         m = result.models[key]
         rows.append((m.label, f"{m.accuracy * 100:.2f} %", _rel(m.caffemodel, base), _size(m.size),
                      f"{m.size / float_size:.2f}x"))
@@ -431,11 +495,16 @@ def format_summary(result: DemoResult) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    f, q = result.models["float"], result.models["fake_quant"]
+    f = result.models["float"]
     lines.append("")
-    lines.append(f"fake-quant vs float accuracy: {(q.accuracy - f.accuracy) * 100:+.2f} points")
-    lines.append(f"fake-quant vs deploy: identical top-1 prediction on {result.agree_count}/{result.total} "
-                 f"held-out images ({result.agreement * 100:.2f} %)")
+    for flow, key, same in (("PTQ", "ptq_fake_quant", result.ptq_agree_count),
+                            ("QAT", "fake_quant", result.agree_count)):
+        if key not in result.models:
+            continue
+        q = result.models[key]
+        lines.append(f"{flow}: fake-quant vs float accuracy {(q.accuracy - f.accuracy) * 100:+.2f} points; "
+                     f"fake-quant and deploy give the same top-1 on {same}/{result.total} held-out images "
+                     f"({same / max(result.total, 1) * 100:.2f} %)")
     speed = ", ".join(
         f"{label} {result.step_seconds[key] * 1000:.1f} ms/step ({result.iterations[key]} steps, batch "
         f"{_train_batch()})"
@@ -457,6 +526,8 @@ def format_files(result: DemoResult) -> str:
     if "report" in result.files:
         keys.append("report")
     keys += ["QAT config", "retrain model", "retrained weights", "float weights"]
+    keys += [key for key in ("PTQ fake-quant model", "PTQ deploy model", "PTQ record", "PTQ config")
+             if key in result.files]
     width = max(len(k) for k in keys)
     lines = ["files:"]
     for key in keys:
@@ -466,6 +537,7 @@ def format_files(result: DemoResult) -> str:
 
 __all__ = [
     "DEFAULT_OUTPUT",
+    "PTQ_BATCHES",
     "RETRAIN_ITERATIONS",
     "DemoResult",
     "ModelResult",
