@@ -410,7 +410,7 @@ def _graph_forward(
 
 
 def calibration_batches(data: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[str], device: torch.device,
-             api: str) -> list[dict[str, torch.Tensor]]:
+                        api: str) -> list[dict[str, torch.Tensor]]:
     """The calibration batches as tensors on ``device`` (one dict per batch)."""
     return [{name: tensor.to(device) for name, tensor in _stack([batch], inputs, api).items()}
             for batch in data]
