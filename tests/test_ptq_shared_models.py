@@ -3,8 +3,8 @@ model (integer emulation) agree.
 
 Each model in the sibling shared/models that ships a caffemodel goes through create_quant_config -> init ->
 quantize_model -> 2 calibration batches of random data (uniform in [-1, 1], the input shapes of the
-prototxt) -> save_model('Both'), and both saved models run on a third random batch
-(``analysis.compare.compare_models``):
+prototxt) -> save_model('Both') (and once more with ``refine="equalization"``, whose outputs must agree at
+the same bound), and both saved models run on a third random batch (``analysis.compare.compare_models``):
 
 * every quantized layer whose input codes agree in both models is within 1 LSB of the step of the next
   ``Quant`` downstream of it (its DeQuant's top, through the float layers in between); where an input code
@@ -70,18 +70,24 @@ def random_inputs(net: caffe.Net, rng: np.random.Generator) -> dict[str, np.ndar
             for name in net.inputs}
 
 
-def run_ptq(proto: Path, weights: Path, folder: Path, rng: np.random.Generator) -> str:
-    """The PTQ flow with random calibration batches; returns the save_model prefix."""
+def run_ptq(proto: Path, weights: Path, folder: Path, rng: np.random.Generator,
+            refine: str | None = None) -> str:
+    """The PTQ flow with random calibration batches (and ``refine`` on them); returns the save_model
+    prefix."""
     config, record = str(folder / "config.json"), str(folder / "record.txt")
     amct.create_quant_config(config, str(proto), str(weights), batch_num=CALIBRATION_BATCHES)
     graph = amct.init(config, str(proto), str(weights), record)
     cal_model, cal_weights = str(folder / "calibration.prototxt"), str(folder / "calibration.caffemodel")
     amct.quantize_model(graph, cal_model, cal_weights)
     net = caffe.Net(cal_model, caffe.TEST, weights=cal_weights)
-    for _ in range(CALIBRATION_BATCHES):
-        net.forward(**random_inputs(net, rng))
+    batches = [random_inputs(net, rng) for _ in range(CALIBRATION_BATCHES)]
+    for batch in batches:
+        net.forward(**batch)
     prefix = str(folder / "out" / proto.parent.name)
-    amct.save_model(graph, "Both", prefix)
+    if refine is None:
+        amct.save_model(graph, "Both", prefix)
+    else:
+        amct.save_model(graph, "Both", prefix, refine=refine, calibration_data=batches)
     return prefix
 
 
@@ -153,3 +159,19 @@ def test_ptq_fake_quant_and_deploy_agree(tmp_path, proto, weights):
     bound = COSINE_SFD if proto.parent.name == "sfd_mbv2ssd_bn" else COSINE
     for blob in judged_outputs(fake):
         assert by_blob[blob].cosine >= bound, (proto.parent.name, blob, by_blob[blob])
+
+
+@pytest.mark.parametrize(("proto", "weights"), [p for p in PARAMS if p.id.split("/")[0] not in SLOW])
+def test_equalized_ptq_fake_quant_and_deploy_agree(tmp_path, proto, weights):
+    # refine="equalization" rescales the weights and recalibrates the rescaled inputs: the deploy model built
+    # from them still computes what the fake-quant model does (the outputs, or a detector's inputs)
+    rng = np.random.default_rng(0)
+    prefix = run_ptq(proto, weights, tmp_path, rng, refine="equalization")
+    fake_model = f"{prefix}_fake_quant_model.prototxt"
+    fake_weights = f"{prefix}_fake_quant_weights.caffemodel"
+    fake = caffe.Net(fake_model, caffe.TEST, weights=fake_weights)
+    rows = compare_models(fake_model, fake_weights, f"{prefix}_deploy_model.prototxt",
+                          f"{prefix}_deploy_weights.caffemodel", random_inputs(fake, rng))
+    by_blob = {r.blob: r for r in rows}
+    for blob in judged_outputs(fake):
+        assert by_blob[blob].cosine >= COSINE, (proto.parent.name, blob, by_blob[blob])
