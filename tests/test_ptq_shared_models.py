@@ -3,8 +3,9 @@ model (integer emulation) agree.
 
 Each model in the sibling shared/models that ships a caffemodel goes through create_quant_config -> init ->
 quantize_model -> 2 calibration batches of random data (uniform in [-1, 1], the input shapes of the
-prototxt) -> save_model('Both') (and once more with ``refine="equalization"``, whose outputs must agree at
-the same bound), and both saved models run on a third random batch (``analysis.compare.compare_models``):
+prototxt) -> save_model('Both') (every model but the face detector once more with
+``refine="equalization"``, whose outputs must agree at 0.9999 too), and both saved models run on a third
+random batch (``analysis.compare.compare_models``):
 
 * every quantized layer whose input codes agree in both models is within 1 LSB of the step of the next
   ``Quant`` downstream of it (its DeQuant's top, through the float layers in between); where an input code
