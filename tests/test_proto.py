@@ -327,11 +327,8 @@ DEFAULT_DIFF_ALLOWED = {
 
 
 @pytest.mark.reference
-def test_matches_reference_caffe_descriptor() -> None:
-    ref_python = os.environ.get("AMCT_REF_CAFFE_PYTHON")
-    if not ref_python:
-        pytest.skip("AMCT_REF_CAFFE_PYTHON is not set")
-    assert Path(ref_python).is_file(), f"AMCT_REF_CAFFE_PYTHON={ref_python} does not exist"
+def test_matches_reference_caffe_descriptor(reference_caffe: str) -> None:
+    ref_python = reference_caffe
     source = inspect.getsource(_dump_descriptor) + _REF_MAIN
     env = dict(os.environ, GLOG_minloglevel="2")
     proc = subprocess.run(
