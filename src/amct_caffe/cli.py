@@ -499,10 +499,11 @@ def _equalizations(quant_info: str | None, fake_model: str) -> dict[str, np.ndar
     """The equalization factors of ``--quant-info``, or of the ``<prefix>_quant.json`` beside a
     ``<prefix>_fake_quant_model.prototxt``; None when there is no such file."""
     from amct_caffe.analysis.collect import read_equalizations
+    from amct_caffe.workflows.ptq import QUANT_INFO_SUFFIX
 
     suffix = "_fake_quant_model.prototxt"
     if quant_info is None and fake_model.endswith(suffix):
-        beside = fake_model[:-len(suffix)] + "_quant.json"
+        beside = fake_model[:-len(suffix)] + QUANT_INFO_SUFFIX
         quant_info = beside if os.path.isfile(beside) else None
     if quant_info is None:
         return None

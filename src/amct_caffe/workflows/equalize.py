@@ -44,8 +44,10 @@ from amct_caffe.workflows.refine import calibration_batches
 
 LOGGER = get_logger("ptq.equalize")
 
-#: ``name -> (type, scale_d, offset_d, scale_w, channel_wise)``, the factors ``plan_quant_groups`` takes.
-Factors = dict[str, tuple[str, float, int, np.ndarray, bool]]
+#: One quantized layer's ``(type, scale_d, offset_d, scale_w, channel_wise)``.
+LayerFactors = tuple[str, float, int, np.ndarray, bool]
+#: ``name -> LayerFactors``, the factors ``ptq.plan_quant_groups`` takes.
+Factors = dict[str, LayerFactors]
 
 
 @dataclass

@@ -88,7 +88,7 @@ from amct_caffe.quant.ptq_config import (
     load_json_config,
 )
 from amct_caffe.quant.record import LayerRecord, read_records, record_text, validate_records
-from amct_caffe.workflows.equalize import Equalized, equalize
+from amct_caffe.workflows.equalize import Equalized, Factors, LayerFactors, equalize
 from amct_caffe.workflows.inference import (
     AtcRequest,
     InputShapes,
@@ -578,7 +578,7 @@ def _calibrated_records(graph: CalibrationGraph, calibration: CalibrationModel) 
 
 def calibrated_factors(
     graph: CalibrationGraph, calibration: CalibrationModel
-) -> dict[str, tuple[str, float, int, np.ndarray, bool]]:
+) -> Factors:
     """Each quantized layer's ``(type, scale_d, offset_d, scale_w, channel_wise)`` from the calibrated record,
     in the form :func:`plan_quant_groups` takes.
 
@@ -597,7 +597,7 @@ def calibrated_factors(
 
 def plan_quant_groups(
     graph: Graph,
-    layers: Mapping[str, tuple[str, float, int, np.ndarray, bool]],
+    layers: Mapping[str, LayerFactors],
     with_offset: bool = True,
 ) -> list[QuantGroup]:
     """The ``Quant`` layers for the quantized ``layers`` (``name -> (type, scale_d, offset_d, scale_w,
